@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The contract between offcpu.bpf.c and the Rust side. Every type that crosses
+ * from the kernel into user space is declared here and nowhere else: the Rust
+ * code uses the skeleton's generated `types::*`, never a mirror of its own.
+ */
+#ifndef FREEZEFRAME_OFFCPU_H
+#define FREEZEFRAME_OFFCPU_H
+
+/* PERF_MAX_STACK_DEPTH: the deepest stack the kernel will hand us. */
+#define MAX_STACK_DEPTH 127
+
+/*
+ * How a thread left the CPU. Each class is one bit of the `state_mask` filter
+ * (1 << class).
+ */
+enum thread_state {
+	THREAD_STATE_RUNNABLE = 0,	/* preempted: it wanted the CPU (R) */
+	THREAD_STATE_SLEEPING = 1,	/* interruptible sleep (S) */
+	THREAD_STATE_DISK = 2,		/* uninterruptible sleep (D) */
+	THREAD_STATE_OTHER = 3,		/* stopped, traced, parked, ... */
+};
+
+/* Why the kernel side had to throw something away; the index into `drops`. */
+enum drop_reason {
+	DROP_START_MAP_FULL = 0,	/* `starts` full: a block went unseen */
+	DROP_BLOCKED_MAP_FULL = 1,	/* `blocked` full: a finished block was lost */
+	DROP_KERNEL_STACK = 2,		/* kernel stack not recorded (stack map full or collided) */
+	DROP_USER_STACK = 3,		/* user stack not recorded (stack map full or collided) */
+	DROP_PREBLOCKED_MAP_FULL = 4,	/* `preblocked_stacks` full */
+	DROP_REASON_COUNT = 5,
+};
+
+/* Stack ids that are not indexes into the `stacks` map. */
+enum stack_id_special {
+	/* No stack was recorded (see the matching drop counter). */
+	STACK_ID_NONE = -1,
+	/*
+	 * The thread was already blocked when the capture began: its kernel
+	 * stack is in `preblocked_stacks` under its tid.
+	 */
+	STACK_ID_PREBLOCKED = -2,
+};
+
+/*
+ * A thread that left the CPU and has not come back yet, keyed by its host tid.
+ * Ids are as seen from freezeframe's own pid namespace.
+ */
+struct block_start {
+	__u64 start_ns;		/* bpf_ktime_get_ns() at switch-out */
+	__u32 tgid;
+	__u32 tid;
+	__s32 kernel_stack_id;
+	__s32 user_stack_id;
+	enum thread_state state;
+	__u32 _pad;
+};
+
+/* What finished blocks are summed under. */
+struct block_key {
+	__u32 tgid;
+	__u32 tid;
+	__s32 kernel_stack_id;
+	__s32 user_stack_id;
+	enum thread_state state;
+	__u32 _pad;
+};
+
+struct block_total {
+	__u64 blocked_ns;
+	__u64 count;
+};
+
+/*
+ * A thread found blocked by the task iterator: its kernel stack, and the user
+ * registers it entered the kernel with, from which user space walks its user
+ * stack (the kernel will not walk another task's user stack for us).
+ */
+struct preblocked_stack {
+	__u32 tgid;
+	__u32 depth;
+	__u64 user_ip;
+	__u64 user_fp;
+	__u64 ips[MAX_STACK_DEPTH];
+};
+
+/* Never used as data: makes the enums above part of the program's BTF. */
+struct enum_anchor {
+	enum drop_reason drop_reason;
+	enum stack_id_special stack_id_special;
+};
+
+#endif /* FREEZEFRAME_OFFCPU_H */
