@@ -1,0 +1,344 @@
+//! Off-CPU capture: a BPF probe on `sched_switch` that stays attached while
+//! windows are cut out of it.
+//!
+//! [`Tracer::start`] loads and attaches the probe for a set of target
+//! processes; every [`Tracer::collect`] returns the off-CPU time of the period
+//! since the previous one. Blocks that span a boundary are split exactly at
+//! it (see [`ledger`]), so a one-shot capture is one `collect` at the end, and
+//! an armed flight recorder is a `collect` every tick.
+
+mod bpf;
+mod ledger;
+mod threads;
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::time::{Duration, SystemTime};
+
+pub use bpf::Hook;
+use libbpf_rs::OpenObject;
+
+use crate::profile::ThreadState;
+use ledger::Ledger;
+
+/// Storage the loaded BPF object lives in; the caller owns it so that a
+/// [`Tracer`] can borrow it for as long as it stays attached.
+pub type ProbeStorage = MaybeUninit<OpenObject>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "cannot load the off-CPU BPF program: {detail} (needs root, or CAP_BPF and CAP_PERFMON, \
+         and a kernel with BTF at /sys/kernel/btf/vmlinux)"
+    )]
+    Load { detail: String },
+    #[error("cannot attach the {what}: {source} (needs CAP_BPF and CAP_PERFMON)")]
+    Attach {
+        what: &'static str,
+        source: libbpf_rs::Error,
+    },
+    #[error("cannot run the task iterator: {0}")]
+    Iterate(std::io::Error),
+    #[error("BPF map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        source: libbpf_rs::Error,
+    },
+    #[error("BPF map value has {got} bytes where {expected} were expected: rebuild freezeframe")]
+    MapLayout { expected: usize, got: usize },
+    #[error("cannot read /proc/self/ns/pid to learn our pid namespace: {0}")]
+    PidNamespace(std::io::Error),
+    #[error("no process with pid {0} (as seen from freezeframe's pid namespace)")]
+    NoSuchProcess(u32),
+    #[error("cannot read the monotonic clock: {0}")]
+    Clock(std::io::Error),
+}
+
+/// What to capture. Pids are as seen from freezeframe's own pid namespace.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Only this thread of the targets.
+    pub tid: Option<u32>,
+    /// Only threads in this cgroup (v2 id).
+    pub cgroup_id: Option<u64>,
+    /// Blocks shorter than this are ignored, in the kernel.
+    pub min_block: Duration,
+    /// Blocks longer than this are ignored, in the kernel.
+    pub max_block: Option<Duration>,
+    /// Thread states to capture.
+    pub states: Vec<ThreadState>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            tid: None,
+            cgroup_id: None,
+            min_block: Duration::from_millis(1),
+            max_block: None,
+            states: ThreadState::ALL.to_vec(),
+        }
+    }
+}
+
+/// Where a block's stack is to be found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StackRef {
+    /// An id in the probe's stack map.
+    Id(u32),
+    /// The thread was already blocked when the capture began; its kernel
+    /// stack was taken by the task iterator.
+    Preblocked,
+    /// No stack was recorded (counted in [`DropCounts`], or a thread with no
+    /// user stack at all).
+    Missing,
+}
+
+/// What the kernel side sums blocked time under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub tgid: u32,
+    pub tid: u32,
+    pub kernel_stack: StackRef,
+    pub user_stack: StackRef,
+    pub state: ThreadState,
+}
+
+/// A block that has not ended yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    pub host_tid: u32,
+    /// Monotonic clock (bpf_ktime_get_ns) at switch-out.
+    pub start_ns: u64,
+    pub key: BlockKey,
+}
+
+/// Work the kernel side had to drop, since the probe was loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    pub start_map_full: u64,
+    pub blocked_map_full: u64,
+    pub kernel_stack: u64,
+    pub user_stack: u64,
+    pub preblocked_map_full: u64,
+}
+
+impl DropCounts {
+    pub fn total(&self) -> u64 {
+        self.start_map_full
+            + self.blocked_map_full
+            + self.kernel_stack
+            + self.user_stack
+            + self.preblocked_map_full
+    }
+
+    /// `(map, count)` pairs, for metrics and profile comments.
+    pub fn by_map(&self) -> [(&'static str, u64); 5] {
+        [
+            ("starts", self.start_map_full),
+            ("blocked", self.blocked_map_full),
+            ("stacks_kernel", self.kernel_stack),
+            ("stacks_user", self.user_stack),
+            ("preblocked_stacks", self.preblocked_map_full),
+        ]
+    }
+}
+
+/// Raw (unsymbolized) stacks of one thread's blocked time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedStack {
+    pub tgid: u32,
+    pub tid: u32,
+    pub thread_name: String,
+    pub state: ThreadState,
+    /// Kernel return addresses, innermost first.
+    pub kernel_ips: Vec<u64>,
+    /// User addresses, innermost first.
+    pub user_ips: Vec<u64>,
+    pub blocked_ns: u64,
+    pub count: u64,
+}
+
+/// The off-CPU time of one period, as cut out of a running probe.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub stacks: Vec<BlockedStack>,
+    pub drops: DropCounts,
+    pub hook: Hook,
+}
+
+/// An attached off-CPU probe and the bookkeeping that cuts windows out of it.
+pub struct Tracer<'obj> {
+    probe: bpf::Probe<'obj>,
+    ledger: Ledger,
+    threads: threads::Threads,
+    window_start_ns: u64,
+    window_start_wall: SystemTime,
+    stack_cache: HashMap<u32, Vec<u64>>,
+    /// Stacks of threads found blocked at start, by tid: (kernel, user).
+    preblocked: HashMap<u32, (Vec<u64>, Vec<u64>)>,
+}
+
+/// `CLOCK_MONOTONIC`, the clock bpf_ktime_get_ns() reads.
+pub fn monotonic_ns() -> Result<u64, CaptureError> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into the timespec we pass.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return Err(CaptureError::Clock(std::io::Error::last_os_error()));
+    }
+    Ok(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
+}
+
+impl<'obj> Tracer<'obj> {
+    /// Loads and attaches the probe for `targets`, then finds the target
+    /// threads that are already blocked so that they count from now on.
+    pub fn start(
+        storage: &'obj mut ProbeStorage,
+        config: &CaptureConfig,
+        targets: &[u32],
+    ) -> Result<Self, CaptureError> {
+        for &pid in targets {
+            if !threads::process_exists(pid) {
+                return Err(CaptureError::NoSuchProcess(pid));
+            }
+        }
+        let filters = bpf::Filters {
+            tid: config.tid,
+            cgroup_id: config.cgroup_id,
+            min_block_ns: config.min_block.as_nanos() as u64,
+            max_block_ns: config.max_block.map(|max| max.as_nanos() as u64),
+            states: config.states.clone(),
+        };
+        let probe = bpf::Probe::load(storage, &filters)?;
+        for &pid in targets {
+            probe.add_target(pid)?;
+        }
+        let window_start_ns = monotonic_ns()?;
+        let window_start_wall = SystemTime::now();
+        probe.find_preblocked()?;
+        let mut tracer = Tracer {
+            probe,
+            ledger: Ledger::new(filters.min_block_ns, filters.max_block_ns),
+            threads: threads::Threads::default(),
+            window_start_ns,
+            window_start_wall,
+            stack_cache: HashMap::new(),
+            preblocked: HashMap::new(),
+        };
+        tracer.note_preblocked_threads()?;
+        Ok(tracer)
+    }
+
+    /// Which hook the kernel accepted.
+    pub fn hook(&self) -> Hook {
+        self.probe.hook
+    }
+
+    /// Starts watching another process without reloading.
+    pub fn add_target(&self, pid: u32) -> Result<(), CaptureError> {
+        if !threads::process_exists(pid) {
+            return Err(CaptureError::NoSuchProcess(pid));
+        }
+        self.probe.add_target(pid)
+    }
+
+    pub fn remove_target(&self, pid: u32) -> Result<(), CaptureError> {
+        self.probe.remove_target(pid)
+    }
+
+    /// Takes the stacks of threads the iterator found blocked. Their user
+    /// stacks are walked now, while they still sleep and the stack memory
+    /// still holds the frames they blocked in.
+    fn note_preblocked_threads(&mut self) -> Result<(), CaptureError> {
+        for block in self.probe.in_flight()? {
+            if block.key.kernel_stack != StackRef::Preblocked {
+                continue;
+            }
+            let found = self.probe.preblocked_stack(block.key.tid)?;
+            let user_ips = match found.user_ip {
+                0 => Vec::new(),
+                ip => threads::walk_user_stack(
+                    block.key.tgid,
+                    ip,
+                    found.user_fp,
+                    bpf::MAX_STACK_DEPTH,
+                ),
+            };
+            self.preblocked
+                .insert(block.key.tid, (found.kernel_ips, user_ips));
+        }
+        Ok(())
+    }
+
+    /// Ends the current window now and returns its off-CPU time: blocks that
+    /// ended in it, and blocks still in progress up to now.
+    pub fn collect(&mut self) -> Result<Window, CaptureError> {
+        // Finished totals first, then the blocks still in progress: the
+        // ledger relies on that order (see its docs).
+        let finished = self.probe.drain_blocked()?;
+        let in_flight = self.probe.in_flight()?;
+        let end_ns = monotonic_ns()?;
+        let settled = self.ledger.settle(end_ns, &finished, &in_flight);
+        let drops = self.probe.drops()?;
+
+        let mut stacks = Vec::with_capacity(settled.len());
+        for (key, blocked_ns, count) in settled {
+            let kernel_ips = self.kernel_ips(key)?;
+            let user_ips = self.user_ips(key)?;
+            stacks.push(BlockedStack {
+                tgid: key.tgid,
+                tid: key.tid,
+                thread_name: self.threads.name(key.tgid, key.tid),
+                state: key.state,
+                kernel_ips,
+                user_ips,
+                blocked_ns,
+                count,
+            });
+        }
+        let window = Window {
+            start: self.window_start_wall,
+            duration: Duration::from_nanos(end_ns.saturating_sub(self.window_start_ns)),
+            stacks,
+            drops,
+            hook: self.probe.hook,
+        };
+        self.window_start_wall += window.duration;
+        self.window_start_ns = end_ns;
+        Ok(window)
+    }
+
+    fn kernel_ips(&mut self, key: BlockKey) -> Result<Vec<u64>, CaptureError> {
+        match key.kernel_stack {
+            StackRef::Id(id) => self.cached_stack(id),
+            StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).0),
+            StackRef::Missing => Ok(Vec::new()),
+        }
+    }
+
+    fn user_ips(&mut self, key: BlockKey) -> Result<Vec<u64>, CaptureError> {
+        match key.user_stack {
+            StackRef::Id(id) => self.cached_stack(id),
+            StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).1),
+            StackRef::Missing => Ok(Vec::new()),
+        }
+    }
+
+    fn preblocked_ips(&self, tid: u32) -> (Vec<u64>, Vec<u64>) {
+        self.preblocked.get(&tid).cloned().unwrap_or_default()
+    }
+
+    fn cached_stack(&mut self, id: u32) -> Result<Vec<u64>, CaptureError> {
+        if let Some(stack) = self.stack_cache.get(&id) {
+            return Ok(stack.clone());
+        }
+        let stack = self.probe.stack(id)?;
+        self.stack_cache.insert(id, stack.clone());
+        Ok(stack)
+    }
+}

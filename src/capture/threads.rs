@@ -1,0 +1,98 @@
+//! What /proc says about target threads: their names, and the user stacks of
+//! threads that were blocked before we attached.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::FileExt;
+
+#[derive(Debug, Default)]
+pub(super) struct Threads {
+    names: HashMap<u32, String>,
+}
+
+pub(super) fn process_exists(pid: u32) -> bool {
+    pid != 0 && fs::metadata(format!("/proc/{pid}")).is_ok()
+}
+
+impl Threads {
+    /// The thread's name, from /proc while it lives; `[exited]` after.
+    pub fn name(&mut self, tgid: u32, tid: u32) -> String {
+        if let Some(name) = self.names.get(&tid) {
+            return name.clone();
+        }
+        let name = fs::read_to_string(format!("/proc/{tgid}/task/{tid}/comm"))
+            .map(|comm| comm.trim_end().to_string())
+            .unwrap_or_else(|_| "[exited]".to_string());
+        self.names.insert(tid, name.clone());
+        name
+    }
+}
+
+/// Walks a blocked thread's user stack by its frame pointers, reading the
+/// target's memory: what `bpf_get_stackid` would have done had the thread
+/// switched out while we watched. Innermost first; stops at the first frame
+/// it cannot read.
+pub(super) fn walk_user_stack(tgid: u32, ip: u64, fp: u64, max_depth: usize) -> Vec<u64> {
+    let mut stack = vec![ip];
+    let Ok(memory) = fs::File::open(format!("/proc/{tgid}/mem")) else {
+        return stack;
+    };
+    let read_word = |address: u64| {
+        let mut word = [0u8; 8];
+        memory
+            .read_exact_at(&mut word, address)
+            .ok()
+            .map(|()| u64::from_ne_bytes(word))
+    };
+    let mut frame = fp;
+    while stack.len() < max_depth && frame != 0 && frame.is_multiple_of(8) {
+        let (Some(caller_frame), Some(return_address)) = (read_word(frame), read_word(frame + 8))
+        else {
+            break;
+        };
+        if return_address == 0 {
+            break;
+        }
+        stack.push(return_address);
+        // Frames live at rising addresses; anything else is not a frame chain.
+        if caller_frame <= frame {
+            break;
+        }
+        frame = caller_frame;
+    }
+    stack
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    #[cfg(target_arch = "x86_64")]
+    fn walk_own_stack() -> Vec<u64> {
+        let fp: u64;
+        // SAFETY: copies the frame pointer register, nothing else.
+        unsafe { std::arch::asm!("mov {}, rbp", out(reg) fp) };
+        walk_user_stack(std::process::id(), 0x1, fp, 127)
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn walks_a_frame_pointer_chain_through_proc_mem() {
+        // This crate is built with frame pointers, so our own stack must walk
+        // back through the test harness.
+        let stack = walk_own_stack();
+        assert_eq!(stack[0], 0x1);
+        assert!(stack.len() > 5, "only {} frames: {stack:x?}", stack.len());
+        let here = walks_a_frame_pointer_chain_through_proc_mem as *const () as u64;
+        assert!(
+            stack.iter().any(|&ret| ret > here && ret < here + 4096),
+            "this test's own return address is on the walked stack: {stack:x?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_process_gives_just_the_pc() {
+        assert_eq!(walk_user_stack(0, 0x42, 0x1000, 127), vec![0x42]);
+    }
+}

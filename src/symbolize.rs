@@ -1,0 +1,463 @@
+//! Turns raw stacks into frames with names: kernel addresses through
+//! kallsyms, user addresses through the target's ELF and DWARF (demangled,
+//! inlined frames, file:line), batched per process and cached.
+//!
+//! A lookup that fails is data, not an error: the frame stays, named
+//! `[unknown] file+0xoffset` when at least the file is known.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::Path;
+
+use blazesym::normalize::{Normalizer, UserMeta};
+use blazesym::symbolize::source::{Kernel, Process, Source};
+use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
+use blazesym::Pid;
+
+use crate::capture::{BlockedStack, Window};
+use crate::profile::{Frame, FrameKind, Line, Mapping, Profile, Sample, SampleLabels};
+
+/// The deepest stack the kernel walks; a user stack this deep was cut off.
+const MAX_STACK_DEPTH: usize = 127;
+
+/// Outermost functions of a fully walked user stack: a process's first
+/// thread starts in `_start`, the others in the thread-creation trampolines.
+const STACK_ROOTS: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "clone3",
+    "__clone",
+    "__clone3",
+];
+
+/// Symbolizes windows; keeps caches across calls, so one instance should
+/// live as long as the tracer it serves.
+pub struct Symbolizer {
+    blazesym: Blazesym,
+    normalizer: Normalizer,
+    kernel: HashMap<u64, Frame>,
+    /// Per process: address to frame. Dropped when the process goes away.
+    user: HashMap<u32, ProcessSymbols>,
+}
+
+#[derive(Default)]
+struct ProcessSymbols {
+    frames: HashMap<u64, UserFrame>,
+    regions: Vec<Region>,
+}
+
+#[derive(Clone)]
+struct UserFrame {
+    lines: Vec<Line>,
+    /// Index into `regions`.
+    region: Option<usize>,
+}
+
+/// One file-backed line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Region {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: String,
+    build_id: Option<String>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Symbolizer {
+            blazesym: Blazesym::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .build(),
+            normalizer: Normalizer::builder().enable_build_ids(true).build(),
+            kernel: HashMap::new(),
+            user: HashMap::new(),
+        }
+    }
+
+    /// Forgets what was cached for a process (it exited or was replaced).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.user.remove(&pid);
+    }
+
+    /// Builds the profile of a window. Must run while the target processes
+    /// are still alive for their user frames to get names.
+    pub fn profile(&mut self, window: &Window) -> Profile {
+        self.symbolize_kernel(window.stacks.iter().flat_map(|stack| &stack.kernel_ips));
+        let mut by_process: HashMap<u32, HashSet<u64>> = HashMap::new();
+        for stack in &window.stacks {
+            by_process
+                .entry(stack.tgid)
+                .or_default()
+                .extend(&stack.user_ips);
+        }
+        for (pid, ips) in by_process {
+            self.symbolize_process(pid, ips);
+        }
+
+        let mut mappings = Vec::new();
+        let mut mapping_index: HashMap<(u32, usize), usize> = HashMap::new();
+        let samples = window
+            .stacks
+            .iter()
+            .map(|stack| self.sample(stack, &mut mappings, &mut mapping_index))
+            .collect();
+
+        let mut comments = vec![format!(
+            "freezeframe off-CPU capture (sched_switch via {:?})",
+            window.hook
+        )];
+        for (map, dropped) in window.drops.by_map() {
+            if dropped > 0 {
+                comments.push(format!("bpf drops: {map}={dropped}"));
+            }
+        }
+        Profile {
+            start: window.start,
+            duration: window.duration,
+            samples,
+            mappings,
+            comments,
+        }
+    }
+
+    fn sample(
+        &self,
+        stack: &BlockedStack,
+        mappings: &mut Vec<Mapping>,
+        mapping_index: &mut HashMap<(u32, usize), usize>,
+    ) -> Sample {
+        let mut frames: Vec<Frame> = stack
+            .kernel_ips
+            .iter()
+            .map(|ip| {
+                self.kernel
+                    .get(ip)
+                    .cloned()
+                    .unwrap_or_else(|| unknown_kernel_frame(*ip))
+            })
+            .collect();
+        let symbols = self.user.get(&stack.tgid);
+        for &ip in &stack.user_ips {
+            let user = symbols.and_then(|symbols| symbols.frames.get(&ip));
+            let mapping = user.and_then(|user| user.region).map(|region| {
+                *mapping_index
+                    .entry((stack.tgid, region))
+                    .or_insert_with(|| {
+                        let region = &symbols.expect("region implies symbols").regions[region];
+                        mappings.push(Mapping {
+                            memory_start: region.start,
+                            memory_limit: region.end,
+                            file_offset: region.offset,
+                            file: region.path.clone(),
+                            build_id: region.build_id.clone(),
+                        });
+                        mappings.len() - 1
+                    })
+            });
+            frames.push(Frame {
+                kind: FrameKind::User,
+                address: ip,
+                mapping,
+                lines: user.map_or_else(|| vec![unknown_line(ip, None)], |user| user.lines.clone()),
+            });
+        }
+        if user_stack_truncated(stack, &frames) {
+            frames.push(Frame::marker_truncated());
+        }
+        Sample {
+            stack: frames,
+            blocked_ns: stack.blocked_ns,
+            count: stack.count,
+            labels: SampleLabels {
+                process_id: stack.tgid,
+                thread_id: stack.tid,
+                thread_name: stack.thread_name.clone(),
+                state: stack.state,
+                extra: Vec::new(),
+            },
+        }
+    }
+
+    fn symbolize_kernel<'a>(&mut self, ips: impl Iterator<Item = &'a u64>) {
+        let mut wanted: Vec<u64> = ips
+            .copied()
+            .filter(|ip| !self.kernel.contains_key(ip))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return;
+        }
+        let source = Source::Kernel(Kernel::default());
+        let call_sites: Vec<u64> = wanted.iter().map(|ip| ip.saturating_sub(1)).collect();
+        let symbolized = self
+            .blazesym
+            .symbolize(&source, Input::AbsAddr(&call_sites));
+        for (index, &ip) in wanted.iter().enumerate() {
+            let lines = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
+                Some(Symbolized::Sym(sym)) => lines_of(sym),
+                _ => vec![unknown_line(ip, None)],
+            };
+            self.kernel.insert(
+                ip,
+                Frame {
+                    kind: FrameKind::Kernel,
+                    address: ip,
+                    mapping: None,
+                    lines,
+                },
+            );
+        }
+    }
+
+    fn symbolize_process(&mut self, pid: u32, ips: HashSet<u64>) {
+        let symbols = self.user.entry(pid).or_default();
+        let mut wanted: Vec<u64> = ips
+            .into_iter()
+            .filter(|ip| !symbols.frames.contains_key(ip))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        wanted.sort_unstable();
+        // Regions are re-read for every batch: a new library may have been
+        // loaded since the last one.
+        symbols.regions = read_regions(pid);
+        let build_ids = build_ids(&self.normalizer, pid, &wanted);
+        for region in &mut symbols.regions {
+            if let Some(build_id) = build_ids.get(&region.path) {
+                region.build_id = Some(build_id.clone());
+            }
+        }
+
+        let source = Source::Process(Process::new(Pid::from(pid)));
+        let call_sites: Vec<u64> = wanted.iter().map(|ip| ip.saturating_sub(1)).collect();
+        let symbolized = self
+            .blazesym
+            .symbolize(&source, Input::AbsAddr(&call_sites));
+        for (index, &ip) in wanted.iter().enumerate() {
+            let region = symbols
+                .regions
+                .iter()
+                .position(|region| (region.start..region.end).contains(&ip));
+            let lines = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
+                Some(Symbolized::Sym(sym)) => lines_of(sym),
+                _ => vec![unknown_line(
+                    ip,
+                    region.map(|region| &symbols.regions[region]),
+                )],
+            };
+            symbols.frames.insert(ip, UserFrame { lines, region });
+        }
+    }
+}
+
+/// GNU build ids of the files the addresses fall in, by path.
+fn build_ids(normalizer: &Normalizer, pid: u32, sorted_ips: &[u64]) -> HashMap<String, String> {
+    let Ok(output) = normalizer.normalize_user_addrs(Pid::from(pid), sorted_ips) else {
+        return HashMap::new();
+    };
+    output
+        .meta
+        .iter()
+        .filter_map(|meta| match meta {
+            UserMeta::Elf(elf) => elf
+                .build_id
+                .as_ref()
+                .map(|build_id| (elf.path.to_string_lossy().into_owned(), hex(build_id))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Lines of a symbol, innermost first. blazesym reports `f` with inlined
+/// `g` and `h` as name `f` with inlined `[g, h]`, each carrying the source
+/// location inside itself: `f`'s is the call site of `g`, `h`'s is the
+/// address's own line.
+fn lines_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Line> {
+    let outer = (&*sym.name, sym.code_info.as_deref());
+    let inlined = sym
+        .inlined
+        .iter()
+        .map(|inlined| (&*inlined.name, inlined.code_info.as_ref()));
+    let mut lines: Vec<Line> = std::iter::once(outer)
+        .chain(inlined)
+        .map(|(name, location): (&str, Option<&CodeInfo<'_>>)| Line {
+            function: name.to_string(),
+            file: location.map(|info| info.to_path().display().to_string()),
+            line: location.and_then(|info| info.line),
+        })
+        .collect();
+    lines.reverse();
+    lines
+}
+
+fn unknown_line(ip: u64, region: Option<&Region>) -> Line {
+    let function = match region {
+        Some(region) => {
+            let file = Path::new(&region.path)
+                .file_name()
+                .map_or(region.path.clone(), |name| {
+                    name.to_string_lossy().into_owned()
+                });
+            format!("[unknown] {file}+{:#x}", ip - region.start + region.offset)
+        }
+        None => format!("[unknown] {ip:#x}"),
+    };
+    Line {
+        function,
+        file: None,
+        line: None,
+    }
+}
+
+fn unknown_kernel_frame(ip: u64) -> Frame {
+    Frame {
+        kind: FrameKind::Kernel,
+        address: ip,
+        mapping: None,
+        lines: vec![unknown_line(ip, None)],
+    }
+}
+
+/// Whether the walk stopped before reaching the thread's first frame.
+fn user_stack_truncated(stack: &BlockedStack, frames: &[Frame]) -> bool {
+    if stack.user_ips.is_empty() {
+        // No user stack at all: a kernel-only thread, nothing to truncate.
+        return false;
+    }
+    if stack.user_ips.len() >= MAX_STACK_DEPTH {
+        return true;
+    }
+    let root = frames
+        .iter()
+        .rev()
+        .find(|frame| frame.kind == FrameKind::User);
+    !root.is_some_and(|root| STACK_ROOTS.contains(&root.function()))
+}
+
+/// File-backed regions of `/proc/PID/maps`.
+fn read_regions(pid: u32) -> Vec<Region> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|maps| maps.lines().filter_map(parse_region).collect())
+        .unwrap_or_default()
+}
+
+fn parse_region(line: &str) -> Option<Region> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let _perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let _inode = fields.next()?;
+    let path = fields.collect::<Vec<_>>().join(" ");
+    if path.is_empty() {
+        return None;
+    }
+    Some(Region {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        path,
+        build_id: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_with_a_file_become_regions() {
+        let line = "7f1c2a000000-7f1c2a1b6000 r-xp 00028000 fe:01 1837 /usr/lib/x86_64-linux-gnu/libc.so.6";
+        assert_eq!(
+            parse_region(line),
+            Some(Region {
+                start: 0x7f1c_2a00_0000,
+                end: 0x7f1c_2a1b_6000,
+                offset: 0x28000,
+                path: "/usr/lib/x86_64-linux-gnu/libc.so.6".to_string(),
+                build_id: None,
+            })
+        );
+        assert_eq!(
+            parse_region("7ffd1000-7ffd2000 rw-p 00000000 00:00 0"),
+            None
+        );
+        assert_eq!(parse_region("garbage"), None);
+    }
+
+    #[test]
+    fn a_miss_names_the_file_and_offset() {
+        let region = Region {
+            start: 0x1000,
+            end: 0x5000,
+            offset: 0x2000,
+            path: "/opt/app/libfoo.so".to_string(),
+            build_id: None,
+        };
+        assert_eq!(
+            unknown_line(0x1a2b, Some(&region)).function,
+            "[unknown] libfoo.so+0x2a2b"
+        );
+        assert_eq!(unknown_line(0xdead, None).function, "[unknown] 0xdead");
+    }
+
+    fn stack_with(user_ips: Vec<u64>) -> BlockedStack {
+        BlockedStack {
+            tgid: 1,
+            tid: 1,
+            thread_name: "t".into(),
+            state: crate::profile::ThreadState::Sleeping,
+            kernel_ips: vec![],
+            user_ips,
+            blocked_ns: 1,
+            count: 1,
+        }
+    }
+
+    fn user_frame(name: &str) -> Frame {
+        Frame {
+            kind: FrameKind::User,
+            address: 1,
+            mapping: None,
+            lines: vec![Line {
+                function: name.into(),
+                file: None,
+                line: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_stack_ending_in_a_thread_root_is_whole() {
+        let frames = [user_frame("main"), user_frame("__libc_start_call_main")];
+        assert!(!user_stack_truncated(&stack_with(vec![1, 2]), &frames));
+        let frames = [user_frame("worker"), user_frame("clone3")];
+        assert!(!user_stack_truncated(&stack_with(vec![1, 2]), &frames));
+    }
+
+    #[test]
+    fn a_stack_that_stops_elsewhere_is_truncated() {
+        let frames = [user_frame("__GI___nanosleep"), user_frame("worker")];
+        assert!(user_stack_truncated(&stack_with(vec![1, 2]), &frames));
+        // Kernel threads have no user stack to truncate.
+        assert!(!user_stack_truncated(&stack_with(vec![]), &[]));
+    }
+}
