@@ -1,0 +1,519 @@
+//! The summary a human reads after a capture (and from `freezeframe report`):
+//! which threads were blocked, for how long, and the call sites that
+//! blocked them, heaviest first.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::{self, Write};
+
+use crate::profile::{Frame, FrameKind, Profile, ThreadState};
+
+/// At most this many thread ids are listed under one stack; a thread pool
+/// blocked in one place would otherwise fill the screen.
+const MAX_THREADS_PER_STACK: usize = 8;
+
+/// Renders `profile` as a plain-text summary:
+///
+/// 1. a header: the capture window, total blocked time, thread count;
+/// 2. the `top` most blocked threads, with their time per state and the
+///    share of the window they spent blocked;
+/// 3. the `top` stacks with the most blocked time, identical stacks merged
+///    across threads, each printed leaf first with its kernel and user
+///    frames under separate headings;
+/// 4. the profile's comments (drop counts and the like), if any.
+pub fn summary(profile: &Profile, top: usize) -> String {
+    let mut out = String::new();
+    write_summary(&mut out, profile, top).expect("writing to a String cannot fail");
+    out
+}
+
+fn write_summary(out: &mut String, profile: &Profile, top: usize) -> fmt::Result {
+    let threads = thread_totals(profile);
+    let stacks = stack_totals(profile);
+    let total_blocked_ns = profile.total_blocked_ns();
+    let total_count: u64 = profile.samples.iter().map(|sample| sample.count).sum();
+
+    writeln!(
+        out,
+        "Off-CPU profile from {}, window {}",
+        humantime::format_rfc3339_seconds(profile.start),
+        human_duration(duration_ns(profile)),
+    )?;
+    if profile.samples.is_empty() {
+        writeln!(out, "No thread was blocked long enough to be recorded.")?;
+    } else {
+        writeln!(
+            out,
+            "Blocked {} in total across {} ({} in {} distinct {})",
+            human_duration(total_blocked_ns),
+            plural(threads.len(), "thread"),
+            plural_u64(total_count, "block"),
+            stacks.len(),
+            if stacks.len() == 1 { "stack" } else { "stacks" },
+        )?;
+        write_threads(out, profile, &threads, top)?;
+        write_stacks(out, &stacks, total_blocked_ns, top)?;
+    }
+
+    if !profile.comments.is_empty() {
+        writeln!(out, "\nNotes:")?;
+        for comment in &profile.comments {
+            writeln!(out, "  {comment}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Blocked time of one thread over the whole window.
+struct ThreadTotal<'a> {
+    thread_id: u32,
+    thread_name: &'a str,
+    blocked_ns: u64,
+    by_state: BTreeMap<ThreadState, u64>,
+}
+
+/// Blocked time of one stack, over every thread that blocked in it.
+struct StackTotal<'a> {
+    stack: &'a [Frame],
+    blocked_ns: u64,
+    count: u64,
+    /// (name, tid), sorted so that a pool's threads come out together.
+    threads: BTreeSet<(&'a str, u32)>,
+    by_state: BTreeMap<ThreadState, u64>,
+}
+
+/// Threads, most blocked first; ties keep the order of first appearance.
+fn thread_totals(profile: &Profile) -> Vec<ThreadTotal<'_>> {
+    let mut totals: Vec<ThreadTotal> = Vec::new();
+    let mut position: HashMap<(u32, u32), usize> = HashMap::new();
+    for sample in &profile.samples {
+        let labels = &sample.labels;
+        let index = *position
+            .entry((labels.process_id, labels.thread_id))
+            .or_insert_with(|| {
+                totals.push(ThreadTotal {
+                    thread_id: labels.thread_id,
+                    thread_name: &labels.thread_name,
+                    blocked_ns: 0,
+                    by_state: BTreeMap::new(),
+                });
+                totals.len() - 1
+            });
+        let total = &mut totals[index];
+        total.blocked_ns += sample.blocked_ns;
+        *total.by_state.entry(labels.state).or_default() += sample.blocked_ns;
+    }
+    totals.sort_by_key(|total| Reverse(total.blocked_ns));
+    totals
+}
+
+/// Distinct stacks, most blocked first; ties keep the order of first
+/// appearance.
+fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
+    let mut totals: Vec<StackTotal> = Vec::new();
+    let mut position: HashMap<&[Frame], usize> = HashMap::new();
+    for sample in &profile.samples {
+        let index = *position.entry(&sample.stack).or_insert_with(|| {
+            totals.push(StackTotal {
+                stack: &sample.stack,
+                blocked_ns: 0,
+                count: 0,
+                threads: BTreeSet::new(),
+                by_state: BTreeMap::new(),
+            });
+            totals.len() - 1
+        });
+        let total = &mut totals[index];
+        total.blocked_ns += sample.blocked_ns;
+        total.count += sample.count;
+        total
+            .threads
+            .insert((&sample.labels.thread_name, sample.labels.thread_id));
+        *total.by_state.entry(sample.labels.state).or_default() += sample.blocked_ns;
+    }
+    totals.sort_by_key(|total| Reverse(total.blocked_ns));
+    totals
+}
+
+fn write_threads(
+    out: &mut String,
+    profile: &Profile,
+    threads: &[ThreadTotal],
+    top: usize,
+) -> fmt::Result {
+    let shown = &threads[..top.min(threads.len())];
+    let name_width = shown
+        .iter()
+        .map(|thread| thread.thread_name.chars().count())
+        .max();
+    let name_width = name_width.unwrap_or(0).max("NAME".len());
+    let window_ns = duration_ns(profile);
+
+    writeln!(out, "\nThreads by blocked time:")?;
+    writeln!(
+        out,
+        "  {:>8}  {:<name_width$}  {:>9}  {:>9}  STATES",
+        "TID", "NAME", "BLOCKED", "OF WINDOW"
+    )?;
+    for thread in shown {
+        let states: Vec<String> = thread
+            .by_state
+            .iter()
+            .map(|(state, &blocked_ns)| format!("{state} {}", human_duration(blocked_ns)))
+            .collect();
+        writeln!(
+            out,
+            "  {:>8}  {:<name_width$}  {:>9}  {:>9}  {}",
+            thread.thread_id,
+            thread.thread_name,
+            human_duration(thread.blocked_ns),
+            percent(thread.blocked_ns, window_ns),
+            states.join(", "),
+        )?;
+    }
+    if let Some(rest) = threads.get(shown.len()..).filter(|rest| !rest.is_empty()) {
+        let rest_ns = rest.iter().map(|thread| thread.blocked_ns).sum();
+        writeln!(
+            out,
+            "  ... and {}, blocked {} together",
+            plural(rest.len(), "more thread"),
+            human_duration(rest_ns),
+        )?;
+    }
+    Ok(())
+}
+
+fn write_stacks(
+    out: &mut String,
+    stacks: &[StackTotal],
+    total_blocked_ns: u64,
+    top: usize,
+) -> fmt::Result {
+    let shown = &stacks[..top.min(stacks.len())];
+    writeln!(
+        out,
+        "\nTop {} of {} stacks by blocked time:",
+        shown.len(),
+        stacks.len()
+    )?;
+    for (rank, stack) in (1..).zip(shown) {
+        writeln!(
+            out,
+            "\n#{rank}  {} in {} ({} of all blocked time)",
+            human_duration(stack.blocked_ns),
+            plural_u64(stack.count, "block"),
+            percent(stack.blocked_ns, total_blocked_ns),
+        )?;
+        writeln!(out, "    threads: {}", thread_list(&stack.threads))?;
+        let states: Vec<String> = stack
+            .by_state
+            .iter()
+            .map(|(state, &blocked_ns)| format!("{state} {}", human_duration(blocked_ns)))
+            .collect();
+        writeln!(out, "    states:  {}", states.join(", "))?;
+        write_frames(out, stack.stack)?;
+    }
+    Ok(())
+}
+
+/// Writes a stack leaf first, opening a `kernel:` or `user:` heading each
+/// time the walk crosses between the two.
+fn write_frames(out: &mut String, stack: &[Frame]) -> fmt::Result {
+    if stack.is_empty() {
+        writeln!(out, "    (no stack was recorded)")?;
+    }
+    let mut heading = None;
+    for frame in stack {
+        let section = if frame.kind == FrameKind::Kernel {
+            "kernel:"
+        } else {
+            "user:"
+        };
+        if heading != Some(section) {
+            writeln!(out, "    {section}")?;
+            heading = Some(section);
+        }
+        if frame.kind == FrameKind::Truncated {
+            writeln!(
+                out,
+                "      ... truncated: the callers could not be walked (no frame pointers?)"
+            )?;
+            continue;
+        }
+        // Innermost first, like the stack itself; all but the last line were
+        // inlined into the one after them.
+        for (position, line) in frame.lines.iter().enumerate() {
+            write!(out, "      {}", line.function)?;
+            match (&line.file, line.line) {
+                (Some(file), Some(number)) => write!(out, " at {file}:{number}")?,
+                (Some(file), None) => write!(out, " at {file}")?,
+                (None, _) => {}
+            }
+            if position + 1 < frame.lines.len() {
+                out.push_str(" (inlined)");
+            }
+            out.push('\n');
+        }
+    }
+    Ok(())
+}
+
+/// `worker (101, 102), reader (103)`, capped at a few thread ids.
+fn thread_list(threads: &BTreeSet<(&str, u32)>) -> String {
+    let mut by_name: Vec<(&str, Vec<String>)> = Vec::new();
+    for &(name, thread_id) in threads.iter().take(MAX_THREADS_PER_STACK) {
+        let name = if name.is_empty() { "?" } else { name };
+        match by_name.last_mut() {
+            Some((last, thread_ids)) if *last == name => thread_ids.push(thread_id.to_string()),
+            _ => by_name.push((name, vec![thread_id.to_string()])),
+        }
+    }
+    let mut list: Vec<String> = by_name
+        .into_iter()
+        .map(|(name, thread_ids)| format!("{name} ({})", thread_ids.join(", ")))
+        .collect();
+    if threads.len() > MAX_THREADS_PER_STACK {
+        list.push(format!(
+            "and {} more",
+            threads.len() - MAX_THREADS_PER_STACK
+        ));
+    }
+    list.join(", ")
+}
+
+fn duration_ns(profile: &Profile) -> u64 {
+    u64::try_from(profile.duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A duration as a person reads it: `12.03 s`, `340 ms`, `2.5 ms`, `85 µs`.
+fn human_duration(ns: u64) -> String {
+    // Units switch where rounding would otherwise print `1000 ms`.
+    let value = ns as f64;
+    if ns >= 999_500_000 {
+        format!("{:.2} s", value / 1e9)
+    } else if ns >= 999_500 {
+        short(value / 1e6, "ms")
+    } else if ns >= 1_000 {
+        short(value / 1e3, "µs")
+    } else {
+        format!("{ns} ns")
+    }
+}
+
+/// Whole numbers from 10 up, one decimal below, which is all the precision
+/// a blocked time needs.
+fn short(value: f64, unit: &str) -> String {
+    if value >= 9.95 {
+        format!("{value:.0} {unit}")
+    } else {
+        format!("{value:.1} {unit}")
+    }
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".to_string();
+    }
+    format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    plural_u64(count as u64, noun)
+}
+
+fn plural_u64(count: u64, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::profile::{Line, Sample, SampleLabels};
+
+    fn frame(kind: FrameKind, function: &str, file: Option<&str>, line: Option<u32>) -> Frame {
+        Frame {
+            kind,
+            address: 0x1000,
+            mapping: None,
+            lines: vec![Line {
+                function: function.to_string(),
+                file: file.map(str::to_string),
+                line,
+            }],
+        }
+    }
+
+    fn sample(
+        thread_id: u32,
+        name: &str,
+        state: ThreadState,
+        stack: Vec<Frame>,
+        blocked_ns: u64,
+    ) -> Sample {
+        Sample {
+            stack,
+            blocked_ns,
+            count: 2,
+            labels: SampleLabels {
+                process_id: 100,
+                thread_id,
+                thread_name: name.to_string(),
+                state,
+                extra: Vec::new(),
+            },
+        }
+    }
+
+    fn profile() -> Profile {
+        let mut inlined = frame(
+            FrameKind::User,
+            "hashbrown::reserve",
+            Some("map.rs"),
+            Some(40),
+        );
+        inlined.lines.push(Line {
+            function: "app::insert".to_string(),
+            file: Some("src/app.rs".to_string()),
+            line: Some(7),
+        });
+        let lock_stack = vec![
+            frame(FrameKind::Kernel, "schedule", None, None),
+            frame(FrameKind::Kernel, "futex_wait", None, None),
+            inlined,
+            frame(FrameKind::User, "main", Some("src/main.rs"), None),
+        ];
+        let read_stack = vec![
+            frame(FrameKind::Kernel, "io_schedule", None, None),
+            frame(FrameKind::User, "read", None, None),
+            Frame::marker_truncated(),
+        ];
+        Profile {
+            start: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            duration: Duration::from_secs(20),
+            samples: vec![
+                sample(12, "reader", ThreadState::Disk, read_stack, 340_000_000),
+                sample(
+                    11,
+                    "worker",
+                    ThreadState::Sleeping,
+                    lock_stack.clone(),
+                    12_030_000_000,
+                ),
+                sample(13, "worker", ThreadState::Runnable, lock_stack, 85_000),
+            ],
+            mappings: Vec::new(),
+            comments: vec!["dropped 3 events".to_string()],
+        }
+    }
+
+    /// Asserts that `needles` occur in `text` in this order.
+    fn assert_in_order(text: &str, needles: &[&str]) {
+        let mut from = 0;
+        for needle in needles {
+            let found = text[from..].find(needle);
+            assert!(
+                found.is_some(),
+                "{needle:?} missing after byte {from} in:\n{text}"
+            );
+            from += found.unwrap() + needle.len();
+        }
+    }
+
+    #[test]
+    fn summary_reads_header_threads_stacks_then_notes() {
+        let text = summary(&profile(), 10);
+        assert_in_order(
+            &text,
+            &[
+                "Off-CPU profile from 2023-11-14T22:13:20Z, window 20.00 s",
+                "Blocked 12.37 s in total across 3 threads (6 blocks in 2 distinct stacks)",
+                "Threads by blocked time:",
+                "       TID  NAME      BLOCKED  OF WINDOW  STATES",
+                "        11  worker    12.03 s      60.1%  S 12.03 s",
+                "        12  reader     340 ms       1.7%  D 340 ms",
+                "        13  worker      85 µs       0.0%  R 85 µs",
+                "Top 2 of 2 stacks by blocked time:",
+                "#1  12.03 s in 4 blocks (97.3% of all blocked time)",
+                "threads: worker (11, 13)",
+                "states:  R 85 µs, S 12.03 s",
+                "kernel:",
+                "schedule",
+                "futex_wait",
+                "user:",
+                "hashbrown::reserve at map.rs:40 (inlined)",
+                "app::insert at src/app.rs:7\n",
+                "main at src/main.rs\n",
+                "#2  340 ms in 2 blocks (2.7% of all blocked time)",
+                "threads: reader (12)",
+                "kernel:",
+                "io_schedule",
+                "user:",
+                "read\n",
+                "... truncated: the callers could not be walked",
+                "Notes:",
+                "dropped 3 events",
+            ],
+        );
+    }
+
+    #[test]
+    fn top_limits_threads_and_stacks() {
+        let text = summary(&profile(), 1);
+        assert!(
+            text.contains("... and 2 more threads, blocked 340 ms together"),
+            "{text}"
+        );
+        assert!(text.contains("Top 1 of 2 stacks"), "{text}");
+        assert!(!text.contains("#2"), "{text}");
+    }
+
+    #[test]
+    fn empty_profile_says_so() {
+        let mut empty = profile();
+        empty.samples.clear();
+        empty.comments.clear();
+        let text = summary(&empty, 10);
+        assert!(text.contains("No thread was blocked"), "{text}");
+        assert!(!text.contains("Threads by"), "{text}");
+    }
+
+    #[test]
+    fn many_threads_under_one_stack_are_capped() {
+        let stack = vec![frame(FrameKind::Kernel, "schedule", None, None)];
+        let samples = (1..=10)
+            .map(|tid| sample(tid, "pool", ThreadState::Sleeping, stack.clone(), 1_000))
+            .collect();
+        let text = summary(
+            &Profile {
+                samples,
+                ..profile()
+            },
+            3,
+        );
+        assert!(
+            text.contains("threads: pool (1, 2, 3, 4, 5, 6, 7, 8), and 2 more"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn durations_are_humanized() {
+        let cases = [
+            (12_030_000_000, "12.03 s"),
+            (999_600_000, "1.00 s"),
+            (340_000_000, "340 ms"),
+            (2_500_000, "2.5 ms"),
+            (85_000, "85 µs"),
+            (999, "999 ns"),
+        ];
+        for (ns, text) in cases {
+            assert_eq!(human_duration(ns), text);
+        }
+    }
+}
