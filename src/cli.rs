@@ -1,0 +1,142 @@
+//! Command-line interface. Every flag can also be set through a
+//! `FREEZEFRAME_*` environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::profile::ThreadState;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "freezeframe",
+    version,
+    about = "Catches the freezes that logs and CPU charts never show"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture off-CPU stacks of one process for a while (needs root, or
+    /// CAP_BPF and CAP_PERFMON), print the top stacks, and save them.
+    Capture(CaptureArgs),
+    /// Summarise a saved profile, or turn it into folded stacks or a flamegraph.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Process to capture, as seen from freezeframe's pid namespace.
+    #[arg(long, env = "FREEZEFRAME_PID")]
+    pub pid: u32,
+    /// Only this thread of the process.
+    #[arg(long, env = "FREEZEFRAME_TID")]
+    pub tid: Option<u32>,
+    /// How long to capture (e.g. 15s, 500ms). Ctrl-C ends it early and keeps what was seen.
+    #[arg(long, env = "FREEZEFRAME_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Ignore blocks shorter than this.
+    #[arg(long, env = "FREEZEFRAME_MIN_BLOCK", default_value = "1ms", value_parser = parse_duration)]
+    pub min_block: Duration,
+    /// Ignore blocks longer than this.
+    #[arg(long, env = "FREEZEFRAME_MAX_BLOCK", value_parser = parse_duration)]
+    pub max_block: Option<Duration>,
+    /// Thread states to capture: S (sleeping), D (uninterruptible), R (preempted),
+    /// other, or any; comma-separated.
+    #[arg(long, env = "FREEZEFRAME_STATE", default_value = "any", value_parser = parse_states)]
+    pub state: StateSet,
+    /// Write the profile as gzipped pprof.
+    #[arg(long, short, env = "FREEZEFRAME_OUTPUT")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub views: Views,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A profile written by `freezeframe capture --output` (gzipped or plain pprof).
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub views: Views,
+}
+
+/// The human-facing views of a profile, shared by `capture` and `report`.
+#[derive(Debug, Args)]
+pub struct Views {
+    /// Write folded stacks (blocked microseconds per stack).
+    #[arg(long, env = "FREEZEFRAME_FOLDED")]
+    pub folded: Option<PathBuf>,
+    /// Write an SVG flamegraph.
+    #[arg(long, env = "FREEZEFRAME_FLAMEGRAPH")]
+    pub flamegraph: Option<PathBuf>,
+    /// How many stacks the summary lists.
+    #[arg(long, env = "FREEZEFRAME_TOP", default_value_t = 10)]
+    pub top: usize,
+}
+
+/// Thread states chosen with `--state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSet(pub Vec<ThreadState>);
+
+/// The longest capture we accept: longer than this is almost surely a typo
+/// (a unit forgotten), and would pin kernel maps for days.
+const MAX_CAPTURE: Duration = Duration::from_secs(24 * 3600);
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|err| format!("{err} (write a duration such as 15s, 500ms or 2m)"))?;
+    if duration > MAX_CAPTURE {
+        return Err(format!("{text} is longer than the 24 h limit"));
+    }
+    Ok(duration)
+}
+
+pub fn parse_states(text: &str) -> Result<StateSet, String> {
+    let mut states = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        if part.eq_ignore_ascii_case("any") {
+            return Ok(StateSet(ThreadState::ALL.to_vec()));
+        }
+        let state = ThreadState::from_code(part)
+            .ok_or_else(|| format!("unknown thread state {part:?}: use S, D, R, other or any"))?;
+        if !states.contains(&state) {
+            states.push(state);
+        }
+    }
+    Ok(StateSet(states))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_and_absurd_ones_are_refused() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("400d").unwrap_err().contains("24 h"));
+    }
+
+    #[test]
+    fn states_parse_as_a_set() {
+        assert_eq!(parse_states("any").unwrap().0.len(), 4);
+        assert_eq!(
+            parse_states("D,s,D").unwrap(),
+            StateSet(vec![ThreadState::Disk, ThreadState::Sleeping])
+        );
+        assert!(parse_states("Z")
+            .unwrap_err()
+            .contains("unknown thread state"));
+    }
+}

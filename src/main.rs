@@ -1,0 +1,104 @@
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
+use freezeframe::cli::{CaptureArgs, Cli, Command, ReportArgs, Views};
+use freezeframe::encode::{flamegraph, folded, pprof};
+use freezeframe::preflight;
+use freezeframe::profile::Profile;
+use freezeframe::report;
+use freezeframe::symbolize::Symbolizer;
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Capture(args) => capture(args),
+        Command::Report(args) => report(args),
+    };
+    if let Err(err) = outcome {
+        eprintln!("freezeframe: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn capture(args: CaptureArgs) -> Result<()> {
+    if args.duration.is_zero() {
+        bail!("--duration must be longer than zero");
+    }
+    if let Some(max_block) = args.max_block {
+        if max_block < args.min_block {
+            bail!(
+                "--max-block ({max_block:?}) is shorter than --min-block ({:?})",
+                args.min_block
+            );
+        }
+    }
+    preflight::check_can_trace()?;
+    let config = CaptureConfig {
+        tid: args.tid,
+        cgroup_id: None,
+        min_block: args.min_block,
+        max_block: args.max_block,
+        states: args.state.0.clone(),
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install signal handler")?;
+    }
+
+    let started = Instant::now();
+    let mut storage = ProbeStorage::uninit();
+    let mut tracer = Tracer::start(&mut storage, &config, &[args.pid])?;
+    eprintln!(
+        "freezeframe: capturing off-CPU stacks of pid {} for {} (attached in {:.1} ms via {:?}; Ctrl-C to stop early)",
+        args.pid,
+        humantime::format_duration(args.duration),
+        started.elapsed().as_secs_f64() * 1e3,
+        tracer.hook(),
+    );
+    let deadline = Instant::now() + args.duration;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
+        );
+    }
+    let window = tracer.collect()?;
+    drop(tracer);
+
+    let profile = Symbolizer::new().profile(&window);
+    if let Some(path) = &args.output {
+        write(path, &pprof::encode(&profile))?;
+    }
+    show(&profile, &args.views)
+}
+
+fn report(args: ReportArgs) -> Result<()> {
+    let bytes =
+        fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let profile = pprof::decode(&bytes)
+        .with_context(|| format!("{} is not a readable pprof profile", args.file.display()))?;
+    show(&profile, &args.views)
+}
+
+fn show(profile: &Profile, views: &Views) -> Result<()> {
+    if let Some(path) = &views.folded {
+        write(path, folded::encode(profile).as_bytes())?;
+    }
+    if let Some(path) = &views.flamegraph {
+        write(path, &flamegraph::encode(profile, "Off-CPU time")?)?;
+    }
+    print!("{}", report::summary(profile, views.top));
+    Ok(())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,382 @@
+//! Real BPF against a workload whose stacks are known: run as root, in CI too.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{assert_close, freezeframe, require_root, Announced, Workload};
+use freezeframe::encode::pprof;
+use freezeframe::profile::{FrameKind, Profile, Sample};
+
+const WINDOW: &str = "3s";
+
+/// Runs `freezeframe capture` on `pid`; once it has attached, calls
+/// `after_attach`. Returns the command's output.
+fn capture(pid: u32, extra: &[&str], output: &Path, after_attach: impl FnOnce()) -> Output {
+    let mut child = freezeframe()
+        .args([
+            "capture",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            WINDOW,
+            "--output",
+        ])
+        .arg(output)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start freezeframe");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(
+        first.contains("capturing off-CPU stacks"),
+        "freezeframe did not attach: {first}"
+    );
+    after_attach();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "capture failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn load(path: &Path) -> Profile {
+    pprof::decode(&std::fs::read(path).unwrap()).expect("our own pprof decodes")
+}
+
+fn samples_of<'a>(profile: &'a Profile, thread: &str) -> Vec<&'a Sample> {
+    profile
+        .samples
+        .iter()
+        .filter(|sample| sample.labels.thread_name == thread)
+        .collect()
+}
+
+fn blocked(profile: &Profile, thread: &str) -> Duration {
+    Duration::from_nanos(
+        samples_of(profile, thread)
+            .iter()
+            .map(|sample| sample.blocked_ns)
+            .sum(),
+    )
+}
+
+fn functions(samples: &[&Sample], kind: FrameKind) -> Vec<String> {
+    samples
+        .iter()
+        .flat_map(|sample| &sample.stack)
+        .filter(|frame| frame.kind == kind)
+        .flat_map(|frame| frame.lines.iter().map(|line| line.function.clone()))
+        .collect()
+}
+
+fn assert_stack(profile: &Profile, thread: &str, kernel: &str, user: &str) {
+    let samples = samples_of(profile, thread);
+    assert!(!samples.is_empty(), "no samples for {thread}");
+    let kernel_functions = functions(&samples, FrameKind::Kernel);
+    assert!(
+        kernel_functions
+            .iter()
+            .any(|function| function.contains(kernel)),
+        "{thread}: no kernel frame like {kernel} in {kernel_functions:?}"
+    );
+    let user_functions = functions(&samples, FrameKind::User);
+    assert!(
+        user_functions
+            .iter()
+            .any(|function| function.ends_with(user)),
+        "{thread}: no user frame {user} in {user_functions:?}"
+    );
+}
+
+fn window_end(profile: &Profile) -> std::time::SystemTime {
+    profile.start + profile.duration
+}
+
+#[test]
+fn known_stacks_and_durations_are_captured() {
+    require_root();
+    let dir = tempdir("known");
+    let output = dir.join("profile.pb.gz");
+    let mut workload = Workload::start();
+    let mut announced: Vec<Announced> = Vec::new();
+    let folded_path = dir.join("stacks.folded");
+    let folded_arg = folded_path.to_str().unwrap();
+    let result = capture(workload.pid, &["--folded", folded_arg], &output, || {
+        announced = workload.go();
+    });
+    let profile = load(&output);
+    let window = profile.duration;
+    assert_close("window", window, Duration::from_secs(3), 0.05);
+
+    // Blocked from before the capture to after it: the whole window.
+    assert_close(
+        "ff-preblocked",
+        blocked(&profile, "ff-preblocked"),
+        window,
+        0.10,
+    );
+    // Blocked nearly all the time, in many short blocks.
+    assert_close("ff-sleeper", blocked(&profile, "ff-sleeper"), window, 0.10);
+    assert_close("ff-pipe", blocked(&profile, "ff-pipe"), window, 0.10);
+    // Blocked from their announcement to past the window's end.
+    for thread in &announced {
+        let truth = window_end(&profile).duration_since(thread.since).unwrap();
+        assert_close(&thread.name, blocked(&profile, &thread.name), truth, 0.10);
+        let tids: Vec<u32> = samples_of(&profile, &thread.name)
+            .iter()
+            .map(|s| s.labels.thread_id)
+            .collect();
+        assert!(
+            tids.iter().all(|&tid| tid == thread.tid),
+            "{}: tids {tids:?}",
+            thread.name
+        );
+    }
+
+    assert_stack(&profile, "ff-sleeper", "nanosleep", "ff_sleep_in_nanosleep");
+    assert_stack(&profile, "ff-pipe", "pipe_read", "ff_read_pipe");
+    assert_stack(&profile, "ff-mutex", "futex_wait", "ff_wait_on_mutex");
+    assert_stack(&profile, "ff-stuck", "pipe_read", "ff_blocked_forever");
+    // Found blocked by the task iterator; its user stack walked from its registers.
+    assert_stack(&profile, "ff-preblocked", "pipe_read", "ff_blocked_forever");
+
+    // Frame-pointer stacks of our own threads are whole, up to the thread start.
+    for sample in samples_of(&profile, "ff-stuck") {
+        assert!(sample
+            .stack
+            .iter()
+            .all(|frame| frame.kind != FrameKind::Truncated));
+        assert_eq!(sample.stack.last().unwrap().function(), "start_thread");
+    }
+    // Kernel frames come first (leaf first), then user frames.
+    for sample in &profile.samples {
+        let first_user = sample
+            .stack
+            .iter()
+            .position(|frame| frame.kind != FrameKind::Kernel);
+        if let Some(first_user) = first_user {
+            assert!(sample.stack[first_user..]
+                .iter()
+                .all(|frame| frame.kind != FrameKind::Kernel));
+        }
+    }
+    // BPF's own frames never show.
+    let kernel_functions: Vec<String> = profile
+        .samples
+        .iter()
+        .flat_map(|sample| functions(&[sample], FrameKind::Kernel))
+        .collect();
+    assert!(
+        !kernel_functions
+            .iter()
+            .any(|f| f.starts_with("bpf_") || f.contains("__bpf_trace")),
+        "BPF frames in the profile: {kernel_functions:?}"
+    );
+
+    let summary = String::from_utf8(result.stdout).unwrap();
+    assert!(summary.contains("ff-preblocked"), "summary: {summary}");
+    assert!(summary.contains("ff_wait_on_mutex"), "summary: {summary}");
+    let folded = std::fs::read_to_string(&folded_path).unwrap();
+    assert!(folded
+        .lines()
+        .any(|line| line.starts_with("ff-sleeper;") && line.contains("ff_sleep_in_nanosleep")));
+
+    // An independent decoder reads the same file.
+    let raw = Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(&output)
+        .output()
+        .expect("go tool pprof");
+    let raw_text = String::from_utf8_lossy(&raw.stdout);
+    assert!(
+        raw.status.success(),
+        "go tool pprof failed: {}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    assert!(
+        raw_text.contains("events/count off_cpu/nanoseconds"),
+        "{raw_text}"
+    );
+    assert!(raw_text.contains("thread_name:[ff-mutex]"), "{raw_text}");
+    assert!(
+        raw_text.contains("main::ff_sleep_in_nanosleep"),
+        "{raw_text}"
+    );
+    assert!(raw_text.contains("[kernel.kallsyms]"), "{raw_text}");
+}
+
+#[test]
+fn filters_apply_in_the_kernel() {
+    require_root();
+    let dir = tempdir("filters");
+    let workload = Workload::start();
+    let sleeper = thread_id(workload.pid, "ff-sleeper");
+
+    let only_sleeper = dir.join("tid.pb.gz");
+    capture(
+        workload.pid,
+        &["--tid", &sleeper.to_string()],
+        &only_sleeper,
+        || {},
+    );
+    let profile = load(&only_sleeper);
+    assert!(!profile.samples.is_empty());
+    assert!(profile
+        .samples
+        .iter()
+        .all(|sample| sample.labels.thread_id == sleeper));
+
+    // The sleeper's blocks are 100 ms: a 200 ms floor leaves only longer ones.
+    let long_only = dir.join("min.pb.gz");
+    capture(workload.pid, &["--min-block", "200ms"], &long_only, || {});
+    let profile = load(&long_only);
+    assert!(samples_of(&profile, "ff-sleeper").is_empty());
+    assert!(!samples_of(&profile, "ff-preblocked").is_empty());
+
+    // Nothing in the workload sleeps uninterruptibly.
+    let disk_only = dir.join("state.pb.gz");
+    capture(workload.pid, &["--state", "D"], &disk_only, || {});
+    assert!(load(&disk_only).samples.is_empty());
+}
+
+#[test]
+fn a_target_in_a_pid_namespace_is_captured_by_host_and_namespace_pid() {
+    require_root();
+    let dir = tempdir("pidns");
+    let mut unshare = Command::new("unshare");
+    // --kill-child: the workload must not outlive the test as an orphan pid 1.
+    unshare
+        .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .arg(common::workload_binary());
+    let workload = Workload::start_with(unshare);
+    assert_eq!(
+        workload.pid, 1,
+        "inside its namespace the workload is pid 1"
+    );
+    let host_pid = child_of(workload.child.id());
+
+    let by_host_pid = dir.join("host.pb.gz");
+    capture(host_pid, &[], &by_host_pid, || {});
+    let profile = load(&by_host_pid);
+    assert_stack(&profile, "ff-sleeper", "nanosleep", "ff_sleep_in_nanosleep");
+    assert!(profile
+        .samples
+        .iter()
+        .all(|sample| sample.labels.process_id == host_pid));
+
+    // freezeframe inside the namespace, given the namespace's own pid.
+    let by_ns_pid = dir.join("ns.pb.gz");
+    let script = format!(
+        "{workload} </dev/null >/dev/null & sleep 0.5; exec {ff} capture --pid $! --duration 2s --output {out}",
+        workload = common::workload_binary().display(),
+        ff = env!("CARGO_BIN_EXE_freezeframe"),
+        out = by_ns_pid.display(),
+    );
+    let status = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let profile = load(&by_ns_pid);
+    assert_stack(&profile, "ff-sleeper", "nanosleep", "ff_sleep_in_nanosleep");
+    assert_close(
+        "ff-preblocked in a namespace",
+        blocked(&profile, "ff-preblocked"),
+        profile.duration,
+        0.10,
+    );
+    // Ids are the namespace's: small numbers, not the host's.
+    assert!(profile
+        .samples
+        .iter()
+        .all(|sample| sample.labels.process_id < 100));
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    require_root();
+    let unknown = freezeframe()
+        .args(["capture", "--pid", "999999999", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no process with pid 999999999"));
+
+    let zero = freezeframe()
+        .args(["capture", "--pid", "1", "--duration", "0s"])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("--duration must be longer than zero"));
+
+    let absurd = freezeframe()
+        .args(["capture", "--pid", "1", "--duration", "400d"])
+        .output()
+        .unwrap();
+    assert!(!absurd.status.success());
+    assert!(String::from_utf8_lossy(&absurd.stderr).contains("24 h"));
+
+    // Without privileges: said so, before any BPF is touched.
+    let unprivileged = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_freezeframe"))
+        .args(["capture", "--pid", "1", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(!unprivileged.status.success());
+    let message = String::from_utf8_lossy(&unprivileged.stderr);
+    assert!(
+        message.contains("needs root, or CAP_BPF and CAP_PERFMON"),
+        "{message}"
+    );
+}
+
+fn thread_id(pid: u32, name: &str) -> u32 {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = entry
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        if comm.trim() == name {
+            return tid;
+        }
+    }
+    panic!("no thread {name} in {pid}");
+}
+
+/// The pid of `parent`'s only child (unshare's forked child).
+fn child_of(parent: u32) -> u32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .expect("unshare has a child")
+        .parse()
+        .unwrap()
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("capture-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
