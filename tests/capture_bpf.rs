@@ -208,7 +208,7 @@ fn known_stacks_and_durations_are_captured() {
     );
     assert!(raw_text.contains("thread_name:[ff-mutex]"), "{raw_text}");
     assert!(
-        raw_text.contains("main::ff_sleep_in_nanosleep"),
+        raw_text.contains("workload::ff_sleep_in_nanosleep"),
         "{raw_text}"
     );
     assert!(raw_text.contains("[kernel.kallsyms]"), "{raw_text}");

@@ -22,13 +22,13 @@ pub fn freezeframe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_freezeframe"))
 }
 
-/// Compiles `tests/workload/main.rs` once, with frame pointers, so its
+/// Compiles `tests/fixtures/workload.rs` once, with frame pointers, so its
 /// user stacks walk all the way up.
 pub fn workload_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-workload");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workload/main.rs");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/workload.rs");
         let status = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
             .args([
                 "--edition",
