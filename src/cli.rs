@@ -1,11 +1,13 @@
 //! Command-line interface. Every flag can also be set through a
 //! `FREEZEFRAME_*` environment variable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::capture::recorder::RecorderMode;
 use crate::profile::ThreadState;
 
 #[derive(Debug, Parser)]
@@ -26,6 +28,63 @@ pub enum Command {
     Capture(CaptureArgs),
     /// Summarise a saved profile, or turn it into folded stacks or a flamegraph.
     Report(ReportArgs),
+    /// The sidecar: receive OTLP metrics, evaluate trigger rules, keep a
+    /// flight recorder of off-CPU time, and capture when a rule fires.
+    Run(RunArgs),
+    /// Validate a config file and print the resolved settings and rules.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file (see the README for every key).
+    #[arg(long, short, env = "FREEZEFRAME_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: RunOverrides,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The config file to check.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub overrides: RunOverrides,
+}
+
+/// Settings that flags and the environment override in the config file.
+#[derive(Debug, Args, Default, Clone)]
+pub struct RunOverrides {
+    /// OTLP/gRPC listen address ([receiver] grpc).
+    #[arg(long = "receiver-grpc", env = "FREEZEFRAME_RECEIVER_GRPC")]
+    pub grpc: Option<SocketAddr>,
+    /// OTLP/HTTP listen address ([receiver] http).
+    #[arg(long = "receiver-http", env = "FREEZEFRAME_RECEIVER_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Largest accepted request, compressed or not ([receiver] max_request_bytes).
+    #[arg(long, env = "FREEZEFRAME_RECEIVER_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Process to capture ([target] pid).
+    #[arg(long = "target-pid", env = "FREEZEFRAME_TARGET_PID")]
+    pub pid: Option<u32>,
+    /// Process to capture, by name ([target] process_name).
+    #[arg(long = "target-process-name", env = "FREEZEFRAME_TARGET_PROCESS_NAME")]
+    pub process_name: Option<String>,
+    /// armed or on-trigger ([recorder] mode).
+    #[arg(long = "recorder-mode", env = "FREEZEFRAME_RECORDER_MODE")]
+    pub mode: Option<RecorderMode>,
+    /// How much off-CPU history the armed recorder keeps ([recorder] history).
+    #[arg(long = "recorder-history", env = "FREEZEFRAME_RECORDER_HISTORY", value_parser = parse_duration)]
+    pub history: Option<Duration>,
+    /// Ignore shorter blocks ([recorder] min_block).
+    #[arg(long = "recorder-min-block", env = "FREEZEFRAME_RECORDER_MIN_BLOCK", value_parser = parse_duration)]
+    pub min_block: Option<Duration>,
+    /// Address for /metrics, /healthz and /readyz ([telemetry] listen).
+    #[arg(long = "telemetry-listen", env = "FREEZEFRAME_TELEMETRY_LISTEN")]
+    pub telemetry_listen: Option<SocketAddr>,
+    /// Where captures are written ([export] directory).
+    #[arg(long = "export-directory", env = "FREEZEFRAME_EXPORT_DIRECTORY")]
+    pub directory: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -1,13 +1,23 @@
 //! freezeframe: catches the freezes that logs and CPU charts never show.
 //!
-//! The modules follow the data: [`capture`] takes off-CPU stacks out of the
-//! kernel, [`symbolize`] names their frames, [`profile`] is the model every
-//! encoder in [`encode`] reads, and [`report`] summarises it for people.
+//! The modules follow the data. [`ingest`] receives OTLP metrics and
+//! traces as [`signals`]; [`trigger`] evaluates rules over them; [`capture`]
+//! takes off-CPU stacks out of the kernel and keeps the flight recorder;
+//! [`symbolize`] names their frames; [`profile`] is the model every encoder
+//! in [`encode`] reads; [`export`] writes captures out, and [`report`]
+//! summarises them for people. [`app`] wires the sidecar together.
 
+pub mod app;
 pub mod capture;
 pub mod cli;
+pub mod config;
 pub mod encode;
+pub mod export;
+pub mod ingest;
 pub mod preflight;
 pub mod profile;
 pub mod report;
+pub mod signals;
 pub mod symbolize;
+pub mod telemetry;
+pub mod trigger;

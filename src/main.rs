@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+use freezeframe::capture::recorder::RecorderMode;
 use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
-use freezeframe::cli::{CaptureArgs, Cli, Command, ReportArgs, Views};
+use freezeframe::cli::{CaptureArgs, CheckConfigArgs, Cli, Command, ReportArgs, RunArgs, Views};
+use freezeframe::config::Config;
 use freezeframe::encode::{flamegraph, folded, pprof};
 use freezeframe::preflight;
 use freezeframe::profile::Profile;
@@ -17,9 +19,18 @@ use freezeframe::symbolize::Symbolizer;
 
 fn main() {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FREEZEFRAME_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let outcome = match cli.command {
         Command::Capture(args) => capture(args),
         Command::Report(args) => report(args),
+        Command::Run(args) => run(args),
+        Command::CheckConfig(args) => check_config(args),
     };
     if let Err(err) = outcome {
         eprintln!("freezeframe: {err:#}");
@@ -78,6 +89,26 @@ fn capture(args: CaptureArgs) -> Result<()> {
         write(path, &pprof::encode(&profile))?;
     }
     show(&profile, &args.views)
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let config = Config::load(args.config.as_deref(), &args.overrides)?;
+    if config.recorder.mode == RecorderMode::Armed {
+        preflight::check_can_trace()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("ff-runtime")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(freezeframe::app::run(config))
+}
+
+fn check_config(args: CheckConfigArgs) -> Result<()> {
+    let config = Config::load(Some(&args.file), &args.overrides)?;
+    print!("{config}");
+    Ok(())
 }
 
 fn report(args: ReportArgs) -> Result<()> {

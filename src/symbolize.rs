@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::Path;
+use std::sync::mpsc;
 
 use blazesym::normalize::{Normalizer, UserMeta};
 use blazesym::symbolize::source::{Kernel, Process, Source};
@@ -66,6 +67,55 @@ struct Region {
     build_id: Option<String>,
 }
 
+/// A [`Symbolizer`] on a thread of its own: blazesym's caches are not
+/// `Send`, and one long-lived cache serves every capture best.
+pub struct SymbolizerThread {
+    requests: Option<mpsc::Sender<(Window, mpsc::Sender<Profile>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the symbolizer thread has stopped")]
+pub struct SymbolizerStopped;
+
+impl SymbolizerThread {
+    pub fn start() -> std::io::Result<Self> {
+        let (requests, inbox) = mpsc::channel::<(Window, mpsc::Sender<Profile>)>();
+        let thread = std::thread::Builder::new()
+            .name("ff-symbolize".into())
+            .spawn(move || {
+                let mut symbolizer = Symbolizer::new();
+                for (window, reply) in inbox {
+                    let _ = reply.send(symbolizer.profile(&window));
+                }
+            })?;
+        Ok(SymbolizerThread {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
+    }
+
+    /// Symbolizes a window; blocks until done.
+    pub fn profile(&self, window: Window) -> Result<Profile, SymbolizerStopped> {
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .as_ref()
+            .ok_or(SymbolizerStopped)?
+            .send((window, reply))
+            .map_err(|_| SymbolizerStopped)?;
+        answer.recv().map_err(|_| SymbolizerStopped)
+    }
+}
+
+impl Drop for SymbolizerThread {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 impl Default for Symbolizer {
     fn default() -> Self {
         Self::new()
@@ -94,13 +144,18 @@ impl Symbolizer {
     /// Builds the profile of a window. Must run while the target processes
     /// are still alive for their user frames to get names.
     pub fn profile(&mut self, window: &Window) -> Profile {
-        self.symbolize_kernel(window.stacks.iter().flat_map(|stack| &stack.kernel_ips));
+        self.symbolize_kernel(
+            window
+                .stacks
+                .iter()
+                .flat_map(|stack| stack.kernel_ips.iter()),
+        );
         let mut by_process: HashMap<u32, HashSet<u64>> = HashMap::new();
         for stack in &window.stacks {
             by_process
                 .entry(stack.tgid)
                 .or_default()
-                .extend(&stack.user_ips);
+                .extend(stack.user_ips.iter());
         }
         for (pid, ips) in by_process {
             self.symbolize_process(pid, ips);
@@ -149,7 +204,7 @@ impl Symbolizer {
             })
             .collect();
         let symbols = self.user.get(&stack.tgid);
-        for &ip in &stack.user_ips {
+        for &ip in stack.user_ips.iter() {
             let user = symbols.and_then(|symbols| symbols.frames.get(&ip));
             let mapping = user.and_then(|user| user.region).map(|region| {
                 *mapping_index
@@ -425,8 +480,8 @@ mod tests {
             tid: 1,
             thread_name: "t".into(),
             state: crate::profile::ThreadState::Sleeping,
-            kernel_ips: vec![],
-            user_ips,
+            kernel_ips: Vec::new().into(),
+            user_ips: user_ips.into(),
             blocked_ns: 1,
             count: 1,
         }

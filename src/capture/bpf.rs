@@ -359,6 +359,24 @@ impl<'obj> Probe<'obj> {
             .collect())
     }
 
+    /// How many stacks the kernel-side stack map holds.
+    pub fn stack_capacity(&self) -> u32 {
+        self.skel.maps.stacks.max_entries()
+    }
+
+    /// Frees a stack map slot. A block recorded with this stack later simply
+    /// records it again, under the same id (ids are hash buckets).
+    pub fn forget_stack(&self, id: u32) -> Result<(), CaptureError> {
+        match self.skel.maps.stacks.delete(&id.to_ne_bytes()) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(CaptureError::Map {
+                map: "stacks",
+                source,
+            }),
+        }
+    }
+
     /// What the task iterator found of a pre-blocked thread.
     pub fn preblocked_stack(&self, tid: u32) -> Result<Preblocked, CaptureError> {
         let bytes = self

@@ -9,10 +9,12 @@
 
 mod bpf;
 mod ledger;
+pub mod recorder;
 mod threads;
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use bpf::Hook;
@@ -144,6 +146,9 @@ impl DropCounts {
     }
 }
 
+/// Addresses of one stack, innermost first.
+pub type Stack = Arc<[u64]>;
+
 /// Raw (unsymbolized) stacks of one thread's blocked time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockedStack {
@@ -151,10 +156,11 @@ pub struct BlockedStack {
     pub tid: u32,
     pub thread_name: String,
     pub state: ThreadState,
-    /// Kernel return addresses, innermost first.
-    pub kernel_ips: Vec<u64>,
+    /// Kernel return addresses, innermost first. Shared: the same stack
+    /// recurs in window after window.
+    pub kernel_ips: Stack,
     /// User addresses, innermost first.
-    pub user_ips: Vec<u64>,
+    pub user_ips: Stack,
     pub blocked_ns: u64,
     pub count: u64,
 }
@@ -176,9 +182,9 @@ pub struct Tracer<'obj> {
     threads: threads::Threads,
     window_start_ns: u64,
     window_start_wall: SystemTime,
-    stack_cache: HashMap<u32, Vec<u64>>,
+    stack_cache: HashMap<u32, Stack>,
     /// Stacks of threads found blocked at start, by tid: (kernel, user).
-    preblocked: HashMap<u32, (Vec<u64>, Vec<u64>)>,
+    preblocked: HashMap<u32, (Stack, Stack)>,
 }
 
 /// `CLOCK_MONOTONIC`, the clock bpf_ktime_get_ns() reads.
@@ -270,7 +276,7 @@ impl<'obj> Tracer<'obj> {
                 ),
             };
             self.preblocked
-                .insert(block.key.tid, (found.kernel_ips, user_ips));
+                .insert(block.key.tid, (found.kernel_ips.into(), user_ips.into()));
         }
         Ok(())
     }
@@ -284,6 +290,7 @@ impl<'obj> Tracer<'obj> {
         let in_flight = self.probe.in_flight()?;
         let end_ns = monotonic_ns()?;
         let settled = self.ledger.settle(end_ns, &finished, &in_flight);
+        self.reclaim_stacks(&in_flight)?;
         let drops = self.probe.drops()?;
 
         let mut stacks = Vec::with_capacity(settled.len());
@@ -313,32 +320,63 @@ impl<'obj> Tracer<'obj> {
         Ok(window)
     }
 
-    fn kernel_ips(&mut self, key: BlockKey) -> Result<Vec<u64>, CaptureError> {
+    /// An armed tracer runs for days and the kernel's stack map would fill
+    /// up; once half full, slots no block in progress refers to are freed
+    /// (their frames stay cached here until then).
+    fn reclaim_stacks(&mut self, in_flight: &[InFlight]) -> Result<(), CaptureError> {
+        if self.stack_cache.len() * 2 < self.probe.stack_capacity() as usize {
+            return Ok(());
+        }
+        let in_use: std::collections::HashSet<u32> = in_flight
+            .iter()
+            .flat_map(|block| [block.key.kernel_stack, block.key.user_stack])
+            .filter_map(|stack| match stack {
+                StackRef::Id(id) => Some(id),
+                _ => None,
+            })
+            .collect();
+        let unused: Vec<u32> = self
+            .stack_cache
+            .keys()
+            .copied()
+            .filter(|id| !in_use.contains(id))
+            .collect();
+        for id in unused {
+            self.probe.forget_stack(id)?;
+            self.stack_cache.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn kernel_ips(&mut self, key: BlockKey) -> Result<Stack, CaptureError> {
         match key.kernel_stack {
             StackRef::Id(id) => self.cached_stack(id),
             StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).0),
-            StackRef::Missing => Ok(Vec::new()),
+            StackRef::Missing => Ok(Stack::from([])),
         }
     }
 
-    fn user_ips(&mut self, key: BlockKey) -> Result<Vec<u64>, CaptureError> {
+    fn user_ips(&mut self, key: BlockKey) -> Result<Stack, CaptureError> {
         match key.user_stack {
             StackRef::Id(id) => self.cached_stack(id),
             StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).1),
-            StackRef::Missing => Ok(Vec::new()),
+            StackRef::Missing => Ok(Stack::from([])),
         }
     }
 
-    fn preblocked_ips(&self, tid: u32) -> (Vec<u64>, Vec<u64>) {
-        self.preblocked.get(&tid).cloned().unwrap_or_default()
+    fn preblocked_ips(&self, tid: u32) -> (Stack, Stack) {
+        self.preblocked
+            .get(&tid)
+            .cloned()
+            .unwrap_or_else(|| (Stack::from([]), Stack::from([])))
     }
 
-    fn cached_stack(&mut self, id: u32) -> Result<Vec<u64>, CaptureError> {
+    fn cached_stack(&mut self, id: u32) -> Result<Stack, CaptureError> {
         if let Some(stack) = self.stack_cache.get(&id) {
-            return Ok(stack.clone());
+            return Ok(Arc::clone(stack));
         }
-        let stack = self.probe.stack(id)?;
-        self.stack_cache.insert(id, stack.clone());
+        let stack: Stack = self.probe.stack(id)?.into();
+        self.stack_cache.insert(id, Arc::clone(&stack));
         Ok(stack)
     }
 }

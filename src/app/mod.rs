@@ -1,0 +1,196 @@
+//! Wires the stages into the sidecar (`freezeframe run`):
+//! ingest -> trigger -> capture (flight recorder) -> symbolize -> export.
+//!
+//! Shutdown goes in the order data flows: the receivers stop first, the
+//! trigger loop ends, captures in flight are cut short and written, and the
+//! probe is detached last.
+
+pub mod captures;
+pub mod probe;
+pub mod targets;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::recorder::{Recorder, RecorderConfig};
+use crate::capture::CaptureConfig;
+use crate::config::{Config, Target};
+use crate::export::files::FileSink;
+use crate::ingest::{self, SpanStore};
+use crate::signals::MetricBatch;
+use crate::telemetry::{self, Readiness};
+use crate::trigger::{Condition, Engine};
+use captures::Captures;
+use probe::ProbeTarget;
+
+/// How often the flight recorder cuts a window: the resolution of a
+/// capture's start.
+const RECORDER_TICK: Duration = Duration::from_millis(500);
+/// How often rules are evaluated between points (silence, `for`).
+const TRIGGER_TICK: Duration = Duration::from_millis(100);
+/// Export requests waiting for the trigger loop; beyond this, receivers
+/// answer "try later" rather than queue without bound.
+const METRIC_QUEUE: usize = 256;
+/// Series the trigger engine tracks at most.
+const MAX_SERIES: usize = 10_000;
+/// Finished spans kept for linking captures to the requests they froze.
+const SPAN_CAPACITY: usize = 50_000;
+const SPAN_RETENTION: Duration = Duration::from_secs(120);
+/// Processes learned from `process.pid` resource attributes, at most.
+const MAX_LEARNED_TARGETS: usize = 64;
+
+/// Runs the sidecar until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<()> {
+    let handle = telemetry::install()?;
+    ingest::describe_metrics();
+    let readiness = Readiness::default();
+    let shutdown = CancellationToken::new();
+    let telemetry_addr = telemetry::serve(
+        config.telemetry.listen,
+        handle,
+        readiness.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
+
+    let sink = FileSink::new(&config.export.directory)?;
+    let recorder_config = RecorderConfig {
+        mode: config.recorder.mode,
+        history: config.recorder.history,
+        tick: RECORDER_TICK,
+        capture: CaptureConfig {
+            min_block: config.recorder.min_block,
+            ..CaptureConfig::default()
+        },
+    };
+    let recorder = Arc::new(
+        tokio::task::spawn_blocking(move || Recorder::start(recorder_config))
+            .await?
+            .context("cannot start the flight recorder")?,
+    );
+    let targets = targets::Tracker::new(config.target.clone(), Arc::clone(&recorder));
+    targets
+        .refresh()
+        .context("cannot watch the configured target")?;
+
+    let (metric_sender, mut metric_batches) = mpsc::channel::<MetricBatch>(METRIC_QUEUE);
+    let spans = Arc::new(SpanStore::new(SPAN_CAPACITY, SPAN_RETENTION));
+    let receivers_stop = shutdown.child_token();
+    let receivers = ingest::serve(
+        config.receiver.clone(),
+        ingest::Sinks {
+            metrics: metric_sender,
+            spans,
+        },
+        receivers_stop.clone(),
+    )
+    .await?;
+    readiness.set_ready();
+    tracing::info!(
+        grpc = %receivers.grpc_addr(),
+        http = %receivers.http_addr(),
+        telemetry = %telemetry_addr,
+        mode = ?config.recorder.mode,
+        rules = config.rules.len(),
+        "freezeframe is running"
+    );
+
+    let captures = Captures::new(
+        Arc::clone(&recorder),
+        sink,
+        config.recorder.history,
+        targets.clone(),
+    )
+    .context("cannot start the symbolizer thread")?;
+    let (probe_sender, mut probe_results) = mpsc::channel(64);
+    for rule in &config.rules {
+        if let Condition::Probe(condition) = &rule.condition {
+            let target = ProbeTarget::parse(&condition.url).map_err(anyhow::Error::msg)?;
+            let patience = condition
+                .above
+                .unwrap_or(condition.interval)
+                .max(Duration::from_millis(10));
+            let (name, interval, results, stop) = (
+                rule.name.clone(),
+                condition.interval,
+                probe_sender.clone(),
+                shutdown.child_token(),
+            );
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(interval);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = every.tick() => {
+                            let (at, outcome) = target.probe(patience).await;
+                            if results.send((name.clone(), at, outcome)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+    drop(probe_sender);
+
+    let mut engine = Engine::new(config.rules.clone(), MAX_SERIES);
+    let mut learned: HashSet<u32> = HashSet::new();
+    let mut every = tokio::time::interval(TRIGGER_TICK);
+    let mut target_refresh = tokio::time::interval(Duration::from_secs(1));
+    let terminate = shutdown_signal();
+    tokio::pin!(terminate);
+    loop {
+        tokio::select! {
+            _ = &mut terminate => break,
+            Some(batch) = metric_batches.recv() => {
+                for point in &batch.points {
+                    engine.observe(point, batch.received_at);
+                }
+                if config.target == Target::FromResource && learned.len() < MAX_LEARNED_TARGETS {
+                    targets.learn_from(&batch, &mut learned);
+                }
+            }
+            Some((rule, at, outcome)) = probe_results.recv() => {
+                if let Err(err) = engine.probe_result(&rule, at, outcome) {
+                    tracing::warn!("probe result for an unknown rule: {err}");
+                }
+            }
+            _ = target_refresh.tick() => {
+                if let Err(err) = targets.refresh() {
+                    tracing::warn!("cannot watch the target: {err:#}");
+                }
+            }
+            _ = every.tick() => {
+                for firing in engine.tick(SystemTime::now()) {
+                    captures.fire(firing);
+                }
+                captures::export_rule_status(&engine);
+            }
+        }
+    }
+
+    tracing::info!("shutting down: stopping receivers, then finishing captures in flight");
+    receivers_stop.cancel();
+    if let Err(err) = receivers.stopped().await {
+        tracing::warn!("receivers stopped with an error: {err}");
+    }
+    captures.finish().await;
+    shutdown.cancel();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,460 @@
+//! The flight recorder: keeps the probe attached to the targets and the last
+//! `history` of off-CPU time in memory, so that a capture asked for *after*
+//! a freeze began still covers its onset.
+//!
+//! libbpf objects are not `Send`, so the probe lives on a thread of its own;
+//! the rest of the sidecar talks to it through a channel. Every `tick` the
+//! thread cuts a window out of the tracer; a capture is the merge of the
+//! windows that overlap what was asked for.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{BlockedStack, CaptureConfig, CaptureError, ProbeStorage, Stack, Tracer, Window};
+use crate::profile::ThreadState;
+
+/// When the probe is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecorderMode {
+    /// Always attached; captures include up to `history` before they were asked for.
+    Armed,
+    /// Attached only while a capture runs: no overhead between freezes, no pre-roll.
+    OnTrigger,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    pub mode: RecorderMode,
+    pub history: Duration,
+    /// How often a window is cut: the time resolution of a capture's start.
+    pub tick: Duration,
+    pub capture: CaptureConfig,
+}
+
+/// A capture asked of the recorder: the off-CPU time of `target` in
+/// `[from, until)`, delivered once `until` has passed.
+#[derive(Debug, Clone)]
+pub struct CaptureRequest {
+    pub target: u32,
+    pub from: SystemTime,
+    pub until: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("the flight recorder could not read the probe: {0}")]
+    Collect(String),
+    #[error("the flight recorder has stopped")]
+    Stopped,
+    #[error(
+        "nothing was recorded for the capture window (the recorder stopped before its first tick)"
+    )]
+    NothingRecorded,
+    #[error("cannot start the flight recorder thread: {0}")]
+    Thread(std::io::Error),
+}
+
+enum Command {
+    /// Answer every pending capture now, with what has been recorded.
+    Flush,
+    AddTarget(u32, Sender<Result<(), CaptureError>>),
+    RemoveTarget(u32),
+    Capture(CaptureRequest, Sender<Result<Window, RecorderError>>),
+}
+
+/// Handle to the recorder thread. Dropping it ends pending captures early
+/// (with what was recorded so far) and detaches the probe.
+pub struct Recorder {
+    commands: Option<Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Starts the recorder thread. In armed mode this loads and attaches the
+    /// probe before returning, so a BPF failure is reported here.
+    pub fn start(config: RecorderConfig) -> Result<Self, RecorderError> {
+        let (commands, inbox) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ff-recorder".into())
+            .spawn(move || run(config, inbox, ready_tx))
+            .map_err(RecorderError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Recorder {
+                commands: Some(commands),
+                thread: Some(thread),
+            }),
+            Ok(Err(err)) => {
+                let _ = thread.join();
+                Err(err.into())
+            }
+            Err(_) => Err(RecorderError::Stopped),
+        }
+    }
+
+    /// Starts watching a process (armed mode attaches to it at once).
+    pub fn add_target(&self, pid: u32) -> Result<(), RecorderError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::AddTarget(pid, reply))?;
+        answer
+            .recv()
+            .map_err(|_| RecorderError::Stopped)?
+            .map_err(Into::into)
+    }
+
+    pub fn remove_target(&self, pid: u32) -> Result<(), RecorderError> {
+        self.send(Command::RemoveTarget(pid))
+    }
+
+    /// Asks for a capture; the answer arrives on the returned channel once
+    /// `request.until` has passed (or the recorder is shut down).
+    pub fn capture(
+        &self,
+        request: CaptureRequest,
+    ) -> Result<Receiver<Result<Window, RecorderError>>, RecorderError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Capture(request, reply))?;
+        Ok(answer)
+    }
+
+    /// Cuts every pending capture short: each is answered at once with what
+    /// was recorded so far. For shutdown, so that no capture is lost.
+    pub fn flush(&self) -> Result<(), RecorderError> {
+        self.send(Command::Flush)
+    }
+
+    fn send(&self, command: Command) -> Result<(), RecorderError> {
+        self.commands
+            .as_ref()
+            .ok_or(RecorderError::Stopped)?
+            .send(command)
+            .map_err(|_| RecorderError::Stopped)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // Closing the channel tells the thread to finish up.
+        self.commands.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Pending {
+    request: CaptureRequest,
+    reply: Sender<Result<Window, RecorderError>>,
+}
+
+/// Recorded windows, oldest first, bounded by `history`.
+#[derive(Default)]
+struct History {
+    windows: VecDeque<Window>,
+}
+
+impl History {
+    fn push(&mut self, window: Window, keep_from: SystemTime) {
+        self.windows.push_back(window);
+        while self
+            .windows
+            .front()
+            .is_some_and(|oldest| oldest.start + oldest.duration < keep_from)
+        {
+            self.windows.pop_front();
+        }
+    }
+
+    /// The merged off-CPU time of `target` in the windows overlapping
+    /// `[from, until)`. Windows are whole, so the result starts at or before
+    /// `from` (by up to a tick) when the history reaches back that far.
+    fn cut(&self, target: u32, from: SystemTime, until: SystemTime) -> Option<Window> {
+        let overlapping: Vec<&Window> = self
+            .windows
+            .iter()
+            .filter(|window| window.start < until && window.start + window.duration > from)
+            .collect();
+        (!overlapping.is_empty()).then(|| merge(&overlapping, target))
+    }
+}
+
+/// Sums consecutive windows into one, keeping only `target`'s threads.
+fn merge(windows: &[&Window], target: u32) -> Window {
+    type Identity = (u32, ThreadState, Stack, Stack);
+    let mut totals: HashMap<Identity, BlockedStack> = HashMap::new();
+    for window in windows {
+        for stack in window.stacks.iter().filter(|stack| stack.tgid == target) {
+            let identity = (
+                stack.tid,
+                stack.state,
+                stack.kernel_ips.clone(),
+                stack.user_ips.clone(),
+            );
+            totals
+                .entry(identity)
+                .and_modify(|total| {
+                    total.blocked_ns += stack.blocked_ns;
+                    total.count += stack.count;
+                })
+                .or_insert_with(|| stack.clone());
+        }
+    }
+    let first = windows.first().expect("merge is given at least one window");
+    let last = windows.last().expect("merge is given at least one window");
+    let end = last.start + last.duration;
+    Window {
+        start: first.start,
+        duration: end.duration_since(first.start).unwrap_or_default(),
+        stacks: totals.into_values().collect(),
+        drops: last.drops,
+        hook: last.hook,
+    }
+}
+
+fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<(), CaptureError>>) {
+    match config.mode {
+        RecorderMode::Armed => {
+            let mut storage = ProbeStorage::uninit();
+            let tracer = match Tracer::start(&mut storage, &config.capture, &[]) {
+                Ok(tracer) => tracer,
+                Err(err) => {
+                    let _ = ready.send(Err(err));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(()));
+            Session::new(tracer, &config, Vec::new()).run(&inbox, false);
+        }
+        RecorderMode::OnTrigger => {
+            let _ = ready.send(Ok(()));
+            let mut targets = Vec::new();
+            while let Ok(command) = inbox.recv() {
+                let (request, reply) = match command {
+                    // Nothing is pending while detached.
+                    Command::Flush => continue,
+                    Command::AddTarget(pid, reply) => {
+                        if !targets.contains(&pid) {
+                            targets.push(pid);
+                        }
+                        let _ = reply.send(Ok(()));
+                        continue;
+                    }
+                    Command::RemoveTarget(pid) => {
+                        targets.retain(|&target| target != pid);
+                        continue;
+                    }
+                    Command::Capture(request, reply) => (request, reply),
+                };
+                // Attach for this capture only; a fresh object each time.
+                let mut storage = ProbeStorage::uninit();
+                let tracer = match Tracer::start(&mut storage, &config.capture, &[request.target]) {
+                    Ok(tracer) => tracer,
+                    Err(err) => {
+                        let _ = reply.send(Err(err.into()));
+                        continue;
+                    }
+                };
+                let mut session = Session::new(tracer, &config, vec![request.target]);
+                session.pending.push(Pending { request, reply });
+                if session.run(&inbox, true) == SessionEnd::Disconnected {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SessionEnd {
+    /// Nothing left to capture (on-trigger mode detaches).
+    Idle,
+    /// The recorder's handle was dropped.
+    Disconnected,
+}
+
+/// An attached tracer, its recorded history and the captures waiting on it.
+struct Session<'obj, 'cfg> {
+    tracer: Tracer<'obj>,
+    config: &'cfg RecorderConfig,
+    targets: Vec<u32>,
+    history: History,
+    pending: Vec<Pending>,
+}
+
+impl<'obj, 'cfg> Session<'obj, 'cfg> {
+    fn new(tracer: Tracer<'obj>, config: &'cfg RecorderConfig, targets: Vec<u32>) -> Self {
+        Session {
+            tracer,
+            config,
+            targets,
+            history: History::default(),
+            pending: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, inbox: &Receiver<Command>, end_when_idle: bool) -> SessionEnd {
+        let mut next_tick = Instant::now() + self.config.tick;
+        loop {
+            let disconnected =
+                match inbox.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                    Ok(command) => {
+                        self.handle(command);
+                        false
+                    }
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => true,
+                };
+            if Instant::now() < next_tick && !disconnected {
+                continue;
+            }
+            next_tick = Instant::now() + self.config.tick;
+            self.tick(disconnected);
+            if disconnected {
+                return SessionEnd::Disconnected;
+            }
+            if end_when_idle && self.pending.is_empty() {
+                return SessionEnd::Idle;
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Flush => self.tick(true),
+            Command::AddTarget(pid, reply) => {
+                let _ = reply.send(self.watch(pid));
+            }
+            Command::RemoveTarget(pid) => {
+                self.targets.retain(|&target| target != pid);
+                let _ = self.tracer.remove_target(pid);
+            }
+            Command::Capture(request, reply) => match self.watch(request.target) {
+                Ok(()) => self.pending.push(Pending { request, reply }),
+                Err(err) => {
+                    let _ = reply.send(Err(err.into()));
+                }
+            },
+        }
+    }
+
+    fn watch(&mut self, pid: u32) -> Result<(), CaptureError> {
+        if !self.targets.contains(&pid) {
+            self.tracer.add_target(pid)?;
+            self.targets.push(pid);
+        }
+        Ok(())
+    }
+
+    /// Cuts a window, and answers the captures that are due (all of them
+    /// when the recorder is ending: they get what was recorded so far).
+    fn tick(&mut self, ending: bool) {
+        match self.tracer.collect() {
+            Ok(window) => self
+                .history
+                .push(window, SystemTime::now() - self.config.history),
+            Err(err) => {
+                let reason = err.to_string();
+                for waiting in self.pending.drain(..) {
+                    let _ = waiting
+                        .reply
+                        .send(Err(RecorderError::Collect(reason.clone())));
+                }
+            }
+        }
+        let now = SystemTime::now();
+        let history = &self.history;
+        self.pending.retain(|waiting| {
+            if waiting.request.until > now && !ending {
+                return true;
+            }
+            let request = &waiting.request;
+            let window = history
+                .cut(request.target, request.from, request.until)
+                .ok_or(RecorderError::NothingRecorded);
+            let _ = waiting.reply.send(window);
+            false
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::{DropCounts, Hook};
+    use std::sync::Arc;
+
+    fn window(start_s: u64, stacks: Vec<BlockedStack>) -> Window {
+        Window {
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(start_s),
+            duration: Duration::from_secs(1),
+            stacks,
+            drops: DropCounts::default(),
+            hook: Hook::TpBtf,
+        }
+    }
+
+    fn stack(tgid: u32, tid: u32, kernel: &Stack, blocked_ms: u64) -> BlockedStack {
+        BlockedStack {
+            tgid,
+            tid,
+            thread_name: format!("t{tid}"),
+            state: ThreadState::Sleeping,
+            kernel_ips: Arc::clone(kernel),
+            user_ips: Stack::from([]),
+            blocked_ns: blocked_ms * 1_000_000,
+            count: 1,
+        }
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn a_cut_merges_overlapping_windows_of_the_target_only() {
+        let futex: Stack = Arc::from([1u64, 2, 3]);
+        let pipe: Stack = Arc::from([4u64, 5]);
+        let mut history = History::default();
+        for second in 0..5 {
+            history.push(
+                window(
+                    second,
+                    vec![
+                        stack(10, 11, &futex, 1000),
+                        stack(10, 12, &pipe, 300),
+                        stack(99, 99, &pipe, 1000),
+                    ],
+                ),
+                at(0),
+            );
+        }
+        let cut = history
+            .cut(10, at(1) + Duration::from_millis(500), at(4))
+            .unwrap();
+        assert_eq!(cut.start, at(1), "starts with the window holding `from`");
+        assert_eq!(cut.duration, Duration::from_secs(3));
+        let mut totals: Vec<(u32, u64, u64)> = cut
+            .stacks
+            .iter()
+            .map(|s| (s.tid, s.blocked_ns / 1_000_000, s.count))
+            .collect();
+        totals.sort();
+        assert_eq!(totals, vec![(11, 3000, 3), (12, 900, 3)]);
+    }
+
+    #[test]
+    fn history_forgets_windows_older_than_it_keeps() {
+        let mut history = History::default();
+        for second in 0..10 {
+            history.push(window(second, Vec::new()), at(second.saturating_sub(3)));
+        }
+        // Seconds 5..10 remain: the window ending exactly at the horizon is kept.
+        assert_eq!(history.windows.len(), 5);
+        assert!(history.cut(1, at(0), at(5)).is_none());
+    }
+}

@@ -1,0 +1,303 @@
+//! The sidecar's configuration: one validated struct, read from a TOML file
+//! and overridden by flags and `FREEZEFRAME_*` variables (clap gives flags
+//! precedence over the environment). Precedence, highest first: flag, env,
+//! file, default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::capture::recorder::RecorderMode;
+use crate::cli::RunOverrides;
+use crate::ingest::ReceiverConfig;
+use crate::trigger::{Rule, RuleConfig, RuleError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("[target]: set `pid` or `process_name`, not both")]
+    TwoTargets,
+    #[error("[recorder] history = {0:?}: must be at least 1s, so that a capture can reach back before its trigger")]
+    HistoryTooShort(Duration),
+    #[error("two [[trigger]] rules are named {0:?}: names must be unique, they label metrics and captures")]
+    DuplicateRule(String),
+    #[error("[receiver] max_request_bytes = {0}: must be between 1 KiB and 256 MiB")]
+    RequestLimit(usize),
+}
+
+/// The resolved configuration of `freezeframe run`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub receiver: ReceiverConfig,
+    pub target: Target,
+    pub recorder: Recorder,
+    pub rules: Vec<Rule>,
+    pub telemetry: Telemetry,
+    pub export: Export,
+}
+
+/// Which process captures are taken of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Pid(u32),
+    ProcessName(String),
+    /// The `process.pid` resource attribute of the series that breached.
+    FromResource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorder {
+    pub mode: RecorderMode,
+    pub history: Duration,
+    pub min_block: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// Where captures are written: `<id>/profile.pb.gz`, ..., `captures.jsonl`.
+    pub directory: PathBuf,
+}
+
+/// The file's shape. Every section and key is optional; unknown keys are
+/// errors, so that a typo never silently means "default".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct File {
+    receiver: ReceiverFile,
+    target: TargetFile,
+    recorder: RecorderFile,
+    trigger: Vec<RuleConfig>,
+    telemetry: TelemetryFile,
+    export: ExportFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ReceiverFile {
+    grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    max_request_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TargetFile {
+    pid: Option<u32>,
+    process_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RecorderFile {
+    mode: Option<RecorderMode>,
+    #[serde(with = "duration_text")]
+    history: Option<Duration>,
+    #[serde(with = "duration_text")]
+    min_block: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TelemetryFile {
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ExportFile {
+    directory: Option<PathBuf>,
+}
+
+/// Defaults, as documented in the README.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const GRPC: &str = "127.0.0.1:4317";
+    pub const HTTP: &str = "127.0.0.1:4318";
+    pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+    pub const HISTORY: Duration = Duration::from_secs(30);
+    pub const MIN_BLOCK: Duration = Duration::from_millis(1);
+    pub const TELEMETRY: &str = "127.0.0.1:9464";
+    pub const DIRECTORY: &str = "/var/lib/freezeframe";
+}
+
+/// Durations written as text ("30s", "500ms").
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?;
+        text.map(|text| {
+            humantime::parse_duration(text.trim()).map_err(|err| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not a duration ({err}); write e.g. \"30s\""
+                ))
+            })
+        })
+        .transpose()
+    }
+}
+
+impl std::fmt::Display for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = match &self.target {
+            Target::Pid(pid) => format!("pid {pid}"),
+            Target::ProcessName(name) => format!("process named {name:?}"),
+            Target::FromResource => "the process.pid of the series that breaches".to_string(),
+        };
+        writeln!(
+            f,
+            "receiver: OTLP/gRPC {}, OTLP/HTTP {}, requests up to {} bytes",
+            self.receiver.grpc, self.receiver.http, self.receiver.max_request_bytes
+        )?;
+        writeln!(f, "target:   {target}")?;
+        writeln!(
+            f,
+            "recorder: {:?}, history {}, blocks from {}",
+            self.recorder.mode,
+            humantime::format_duration(self.recorder.history),
+            humantime::format_duration(self.recorder.min_block)
+        )?;
+        writeln!(f, "telemetry: http://{}/metrics", self.telemetry.listen)?;
+        writeln!(f, "export:   {}", self.export.directory.display())?;
+        writeln!(f, "rules:    {}", self.rules.len())?;
+        for rule in &self.rules {
+            writeln!(f, "  {rule}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads `path` (if given) and applies `overrides` on top.
+    pub fn load(path: Option<&Path>, overrides: &RunOverrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?
+            }
+            None => File::default(),
+        };
+        Self::resolve(file, overrides)
+    }
+
+    fn parse(text: &str) -> Result<File, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
+    }
+
+    fn resolve(file: File, overrides: &RunOverrides) -> Result<Config, ConfigError> {
+        let parse_default = |text: &str| {
+            text.parse::<SocketAddr>()
+                .expect("defaults are valid addresses")
+        };
+        let receiver = ReceiverConfig {
+            grpc: overrides
+                .grpc
+                .or(file.receiver.grpc)
+                .unwrap_or_else(|| parse_default(defaults::GRPC)),
+            http: overrides
+                .http
+                .or(file.receiver.http)
+                .unwrap_or_else(|| parse_default(defaults::HTTP)),
+            max_request_bytes: overrides
+                .max_request_bytes
+                .or(file.receiver.max_request_bytes)
+                .unwrap_or(defaults::MAX_REQUEST_BYTES),
+        };
+        if !(1024..=256 * 1024 * 1024).contains(&receiver.max_request_bytes) {
+            return Err(ConfigError::RequestLimit(receiver.max_request_bytes));
+        }
+
+        // A pid or name given on the command line replaces the file's target
+        // entirely: the two are alternatives, not layers.
+        let (pid, process_name) = if overrides.pid.is_some() || overrides.process_name.is_some() {
+            (overrides.pid, overrides.process_name.clone())
+        } else {
+            (
+                file.target.pid.filter(|&pid| pid != 0),
+                file.target.process_name,
+            )
+        };
+        let target = match (pid, process_name) {
+            (Some(_), Some(_)) => return Err(ConfigError::TwoTargets),
+            (Some(pid), None) => Target::Pid(pid),
+            (None, Some(name)) => Target::ProcessName(name),
+            (None, None) => Target::FromResource,
+        };
+
+        let recorder = Recorder {
+            mode: overrides
+                .mode
+                .or(file.recorder.mode)
+                .unwrap_or(RecorderMode::Armed),
+            history: overrides
+                .history
+                .or(file.recorder.history)
+                .unwrap_or(defaults::HISTORY),
+            min_block: overrides
+                .min_block
+                .or(file.recorder.min_block)
+                .unwrap_or(defaults::MIN_BLOCK),
+        };
+        if recorder.history < Duration::from_secs(1) {
+            return Err(ConfigError::HistoryTooShort(recorder.history));
+        }
+
+        let mut rules = Vec::with_capacity(file.trigger.len());
+        for rule in file.trigger {
+            let rule = crate::trigger::validate(rule)?;
+            if rules
+                .iter()
+                .any(|existing: &Rule| existing.name == rule.name)
+            {
+                return Err(ConfigError::DuplicateRule(rule.name));
+            }
+            rules.push(rule);
+        }
+
+        Ok(Config {
+            receiver,
+            target,
+            recorder,
+            rules,
+            telemetry: Telemetry {
+                listen: overrides
+                    .telemetry_listen
+                    .or(file.telemetry.listen)
+                    .unwrap_or_else(|| parse_default(defaults::TELEMETRY)),
+            },
+            export: Export {
+                directory: overrides
+                    .directory
+                    .clone()
+                    .or(file.export.directory)
+                    .unwrap_or_else(|| PathBuf::from(defaults::DIRECTORY)),
+            },
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! Where finished captures go. For now: files in the export directory.
+
+pub mod files;
