@@ -7,8 +7,20 @@ FREEZEFRAME_DEBIAN_PACKAGES=(
     golang-go                                          # `go tool pprof`, the independent pprof decoder
     libbpf-tools                                       # offcputime, the benchmark's baseline
     util-linux procps                                  # unshare, setpriv, pgrep for the tests
+    python3 python3-venv                               # the OpenTelemetry SDK clients of the end-to-end tests
     curl ca-certificates
 )
+
+# A virtualenv with the Python clients (tests/e2e/requirements.txt), in target/.
+ensure_python_clients() {
+    local venv=target/e2e-venv
+    if [ ! -x "$venv/bin/pytest" ] || ! cmp -s tests/e2e/requirements.txt "$venv/requirements.txt"; then
+        echo "freezeframe: installing the Python test clients into $venv" >&2
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+        cp tests/e2e/requirements.txt "$venv/requirements.txt"
+    fi
+}
 
 ensure_root() {
     if [ "$(id -u)" -ne 0 ]; then

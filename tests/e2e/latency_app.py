@@ -1,0 +1,96 @@
+"""A service that reports its request latency with the OpenTelemetry Python
+SDK, and can be told to freeze.
+
+Request threads serve "requests" (a few ms of work each) and record their
+latency in the `db.client.operation.duration` histogram (unit s), exported
+over OTLP every 500 ms. A line `freeze SECONDS` on stdin makes a writer
+thread hold the lock every request needs for that long: request threads
+block in the kernel on a futex, exactly what an off-CPU profile must show.
+
+Prints `ready PID` once exporting, and `frozen START_NS END_NS` (wall clock)
+after each freeze.
+"""
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+
+def exporters(protocol: str, endpoint: str):
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPMetricExporter(endpoint=endpoint, insecure=True), OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return (
+        OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics"),
+        OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"),
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args()
+
+    resource = Resource.create({"service.name": "feed", "process.pid": os.getpid()})
+    metric_exporter, span_exporter = exporters(args.protocol, args.endpoint)
+    reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=500)
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=500))
+    trace.set_tracer_provider(tracer_provider)
+
+    meter = metrics.get_meter("feed-db")
+    # The semantic conventions' advised buckets: the SDK's defaults are for
+    # milliseconds and would put every request of this seconds histogram
+    # in one bucket.
+    duration = meter.create_histogram(
+        "db.client.operation.duration",
+        unit="s",
+        explicit_bucket_boundaries_advisory=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10],
+    )
+    tracer = trace.get_tracer("feed-db")
+    table_lock = threading.Lock()
+    attributes = {"db.system": "feeddb", "db.operation.name": "get"}
+
+    def serve():
+        while True:
+            with tracer.start_as_current_span("get"):
+                started = time.monotonic()
+                with table_lock:
+                    time.sleep(0.002)
+                duration.record(time.monotonic() - started, attributes)
+            time.sleep(0.003)
+
+    for index in range(args.threads):
+        threading.Thread(target=serve, name=f"request-{index}", daemon=True).start()
+
+    print(f"ready {os.getpid()}", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if len(words) == 2 and words[0] == "freeze":
+            start = time.time_ns()
+            with table_lock:
+                time.sleep(float(words[1]))
+            print(f"frozen {start} {time.time_ns()}", flush=True)
+    # stdin closed: keep serving until killed.
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
