@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use freezeframe::capture::recorder::RecorderMode;
 use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
 use freezeframe::cli::{CaptureArgs, CheckConfigArgs, Cli, Command, ReportArgs, RunArgs, Views};
 use freezeframe::config::Config;
@@ -93,9 +92,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
 
 fn run(args: RunArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), &args.overrides)?;
-    if config.recorder.mode == RecorderMode::Armed {
-        preflight::check_can_trace()?;
-    }
+    preflight::check_can_trace()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

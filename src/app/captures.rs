@@ -19,7 +19,7 @@ use super::targets::Tracker;
 #[derive(Clone)]
 pub struct Captures {
     inner: Arc<Inner>,
-    running: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    running: Arc<Mutex<JoinSet<()>>>,
 }
 
 struct Inner {
@@ -48,7 +48,7 @@ impl Captures {
                 symbolizer: SymbolizerThread::start()?,
                 busy: Mutex::new(HashSet::new()),
             }),
-            running: Arc::new(tokio::sync::Mutex::new(JoinSet::new())),
+            running: Arc::new(Mutex::new(JoinSet::new())),
         })
     }
 
@@ -76,13 +76,14 @@ impl Captures {
             return;
         }
         let inner = Arc::clone(&self.inner);
-        let running = Arc::clone(&self.running);
-        tokio::spawn(async move {
-            running.lock().await.spawn_blocking(move || {
-                let event = inner.capture(&capture_id, &firing, pid);
-                inner.busy.lock().expect("busy set").remove(&pid);
-                inner.record(event);
-            });
+        let mut running = self.running.lock().expect("running captures");
+        // Forget captures that are done, so a long run keeps no backlog.
+        while running.try_join_next().is_some() {}
+        // Blocking: waiting on the recorder and symbolizing take seconds.
+        running.spawn_blocking(move || {
+            let event = inner.capture(&capture_id, &firing, pid);
+            inner.busy.lock().expect("busy set").remove(&pid);
+            inner.record(event);
         });
     }
 
@@ -91,7 +92,7 @@ impl Captures {
         if let Err(err) = self.inner.recorder.flush() {
             tracing::warn!("cannot flush the flight recorder: {err}");
         }
-        let mut running = self.running.lock().await;
+        let mut running = std::mem::take(&mut *self.running.lock().expect("running captures"));
         while running.join_next().await.is_some() {}
     }
 }

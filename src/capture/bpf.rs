@@ -182,6 +182,22 @@ impl<'obj> Probe<'obj> {
         })
     }
 
+    /// Loads the program without attaching it: proves, early, that this
+    /// kernel and these privileges can run it, and settles the hook.
+    pub fn check(filters: &Filters) -> Result<Hook, CaptureError> {
+        route_libbpf_messages();
+        let pidns = own_pid_namespace()?;
+        let hook = Self::supported_hook(filters, pidns);
+        let mut trial = MaybeUninit::uninit();
+        Self::open_tuned(&mut trial, filters, pidns, hook)?
+            .load()
+            .map(drop)
+            .map_err(|err| CaptureError::Load {
+                detail: format!("{hook:?}: {err}"),
+            })?;
+        Ok(hook)
+    }
+
     /// Whether this kernel takes `tp_btf/sched_switch` or needs `raw_tp`,
     /// learned once per process by a trial load.
     fn supported_hook(filters: &Filters, pidns: Option<(u64, u64)>) -> Hook {

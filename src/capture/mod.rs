@@ -200,6 +200,24 @@ pub fn monotonic_ns() -> Result<u64, CaptureError> {
     Ok(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
 }
 
+impl CaptureConfig {
+    fn filters(&self) -> bpf::Filters {
+        bpf::Filters {
+            tid: self.tid,
+            cgroup_id: self.cgroup_id,
+            min_block_ns: self.min_block.as_nanos() as u64,
+            max_block_ns: self.max_block.map(|max| max.as_nanos() as u64),
+            states: self.states.clone(),
+        }
+    }
+}
+
+/// Loads the probe without attaching it, to learn at start-up rather than
+/// at the first freeze that this kernel and these privileges can run it.
+pub fn check_probe(config: &CaptureConfig) -> Result<Hook, CaptureError> {
+    bpf::Probe::check(&config.filters())
+}
+
 impl<'obj> Tracer<'obj> {
     /// Loads and attaches the probe for `targets`, then finds the target
     /// threads that are already blocked so that they count from now on.
@@ -213,13 +231,7 @@ impl<'obj> Tracer<'obj> {
                 return Err(CaptureError::NoSuchProcess(pid));
             }
         }
-        let filters = bpf::Filters {
-            tid: config.tid,
-            cgroup_id: config.cgroup_id,
-            min_block_ns: config.min_block.as_nanos() as u64,
-            max_block_ns: config.max_block.map(|max| max.as_nanos() as u64),
-            states: config.states.clone(),
-        };
+        let filters = config.filters();
         let probe = bpf::Probe::load(storage, &filters)?;
         for &pid in targets {
             probe.add_target(pid)?;

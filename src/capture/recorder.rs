@@ -231,7 +231,12 @@ fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<()
             Session::new(tracer, &config, Vec::new()).run(&inbox, false);
         }
         RecorderMode::OnTrigger => {
-            let _ = ready.send(Ok(()));
+            let checked = super::check_probe(&config.capture).map(drop);
+            let failed = checked.is_err();
+            let _ = ready.send(checked);
+            if failed {
+                return;
+            }
             let mut targets = Vec::new();
             while let Ok(command) = inbox.recv() {
                 let (request, reply) = match command {
@@ -251,9 +256,17 @@ fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<()
                     Command::Capture(request, reply) => (request, reply),
                 };
                 // Attach for this capture only; a fresh object each time.
+                let asked = Instant::now();
                 let mut storage = ProbeStorage::uninit();
                 let tracer = match Tracer::start(&mut storage, &config.capture, &[request.target]) {
-                    Ok(tracer) => tracer,
+                    Ok(tracer) => {
+                        tracing::info!(
+                            pid = request.target,
+                            attach_ms = asked.elapsed().as_secs_f64() * 1e3,
+                            "probe attached for an on-trigger capture"
+                        );
+                        tracer
+                    }
                     Err(err) => {
                         let _ = reply.send(Err(err.into()));
                         continue;

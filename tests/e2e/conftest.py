@@ -33,7 +33,7 @@ def require_root():
 class Sidecar:
     """`freezeframe run` with a config written for the test."""
 
-    def __init__(self, tmp_path: Path, rules: str, extra: str = ""):
+    def __init__(self, tmp_path: Path, rules: str, mode: str = "armed"):
         self.grpc, self.http, self.telemetry = free_port(), free_port(), free_port()
         self.directory = tmp_path / "captures"
         self.config = tmp_path / "freezeframe.toml"
@@ -44,7 +44,7 @@ grpc = "127.0.0.1:{self.grpc}"
 http = "127.0.0.1:{self.http}"
 
 [recorder]
-mode = "armed"
+mode = "{mode}"
 history = "30s"
 
 [telemetry]
@@ -52,7 +52,6 @@ listen = "127.0.0.1:{self.telemetry}"
 
 [export]
 directory = "{self.directory}"
-{extra}
 {rules}
 """
         )
@@ -92,6 +91,8 @@ directory = "{self.directory}"
         raise AssertionError(f"no matching capture event in {timeout}s: {self.events()}\n{self.log_text()}")
 
     def stop(self):
+        if self.log.closed:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -130,8 +131,8 @@ class App:
 def sidecar_factory(tmp_path):
     started = []
 
-    def start(rules: str, extra: str = "") -> Sidecar:
-        sidecar = Sidecar(tmp_path, rules, extra)
+    def start(rules: str, mode: str = "armed") -> Sidecar:
+        sidecar = Sidecar(tmp_path, rules, mode)
         started.append(sidecar)
         return sidecar
 

@@ -4,6 +4,7 @@ latency; the sidecar must notice the freeze on its own and capture it."""
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -82,3 +83,44 @@ def test_silence_from_a_stopped_app_triggers_a_capture(sidecar_factory, app_fact
     assert event["target_pid"] == app.pid
     raw = pprof_raw(os.path.join(event["directory"], "profile.pb.gz"))
     assert "do_signal_stop" in raw, "stopped threads show where SIGSTOP parked them"
+
+
+def test_on_trigger_mode_attaches_when_fired_and_one_capture_runs_per_target(sidecar_factory, app_factory):
+    # Two rules see the same freeze: the first firing captures, the second
+    # finds the target busy and is recorded, not stacked.
+    second_rule = LATENCY_RULE.replace('name = "feed-latency"', 'name = "feed-latency-again"')
+    sidecar = sidecar_factory(LATENCY_RULE + second_rule, mode="on-trigger")
+    app = app_factory("grpc", sidecar.grpc)
+    time.sleep(3)
+    app.freeze(4)
+
+    captured = sidecar.wait_for_event(lambda e: e["outcome"] == "captured", timeout=30)
+    coalesced = sidecar.wait_for_event(lambda e: e["outcome"] == "coalesced", timeout=10)
+    assert {captured["rule"], coalesced["rule"]} == {"feed-latency", "feed-latency-again"}
+    assert coalesced["target_pid"] == app.pid
+    # Attached only when fired: the window starts at the firing, not before,
+    # yet the request threads already blocked then are in it (task iterator).
+    assert rfc3339_seconds(captured["window"]["start"]) >= rfc3339_seconds(captured["fired_at"]) - 0.1
+    raw = pprof_raw(os.path.join(captured["directory"], "profile.pb.gz"))
+    assert "futex_wait" in raw
+
+
+def test_sigterm_finishes_the_capture_in_flight(sidecar_factory, app_factory):
+    rule = LATENCY_RULE.replace('capture = "3s"', 'capture = "60s"')
+    sidecar = sidecar_factory(rule)
+    app = app_factory("http", sidecar.http)
+    time.sleep(3)
+    freeze = threading.Thread(target=app.freeze, args=(3,))
+    freeze.start()
+    deadline = time.monotonic() + 20
+    while "rule fired" not in sidecar.log_text():
+        assert time.monotonic() < deadline, sidecar.log_text()
+        time.sleep(0.1)
+    time.sleep(1)
+    sidecar.stop()
+    freeze.join()
+    assert sidecar.proc.returncode == 0, sidecar.log_text()
+    event = next(e for e in sidecar.events() if e["outcome"] == "captured")
+    window = rfc3339_seconds(event["window"]["end"]) - rfc3339_seconds(event["window"]["start"])
+    assert window < 30, "cut short at shutdown, not run to its 60 s"
+    assert os.path.getsize(os.path.join(event["directory"], "profile.pb.gz")) > 0
