@@ -113,6 +113,7 @@ def seconds(text: str) -> float:
 def overhead(work: Path, binaries, rounds: int, request_seconds: float, round_trips: int):
     results = {(name, mode): [] for name in ("requests", "pingpong") for mode in ("none", "armed")}
     sidecar_cpu = []
+    request_rate = []
     for round_index in range(rounds):
         for name, argument in (("requests", request_seconds), ("pingpong", round_trips)):
             modes = ("none", "armed") if round_index % 2 == 0 else ("armed", "none")
@@ -124,6 +125,8 @@ def overhead(work: Path, binaries, rounds: int, request_seconds: float, round_tr
                 started = time.monotonic()
                 words = workload.run(argument)
                 elapsed = time.monotonic() - started
+                if name == "requests":
+                    request_rate.append(int(words[1]) / elapsed)
                 if sidecar:
                     if name == "requests":
                         sidecar_cpu.append((sidecar.cpu_seconds() - cpu_before) / elapsed)
@@ -136,6 +139,12 @@ def overhead(work: Path, binaries, rounds: int, request_seconds: float, round_tr
         base = statistics.median(results[(name, "none")])
         armed = statistics.median(results[(name, "armed")])
         print(f"  {name:9} untraced {base:9.2f}  armed {armed:9.2f} {unit}   ratio {armed / base:.4f}")
+    # The probe runs in the traced threads' own context switches, so its cost
+    # shows as their extra CPU time: per request, and as a share of a core.
+    extra_us = statistics.median(results[("requests", "armed")]) - statistics.median(results[("requests", "none")])
+    rate = statistics.median(request_rate)
+    print(f"  request loop at {rate:.0f} requests/s: the probe adds {extra_us:.2f} us per request, "
+          f"{extra_us * rate / 1e4:.3f} % of one core")
     print(f"  sidecar's own CPU while the request loop ran: {statistics.median(sidecar_cpu) * 100:.3f} % of one core")
 
 

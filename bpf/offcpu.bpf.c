@@ -61,14 +61,14 @@ struct {
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 32768);
+	__uint(max_entries, 8192);
 	__type(key, __u32);
 	__type(value, struct block_start);
 } starts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 32768);
+	__uint(max_entries, 8192);
 	__type(key, struct block_key);
 	__type(value, struct block_total);
 } blocked SEC(".maps");
