@@ -120,7 +120,7 @@ impl Inner {
             Err(err) => return CaptureEvent::failed(capture_id, firing, pid, err.to_string()),
         };
         let duration = window.duration;
-        let (start, drops) = (window.start, window.drops);
+        let start = window.start;
         let mut profile = match self.symbolizer.profile(window) {
             Ok(profile) => profile,
             Err(err) => return CaptureEvent::failed(capture_id, firing, pid, err.to_string()),
@@ -141,9 +141,6 @@ impl Inner {
         metrics::histogram!(telemetry::CAPTURE_DURATION).record(duration.as_secs_f64());
         metrics::histogram!(telemetry::CAPTURE_SAMPLES).record(profile.samples.len() as f64);
         metrics::counter!(telemetry::CAPTURE_BLOCKED).increment(blocked_seconds.round() as u64);
-        for (map, dropped) in drops.by_map() {
-            metrics::counter!(telemetry::BPF_DROPS, "map" => map).absolute(dropped);
-        }
         let mut event = CaptureEvent::new(capture_id, Outcome::Captured, firing, Some(pid));
         event.window = Some(WindowRecord {
             start,

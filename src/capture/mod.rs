@@ -126,6 +126,30 @@ pub struct DropCounts {
 }
 
 impl DropCounts {
+    /// What was dropped since `earlier` (counters only grow).
+    fn since(&self, earlier: &DropCounts) -> DropCounts {
+        DropCounts {
+            start_map_full: self.start_map_full.saturating_sub(earlier.start_map_full),
+            blocked_map_full: self
+                .blocked_map_full
+                .saturating_sub(earlier.blocked_map_full),
+            kernel_stack: self.kernel_stack.saturating_sub(earlier.kernel_stack),
+            user_stack: self.user_stack.saturating_sub(earlier.user_stack),
+            preblocked_map_full: self
+                .preblocked_map_full
+                .saturating_sub(earlier.preblocked_map_full),
+        }
+    }
+
+    /// Adds another period's drops to these.
+    pub fn add(&mut self, other: &DropCounts) {
+        self.start_map_full += other.start_map_full;
+        self.blocked_map_full += other.blocked_map_full;
+        self.kernel_stack += other.kernel_stack;
+        self.user_stack += other.user_stack;
+        self.preblocked_map_full += other.preblocked_map_full;
+    }
+
     pub fn total(&self) -> u64 {
         self.start_map_full
             + self.blocked_map_full
@@ -171,6 +195,7 @@ pub struct Window {
     pub start: SystemTime,
     pub duration: Duration,
     pub stacks: Vec<BlockedStack>,
+    /// What the kernel side dropped during this window.
     pub drops: DropCounts,
     pub hook: Hook,
 }
@@ -185,6 +210,8 @@ pub struct Tracer<'obj> {
     stack_cache: HashMap<u32, Stack>,
     /// Stacks of threads found blocked at start, by tid: (kernel, user).
     preblocked: HashMap<u32, (Stack, Stack)>,
+    /// The kernel's drop counters at the last cut.
+    drops_so_far: DropCounts,
 }
 
 /// `CLOCK_MONOTONIC`, the clock bpf_ktime_get_ns() reads.
@@ -247,6 +274,7 @@ impl<'obj> Tracer<'obj> {
             window_start_wall,
             stack_cache: HashMap::new(),
             preblocked: HashMap::new(),
+            drops_so_far: DropCounts::default(),
         };
         tracer.note_preblocked_threads()?;
         Ok(tracer)
@@ -303,7 +331,9 @@ impl<'obj> Tracer<'obj> {
         let end_ns = monotonic_ns()?;
         let settled = self.ledger.settle(end_ns, &finished, &in_flight);
         self.reclaim_stacks(&in_flight)?;
-        let drops = self.probe.drops()?;
+        let drops_so_far = self.probe.drops()?;
+        let drops = drops_so_far.since(&self.drops_so_far);
+        self.drops_so_far = drops_so_far;
 
         let mut stacks = Vec::with_capacity(settled.len());
         for (key, blocked_ns, count) in settled {

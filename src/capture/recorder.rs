@@ -12,7 +12,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{BlockedStack, CaptureConfig, CaptureError, ProbeStorage, Stack, Tracer, Window};
+use super::{
+    BlockedStack, CaptureConfig, CaptureError, DropCounts, ProbeStorage, Stack, Tracer, Window,
+};
 use crate::profile::ThreadState;
 
 /// When the probe is attached.
@@ -204,6 +206,10 @@ fn merge(windows: &[&Window], target: u32) -> Window {
                 .or_insert_with(|| stack.clone());
         }
     }
+    let mut drops = DropCounts::default();
+    for window in windows {
+        drops.add(&window.drops);
+    }
     let first = windows.first().expect("merge is given at least one window");
     let last = windows.last().expect("merge is given at least one window");
     let end = last.start + last.duration;
@@ -211,7 +217,7 @@ fn merge(windows: &[&Window], target: u32) -> Window {
         start: first.start,
         duration: end.duration_since(first.start).unwrap_or_default(),
         stacks: totals.into_values().collect(),
-        drops: last.drops,
+        drops,
         hook: last.hook,
     }
 }
@@ -398,7 +404,7 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{DropCounts, Hook};
+    use crate::capture::Hook;
     use std::sync::Arc;
 
     fn window(start_s: u64, stacks: Vec<BlockedStack>) -> Window {
