@@ -94,6 +94,14 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
+/* Kernel locks target threads are contending for now, by host tid. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, struct lock_wait);
+} lock_waits SEC(".maps");
+
 /* Scratch space for one preblocked_stack: too big for the BPF stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -145,10 +153,57 @@ static __always_inline bool current_ids(__u32 *tgid, __u32 *tid)
 	return *tid != 0;
 }
 
+/* A task's pid number in our pid namespace, or 0 if it is not visible there. */
+static __always_inline __u32 pid_in_our_ns(struct pid *pid, __u32 level)
+{
+	struct upid upid = {};
+
+	if (level > 31 || BPF_CORE_READ(pid, level) < level)
+		return 0;
+	bpf_core_read(&upid, sizeof(upid), &pid->numbers[level]);
+	if (BPF_CORE_READ(upid.ns, ns.inum) != pidns_ino)
+		return 0;
+	return upid.nr;
+}
+
+/*
+ * The owner of a sleeping lock, as a tid in our pid namespace. Mutexes and
+ * rwsems keep their owner's task_struct in `owner`, with flag bits in the
+ * low three bits; a rwsem held by readers keeps the last reader in.
+ */
+static __always_inline __u32 lock_owner(void *lock, __u32 *kind)
+{
+	struct task_struct *owner_task;
+	long owner;
+
+	if (*kind & LOCK_SPIN)
+		return 0;
+	if (*kind & LOCK_MUTEX)
+		owner = BPF_CORE_READ((struct mutex *)lock, owner.counter);
+	else if (*kind & (LOCK_READ | LOCK_WRITE))
+		owner = BPF_CORE_READ((struct rw_semaphore *)lock, owner.counter);
+	else
+		return 0;
+	if (!(*kind & LOCK_MUTEX) && (owner & 1))
+		*kind |= LOCK_HOLDER_READER;
+	owner_task = (struct task_struct *)(owner & ~7L);
+	if (!owner_task)
+		return 0;
+	if (pidns_ino) {
+		struct task_struct *me = bpf_get_current_task_btf();
+
+		/* Targets live in our namespace, so the waiter's level is ours. */
+		return pid_in_our_ns(BPF_CORE_READ(owner_task, thread_pid),
+				     BPF_CORE_READ(me, thread_pid, level));
+	}
+	return BPF_CORE_READ(owner_task, pid);
+}
+
 static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int prev_state)
 {
 	struct block_start start = {};
 	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+	struct lock_wait *lock;
 	__u32 tgid, tid;
 	long stack_id;
 
@@ -166,6 +221,22 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 
 	start.tgid = tgid;
 	start.tid = tid;
+	lock = bpf_map_lookup_elem(&lock_waits, &host_tid);
+	if (lock) {
+		__u32 holder;
+
+		start.lock = *lock;
+		/*
+		 * The owner may have changed since the wait began (or been between
+		 * owners then): who holds it as we go to sleep is the better answer.
+		 */
+		start.lock.kind &= ~LOCK_HOLDER_READER;
+		holder = lock_owner((void *)lock->addr, &start.lock.kind);
+		if (holder)
+			start.lock.holder_tid = holder;
+		else if (lock->kind & LOCK_HOLDER_READER)
+			start.lock.kind |= LOCK_HOLDER_READER;
+	}
 	stack_id = bpf_get_stackid(ctx, &stacks, KERNEL_STACK_SKIP);
 	if (stack_id < 0)
 		count_drop(DROP_KERNEL_STACK);
@@ -197,6 +268,7 @@ static __always_inline void on_switch_in(__u32 host_tid)
 	key.kernel_stack_id = start->kernel_stack_id;
 	key.user_stack_id = start->user_stack_id;
 	key.state = start->state;
+	key.lock = start->lock;
 	bpf_map_delete_elem(&starts, &host_tid);
 
 	if (blocked_ns < min_block_ns || blocked_ns > max_block_ns)
@@ -238,17 +310,35 @@ int BPF_PROG(sched_switch_raw, bool preempt, struct task_struct *prev,
 	return 0;
 }
 
-/* A task's pid number in our pid namespace, or 0 if it is not visible there. */
-static __always_inline __u32 pid_in_our_ns(struct pid *pid, __u32 level)
+SEC("tp_btf/contention_begin")
+int BPF_PROG(contention_begin, void *lock, unsigned int flags)
 {
-	struct upid upid = {};
+	struct task_struct *me = bpf_get_current_task_btf();
+	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+	struct lock_wait wait = {};
+	struct mm_struct *mm;
+	__u32 tgid, tid;
 
-	if (level > 31 || BPF_CORE_READ(pid, level) < level)
+	if (!current_ids(&tgid, &tid) || !bpf_map_lookup_elem(&targets, &tgid))
 		return 0;
-	bpf_core_read(&upid, sizeof(upid), &pid->numbers[level]);
-	if (BPF_CORE_READ(upid.ns, ns.inum) != pidns_ino)
-		return 0;
-	return upid.nr;
+	wait.addr = (__u64)lock;
+	wait.kind = flags & 0xffff;
+	/* How `perf lock contention` recognises mmap_lock: by its address. */
+	mm = me->mm;
+	if (mm && wait.addr == (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock))
+		wait.kind |= LOCK_MMAP;
+	wait.holder_tid = lock_owner(lock, &wait.kind);
+	bpf_map_update_elem(&lock_waits, &host_tid, &wait, BPF_ANY);
+	return 0;
+}
+
+SEC("tp_btf/contention_end")
+int BPF_PROG(contention_end, void *lock, int ret)
+{
+	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+
+	bpf_map_delete_elem(&lock_waits, &host_tid);
+	return 0;
 }
 
 /*

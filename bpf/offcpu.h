@@ -31,6 +31,31 @@ enum drop_reason {
 	DROP_REASON_COUNT = 5,
 };
 
+/*
+ * What a thread was waiting for when it blocked on a kernel lock. The low
+ * bits are the kernel's lock:contention_begin flags (LCB_F_*); the high
+ * ones are ours.
+ */
+enum lock_kind {
+	LOCK_SPIN = 1 << 0,
+	LOCK_READ = 1 << 1,
+	LOCK_WRITE = 1 << 2,
+	LOCK_RT = 1 << 3,
+	LOCK_PERCPU = 1 << 4,
+	LOCK_MUTEX = 1 << 5,
+	/* The lock is the waiter's own mm->mmap_lock. */
+	LOCK_MMAP = 1 << 16,
+	/* A rwsem held by readers: the holder named is the last reader in. */
+	LOCK_HOLDER_READER = 1 << 17,
+};
+
+/* A kernel lock a thread waits for; all zero when it waits for none. */
+struct lock_wait {
+	__u64 addr;
+	__u32 kind;		/* enum lock_kind bits */
+	__u32 holder_tid;	/* the owner at contention_begin, 0 if unknown */
+};
+
 /* Stack ids that are not indexes into the `stacks` map. */
 enum stack_id_special {
 	/* No stack was recorded (see the matching drop counter). */
@@ -54,6 +79,7 @@ struct block_start {
 	__s32 user_stack_id;
 	enum thread_state state;
 	__u32 _pad;
+	struct lock_wait lock;
 };
 
 /* What finished blocks are summed under. */
@@ -64,6 +90,7 @@ struct block_key {
 	__s32 user_stack_id;
 	enum thread_state state;
 	__u32 _pad;
+	struct lock_wait lock;
 };
 
 struct block_total {
@@ -88,6 +115,7 @@ struct preblocked_stack {
 struct enum_anchor {
 	enum drop_reason drop_reason;
 	enum stack_id_special stack_id_special;
+	enum lock_kind lock_kind;
 };
 
 #endif /* FREEZEFRAME_OFFCPU_H */

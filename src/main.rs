@@ -72,7 +72,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
         args.pid,
         humantime::format_duration(args.duration),
         started.elapsed().as_secs_f64() * 1e3,
-        tracer.hook(),
+        tracer.features(),
     );
     let deadline = Instant::now() + args.duration;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {

@@ -170,8 +170,13 @@ impl Symbolizer {
             .collect();
 
         let mut comments = vec![format!(
-            "freezeframe off-CPU capture (sched_switch via {:?})",
-            window.hook
+            "freezeframe off-CPU capture (sched_switch via {:?}; lock attribution {})",
+            window.features.hook,
+            if window.features.lock_contention {
+                "on"
+            } else {
+                "off: no lock:contention_* tracepoints"
+            }
         )];
         for (map, dropped) in window.drops.by_map() {
             if dropped > 0 {
@@ -240,7 +245,7 @@ impl Symbolizer {
                 thread_id: stack.tid,
                 thread_name: stack.thread_name.clone(),
                 state: stack.state,
-                extra: Vec::new(),
+                extra: stack.lock.map(lock_labels).unwrap_or_default(),
             },
         }
     }
@@ -335,6 +340,25 @@ fn build_ids(normalizer: &Normalizer, pid: u32, sorted_ips: &[u64]) -> HashMap<S
             _ => None,
         })
         .collect()
+}
+
+/// The `lock`, `lock_mode` and `lock_holder_tid` labels of a lock wait.
+fn lock_labels(lock: crate::capture::LockWait) -> Vec<(String, String)> {
+    let mut labels = vec![("lock".to_string(), lock.name())];
+    if let Some(mode) = lock.mode {
+        let mode = match mode {
+            crate::capture::LockMode::Read => "read",
+            crate::capture::LockMode::Write => "write",
+        };
+        labels.push(("lock_mode".to_string(), mode.to_string()));
+    }
+    if let Some(holder) = lock.holder_tid {
+        labels.push(("lock_holder_tid".to_string(), holder.to_string()));
+        if lock.held_by_readers {
+            labels.push(("lock_held_by".to_string(), "readers".to_string()));
+        }
+    }
+    labels
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -482,6 +506,7 @@ mod tests {
             state: crate::profile::ThreadState::Sleeping,
             kernel_ips: Vec::new().into(),
             user_ips: user_ips.into(),
+            lock: None,
             blocked_ns: 1,
             count: 1,
         }

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
-use super::{BlockKey, CaptureError, DropCounts, InFlight, StackRef};
+use super::{BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait, StackRef};
 use crate::profile::ThreadState;
 
 #[allow(
@@ -62,11 +62,20 @@ pub enum Hook {
     RawTp,
 }
 
+/// What this kernel let the probe use, settled once per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    pub hook: Hook,
+    /// `lock:contention_begin/end` are there: blocked threads are labelled
+    /// with the kernel lock they wait for and its holder.
+    pub lock_contention: bool,
+}
+
 /// A loaded and attached off-CPU probe.
 pub(super) struct Probe<'obj> {
     skel: OffcpuSkel<'obj>,
-    _switch_link: Link,
-    pub hook: Hook,
+    _links: Vec<Link>,
+    pub features: Features,
 }
 
 /// Plain-old-data skeleton types that may be built from map bytes.
@@ -79,6 +88,7 @@ unsafe impl Pod for types::block_start {}
 unsafe impl Pod for types::block_key {}
 unsafe impl Pod for types::block_total {}
 unsafe impl Pod for types::preblocked_stack {}
+unsafe impl Pod for types::lock_wait {}
 unsafe impl Pod for u64 {}
 
 fn from_bytes<T: Pod>(bytes: &[u8]) -> Result<T, CaptureError> {
@@ -127,7 +137,50 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
         kernel_stack: stack_ref(key.kernel_stack_id),
         user_stack: stack_ref(key.user_stack_id),
         state: state_from_kernel(key.state),
+        lock: lock_from_kernel(&key.lock),
     }
+}
+
+fn lock_from_kernel(lock: &types::lock_wait) -> Option<LockWait> {
+    use types::lock_kind as bits;
+    if lock.addr == 0 {
+        return None;
+    }
+    let has = |bit: bits| lock.kind & bit.0 != 0;
+    let kind = if has(bits::LOCK_MUTEX) {
+        if has(bits::LOCK_RT) {
+            LockKind::RtMutex
+        } else {
+            LockKind::Mutex
+        }
+    } else if has(bits::LOCK_SPIN) {
+        if has(bits::LOCK_READ) || has(bits::LOCK_WRITE) {
+            LockKind::RwLock
+        } else {
+            LockKind::Spinlock
+        }
+    } else if has(bits::LOCK_PERCPU) {
+        LockKind::PercpuRwSemaphore
+    } else if has(bits::LOCK_READ) || has(bits::LOCK_WRITE) {
+        LockKind::RwSemaphore
+    } else {
+        LockKind::Other
+    };
+    let mode = if has(bits::LOCK_WRITE) {
+        Some(LockMode::Write)
+    } else if has(bits::LOCK_READ) {
+        Some(LockMode::Read)
+    } else {
+        None
+    };
+    Some(LockWait {
+        addr: lock.addr,
+        kind,
+        mode,
+        is_mmap_lock: has(bits::LOCK_MMAP),
+        holder_tid: (lock.holder_tid != 0).then_some(lock.holder_tid),
+        held_by_readers: has(bits::LOCK_HOLDER_READER),
+    })
 }
 
 /// Our own pid namespace, if it is not the initial one: BPF then reports
@@ -161,57 +214,91 @@ impl<'obj> Probe<'obj> {
     ) -> Result<Self, CaptureError> {
         route_libbpf_messages();
         let pidns = own_pid_namespace()?;
-        let hook = Self::supported_hook(filters, pidns);
-        let skel = Self::open_tuned(storage, filters, pidns, hook)?
+        let features = Self::supported_features(filters, pidns);
+        let skel = Self::open_tuned(storage, filters, pidns, features)?
             .load()
             .map_err(|err| CaptureError::Load {
-                detail: format!("{hook:?}: {err}"),
+                detail: format!("{features:?}: {err}"),
             })?;
-        let program = match hook {
+        let switch = match features.hook {
             Hook::TpBtf => &skel.progs.sched_switch_btf,
             Hook::RawTp => &skel.progs.sched_switch_raw,
         };
-        let link = program.attach().map_err(|err| CaptureError::Attach {
+        let mut links = vec![switch.attach().map_err(|source| CaptureError::Attach {
             what: "sched_switch tracepoint",
-            source: err,
-        })?;
+            source,
+        })?];
+        if features.lock_contention {
+            for (what, program) in [
+                (
+                    "lock:contention_begin tracepoint",
+                    &skel.progs.contention_begin,
+                ),
+                ("lock:contention_end tracepoint", &skel.progs.contention_end),
+            ] {
+                links.push(
+                    program
+                        .attach()
+                        .map_err(|source| CaptureError::Attach { what, source })?,
+                );
+            }
+        }
         Ok(Probe {
             skel,
-            _switch_link: link,
-            hook,
+            _links: links,
+            features,
         })
     }
 
     /// Loads the program without attaching it: proves, early, that this
-    /// kernel and these privileges can run it, and settles the hook.
-    pub fn check(filters: &Filters) -> Result<Hook, CaptureError> {
+    /// kernel and these privileges can run it, and settles its features.
+    pub fn check(filters: &Filters) -> Result<Features, CaptureError> {
         route_libbpf_messages();
         let pidns = own_pid_namespace()?;
-        let hook = Self::supported_hook(filters, pidns);
+        let features = Self::supported_features(filters, pidns);
         let mut trial = MaybeUninit::uninit();
-        Self::open_tuned(&mut trial, filters, pidns, hook)?
+        Self::open_tuned(&mut trial, filters, pidns, features)?
             .load()
             .map(drop)
             .map_err(|err| CaptureError::Load {
-                detail: format!("{hook:?}: {err}"),
+                detail: format!("{features:?}: {err}"),
             })?;
-        Ok(hook)
+        Ok(features)
     }
 
-    /// Whether this kernel takes `tp_btf/sched_switch` or needs `raw_tp`,
-    /// learned once per process by a trial load.
-    fn supported_hook(filters: &Filters, pidns: Option<(u64, u64)>) -> Hook {
-        static HOOK: OnceLock<Hook> = OnceLock::new();
-        *HOOK.get_or_init(|| {
-            let mut trial = MaybeUninit::uninit();
-            let loaded = Self::open_tuned_raw(&mut trial, filters, pidns, Hook::TpBtf)
-                .and_then(|open| open.load())
-                .is_ok();
-            if loaded {
-                Hook::TpBtf
-            } else {
-                Hook::RawTp
+    /// What this kernel takes, learned once per process by trial loads, best
+    /// first: `tp_btf` with lock attribution, `tp_btf` alone, then `raw_tp`.
+    fn supported_features(filters: &Filters, pidns: Option<(u64, u64)>) -> Features {
+        static FEATURES: OnceLock<Features> = OnceLock::new();
+        *FEATURES.get_or_init(|| {
+            let candidates = [
+                Features {
+                    hook: Hook::TpBtf,
+                    lock_contention: true,
+                },
+                Features {
+                    hook: Hook::TpBtf,
+                    lock_contention: false,
+                },
+            ];
+            let chosen = candidates.into_iter().find(|&features| {
+                let mut trial = MaybeUninit::uninit();
+                let loaded = Self::open_tuned_raw(&mut trial, filters, pidns, features)
+                    .and_then(|open| open.load())
+                    .is_ok();
+                loaded
+            });
+            let features = chosen.unwrap_or(Features {
+                hook: Hook::RawTp,
+                lock_contention: false,
+            });
+            if !features.lock_contention {
+                tracing::warn!(
+                    "this kernel has no usable lock:contention_begin/end tracepoints: \
+                     blocked threads are captured without naming the lock they wait for"
+                );
             }
+            features
         })
     }
 
@@ -219,9 +306,9 @@ impl<'obj> Probe<'obj> {
         storage: &'a mut MaybeUninit<OpenObject>,
         filters: &Filters,
         pidns: Option<(u64, u64)>,
-        hook: Hook,
+        features: Features,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, CaptureError> {
-        Self::open_tuned_raw(storage, filters, pidns, hook).map_err(|err| CaptureError::Load {
+        Self::open_tuned_raw(storage, filters, pidns, features).map_err(|err| CaptureError::Load {
             detail: err.to_string(),
         })
     }
@@ -230,7 +317,7 @@ impl<'obj> Probe<'obj> {
         storage: &'a mut MaybeUninit<OpenObject>,
         filters: &Filters,
         pidns: Option<(u64, u64)>,
-        hook: Hook,
+        features: Features,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, libbpf_rs::Error> {
         let mut open = OffcpuSkelBuilder::default().open(storage)?;
         let rodata = open
@@ -253,10 +340,16 @@ impl<'obj> Probe<'obj> {
         }
         open.progs
             .sched_switch_btf
-            .set_autoload(hook == Hook::TpBtf);
+            .set_autoload(features.hook == Hook::TpBtf);
         open.progs
             .sched_switch_raw
-            .set_autoload(hook == Hook::RawTp);
+            .set_autoload(features.hook == Hook::RawTp);
+        open.progs
+            .contention_begin
+            .set_autoload(features.lock_contention);
+        open.progs
+            .contention_end
+            .set_autoload(features.lock_contention);
         Ok(open)
     }
 
@@ -332,6 +425,7 @@ impl<'obj> Probe<'obj> {
                     kernel_stack: stack_ref(start.kernel_stack_id),
                     user_stack: stack_ref(start.user_stack_id),
                     state: state_from_kernel(start.state),
+                    lock: lock_from_kernel(&start.lock),
                 },
             });
         }

@@ -144,6 +144,7 @@ mod tests {
             kernel_stack: StackRef::Id(tid),
             user_stack: StackRef::Id(tid + 1000),
             state: ThreadState::Sleeping,
+            lock: None,
         }
     }
 

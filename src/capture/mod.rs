@@ -17,7 +17,7 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-pub use bpf::Hook;
+pub use bpf::{Features, Hook};
 use libbpf_rs::OpenObject;
 
 use crate::profile::ThreadState;
@@ -104,6 +104,58 @@ pub struct BlockKey {
     pub kernel_stack: StackRef,
     pub user_stack: StackRef,
     pub state: ThreadState,
+    pub lock: Option<LockWait>,
+}
+
+/// The kernel lock a thread was waiting for when it blocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockWait {
+    pub addr: u64,
+    pub kind: LockKind,
+    /// How the waiter wanted it, for reader-writer locks.
+    pub mode: Option<LockMode>,
+    /// The waiter's own `mm->mmap_lock`: the lock behind address-space freezes.
+    pub is_mmap_lock: bool,
+    /// The owner when the wait began, as a tid in our pid namespace.
+    pub holder_tid: Option<u32>,
+    /// A rwsem held by readers, where `holder_tid` is only the last reader in.
+    pub held_by_readers: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockKind {
+    Mutex,
+    RtMutex,
+    RwSemaphore,
+    PercpuRwSemaphore,
+    Spinlock,
+    RwLock,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockMode {
+    Read,
+    Write,
+}
+
+impl LockWait {
+    /// A name for labels: `mmap_lock`, or the kind and address.
+    pub fn name(&self) -> String {
+        if self.is_mmap_lock {
+            return "mmap_lock".to_string();
+        }
+        let kind = match self.kind {
+            LockKind::Mutex => "mutex",
+            LockKind::RtMutex => "rt_mutex",
+            LockKind::RwSemaphore => "rwsem",
+            LockKind::PercpuRwSemaphore => "percpu_rwsem",
+            LockKind::Spinlock => "spinlock",
+            LockKind::RwLock => "rwlock",
+            LockKind::Other => "lock",
+        };
+        format!("{kind}@{:#x}", self.addr)
+    }
 }
 
 /// A block that has not ended yet.
@@ -185,6 +237,8 @@ pub struct BlockedStack {
     pub kernel_ips: Stack,
     /// User addresses, innermost first.
     pub user_ips: Stack,
+    /// The kernel lock it waited for, when it waited for one.
+    pub lock: Option<LockWait>,
     pub blocked_ns: u64,
     pub count: u64,
 }
@@ -197,7 +251,7 @@ pub struct Window {
     pub stacks: Vec<BlockedStack>,
     /// What the kernel side dropped during this window.
     pub drops: DropCounts,
-    pub hook: Hook,
+    pub features: Features,
 }
 
 /// An attached off-CPU probe and the bookkeeping that cuts windows out of it.
@@ -241,7 +295,7 @@ impl CaptureConfig {
 
 /// Loads the probe without attaching it, to learn at start-up rather than
 /// at the first freeze that this kernel and these privileges can run it.
-pub fn check_probe(config: &CaptureConfig) -> Result<Hook, CaptureError> {
+pub fn check_probe(config: &CaptureConfig) -> Result<Features, CaptureError> {
     bpf::Probe::check(&config.filters())
 }
 
@@ -280,9 +334,9 @@ impl<'obj> Tracer<'obj> {
         Ok(tracer)
     }
 
-    /// Which hook the kernel accepted.
-    pub fn hook(&self) -> Hook {
-        self.probe.hook
+    /// What the kernel let the probe use.
+    pub fn features(&self) -> Features {
+        self.probe.features
     }
 
     /// Starts watching another process without reloading.
@@ -346,6 +400,7 @@ impl<'obj> Tracer<'obj> {
                 state: key.state,
                 kernel_ips,
                 user_ips,
+                lock: key.lock,
                 blocked_ns,
                 count,
             });
@@ -355,7 +410,7 @@ impl<'obj> Tracer<'obj> {
             duration: Duration::from_nanos(end_ns.saturating_sub(self.window_start_ns)),
             stacks,
             drops,
-            hook: self.probe.hook,
+            features: self.probe.features,
         };
         self.window_start_wall += window.duration;
         self.window_start_ns = end_ns;

@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{
-    BlockedStack, CaptureConfig, CaptureError, DropCounts, ProbeStorage, Stack, Tracer, Window,
+    BlockedStack, CaptureConfig, CaptureError, DropCounts, LockWait, ProbeStorage, Stack, Tracer,
+    Window,
 };
 use crate::profile::ThreadState;
 
@@ -187,7 +188,7 @@ impl History {
 
 /// Sums consecutive windows into one, keeping only `target`'s threads.
 fn merge(windows: &[&Window], target: u32) -> Window {
-    type Identity = (u32, ThreadState, Stack, Stack);
+    type Identity = (u32, ThreadState, Stack, Stack, Option<LockWait>);
     let mut totals: HashMap<Identity, BlockedStack> = HashMap::new();
     for window in windows {
         for stack in window.stacks.iter().filter(|stack| stack.tgid == target) {
@@ -196,6 +197,7 @@ fn merge(windows: &[&Window], target: u32) -> Window {
                 stack.state,
                 stack.kernel_ips.clone(),
                 stack.user_ips.clone(),
+                stack.lock,
             );
             totals
                 .entry(identity)
@@ -218,7 +220,7 @@ fn merge(windows: &[&Window], target: u32) -> Window {
         duration: end.duration_since(first.start).unwrap_or_default(),
         stacks: totals.into_values().collect(),
         drops,
-        hook: last.hook,
+        features: last.features,
     }
 }
 
@@ -404,7 +406,7 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::Hook;
+    use crate::capture::{Features, Hook};
     use std::sync::Arc;
 
     fn window(start_s: u64, stacks: Vec<BlockedStack>) -> Window {
@@ -413,7 +415,10 @@ mod tests {
             duration: Duration::from_secs(1),
             stacks,
             drops: DropCounts::default(),
-            hook: Hook::TpBtf,
+            features: Features {
+                hook: Hook::TpBtf,
+                lock_contention: true,
+            },
         }
     }
 
@@ -425,6 +430,7 @@ mod tests {
             state: ThreadState::Sleeping,
             kernel_ips: Arc::clone(kernel),
             user_ips: Stack::from([]),
+            lock: None,
             blocked_ns: blocked_ms * 1_000_000,
             count: 1,
         }

@@ -100,10 +100,15 @@ impl Workload {
     /// Starts the threads that block after a capture has begun, and returns
     /// what they announced.
     pub fn go(&mut self) -> Vec<Announced> {
+        self.command("go", 2)
+    }
+
+    /// Sends a command line and returns the `announced` blocks it starts.
+    pub fn command(&mut self, line: &str, announced: usize) -> Vec<Announced> {
         let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(b"go\n").unwrap();
+        writeln!(stdin, "{line}").unwrap();
         stdin.flush().unwrap();
-        (0..2).map(|_| self.next_announcement()).collect()
+        (0..announced).map(|_| self.next_announcement()).collect()
     }
 
     pub fn next_announcement(&mut self) -> Announced {
