@@ -619,9 +619,24 @@ def test_the_dockerfile_installs_what_the_binary_links_and_the_build_needs():
     in_base_image = {"libc6", "libgcc-s1"}
     assert packages - in_base_image <= apt_packages(runtime), f"{packages} linked, runtime installs {apt_packages(runtime)}"
 
+    # The image's Rust is new enough for us and for every crate built into
+    # the Linux binary (crates of other platforms may need newer ones).
+    def version(text: str) -> tuple:
+        return tuple(int(part) for part in text.split(".")[:2])
+
+    rust = version(re.search(r"ARG RUST_VERSION=(\S+)", dockerfile).group(1))
     cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
-    rust = re.search(r"ARG RUST_VERSION=(\S+)", dockerfile).group(1)
-    assert tuple(map(int, rust.split("."))) >= tuple(map(int, cargo["package"]["rust-version"].split(".")))
+    assert rust >= version(cargo["package"]["rust-version"])
+    tree = run(["cargo", "tree", "--locked", "--target", "x86_64-unknown-linux-gnu", "-e", "normal,build",
+                "--prefix", "none", "--format", "{p}"], cwd=ROOT).stdout
+    # "name vX.Y.Z", less markers such as "(proc-macro)" and "(*)".
+    built = {" ".join(line.split()[:2]) for line in tree.splitlines()}
+    metadata = json.loads(run(["cargo", "metadata", "--locked", "--format-version", "1"], cwd=ROOT).stdout)
+    too_new = [f"{package['name']} {package['version']} needs {package['rust_version']}"
+               for package in metadata["packages"]
+               if f"{package['name']} v{package['version']}" in built
+               and package.get("rust_version") and version(package["rust_version"]) > rust]
+    assert not too_new, too_new
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert "target/" in dockerignore
 
