@@ -8,6 +8,7 @@ FREEZEFRAME_DEBIAN_PACKAGES=(
     libbpf-tools                                       # offcputime, the benchmark's baseline
     util-linux procps                                  # unshare, setpriv, pgrep for the tests
     python3 python3-venv                               # the OpenTelemetry SDK clients of the end-to-end tests
+    prometheus                                         # prometheus and promtool: scraping, alert rules, dashboards' PromQL
     curl ca-certificates
 )
 

@@ -1,6 +1,11 @@
 //! Self-metrics: every stage counts what it accepted, refused, sent and
 //! failed, under `freezeframe_*`, served for Prometheus on `[telemetry]
 //! listen` with `/healthz` and `/readyz`.
+//!
+//! Every series whose labels are known at start-up is registered at zero
+//! then ([`register_startup_series`]). An absent series breaks `rate()`
+//! and `increase()` over the first event (the step from "absent" to 1 is no
+//! increase) and leaves dashboards with "no data" where "none yet" is meant.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +30,45 @@ pub const TRIGGER_FIRED: &str = "freezeframe_trigger_fired_total";
 pub const TRIGGER_SUPPRESSED: &str = "freezeframe_trigger_suppressed_total";
 pub const SERIES: &str = "freezeframe_series";
 pub const SERIES_REFUSED: &str = "freezeframe_series_refused_total";
+pub const TRIGGER_THRESHOLD: &str = "freezeframe_trigger_threshold";
+pub const TRIGGER_SKIPPED: &str = "freezeframe_trigger_points_skipped_total";
+pub const SYMBOLIZE_FRAMES: &str = "freezeframe_symbolize_frames_total";
+pub const BUILD_INFO: &str = "freezeframe_build_info";
+
+/// The ingest stage's counters, named here only to register them at zero;
+/// `ingest::counters` counts them. The end-to-end test fails if traffic
+/// brings up a name or label set that was not there at start-up, which is
+/// what a drift between the two would look like.
+const INGEST_POINTS: &str = "freezeframe_ingest_points_total";
+const INGEST_REQUESTS: &str = "freezeframe_ingest_requests_total";
+const INGEST_SPANS_DROPPED: &str = "freezeframe_ingest_spans_dropped_total";
+const INGEST_SIGNALS: [&str; 2] = ["metrics", "traces"];
+const INGEST_POINT_OUTCOMES: [&str; 3] = ["accepted", "rejected", "refused"];
+const INGEST_TRANSPORTS: [&str; 2] = ["grpc", "http"];
+const INGEST_REQUEST_OUTCOMES: [&str; 6] = [
+    "accepted",
+    "invalid",
+    "too_large",
+    "unsupported",
+    "refused",
+    "failed",
+];
+
+/// Reasons a breach did not become a firing (`TRIGGER_SUPPRESSED`).
+pub const SUPPRESSION_REASONS: [&str; 2] = ["cooldown", "max_per_hour"];
+/// Reasons a rule could not use a point (`TRIGGER_SKIPPED`).
+pub const SKIP_REASONS: [&str; 2] = ["unit_mismatch", "unsupported"];
+/// Frame kinds and lookup outcomes (`SYMBOLIZE_FRAMES`).
+pub const FRAME_KINDS: [&str; 2] = ["kernel", "user"];
+pub const FRAME_OUTCOMES: [&str; 2] = ["resolved", "unknown"];
+
+/// Bucket bounds of `CAPTURE_DURATION`, in seconds: captures run from a
+/// second (a short `capture` past a firing) to a couple of minutes (a long
+/// history plus `capture`).
+const CAPTURE_DURATION_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0];
+/// Bucket bounds of `CAPTURE_SAMPLES`: a quiet process has a handful of
+/// distinct stacks, a thread pool thousands.
+const CAPTURE_SAMPLES_BUCKETS: [f64; 5] = [1.0, 10.0, 100.0, 1000.0, 10000.0];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -37,25 +81,30 @@ pub enum TelemetryError {
     },
 }
 
-/// Installs the global metrics recorder. Histograms get explicit buckets, or
-/// the exporter would render summaries.
+/// Installs the global metrics recorder.
 pub fn install() -> Result<PrometheusHandle, TelemetryError> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(CAPTURE_DURATION.into()),
-            &[1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0],
-        )
-        .and_then(|builder| {
-            builder.set_buckets_for_metric(
-                Matcher::Full(CAPTURE_SAMPLES.into()),
-                &[1.0, 10.0, 100.0, 1000.0, 10000.0],
-            )
-        })
-        .map_err(|err| TelemetryError::Install(err.to_string()))?
+    let handle = builder()?
         .install_recorder()
         .map_err(|err| TelemetryError::Install(err.to_string()))?;
     describe();
     Ok(handle)
+}
+
+/// The exporter's settings. Histograms get explicit buckets, or the
+/// exporter would render summaries.
+fn builder() -> Result<PrometheusBuilder, TelemetryError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(CAPTURE_DURATION.into()),
+            &CAPTURE_DURATION_BUCKETS,
+        )
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(CAPTURE_SAMPLES.into()),
+                &CAPTURE_SAMPLES_BUCKETS,
+            )
+        })
+        .map_err(|err| TelemetryError::Install(err.to_string()))
 }
 
 fn describe() {
@@ -72,7 +121,7 @@ fn describe() {
     describe_counter!(
         CAPTURE_BLOCKED,
         Unit::Seconds,
-        "Off-CPU time of the target's threads in all captures."
+        "Off-CPU time of the target's threads in all captures, in whole seconds (fractions carry over to the next capture)."
     );
     describe_histogram!(CAPTURE_SAMPLES, "Distinct thread stacks per capture.");
     describe_counter!(
@@ -81,7 +130,23 @@ fn describe() {
     );
     describe_gauge!(
         TRIGGER_VALUE,
-        "Latest value each rule compared with its threshold, in the rule's unit."
+        "Latest value each rule compared with its threshold, in the rule's unit (s, By, or the metric's own); NaN before the first value."
+    );
+    describe_gauge!(
+        TRIGGER_THRESHOLD,
+        "Each rule's threshold, in the unit of freezeframe_trigger_value; NaN for a probe rule that only fires on failure."
+    );
+    describe_counter!(
+        TRIGGER_SKIPPED,
+        "Points a rule could not use, by reason: unit_mismatch (the threshold's unit does not fit the metric's) or unsupported (the statistic does not apply to the point)."
+    );
+    describe_counter!(
+        SYMBOLIZE_FRAMES,
+        "Distinct frames per capture, by kind (kernel, user) and lookup outcome (resolved, unknown: shown as [unknown] file+offset)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which freezeframe is running."
     );
     describe_gauge!(
         TRIGGER_FIRING,
@@ -97,6 +162,65 @@ fn describe() {
         SERIES_REFUSED,
         "New series refused because the series limit was reached."
     );
+}
+
+/// Label values that only the configuration or other stages know.
+pub struct StartupLabels<'a> {
+    /// Every configured rule's name.
+    pub rules: &'a [String],
+    /// Every outcome a firing can have (`CAPTURES`).
+    pub capture_outcomes: &'a [&'static str],
+    /// Every BPF map whose drops are counted (`BPF_DROPS`).
+    pub bpf_maps: &'a [&'static str],
+}
+
+/// Registers every series whose labels are known now, at zero (or NaN for
+/// a value there is none of yet), so that Prometheus sees it from the first
+/// scrape. Call once, after [`install`].
+pub fn register_startup_series(labels: &StartupLabels) {
+    use metrics::{counter, gauge, histogram};
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for &signal in &INGEST_SIGNALS {
+        for &outcome in &INGEST_POINT_OUTCOMES {
+            counter!(INGEST_POINTS, "signal" => signal, "outcome" => outcome).absolute(0);
+        }
+    }
+    for &transport in &INGEST_TRANSPORTS {
+        for &outcome in &INGEST_REQUEST_OUTCOMES {
+            counter!(INGEST_REQUESTS, "transport" => transport, "outcome" => outcome).absolute(0);
+        }
+    }
+    counter!(INGEST_SPANS_DROPPED).absolute(0);
+    gauge!(SERIES).set(0.0);
+    counter!(SERIES_REFUSED).absolute(0);
+    for rule in labels.rules {
+        // No value yet is not a value of 0: for a `below` rule, 0 would
+        // read as a breach.
+        gauge!(TRIGGER_VALUE, "rule" => rule.clone()).set(f64::NAN);
+        gauge!(TRIGGER_FIRING, "rule" => rule.clone()).set(0.0);
+        counter!(TRIGGER_FIRED, "rule" => rule.clone()).absolute(0);
+        for &reason in &SUPPRESSION_REASONS {
+            counter!(TRIGGER_SUPPRESSED, "rule" => rule.clone(), "reason" => reason).absolute(0);
+        }
+        for &reason in &SKIP_REASONS {
+            counter!(TRIGGER_SKIPPED, "rule" => rule.clone(), "reason" => reason).absolute(0);
+        }
+        for &outcome in labels.capture_outcomes {
+            counter!(CAPTURES, "rule" => rule.clone(), "outcome" => outcome).absolute(0);
+        }
+    }
+    // Registering a histogram makes it render, with empty buckets.
+    drop(histogram!(CAPTURE_DURATION));
+    drop(histogram!(CAPTURE_SAMPLES));
+    counter!(CAPTURE_BLOCKED).absolute(0);
+    for &map in labels.bpf_maps {
+        counter!(BPF_DROPS, "map" => map).absolute(0);
+    }
+    for &kind in &FRAME_KINDS {
+        for &outcome in &FRAME_OUTCOMES {
+            counter!(SYMBOLIZE_FRAMES, "kind" => kind, "outcome" => outcome).absolute(0);
+        }
+    }
 }
 
 /// Whether the sidecar is ready: receivers listening and, when armed, the
@@ -166,5 +290,82 @@ async fn ready_page(State(served): State<Served>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The page a freshly started sidecar serves, before any data.
+    fn startup_page() -> String {
+        let recorder = builder().expect("valid buckets").build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            register_startup_series(&StartupLabels {
+                rules: &["slow".to_string()],
+                capture_outcomes: &["captured", "failed"],
+                bpf_maps: &["starts"],
+            });
+        });
+        handle.render()
+    }
+
+    #[test]
+    fn every_metric_is_on_the_page_from_startup_with_help_and_type() {
+        let page = startup_page();
+        for (name, kind) in [
+            (CAPTURES, "counter"),
+            (CAPTURE_DURATION, "histogram"),
+            (CAPTURE_BLOCKED, "counter"),
+            (CAPTURE_SAMPLES, "histogram"),
+            (BPF_DROPS, "counter"),
+            (TRIGGER_VALUE, "gauge"),
+            (TRIGGER_THRESHOLD, "gauge"),
+            (TRIGGER_FIRING, "gauge"),
+            (TRIGGER_FIRED, "counter"),
+            (TRIGGER_SUPPRESSED, "counter"),
+            (TRIGGER_SKIPPED, "counter"),
+            (SERIES, "gauge"),
+            (SERIES_REFUSED, "counter"),
+            (SYMBOLIZE_FRAMES, "counter"),
+            (BUILD_INFO, "gauge"),
+        ] {
+            // The threshold is set by whoever knows the rules' units.
+            if name == TRIGGER_THRESHOLD {
+                continue;
+            }
+            assert!(page.contains(&format!("# HELP {name} ")), "{name}: {page}");
+            assert!(
+                page.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name}: {page}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_sets_known_at_startup_are_zero() {
+        let page = startup_page();
+        for line in [
+            r#"freezeframe_captures_total{rule="slow",outcome="failed"} 0"#,
+            r#"freezeframe_bpf_drops_total{map="starts"} 0"#,
+            r#"freezeframe_trigger_firing{rule="slow"} 0"#,
+            r#"freezeframe_trigger_suppressed_total{rule="slow",reason="max_per_hour"} 0"#,
+            r#"freezeframe_symbolize_frames_total{kind="user",outcome="unknown"} 0"#,
+            r#"freezeframe_capture_duration_seconds_bucket{le="+Inf"} 0"#,
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} missing: {page}");
+        }
+        // No value is not a value of zero.
+        assert!(page.contains(r#"freezeframe_trigger_value{rule="slow"} NaN"#));
+    }
+
+    #[test]
+    fn histograms_render_as_histograms_with_our_buckets() {
+        let page = startup_page();
+        assert!(page.contains(r#"freezeframe_capture_duration_seconds_bucket{le="15"} 0"#));
+        assert!(page.contains(r#"freezeframe_capture_samples_bucket{le="10000"} 0"#));
+        assert!(!page.contains("quantile="));
     }
 }

@@ -3,6 +3,7 @@
 //! the target lives, written out, and logged in `captures.jsonl`.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -10,9 +11,10 @@ use tokio::task::JoinSet;
 
 use crate::capture::recorder::{CaptureRequest, Recorder};
 use crate::export::files::{CaptureEvent, FileSink, Outcome, WindowRecord};
+use crate::profile::{FrameKind, Profile};
 use crate::symbolize::SymbolizerThread;
 use crate::telemetry;
-use crate::trigger::{Cause, Engine, Firing};
+use crate::trigger::{Cause, Condition, Engine, Firing, Rule};
 
 use super::targets::Tracker;
 
@@ -30,6 +32,10 @@ struct Inner {
     symbolizer: SymbolizerThread,
     /// Targets being captured now.
     busy: Mutex<HashSet<u32>>,
+    /// Off-CPU time of all captures so far. The counter takes whole
+    /// seconds; summing nanoseconds here keeps sub-second captures from
+    /// being rounded away one by one.
+    blocked_ns: AtomicU64,
 }
 
 impl Captures {
@@ -47,6 +53,7 @@ impl Captures {
                 targets,
                 symbolizer: SymbolizerThread::start()?,
                 busy: Mutex::new(HashSet::new()),
+                blocked_ns: AtomicU64::new(0),
             }),
             running: Arc::new(Mutex::new(JoinSet::new())),
         })
@@ -137,10 +144,16 @@ impl Inner {
             Err(err) => return CaptureEvent::failed(capture_id, firing, pid, err.to_string()),
         };
 
-        let blocked_seconds = profile.total_blocked_ns() as f64 / 1e9;
+        let blocked_ns = profile.total_blocked_ns();
+        let blocked_seconds = blocked_ns as f64 / 1e9;
         metrics::histogram!(telemetry::CAPTURE_DURATION).record(duration.as_secs_f64());
         metrics::histogram!(telemetry::CAPTURE_SAMPLES).record(profile.samples.len() as f64);
-        metrics::counter!(telemetry::CAPTURE_BLOCKED).increment(blocked_seconds.round() as u64);
+        let all_blocked_ns = self.blocked_ns.fetch_add(blocked_ns, Ordering::Relaxed) + blocked_ns;
+        metrics::counter!(telemetry::CAPTURE_BLOCKED).absolute(all_blocked_ns / 1_000_000_000);
+        for ((kind, outcome), frames) in frame_lookups(&profile) {
+            metrics::counter!(telemetry::SYMBOLIZE_FRAMES, "kind" => kind, "outcome" => outcome)
+                .increment(frames);
+        }
         let mut event = CaptureEvent::new(capture_id, Outcome::Captured, firing, Some(pid));
         event.window = Some(WindowRecord {
             start,
@@ -152,10 +165,7 @@ impl Inner {
     }
 
     fn record(&self, event: CaptureEvent) {
-        let outcome = serde_json::to_value(event.outcome)
-            .ok()
-            .and_then(|value| value.as_str().map(str::to_owned));
-        metrics::counter!(telemetry::CAPTURES, "rule" => event.rule.clone(), "outcome" => outcome.unwrap_or_default())
+        metrics::counter!(telemetry::CAPTURES, "rule" => event.rule.clone(), "outcome" => outcome_label(event.outcome))
             .increment(1);
         match event.outcome {
             Outcome::Captured => {
@@ -200,6 +210,60 @@ impl CaptureEvent {
     }
 }
 
+/// Every outcome of a firing, for metrics registered at start-up.
+pub const CAPTURE_OUTCOMES: [Outcome; 4] = [
+    Outcome::Captured,
+    Outcome::Coalesced,
+    Outcome::NoTarget,
+    Outcome::Failed,
+];
+
+/// An outcome's `outcome` label: the word `captures.jsonl` uses too.
+pub fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Captured => "captured",
+        Outcome::Coalesced => "coalesced",
+        Outcome::NoTarget => "no_target",
+        Outcome::Failed => "failed",
+    }
+}
+
+/// Distinct frames of a profile by `(kind, lookup outcome)`; a frame that
+/// recurs in many stacks was looked up once. Marker frames are not lookups.
+fn frame_lookups(profile: &Profile) -> Vec<((&'static str, &'static str), u64)> {
+    let mut seen = HashSet::new();
+    let mut counts = std::collections::BTreeMap::new();
+    for frame in profile.samples.iter().flat_map(|sample| &sample.stack) {
+        let kind = match frame.kind {
+            FrameKind::Kernel => "kernel",
+            FrameKind::User => "user",
+            FrameKind::Truncated => continue,
+        };
+        if !seen.insert((kind, frame.address)) {
+            continue;
+        }
+        // The symbolizer names a miss `[unknown] file+0xoffset`.
+        let outcome = if frame.function().starts_with("[unknown]") {
+            "unknown"
+        } else {
+            "resolved"
+        };
+        *counts.entry((kind, outcome)).or_insert(0) += 1;
+    }
+    counts.into_iter().collect()
+}
+
+/// A rule's threshold in the unit of its reported value, for the
+/// `freezeframe_trigger_threshold` gauge; NaN for a probe that only fires
+/// on failure.
+pub fn threshold_in_report_unit(rule: &Rule) -> f64 {
+    match &rule.condition {
+        Condition::Metric(metric) => metric.threshold.in_report_unit(),
+        Condition::Silence(silence) => silence.silence.as_secs_f64(),
+        Condition::Probe(probe) => probe.above.map_or(f64::NAN, |above| above.as_secs_f64()),
+    }
+}
+
 /// A firing's cause, in words.
 pub fn describe(firing: &Firing) -> String {
     let number = |value: Option<f64>| {
@@ -225,9 +289,9 @@ pub fn describe(firing: &Firing) -> String {
 pub fn export_rule_status(engine: &Engine) {
     for status in engine.status() {
         let rule = status.rule.clone();
-        if let Some(value) = status.value {
-            metrics::gauge!(telemetry::TRIGGER_VALUE, "rule" => rule.clone()).set(value);
-        }
+        // NaN, not the last value, once the rule has none (its series expired).
+        metrics::gauge!(telemetry::TRIGGER_VALUE, "rule" => rule.clone())
+            .set(status.value.unwrap_or(f64::NAN));
         metrics::gauge!(telemetry::TRIGGER_FIRING, "rule" => rule.clone()).set(if status.firing {
             1.0
         } else {
@@ -237,10 +301,77 @@ pub fn export_rule_status(engine: &Engine) {
             .absolute(status.counters.fired);
         metrics::counter!(telemetry::TRIGGER_SUPPRESSED, "rule" => rule.clone(), "reason" => "cooldown")
             .absolute(status.counters.suppressed_cooldown);
-        metrics::counter!(telemetry::TRIGGER_SUPPRESSED, "rule" => rule, "reason" => "max_per_hour")
+        metrics::counter!(telemetry::TRIGGER_SUPPRESSED, "rule" => rule.clone(), "reason" => "max_per_hour")
             .absolute(status.counters.suppressed_hourly);
+        metrics::counter!(telemetry::TRIGGER_SKIPPED, "rule" => rule.clone(), "reason" => "unit_mismatch")
+            .absolute(status.counters.unit_mismatches);
+        metrics::counter!(telemetry::TRIGGER_SKIPPED, "rule" => rule, "reason" => "unsupported")
+            .absolute(status.counters.unsupported_points);
     }
     let counters = engine.counters();
     metrics::gauge!(telemetry::SERIES).set(counters.series as f64);
     metrics::counter!(telemetry::SERIES_REFUSED).absolute(counters.series_refused);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Frame, Line, Sample, SampleLabels};
+
+    #[test]
+    fn outcome_labels_are_the_words_of_captures_jsonl() {
+        for outcome in CAPTURE_OUTCOMES {
+            assert_eq!(
+                serde_json::to_value(outcome).unwrap(),
+                outcome_label(outcome),
+                "{outcome:?}"
+            );
+        }
+    }
+
+    fn frame(kind: FrameKind, address: u64, function: &str) -> Frame {
+        Frame {
+            kind,
+            address,
+            mapping: None,
+            lines: vec![Line {
+                function: function.to_string(),
+                file: None,
+                line: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn frame_lookups_count_each_distinct_frame_once() {
+        let stack = vec![
+            frame(FrameKind::Kernel, 0xffff_1000, "schedule"),
+            frame(FrameKind::Kernel, 0xffff_2000, "[unknown] 0xffff2000"),
+            frame(FrameKind::User, 0x1000, "main"),
+            frame(FrameKind::User, 0x2000, "[unknown] libfoo.so+0x2000"),
+            Frame::marker_truncated(),
+        ];
+        let sample = Sample {
+            stack,
+            blocked_ns: 1,
+            count: 1,
+            labels: SampleLabels::default(),
+        };
+        let profile = Profile {
+            start: SystemTime::UNIX_EPOCH,
+            duration: Duration::from_secs(1),
+            samples: vec![sample.clone(), sample],
+            mappings: Vec::new(),
+            comments: Vec::new(),
+        };
+        assert_eq!(
+            frame_lookups(&profile),
+            vec![
+                (("kernel", "resolved"), 1),
+                (("kernel", "unknown"), 1),
+                (("user", "resolved"), 1),
+                (("user", "unknown"), 1),
+            ]
+        );
+    }
 }

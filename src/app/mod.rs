@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::recorder::{Recorder, RecorderConfig};
-use crate::capture::CaptureConfig;
+use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
 use crate::export::files::FileSink;
 use crate::ingest::{self, SpanStore};
@@ -48,6 +48,16 @@ const MAX_LEARNED_TARGETS: usize = 64;
 pub async fn run(config: Config) -> Result<()> {
     let handle = telemetry::install()?;
     ingest::describe_metrics();
+    let rule_names: Vec<String> = config.rules.iter().map(|rule| rule.name.clone()).collect();
+    telemetry::register_startup_series(&telemetry::StartupLabels {
+        rules: &rule_names,
+        capture_outcomes: &captures::CAPTURE_OUTCOMES.map(captures::outcome_label),
+        bpf_maps: &DropCounts::default().by_map().map(|(map, _)| map),
+    });
+    for rule in &config.rules {
+        metrics::gauge!(telemetry::TRIGGER_THRESHOLD, "rule" => rule.name.clone())
+            .set(captures::threshold_in_report_unit(rule));
+    }
     let readiness = Readiness::default();
     let shutdown = CancellationToken::new();
     let telemetry_addr = telemetry::serve(
