@@ -242,6 +242,7 @@ impl Symbolizer {
                 state: stack.state,
                 extra: Vec::new(),
             },
+            timeline: stack.timeline.clone(),
         }
     }
 
@@ -484,6 +485,7 @@ mod tests {
             user_ips: user_ips.into(),
             blocked_ns: 1,
             count: 1,
+            timeline: Vec::new(),
         }
     }
 

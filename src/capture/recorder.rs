@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{BlockedStack, CaptureConfig, CaptureError, ProbeStorage, Stack, Tracer, Window};
-use crate::profile::ThreadState;
+use crate::profile::{ThreadState, TimeSlice};
 
 /// When the probe is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -195,13 +195,23 @@ fn merge(windows: &[&Window], target: u32) -> Window {
                 stack.kernel_ips.clone(),
                 stack.user_ips.clone(),
             );
+            // Windows come oldest first, so each timeline stays in order.
+            let slice = TimeSlice {
+                start: window.start,
+                duration: window.duration,
+                blocked_ns: stack.blocked_ns,
+            };
             totals
                 .entry(identity)
                 .and_modify(|total| {
                     total.blocked_ns += stack.blocked_ns;
                     total.count += stack.count;
+                    total.timeline.push(slice);
                 })
-                .or_insert_with(|| stack.clone());
+                .or_insert_with(|| BlockedStack {
+                    timeline: vec![slice],
+                    ..stack.clone()
+                });
         }
     }
     let first = windows.first().expect("merge is given at least one window");
@@ -421,6 +431,7 @@ mod tests {
             user_ips: Stack::from([]),
             blocked_ns: blocked_ms * 1_000_000,
             count: 1,
+            timeline: Vec::new(),
         }
     }
 
@@ -458,6 +469,17 @@ mod tests {
             .collect();
         totals.sort();
         assert_eq!(totals, vec![(11, 3000, 3), (12, 900, 3)]);
+        let futex_thread = cut.stacks.iter().find(|s| s.tid == 11).unwrap();
+        let slices: Vec<(SystemTime, u64)> = futex_thread
+            .timeline
+            .iter()
+            .map(|slice| (slice.start, slice.blocked_ns / 1_000_000))
+            .collect();
+        assert_eq!(
+            slices,
+            vec![(at(1), 1000), (at(2), 1000), (at(3), 1000)],
+            "the merge remembers when each part of the time was spent"
+        );
     }
 
     #[test]
