@@ -48,6 +48,9 @@ pub struct TimeSlice {
     pub start: SystemTime,
     pub duration: Duration,
     pub blocked_ns: u64,
+    /// Blocks first seen in this slice (a block spanning slices counts once,
+    /// in the first).
+    pub count: u64,
 }
 
 impl TimeSlice {

@@ -200,6 +200,7 @@ fn merge(windows: &[&Window], target: u32) -> Window {
                 start: window.start,
                 duration: window.duration,
                 blocked_ns: stack.blocked_ns,
+                count: stack.count,
             };
             totals
                 .entry(identity)

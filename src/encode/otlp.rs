@@ -594,6 +594,7 @@ mod tests {
             start: at_ms(start_ms),
             duration: Duration::from_millis(500),
             blocked_ns: blocked_ms * 1_000_000,
+            count: 1,
         }
     }
 

@@ -1,3 +1,5 @@
-//! Where finished captures go. For now: files in the export directory.
+//! Where finished captures go: files in the export directory, and OTLP
+//! profiles to a backend.
 
 pub mod files;
+pub mod links;
