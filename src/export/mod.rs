@@ -3,3 +3,4 @@
 
 pub mod files;
 pub mod links;
+pub mod retry;
