@@ -25,6 +25,10 @@ pub const TRIGGER_FIRED: &str = "freezeframe_trigger_fired_total";
 pub const TRIGGER_SUPPRESSED: &str = "freezeframe_trigger_suppressed_total";
 pub const SERIES: &str = "freezeframe_series";
 pub const SERIES_REFUSED: &str = "freezeframe_series_refused_total";
+pub const EXPORTS: &str = "freezeframe_export_total";
+pub const SPOOL_BYTES: &str = "freezeframe_spool_bytes";
+pub const SPOOL_FILES: &str = "freezeframe_spool_files";
+pub const LINKED_REQUESTS: &str = "freezeframe_capture_linked_requests";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -49,6 +53,12 @@ pub fn install() -> Result<PrometheusHandle, TelemetryError> {
             builder.set_buckets_for_metric(
                 Matcher::Full(CAPTURE_SAMPLES.into()),
                 &[1.0, 10.0, 100.0, 1000.0, 10000.0],
+            )
+        })
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(LINKED_REQUESTS.into()),
+                &[0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0],
             )
         })
         .map_err(|err| TelemetryError::Install(err.to_string()))?
@@ -96,6 +106,23 @@ fn describe() {
     describe_counter!(
         SERIES_REFUSED,
         "New series refused because the series limit was reached."
+    );
+    describe_counter!(
+        EXPORTS,
+        "OTLP profile exports by exporter and outcome (queued, delivered, partial, retried, rejected, dropped)."
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes of export requests waiting in the delivery spool."
+    );
+    describe_gauge!(
+        SPOOL_FILES,
+        "Export requests waiting in the delivery spool."
+    );
+    describe_histogram!(
+        LINKED_REQUESTS,
+        "Requests (spans) each exported capture's samples were linked to."
     );
 }
 
