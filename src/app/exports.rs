@@ -54,6 +54,8 @@ struct Inner {
     spans: Arc<SpanStore>,
     exemplars: Arc<ExemplarStore>,
     link_grace: Duration,
+    /// Whether an OTLP exporter is configured at all.
+    exporting: bool,
     /// Taken out at shutdown, to be drained.
     delivery: Mutex<Option<Delivery>>,
     host_name: Option<String>,
@@ -74,6 +76,7 @@ impl Exports {
                 spans,
                 exemplars,
                 link_grace,
+                exporting: delivery.is_some(),
                 delivery: Mutex::new(delivery),
                 host_name: host_name(),
             }),
@@ -154,11 +157,9 @@ impl Inner {
             tracing::info!(capture = %capture_id, candidates = requests.len(), "no request to link the capture to");
         }
 
-        let delivery = self.delivery.lock().expect("delivery");
-        let Some(delivery) = delivery.as_ref() else {
-            tracing::warn!(capture = %capture_id, "not exported: the exporter is off or has stopped");
+        if !self.exporting {
             return;
-        };
+        }
         let envelope = Envelope {
             resource: resource::resource(
                 firing.series.as_ref().map(|series| &series.resource),
@@ -181,7 +182,12 @@ impl Inner {
             original_pprof: Some(pprof),
         };
         let request = otlp::request(&profile, &envelope).encode_to_vec();
-        delivery.submit(&capture_id, &request);
+        match self.delivery.lock().expect("delivery").as_ref() {
+            Some(delivery) => delivery.submit(&capture_id, &request),
+            None => {
+                tracing::error!(capture = %capture_id, "not exported: delivery has already stopped")
+            }
+        }
     }
 }
 
