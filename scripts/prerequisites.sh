@@ -9,6 +9,7 @@ FREEZEFRAME_DEBIAN_PACKAGES=(
     util-linux procps                                  # unshare, setpriv, pgrep for the tests
     python3 python3-venv                               # the OpenTelemetry SDK clients of the end-to-end tests
     curl ca-certificates
+    openssl                                            # a private CA for the export TLS tests
 )
 
 # A virtualenv with the Python clients (tests/e2e/requirements.txt), in target/.
