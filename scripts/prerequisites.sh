@@ -10,6 +10,7 @@ FREEZEFRAME_DEBIAN_PACKAGES=(
     python3 python3-venv                               # the OpenTelemetry SDK clients of the end-to-end tests
     prometheus                                         # prometheus and promtool: scraping, alert rules, dashboards' PromQL
     curl ca-certificates
+    openssl                                            # a private CA for the export TLS tests
 )
 
 # A virtualenv with the Python clients (tests/e2e/requirements.txt), in target/.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::capture::recorder::RecorderMode;
+use crate::export::otlp::{Compression, Protocol};
 use crate::profile::ThreadState;
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,9 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a config file and print the resolved settings and rules.
     CheckConfig(CheckConfigArgs),
+    /// Send saved captures to the OTLP profiles backend again (after an
+    /// outage, or to a backend added later).
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -82,9 +86,83 @@ pub struct RunOverrides {
     /// Address for /metrics, /healthz and /readyz ([telemetry] listen).
     #[arg(long = "telemetry-listen", env = "FREEZEFRAME_TELEMETRY_LISTEN")]
     pub telemetry_listen: Option<SocketAddr>,
-    /// Where captures are written ([export] directory).
+    /// Where captures are written, and the delivery spool kept ([export] directory).
     #[arg(long = "export-directory", env = "FREEZEFRAME_EXPORT_DIRECTORY")]
     pub directory: Option<PathBuf>,
+    /// How long a finished capture waits for the spans it froze before export,
+    /// at most 60s ([export] link_grace).
+    #[arg(long = "export-link-grace", env = "FREEZEFRAME_EXPORT_LINK_GRACE", value_parser = parse_duration)]
+    pub link_grace: Option<Duration>,
+    /// Size budget of the delivery spool, in bytes ([export] spool_max_bytes).
+    #[arg(
+        long = "export-spool-max-bytes",
+        env = "FREEZEFRAME_EXPORT_SPOOL_MAX_BYTES"
+    )]
+    pub spool_max_bytes: Option<u64>,
+    #[command(flatten)]
+    pub otlp: OtlpOverrides,
+}
+
+/// The OTLP exporter's `[export]` settings from flags and the environment.
+/// Where neither these nor the file set one, the
+/// `OTEL_EXPORTER_OTLP_PROFILES_*` and then `OTEL_EXPORTER_OTLP_*`
+/// variables do.
+#[derive(Debug, Args, Default, Clone)]
+pub struct OtlpOverrides {
+    /// OTLP profiles endpoint, e.g. http://pyroscope:4040 ([export] otlp_endpoint).
+    #[arg(
+        long = "export-otlp-endpoint",
+        env = "FREEZEFRAME_EXPORT_OTLP_ENDPOINT"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// grpc or http/protobuf ([export] protocol).
+    #[arg(long = "export-protocol", env = "FREEZEFRAME_EXPORT_PROTOCOL")]
+    pub protocol: Option<Protocol>,
+    /// A header sent with every export, KEY=VALUE; repeat it, or separate
+    /// with commas in the variable ([export] headers).
+    #[arg(
+        long = "export-header",
+        env = "FREEZEFRAME_EXPORT_HEADERS",
+        value_delimiter = ','
+    )]
+    pub headers: Vec<String>,
+    /// How long one export attempt may take ([export] timeout).
+    #[arg(long = "export-timeout", env = "FREEZEFRAME_EXPORT_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// gzip or none ([export] compression).
+    #[arg(long = "export-compression", env = "FREEZEFRAME_EXPORT_COMPRESSION")]
+    pub compression: Option<Compression>,
+    /// PEM CA certificate to trust for https endpoints, besides the system's ([export] certificate).
+    #[arg(long = "export-certificate", env = "FREEZEFRAME_EXPORT_CERTIFICATE")]
+    pub certificate: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS ([export] client_certificate).
+    #[arg(
+        long = "export-client-certificate",
+        env = "FREEZEFRAME_EXPORT_CLIENT_CERTIFICATE"
+    )]
+    pub client_certificate: Option<PathBuf>,
+    /// PEM private key of the client certificate ([export] client_key).
+    #[arg(long = "export-client-key", env = "FREEZEFRAME_EXPORT_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// For a gRPC endpoint given without a scheme: plain text instead of TLS ([export] insecure).
+    #[arg(long = "export-insecure", env = "FREEZEFRAME_EXPORT_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Saved captures: the profile.pb.gz of a capture directory, or any
+    /// pprof freezeframe wrote.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The sidecar's config file, for its [export] settings.
+    #[arg(long, short, env = "FREEZEFRAME_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Give up on a file the backend keeps refusing for this long.
+    #[arg(long, env = "FREEZEFRAME_EXPORT_DEADLINE", default_value = "1m", value_parser = parse_duration)]
+    pub deadline: Duration,
+    #[command(flatten)]
+    pub otlp: OtlpOverrides,
 }
 
 #[derive(Debug, Args)]

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::capture::recorder::RecorderMode;
-use crate::cli::RunOverrides;
+use crate::cli::{OtlpOverrides, RunOverrides};
+use crate::export::otlp::settings::{self as otlp_settings, Compression, OtlpSettings, Protocol};
 use crate::ingest::ReceiverConfig;
 use crate::trigger::{Rule, RuleConfig, RuleError};
 
@@ -33,6 +34,14 @@ pub enum ConfigError {
     DuplicateRule(String),
     #[error("[receiver] max_request_bytes = {0}: must be between 1 KiB and 256 MiB")]
     RequestLimit(usize),
+    #[error("[export] link_grace = {0:?}: at most {max:?}; spans older than that may already be forgotten", max = defaults::MAX_LINK_GRACE)]
+    LinkGraceTooLong(Duration),
+    #[error("[export] spool_max_bytes = {0}: must be at least 64 KiB to hold one profile")]
+    SpoolTooSmall(u64),
+    #[error("[export] headers: {0}")]
+    Header(String),
+    #[error(transparent)]
+    Otlp(#[from] otlp_settings::SettingsError),
 }
 
 /// The resolved configuration of `freezeframe run`.
@@ -69,8 +78,17 @@ pub struct Telemetry {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Export {
-    /// Where captures are written: `<id>/profile.pb.gz`, ..., `captures.jsonl`.
+    /// Where captures are written: `<id>/profile.pb.gz`, ..., `captures.jsonl`,
+    /// and the delivery spool, `spool/`.
     pub directory: PathBuf,
+    /// The OTLP profiles exporter; `None` when no endpoint is configured
+    /// anywhere (captures then go to files only).
+    pub otlp: Option<OtlpSettings>,
+    /// How long a finished capture waits for the spans of the requests it
+    /// froze before it is linked and exported.
+    pub link_grace: Duration,
+    /// The delivery spool's size budget; the oldest go first beyond it.
+    pub spool_max_bytes: u64,
 }
 
 /// The file's shape. Every section and key is optional; unknown keys are
@@ -121,6 +139,20 @@ struct TelemetryFile {
 #[serde(deny_unknown_fields, default)]
 struct ExportFile {
     directory: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
+    protocol: Option<Protocol>,
+    /// Sent with every export request, e.g. `{ "x-scope-orgid" = "ops" }`.
+    headers: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(with = "duration_text")]
+    timeout: Option<Duration>,
+    compression: Option<Compression>,
+    certificate: Option<PathBuf>,
+    client_certificate: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    insecure: Option<bool>,
+    #[serde(with = "duration_text")]
+    link_grace: Option<Duration>,
+    spool_max_bytes: Option<u64>,
 }
 
 /// Defaults, as documented in the README.
@@ -134,6 +166,12 @@ pub mod defaults {
     pub const MIN_BLOCK: Duration = Duration::from_millis(1);
     pub const TELEMETRY: &str = "127.0.0.1:9464";
     pub const DIRECTORY: &str = "/var/lib/freezeframe";
+    pub const LINK_GRACE: Duration = Duration::from_secs(10);
+    /// Spans are kept two minutes after they arrive; waiting longer than
+    /// half that could find the early ones gone.
+    pub const MAX_LINK_GRACE: Duration = Duration::from_secs(60);
+    pub const SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
+    pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
 }
 
 /// Durations written as text ("30s", "500ms").
@@ -179,6 +217,15 @@ impl std::fmt::Display for Config {
         )?;
         writeln!(f, "telemetry: http://{}/metrics", self.telemetry.listen)?;
         writeln!(f, "export:   {}", self.export.directory.display())?;
+        match &self.export.otlp {
+            Some(otlp) => writeln!(
+                f,
+                "otlp:     {otlp}; linked after {}, spool up to {} bytes",
+                humantime::format_duration(self.export.link_grace),
+                self.export.spool_max_bytes
+            )?,
+            None => writeln!(f, "otlp:     off (no endpoint configured)")?,
+        }
         writeln!(f, "rules:    {}", self.rules.len())?;
         for rule in &self.rules {
             writeln!(f, "  {rule}")?;
@@ -188,8 +235,18 @@ impl std::fmt::Display for Config {
 }
 
 impl Config {
-    /// Reads `path` (if given) and applies `overrides` on top.
+    /// Reads `path` (if given) and applies `overrides` on top; the `OTEL_*`
+    /// exporter variables come from the process environment.
     pub fn load(path: Option<&Path>, overrides: &RunOverrides) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, overrides, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the `OTEL_*` variables looked up in `env`.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        overrides: &RunOverrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -203,14 +260,18 @@ impl Config {
             }
             None => File::default(),
         };
-        Self::resolve(file, overrides)
+        Self::resolve(file, overrides, env)
     }
 
     fn parse(text: &str) -> Result<File, String> {
         toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
     }
 
-    fn resolve(file: File, overrides: &RunOverrides) -> Result<Config, ConfigError> {
+    fn resolve(
+        file: File,
+        overrides: &RunOverrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let parse_default = |text: &str| {
             text.parse::<SocketAddr>()
                 .expect("defaults are valid addresses")
@@ -291,13 +352,73 @@ impl Config {
                     .or(file.telemetry.listen)
                     .unwrap_or_else(|| parse_default(defaults::TELEMETRY)),
             },
-            export: Export {
-                directory: overrides
-                    .directory
-                    .clone()
-                    .or(file.export.directory)
-                    .unwrap_or_else(|| PathBuf::from(defaults::DIRECTORY)),
-            },
+            export: resolve_export(file.export, overrides, env)?,
         })
     }
+}
+
+/// `[export]`: flag, `FREEZEFRAME_EXPORT_*`, file; then, for the OTLP
+/// exporter, the `OTEL_EXPORTER_OTLP_*` variables (see
+/// [`otlp_settings::resolve`]).
+fn resolve_export(
+    file: ExportFile,
+    run: &RunOverrides,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Export, ConfigError> {
+    let overrides: &OtlpOverrides = &run.otlp;
+    let headers = if overrides.headers.is_empty() {
+        file.headers.map(|table| {
+            table
+                .into_iter()
+                .map(|(key, value)| (key.to_ascii_lowercase(), value))
+                .collect()
+        })
+    } else {
+        Some(
+            overrides
+                .headers
+                .iter()
+                .map(|pair| otlp_settings::parse_header(pair))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ConfigError::Header)?,
+        )
+    };
+    let explicit = otlp_settings::Explicit {
+        endpoint: overrides.otlp_endpoint.clone().or(file.otlp_endpoint),
+        protocol: overrides.protocol.or(file.protocol),
+        headers,
+        timeout: overrides.timeout.or(file.timeout),
+        compression: overrides.compression.or(file.compression),
+        certificate: overrides.certificate.clone().or(file.certificate),
+        client_certificate: overrides
+            .client_certificate
+            .clone()
+            .or(file.client_certificate),
+        client_key: overrides.client_key.clone().or(file.client_key),
+        insecure: overrides.insecure.or(file.insecure),
+    };
+    let link_grace = run
+        .link_grace
+        .or(file.link_grace)
+        .unwrap_or(defaults::LINK_GRACE);
+    if link_grace > defaults::MAX_LINK_GRACE {
+        return Err(ConfigError::LinkGraceTooLong(link_grace));
+    }
+    let spool_max_bytes = run
+        .spool_max_bytes
+        .or(file.spool_max_bytes)
+        .unwrap_or(defaults::SPOOL_MAX_BYTES);
+    if spool_max_bytes < defaults::MIN_SPOOL_BYTES {
+        return Err(ConfigError::SpoolTooSmall(spool_max_bytes));
+    }
+    Ok(Export {
+        directory: run
+            .directory
+            .clone()
+            .or(file.directory)
+            .unwrap_or_else(|| PathBuf::from(defaults::DIRECTORY)),
+        otlp: otlp_settings::resolve(explicit, env)?,
+        link_grace,
+        spool_max_bytes,
+    })
 }

@@ -8,9 +8,16 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
-use freezeframe::cli::{CaptureArgs, CheckConfigArgs, Cli, Command, ReportArgs, RunArgs, Views};
+use freezeframe::cli::{
+    CaptureArgs, CheckConfigArgs, Cli, Command, ExportArgs, ReportArgs, RunArgs, RunOverrides,
+    Views,
+};
 use freezeframe::config::Config;
 use freezeframe::encode::{flamegraph, folded, pprof};
+use freezeframe::export::delivery::{deliver, Delivered};
+use freezeframe::export::otlp::Exporter;
+use freezeframe::export::retry::Backoff;
+use freezeframe::export::{host_name, random_id, saved};
 use freezeframe::preflight;
 use freezeframe::profile::Profile;
 use freezeframe::report;
@@ -30,6 +37,7 @@ fn main() {
         Command::Report(args) => report(args),
         Command::Run(args) => run(args),
         Command::CheckConfig(args) => check_config(args),
+        Command::Export(args) => export(args),
     };
     if let Err(err) = outcome {
         eprintln!("freezeframe: {err:#}");
@@ -105,6 +113,107 @@ fn run(args: RunArgs) -> Result<()> {
 fn check_config(args: CheckConfigArgs) -> Result<()> {
     let config = Config::load(Some(&args.file), &args.overrides)?;
     print!("{config}");
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let overrides = RunOverrides {
+        otlp: args.otlp.clone(),
+        ..RunOverrides::default()
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let Some(otlp) = config.export.otlp else {
+        bail!(
+            "no OTLP endpoint is configured: pass --export-otlp-endpoint, or set [export] \
+             otlp_endpoint or OTEL_EXPORTER_OTLP_ENDPOINT"
+        );
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let host = host_name();
+    let failures = runtime.block_on(async {
+        let exporter = Exporter::new(&otlp)?;
+        let mut failures = 0usize;
+        for file in &args.files {
+            let saved = match saved::request_from_file(
+                file,
+                |name| std::env::var(name).ok(),
+                host.as_deref(),
+                random_id(),
+            ) {
+                Ok(saved) => saved,
+                Err(err) => {
+                    eprintln!("freezeframe: {err}");
+                    failures += 1;
+                    continue;
+                }
+            };
+            if !saved.recorded {
+                eprintln!(
+                    "freezeframe: {}: no record in captures.jsonl next to it; sending without the rule and the application's resource",
+                    file.display()
+                );
+            }
+            let deadline = tokio_util::sync::CancellationToken::new();
+            let timer = {
+                let deadline = deadline.clone();
+                let within = args.deadline;
+                tokio::spawn(async move {
+                    tokio::time::sleep(within).await;
+                    deadline.cancel();
+                })
+            };
+            let delivered = deliver(
+                &exporter,
+                saved.request.into(),
+                Backoff::default(),
+                &deadline,
+                |reason, delay, attempt| {
+                    eprintln!(
+                        "freezeframe: {}: attempt {} failed ({reason}); retrying in {}",
+                        file.display(),
+                        attempt + 1,
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                    )
+                },
+            )
+            .await;
+            timer.abort();
+            match delivered {
+                Some(Delivered::Accepted { rejected: 0, .. }) => {
+                    println!("{}: delivered to {}", file.display(), otlp.endpoint)
+                }
+                Some(Delivered::Accepted { rejected, message }) => {
+                    eprintln!(
+                        "freezeframe: {}: the backend rejected {rejected} profile(s): {message}",
+                        file.display()
+                    );
+                    failures += 1;
+                }
+                Some(Delivered::Rejected { reason }) => {
+                    eprintln!("freezeframe: {}: refused: {reason}", file.display());
+                    failures += 1;
+                }
+                None => {
+                    eprintln!(
+                        "freezeframe: {}: not delivered within {}",
+                        file.display(),
+                        humantime::format_duration(args.deadline)
+                    );
+                    failures += 1;
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(failures)
+    })?;
+    if failures > 0 {
+        bail!(
+            "{failures} of {} file(s) were not delivered",
+            args.files.len()
+        );
+    }
     Ok(())
 }
 

@@ -4,6 +4,10 @@
 //! Stacks are stored leaf first, as pprof wants them. Frames and mappings are
 //! plain owned data; deduplication into string, function and location tables
 //! is the encoders' business.
+//!
+//! A sample may say *when* its time was spent ([`Sample::timeline`]) and
+//! which request it held up (the `trace_id`/`span_id` labels, see
+//! [`SampleLabels::span_link`]): OTLP profiles carry both, pprof the labels.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -32,6 +36,39 @@ pub struct Sample {
     /// How many separate blocks the time is made of.
     pub count: u64,
     pub labels: SampleLabels,
+    /// When the time was spent, oldest first, at the resolution the capture
+    /// was cut in (the flight recorder's tick). The slices sum to
+    /// `blocked_ns`. Empty when unknown: a one-shot capture, a saved pprof.
+    pub timeline: Vec<TimeSlice>,
+}
+
+/// Blocked time of one sample within one stretch of the capture window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeSlice {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub blocked_ns: u64,
+    /// Blocks first seen in this slice (a block spanning slices counts once,
+    /// in the first).
+    pub count: u64,
+}
+
+impl TimeSlice {
+    pub fn end(&self) -> SystemTime {
+        self.start + self.duration
+    }
+}
+
+/// Label keys under which a sample names the span it held up: the labels
+/// Pyroscope's span profiles use, lowercase hex.
+pub const TRACE_ID_LABEL: &str = "trace_id";
+pub const SPAN_ID_LABEL: &str = "span_id";
+
+/// A span a sample is linked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpanLink {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -154,5 +191,85 @@ pub struct Mapping {
 impl Profile {
     pub fn total_blocked_ns(&self) -> u64 {
         self.samples.iter().map(|sample| sample.blocked_ns).sum()
+    }
+}
+
+impl SampleLabels {
+    /// The span this sample is linked to, when both id labels are present
+    /// and well formed.
+    pub fn span_link(&self) -> Option<SpanLink> {
+        let label = |key: &str| {
+            self.extra
+                .iter()
+                .find(|(name, _)| name == key)
+                .map(|(_, value)| value.as_str())
+        };
+        Some(SpanLink {
+            trace_id: parse_hex(label(TRACE_ID_LABEL)?)?,
+            span_id: parse_hex(label(SPAN_ID_LABEL)?)?,
+        })
+    }
+
+    /// Links the sample to `link`, replacing any link it had.
+    pub fn set_span_link(&mut self, link: SpanLink) {
+        self.extra
+            .retain(|(key, _)| key != TRACE_ID_LABEL && key != SPAN_ID_LABEL);
+        self.extra
+            .push((TRACE_ID_LABEL.to_string(), hex(&link.trace_id)));
+        self.extra
+            .push((SPAN_ID_LABEL.to_string(), hex(&link.span_id)));
+    }
+}
+
+/// Lowercase hex, the way W3C trace context and Pyroscope write ids.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Parses exactly `N` bytes of hex; `None` for anything else, including an
+/// all-zero id, which OTLP and W3C define as invalid.
+pub fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N || !text.is_ascii() {
+        return None;
+    }
+    let mut bytes = [0u8; N];
+    for (index, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
+    }
+    bytes.iter().any(|&byte| byte != 0).then_some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_links_round_trip_through_labels() {
+        let mut labels = SampleLabels {
+            extra: vec![
+                ("lock".into(), "mmap_lock".into()),
+                (TRACE_ID_LABEL.into(), "stale".into()),
+            ],
+            ..SampleLabels::default()
+        };
+        assert_eq!(labels.span_link(), None);
+        let link = SpanLink {
+            trace_id: [0xab; 16],
+            span_id: [0x01; 8],
+        };
+        labels.set_span_link(link);
+        assert_eq!(labels.span_link(), Some(link));
+        assert_eq!(labels.extra[0].0, "lock");
+        assert_eq!(labels.extra.len(), 3);
+        assert_eq!(labels.extra[2].1, "0101010101010101");
+    }
+
+    #[test]
+    fn ids_must_be_whole_and_nonzero() {
+        assert_eq!(parse_hex::<2>("0aFf"), Some([0x0a, 0xff]));
+        assert_eq!(parse_hex::<2>("0aF"), None);
+        assert_eq!(parse_hex::<2>("0aFg"), None);
+        assert_eq!(parse_hex::<2>("0000"), None);
+        assert_eq!(parse_hex::<2>("é0a"), None);
     }
 }

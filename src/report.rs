@@ -367,6 +367,7 @@ mod tests {
                 state,
                 extra: Vec::new(),
             },
+            timeline: Vec::new(),
         }
     }
 

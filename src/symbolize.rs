@@ -247,6 +247,7 @@ impl Symbolizer {
                 state: stack.state,
                 extra: stack.lock.map(lock_labels).unwrap_or_default(),
             },
+            timeline: stack.timeline.clone(),
         }
     }
 
@@ -509,6 +510,7 @@ mod tests {
             lock: None,
             blocked_ns: 1,
             count: 1,
+            timeline: Vec::new(),
         }
     }
 

@@ -69,6 +69,12 @@ const CAPTURE_DURATION_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.
 /// Bucket bounds of `CAPTURE_SAMPLES`: a quiet process has a handful of
 /// distinct stacks, a thread pool thousands.
 const CAPTURE_SAMPLES_BUCKETS: [f64; 5] = [1.0, 10.0, 100.0, 1000.0, 10000.0];
+/// Bucket bounds of `LINKED_REQUESTS`: none, one request frozen, a pool's worth.
+const LINKED_REQUESTS_BUCKETS: [f64; 7] = [0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0];
+pub const EXPORTS: &str = "freezeframe_export_total";
+pub const SPOOL_BYTES: &str = "freezeframe_spool_bytes";
+pub const SPOOL_FILES: &str = "freezeframe_spool_files";
+pub const LINKED_REQUESTS: &str = "freezeframe_capture_linked_requests";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -102,6 +108,12 @@ fn builder() -> Result<PrometheusBuilder, TelemetryError> {
             builder.set_buckets_for_metric(
                 Matcher::Full(CAPTURE_SAMPLES.into()),
                 &CAPTURE_SAMPLES_BUCKETS,
+            )
+        })
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(LINKED_REQUESTS.into()),
+                &LINKED_REQUESTS_BUCKETS,
             )
         })
         .map_err(|err| TelemetryError::Install(err.to_string()))
@@ -162,6 +174,23 @@ fn describe() {
         SERIES_REFUSED,
         "New series refused because the series limit was reached."
     );
+    describe_counter!(
+        EXPORTS,
+        "OTLP profile exports by exporter and outcome (queued, delivered, partial, retried, rejected, dropped)."
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes of export requests waiting in the delivery spool."
+    );
+    describe_gauge!(
+        SPOOL_FILES,
+        "Export requests waiting in the delivery spool."
+    );
+    describe_histogram!(
+        LINKED_REQUESTS,
+        "Requests (spans) each exported capture's samples were linked to."
+    );
 }
 
 /// Label values that only the configuration or other stages know.
@@ -172,6 +201,9 @@ pub struct StartupLabels<'a> {
     pub capture_outcomes: &'a [&'static str],
     /// Every BPF map whose drops are counted (`BPF_DROPS`).
     pub bpf_maps: &'a [&'static str],
+    /// The OTLP exporter's label and every delivery outcome (`EXPORTS`),
+    /// when one is configured.
+    pub exporter: Option<(&'static str, &'a [&'static str])>,
 }
 
 /// Registers every series whose labels are known now, at zero (or NaN for
@@ -220,6 +252,14 @@ pub fn register_startup_series(labels: &StartupLabels) {
         for &outcome in &FRAME_OUTCOMES {
             counter!(SYMBOLIZE_FRAMES, "kind" => kind, "outcome" => outcome).absolute(0);
         }
+    }
+    drop(histogram!(LINKED_REQUESTS));
+    if let Some((exporter, outcomes)) = labels.exporter {
+        for &outcome in outcomes {
+            counter!(EXPORTS, "exporter" => exporter, "outcome" => outcome).absolute(0);
+        }
+        gauge!(SPOOL_BYTES).set(0.0);
+        gauge!(SPOOL_FILES).set(0.0);
     }
 }
 
@@ -307,6 +347,7 @@ mod tests {
                 rules: &["slow".to_string()],
                 capture_outcomes: &["captured", "failed"],
                 bpf_maps: &["starts"],
+                exporter: Some(("otlp_grpc", &["queued", "delivered"])),
             });
         });
         handle.render()

@@ -13,7 +13,9 @@ fn config_file(name: &str, text: &str) -> PathBuf {
 fn check(file: &PathBuf, env: &[(&str, &str)], flags: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_freezeframe"));
     command.arg("check-config").arg(file).args(flags);
-    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("FREEZEFRAME_")) {
+    let inherited = std::env::vars()
+        .filter(|(key, _)| key.starts_with("FREEZEFRAME_") || key.starts_with("OTEL_"));
+    for (key, _) in inherited {
         command.env_remove(key);
     }
     command.envs(env.iter().copied());
@@ -107,4 +109,123 @@ fn mistakes_are_named() {
         let message = String::from_utf8_lossy(&output.stderr);
         assert!(message.contains(expected), "{name}: {message}");
     }
+}
+
+/// The `otlp:` line `check-config` prints.
+fn otlp_line(output: &Output) -> String {
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text.lines()
+        .find(|line| line.starts_with("otlp:"))
+        .unwrap_or_else(|| panic!("no otlp line in {text}"))
+        .to_string()
+}
+
+#[test]
+fn exporter_settings_take_flags_then_freezeframe_then_file_then_otel_variables() {
+    let bare = config_file(
+        "export-bare.toml",
+        "[export]\ndirectory = \"/srv/captures\"\n",
+    );
+    let with_endpoint = config_file(
+        "export-file.toml",
+        "[export]\notlp_endpoint = \"http://file:4317\"\ntimeout = \"4s\"\n",
+    );
+    assert!(otlp_line(&check(&bare, &[], &[])).contains("off"));
+
+    let generic = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-scope-orgid=generic"),
+    ];
+    let line = otlp_line(&check(&bare, &generic, &[]));
+    assert!(
+        line.contains("over http/protobuf to http://generic:4318/v1development/profiles"),
+        "{line}"
+    );
+    assert!(line.contains("timeout 2s 500ms"), "{line}");
+    assert!(
+        line.contains("headers x-scope-orgid (values hidden)"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("generic,"),
+        "header values never print: {line}"
+    );
+
+    let signal = [
+        generic.as_slice(),
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT",
+                "http://signal:4040/custom",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROFILES_TIMEOUT", "1500"),
+        ],
+    ]
+    .concat();
+    let line = otlp_line(&check(&bare, &signal, &[]));
+    assert!(line.contains("to http://signal:4040/custom,"), "{line}");
+    assert!(line.contains("timeout 1s 500ms"), "{line}");
+
+    let line = otlp_line(&check(&with_endpoint, &signal, &[]));
+    assert!(
+        line.contains("over http/protobuf to http://file:4317/v1development/profiles"),
+        "the file beats the OTEL variables: {line}"
+    );
+    assert!(line.contains("timeout 4s"), "{line}");
+
+    let ours = [
+        signal.as_slice(),
+        &[
+            ("FREEZEFRAME_EXPORT_OTLP_ENDPOINT", "http://ours:4317"),
+            ("FREEZEFRAME_EXPORT_PROTOCOL", "grpc"),
+        ],
+    ]
+    .concat();
+    let line = otlp_line(&check(&with_endpoint, &ours, &[]));
+    assert!(line.contains("over grpc to http://ours:4317,"), "{line}");
+
+    let line = otlp_line(&check(
+        &with_endpoint,
+        &ours,
+        &[
+            "--export-otlp-endpoint",
+            "http://flag:4317",
+            "--export-timeout",
+            "9s",
+        ],
+    ));
+    assert!(line.contains("over grpc to http://flag:4317,"), "{line}");
+    assert!(line.contains("timeout 9s"), "{line}");
+}
+
+#[test]
+fn exporter_mistakes_are_named() {
+    let bare = config_file("export-mistakes.toml", "[export]\nlink_grace = \"5m\"\n");
+    let output = check(&bare, &[], &[]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("link_grace"),
+        "{output:?}"
+    );
+
+    let fine = config_file("export-fine.toml", "");
+    let output = check(
+        &fine,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION", "brotli"),
+        ],
+        &[],
+    );
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION = \"brotli\": use gzip or none"),
+        "{message}"
+    );
 }

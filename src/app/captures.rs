@@ -1,6 +1,7 @@
 //! Turns firings into captures: one capture per target at a time, each
 //! asked of the flight recorder from the breach's start, symbolized while
-//! the target lives, written out, and logged in `captures.jsonl`.
+//! the target lives, written out, logged in `captures.jsonl`, and handed to
+//! the export stage.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use crate::symbolize::SymbolizerThread;
 use crate::telemetry;
 use crate::trigger::{Cause, Condition, Engine, Firing, Rule};
 
+use super::exports::{self, Exports, Finished};
 use super::targets::Tracker;
 
 #[derive(Clone)]
@@ -30,6 +32,7 @@ struct Inner {
     history: Duration,
     targets: Tracker,
     symbolizer: SymbolizerThread,
+    exports: Exports,
     /// Targets being captured now.
     busy: Mutex<HashSet<u32>>,
     /// Off-CPU time of all captures so far. The counter takes whole
@@ -44,6 +47,7 @@ impl Captures {
         sink: FileSink,
         history: Duration,
         targets: Tracker,
+        exports: Exports,
     ) -> std::io::Result<Self> {
         Ok(Captures {
             inner: Arc::new(Inner {
@@ -52,6 +56,7 @@ impl Captures {
                 history,
                 targets,
                 symbolizer: SymbolizerThread::start()?,
+                exports,
                 busy: Mutex::new(HashSet::new()),
                 blocked_ns: AtomicU64::new(0),
             }),
@@ -88,9 +93,12 @@ impl Captures {
         while running.try_join_next().is_some() {}
         // Blocking: waiting on the recorder and symbolizing take seconds.
         running.spawn_blocking(move || {
-            let event = inner.capture(&capture_id, &firing, pid);
+            let (event, finished) = inner.capture(&capture_id, &firing, pid);
             inner.busy.lock().expect("busy set").remove(&pid);
             inner.record(event);
+            if let Some(finished) = finished {
+                inner.exports.submit(finished);
+            }
         });
     }
 
@@ -105,7 +113,14 @@ impl Captures {
 }
 
 impl Inner {
-    fn capture(&self, capture_id: &str, firing: &Firing, pid: u32) -> CaptureEvent {
+    /// Captures, symbolizes and writes; the profile goes on to export.
+    fn capture(
+        &self,
+        capture_id: &str,
+        firing: &Firing,
+        pid: u32,
+    ) -> (CaptureEvent, Option<Finished>) {
+        let failed = |error: String| (CaptureEvent::failed(capture_id, firing, pid, error), None);
         let now = SystemTime::now();
         // From the breach's start, as far back as the recorder remembers.
         let from = firing
@@ -124,14 +139,16 @@ impl Inner {
         });
         let window = match window {
             Ok(window) => window,
-            Err(err) => return CaptureEvent::failed(capture_id, firing, pid, err.to_string()),
+            Err(err) => return failed(err.to_string()),
         };
         let duration = window.duration;
         let start = window.start;
         let mut profile = match self.symbolizer.profile(window) {
             Ok(profile) => profile,
-            Err(err) => return CaptureEvent::failed(capture_id, firing, pid, err.to_string()),
+            Err(err) => return failed(err.to_string()),
         };
+        // Read now, while the target surely lives.
+        let process = exports::process_facts(pid);
         profile
             .comments
             .push(format!("rule {}: {}", firing.rule, describe(firing)));
@@ -141,7 +158,7 @@ impl Inner {
         ));
         let directory = match self.sink.write_profile(capture_id, &profile) {
             Ok(directory) => directory,
-            Err(err) => return CaptureEvent::failed(capture_id, firing, pid, err.to_string()),
+            Err(err) => return failed(err.to_string()),
         };
 
         let blocked_ns = profile.total_blocked_ns();
@@ -161,7 +178,13 @@ impl Inner {
         });
         event.blocked_seconds = Some(blocked_seconds);
         event.directory = Some(directory);
-        event
+        let finished = Finished {
+            capture_id: capture_id.to_string(),
+            firing: firing.clone(),
+            profile,
+            process,
+        };
+        (event, Some(finished))
     }
 
     fn record(&self, event: CaptureEvent) {
@@ -356,6 +379,7 @@ mod tests {
             blocked_ns: 1,
             count: 1,
             labels: SampleLabels::default(),
+            timeline: Vec::new(),
         };
         let profile = Profile {
             start: SystemTime::UNIX_EPOCH,

@@ -2,10 +2,13 @@
 //! ingest -> trigger -> capture (flight recorder) -> symbolize -> export.
 //!
 //! Shutdown goes in the order data flows: the receivers stop first, the
-//! trigger loop ends, captures in flight are cut short and written, and the
-//! probe is detached last.
+//! trigger loop ends, captures in flight are cut short and written, held
+//! captures are linked and spooled, delivery gets a last few seconds, and
+//! the probe is detached last.
 
 pub mod captures;
+pub mod evidence;
+pub mod exports;
 pub mod probe;
 pub mod targets;
 
@@ -20,12 +23,17 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::recorder::{Recorder, RecorderConfig};
 use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
+use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
+use crate::export::otlp::Exporter;
+use crate::export::retry::Backoff;
 use crate::ingest::{self, SpanStore};
 use crate::signals::MetricBatch;
 use crate::telemetry::{self, Readiness};
 use crate::trigger::{Condition, Engine};
 use captures::Captures;
+use evidence::ExemplarStore;
+use exports::Exports;
 use probe::ProbeTarget;
 
 /// How often the flight recorder cuts a window: the resolution of a
@@ -41,6 +49,12 @@ const MAX_SERIES: usize = 10_000;
 /// Finished spans kept for linking captures to the requests they froze.
 const SPAN_CAPACITY: usize = 50_000;
 const SPAN_RETENTION: Duration = Duration::from_secs(120);
+/// Metric points whose exemplars are kept for linking, at most; each is a
+/// handful of exemplars. Kept as long as spans.
+const EXEMPLAR_POINTS: usize = 20_000;
+/// At shutdown, how long delivery may go on once every capture is spooled;
+/// what is not delivered by then is sent at the next start.
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 /// Processes learned from `process.pid` resource attributes, at most.
 const MAX_LEARNED_TARGETS: usize = 64;
 
@@ -53,6 +67,12 @@ pub async fn run(config: Config) -> Result<()> {
         rules: &rule_names,
         capture_outcomes: &captures::CAPTURE_OUTCOMES.map(captures::outcome_label),
         bpf_maps: &DropCounts::default().by_map().map(|(map, _)| map),
+        exporter: config.export.otlp.as_ref().map(|otlp| {
+            (
+                otlp.protocol.exporter_label(),
+                crate::export::delivery::outcome::ALL.as_slice(),
+            )
+        }),
     });
     for rule in &config.rules {
         metrics::gauge!(telemetry::TRIGGER_THRESHOLD, "rule" => rule.name.clone())
@@ -88,8 +108,35 @@ pub async fn run(config: Config) -> Result<()> {
         .refresh()
         .context("cannot watch the configured target")?;
 
+    let delivery = match &config.export.otlp {
+        Some(otlp) => {
+            let exporter = Exporter::new(otlp).context("cannot set up the OTLP exporter")?;
+            let spool = config.export.directory.join("spool");
+            tracing::info!(spool = %spool.display(), "exporting {otlp}");
+            Some(
+                Delivery::open(
+                    &spool,
+                    config.export.spool_max_bytes,
+                    exporter,
+                    otlp.protocol.exporter_label(),
+                    Backoff::default(),
+                )
+                .context("cannot start OTLP delivery")?,
+            )
+        }
+        None => None,
+    };
+
     let (metric_sender, mut metric_batches) = mpsc::channel::<MetricBatch>(METRIC_QUEUE);
     let spans = Arc::new(SpanStore::new(SPAN_CAPACITY, SPAN_RETENTION));
+    let exemplars = Arc::new(ExemplarStore::new(EXEMPLAR_POINTS, SPAN_RETENTION));
+    let exports = Exports::new(
+        sink.clone(),
+        Arc::clone(&spans),
+        Arc::clone(&exemplars),
+        config.export.link_grace,
+        delivery,
+    );
     let receivers_stop = shutdown.child_token();
     let receivers = ingest::serve(
         config.receiver.clone(),
@@ -115,6 +162,7 @@ pub async fn run(config: Config) -> Result<()> {
         sink,
         config.recorder.history,
         targets.clone(),
+        exports.clone(),
     )
     .context("cannot start the symbolizer thread")?;
     let (probe_sender, mut probe_results) = mpsc::channel(64);
@@ -163,6 +211,7 @@ pub async fn run(config: Config) -> Result<()> {
                 for point in &batch.points {
                     engine.observe(point, batch.received_at);
                 }
+                exemplars.record(&batch);
                 if config.target == Target::FromResource && learned.len() < MAX_LEARNED_TARGETS {
                     targets.learn_from(&batch, &mut learned);
                 }
@@ -192,6 +241,7 @@ pub async fn run(config: Config) -> Result<()> {
         tracing::warn!("receivers stopped with an error: {err}");
     }
     captures.finish().await;
+    exports.finish(DELIVERY_GRACE).await;
     shutdown.cancel();
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 pub use bpf::{Features, Hook};
 use libbpf_rs::OpenObject;
 
-use crate::profile::ThreadState;
+use crate::profile::{ThreadState, TimeSlice};
 use ledger::Ledger;
 
 /// Storage the loaded BPF object lives in; the caller owns it so that a
@@ -241,6 +241,9 @@ pub struct BlockedStack {
     pub lock: Option<LockWait>,
     pub blocked_ns: u64,
     pub count: u64,
+    /// When the time was spent, per window merged into this one; empty for
+    /// a window cut straight from the tracer (it is one slice itself).
+    pub timeline: Vec<TimeSlice>,
 }
 
 /// The off-CPU time of one period, as cut out of a running probe.
@@ -403,6 +406,7 @@ impl<'obj> Tracer<'obj> {
                 lock: key.lock,
                 blocked_ns,
                 count,
+                timeline: Vec::new(),
             });
         }
         let window = Window {

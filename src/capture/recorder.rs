@@ -16,7 +16,7 @@ use super::{
     BlockedStack, CaptureConfig, CaptureError, DropCounts, LockWait, ProbeStorage, Stack, Tracer,
     Window,
 };
-use crate::profile::ThreadState;
+use crate::profile::{ThreadState, TimeSlice};
 
 /// When the probe is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -199,13 +199,24 @@ fn merge(windows: &[&Window], target: u32) -> Window {
                 stack.user_ips.clone(),
                 stack.lock,
             );
+            // Windows come oldest first, so each timeline stays in order.
+            let slice = TimeSlice {
+                start: window.start,
+                duration: window.duration,
+                blocked_ns: stack.blocked_ns,
+                count: stack.count,
+            };
             totals
                 .entry(identity)
                 .and_modify(|total| {
                     total.blocked_ns += stack.blocked_ns;
                     total.count += stack.count;
+                    total.timeline.push(slice);
                 })
-                .or_insert_with(|| stack.clone());
+                .or_insert_with(|| BlockedStack {
+                    timeline: vec![slice],
+                    ..stack.clone()
+                });
         }
     }
     let mut drops = DropCounts::default();
@@ -433,6 +444,7 @@ mod tests {
             lock: None,
             blocked_ns: blocked_ms * 1_000_000,
             count: 1,
+            timeline: Vec::new(),
         }
     }
 
@@ -470,6 +482,17 @@ mod tests {
             .collect();
         totals.sort();
         assert_eq!(totals, vec![(11, 3000, 3), (12, 900, 3)]);
+        let futex_thread = cut.stacks.iter().find(|s| s.tid == 11).unwrap();
+        let slices: Vec<(SystemTime, u64)> = futex_thread
+            .timeline
+            .iter()
+            .map(|slice| (slice.start, slice.blocked_ns / 1_000_000))
+            .collect();
+        assert_eq!(
+            slices,
+            vec![(at(1), 1000), (at(2), 1000), (at(3), 1000)],
+            "the merge remembers when each part of the time was spent"
+        );
     }
 
     #[test]

@@ -61,6 +61,7 @@ mod tests {
                     thread_name: "worker".to_string(),
                     ..Default::default()
                 },
+                timeline: Vec::new(),
             }],
             mappings: Vec::new(),
             comments: Vec::new(),

@@ -99,6 +99,7 @@ mod tests {
                 thread_name: thread_name.to_string(),
                 ..SampleLabels::default()
             },
+            timeline: Vec::new(),
         }
     }
 

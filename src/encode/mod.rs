@@ -4,6 +4,8 @@
 //!   the OTLP `original_payload`; it also decodes, for `freezeframe report`.
 //! - [`folded`]: Brendan Gregg's folded stacks, for flamegraph tooling.
 //! - [`flamegraph`]: an interactive SVG drawn from the folded stacks.
+//! - [`otlp`]: an OTLP profiles export request, for Pyroscope and the
+//!   OpenTelemetry Collector.
 //!
 //! [`Profile`]: crate::profile::Profile
 
@@ -11,6 +13,7 @@ use std::io;
 
 pub mod flamegraph;
 pub mod folded;
+pub mod otlp;
 pub mod pprof;
 
 /// Why a profile could not be encoded, or a saved pprof could not be read.

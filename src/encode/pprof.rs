@@ -705,6 +705,8 @@ impl<'a> Decoder<'a> {
             blocked_ns: non_negative("sample.value", sample.value[self.blocked_ns_position])?,
             count: non_negative("sample.value", sample.value[self.count_position])?,
             labels: self.labels(&sample.label)?,
+            // pprof has no place for it.
+            timeline: Vec::new(),
         })
     }
 
@@ -868,6 +870,7 @@ mod tests {
                             ("span_id".to_string(), "00f067aa0ba902b7".to_string()),
                         ],
                     },
+                    timeline: Vec::new(),
                 },
                 ModelSample {
                     stack: sleep_stack,
@@ -880,6 +883,7 @@ mod tests {
                         state: ThreadState::Runnable,
                         extra: Vec::new(),
                     },
+                    timeline: Vec::new(),
                 },
                 ModelSample {
                     stack: read_stack,
@@ -892,6 +896,7 @@ mod tests {
                         state: ThreadState::Disk,
                         extra: vec![("lock".to_string(), "0xdead".to_string())],
                     },
+                    timeline: Vec::new(),
                 },
             ],
             mappings: vec![

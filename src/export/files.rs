@@ -27,6 +27,11 @@ pub enum FilesError {
     },
 }
 
+/// The pprof of a capture, in its directory.
+pub const PPROF_FILE: &str = "profile.pb.gz";
+/// The capture log, in the export directory.
+pub const CAPTURE_LOG: &str = "captures.jsonl";
+
 /// What happened to one firing, as recorded in `captures.jsonl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,7 +136,7 @@ impl FileSink {
             path: dir.clone(),
             source,
         })?;
-        write(&dir.join("profile.pb.gz"), &pprof::encode(profile))?;
+        write(&dir.join(PPROF_FILE), &pprof::encode(profile))?;
         write(
             &dir.join("stacks.folded"),
             folded::encode(profile).as_bytes(),
@@ -143,9 +148,18 @@ impl FileSink {
         Ok(dir)
     }
 
+    /// Replaces a capture's pprof (once it is linked to the requests it
+    /// froze). Atomic: a reader sees the old file or the new one.
+    pub fn replace_pprof(&self, capture_id: &str, pprof: &[u8]) -> Result<(), FilesError> {
+        let path = self.directory.join(capture_id).join(PPROF_FILE);
+        let temporary = path.with_extension("gz.tmp");
+        write(&temporary, pprof)?;
+        fs::rename(&temporary, &path).map_err(|source| FilesError::Write { path, source })
+    }
+
     /// Appends one event to `captures.jsonl`, whole lines only.
     pub fn append_event(&self, event: &CaptureEvent) -> Result<(), FilesError> {
-        let path = self.directory.join("captures.jsonl");
+        let path = self.directory.join(CAPTURE_LOG);
         let mut line = serde_json::to_vec(event).expect("capture events serialize");
         line.push(b'\n');
         let mut file = OpenOptions::new()

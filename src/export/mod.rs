@@ -1,3 +1,87 @@
-//! Where finished captures go. For now: files in the export directory.
+//! Where finished captures go: files in the export directory, and OTLP
+//! profiles to a backend.
+//!
+//! The OTLP path: [`links`] ties samples to the requests they froze,
+//! [`resource`] says whose profile it is, the encoder builds the request,
+//! and [`delivery`] sends it through the on-disk [`spool`] with the
+//! [`otlp`] exporter, retrying as [`retry`] decides.
 
+pub mod delivery;
 pub mod files;
+pub mod links;
+pub mod otlp;
+pub mod resource;
+pub mod retry;
+pub mod saved;
+pub mod spool;
+
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+/// Why exporting could not start or a request could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(
+        "cannot use the delivery spool at {path}: {source} \
+         (it lives in [export] directory, which must be writable)"
+    )]
+    Spool {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS file {path:?}: {problem} (check [export] certificate, client_certificate, client_key and the OTEL_EXPORTER_OTLP_*CERTIFICATE/KEY variables)")]
+    Tls { path: PathBuf, problem: String },
+    #[error("OTLP endpoint {endpoint}: {problem}")]
+    Endpoint { endpoint: String, problem: String },
+    #[error(transparent)]
+    Settings(#[from] otlp::settings::SettingsError),
+    #[error("cannot read {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path:?} is not a profile freezeframe can send: {source}")]
+    Decode {
+        path: PathBuf,
+        source: crate::encode::EncodeError,
+    },
+}
+
+/// The host's name, as `host.name` wants it (in a pod: the pod's name).
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+}
+
+/// A random 16-byte id, never all zero, from the standard library's
+/// randomly keyed hasher: profile ids need uniqueness, not cryptography.
+pub fn random_id() -> [u8; 16] {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut id = [0u8; 16];
+    for (half, chunk) in id.chunks_mut(8).enumerate() {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(now);
+        hasher.write_usize(half);
+        chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+    }
+    if id == [0; 16] {
+        id[15] = 1;
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_differ_and_are_valid() {
+        let (a, b) = (super::random_id(), super::random_id());
+        assert_ne!(a, b);
+        assert_ne!(a, [0; 16]);
+    }
+}

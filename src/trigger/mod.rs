@@ -23,7 +23,7 @@ pub use rules::{
     DEFAULT_COOLDOWN, DEFAULT_MAX_PER_HOUR, DEFAULT_PROBE_INTERVAL, DEFAULT_STALL_BUSY_RATE,
     DEFAULT_STALL_FRACTION,
 };
-pub use units::{Dimension, Threshold, Unit};
+pub use units::{metric_unit, Dimension, Threshold, Unit};
 
 #[cfg(test)]
 mod tests;

@@ -31,12 +31,15 @@ def require_root():
 
 
 class Sidecar:
-    """`freezeframe run` with a config written for the test."""
+    """`freezeframe run` with a config written for the test. `export` adds
+    lines to its [export] section; `env` adds environment variables. Another
+    Sidecar on the same `tmp_path` shares the export directory (and spool)."""
 
-    def __init__(self, tmp_path: Path, rules: str, mode: str = "armed"):
+    def __init__(self, tmp_path: Path, rules: str, mode: str = "armed", export: str = "", env=None):
         self.grpc, self.http, self.telemetry = free_port(), free_port(), free_port()
         self.directory = tmp_path / "captures"
-        self.config = tmp_path / "freezeframe.toml"
+        runs = len(list(tmp_path.glob("freezeframe*.toml")))
+        self.config = tmp_path / f"freezeframe{runs or ''}.toml"
         self.config.write_text(
             f"""
 [receiver]
@@ -52,11 +55,16 @@ listen = "127.0.0.1:{self.telemetry}"
 
 [export]
 directory = "{self.directory}"
+{export}
 {rules}
 """
         )
-        self.log = open(tmp_path / "freezeframe.log", "w")
-        self.proc = subprocess.Popen([str(BINARY), "run", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(tmp_path / f"freezeframe{runs or ''}.log", "w")
+        environment = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FREEZEFRAME_"))}
+        environment.update(env or {})
+        self.proc = subprocess.Popen(
+            [str(BINARY), "run", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=environment
+        )
         self.wait_listening(self.http)
 
     def wait_listening(self, port: int, timeout: float = 30):
@@ -90,6 +98,23 @@ directory = "{self.directory}"
             time.sleep(0.1)
         raise AssertionError(f"no matching capture event in {timeout}s: {self.events()}\n{self.log_text()}")
 
+    def metric(self, name: str, **labels) -> float:
+        """The value of one self-metric series, 0 if it is not there yet."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.telemetry}/metrics", timeout=5).read().decode()
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
+        for line in text.splitlines():
+            if line.startswith(name) and (line[len(name)] in " {") and all(label in line for label in wanted):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill(self):
+        """SIGKILL: no shutdown, no flush."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
     def stop(self):
         if self.log.closed:
             return
@@ -106,10 +131,10 @@ directory = "{self.directory}"
 class App:
     """The Python OpenTelemetry app, exporting to the sidecar."""
 
-    def __init__(self, protocol: str, port: int):
+    def __init__(self, protocol: str, port: int, *options: str):
         endpoint = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, str(APP), "--protocol", protocol, "--endpoint", endpoint],
+            [sys.executable, str(APP), "--protocol", protocol, "--endpoint", endpoint, *options],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.pid = int(self.proc.stdout.readline().split()[1])
@@ -122,6 +147,22 @@ class App:
         assert words[0] == "frozen", words
         return int(words[1]), int(words[2])
 
+    def threads(self) -> set:
+        """OS thread ids of the request threads."""
+        self.proc.stdin.write("threads\n")
+        self.proc.stdin.flush()
+        words = self.proc.stdout.readline().split()
+        assert words[0] == "threads", words
+        return {int(word) for word in words[1:]}
+
+    def requests(self, start_ns: int, end_ns: int) -> set:
+        """Hex trace ids of the finished requests that overlapped the interval."""
+        self.proc.stdin.write(f"requests {start_ns} {end_ns}\n")
+        self.proc.stdin.flush()
+        words = self.proc.stdout.readline().split()
+        assert words[0] == "requests", words
+        return set(words[1:])
+
     def stop(self):
         self.proc.kill()
         self.proc.wait()
@@ -131,8 +172,8 @@ class App:
 def sidecar_factory(tmp_path):
     started = []
 
-    def start(rules: str, mode: str = "armed") -> Sidecar:
-        sidecar = Sidecar(tmp_path, rules, mode)
+    def start(rules: str, mode: str = "armed", export: str = "", env=None) -> Sidecar:
+        sidecar = Sidecar(tmp_path, rules, mode, export, env)
         started.append(sidecar)
         return sidecar
 
@@ -145,8 +186,8 @@ def sidecar_factory(tmp_path):
 def app_factory():
     started = []
 
-    def start(protocol: str, port: int) -> App:
-        app = App(protocol, port)
+    def start(protocol: str, port: int, *options: str) -> App:
+        app = App(protocol, port, *options)
         started.append(app)
         return app
 

@@ -1,17 +1,24 @@
 """A service that reports its request latency with the OpenTelemetry Python
 SDK, and can be told to freeze.
 
-Request threads serve "requests" (a few ms of work each) and record their
-latency in the `db.client.operation.duration` histogram (unit s), exported
-over OTLP every 500 ms. A line `freeze SECONDS` on stdin makes a writer
-thread hold the lock every request needs for that long: request threads
-block in the kernel on a futex, exactly what an off-CPU profile must show.
+Request threads serve "requests" (a few ms of work each), each in a span
+that names its thread (`thread.id`, the OS thread id, as the semantic
+conventions say), and record their latency in the
+`db.client.operation.duration` histogram (unit s), exported over OTLP every
+500 ms with exemplars of the spans. A line `freeze SECONDS` on stdin makes a
+writer thread hold the lock every request needs for that long: request
+threads block in the kernel on a futex, exactly what an off-CPU profile must
+show.
 
 Prints `ready PID` once exporting, and `frozen START_NS END_NS` (wall clock)
-after each freeze.
+after each freeze. A line `requests START_NS END_NS` prints `requests` and
+the hex trace ids of the finished requests that overlapped that interval:
+the requests a freeze held up. A line `threads` prints `threads` and the OS
+thread ids of the request threads.
 """
 
 import argparse
+import collections
 import os
 import sys
 import threading
@@ -45,6 +52,8 @@ def main():
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--no-thread-ids", action="store_true", help="spans do not say which thread ran them")
+    parser.add_argument("--no-traces", action="store_true", help="export metrics only (exemplars still name the spans)")
     args = parser.parse_args()
 
     resource = Resource.create({"service.name": "feed", "process.pid": os.getpid()})
@@ -52,7 +61,8 @@ def main():
     reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=500)
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
     tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=500))
+    if not args.no_traces:
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(tracer_provider)
 
     meter = metrics.get_meter("feed-db")
@@ -68,13 +78,22 @@ def main():
     table_lock = threading.Lock()
     attributes = {"db.system": "feeddb", "db.operation.name": "get"}
 
+    # (trace id, start ns, end ns) of recent requests, for `requests`.
+    finished = collections.deque(maxlen=100_000)
+    request_threads = []
+
     def serve():
+        # The OS thread id: what the off-CPU samples of this thread carry.
+        request_threads.append(threading.get_native_id())
+        span_attributes = {} if args.no_thread_ids else {"thread.id": threading.get_native_id()}
         while True:
-            with tracer.start_as_current_span("get"):
+            with tracer.start_as_current_span("get", attributes=span_attributes) as span:
+                start_ns = time.time_ns()
                 started = time.monotonic()
                 with table_lock:
                     time.sleep(0.002)
                 duration.record(time.monotonic() - started, attributes)
+            finished.append((format(span.get_span_context().trace_id, "032x"), start_ns, time.time_ns()))
             time.sleep(0.003)
 
     for index in range(args.threads):
@@ -88,6 +107,12 @@ def main():
             with table_lock:
                 time.sleep(float(words[1]))
             print(f"frozen {start} {time.time_ns()}", flush=True)
+        elif len(words) == 3 and words[0] == "requests":
+            start, end = int(words[1]), int(words[2])
+            held_up = sorted({trace_id for trace_id, began, ended in list(finished) if began < end and ended > start})
+            print(" ".join(["requests", *held_up]), flush=True)
+        elif words == ["threads"]:
+            print(" ".join(["threads", *map(str, request_threads)]), flush=True)
     # stdin closed: keep serving until killed.
     threading.Event().wait()
 

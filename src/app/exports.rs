@@ -1,0 +1,231 @@
+//! Finished captures on their way out: each is held for `[export]
+//! link_grace` (the spans of the requests it froze end, and their exemplars
+//! are recorded, only after the thaw), then linked to those requests, its
+//! pprof rewritten with the links, and its OTLP request handed to delivery.
+//!
+//! Holding never blocks anything: each capture waits in a task of its own,
+//! and at shutdown the waiting is cut short so that every capture is linked
+//! with what has arrived and spooled before the sidecar exits.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::captures::describe;
+use super::evidence::{self, ExemplarStore};
+use crate::encode::otlp::{self, Envelope};
+use crate::encode::pprof;
+use crate::export::delivery::Delivery;
+use crate::export::files::FileSink;
+use crate::export::resource::{self, CaptureFacts, ProcessFacts};
+use crate::export::{host_name, links, random_id};
+use crate::ingest::SpanStore;
+use crate::profile::Profile;
+use crate::telemetry;
+use crate::trigger::Firing;
+
+/// Captures held at once, at most; beyond this a capture is linked at once
+/// with what has arrived, so memory stays bounded in a storm of firings.
+const MAX_HELD: usize = 16;
+
+/// A capture that was written to files and awaits linking and export.
+pub struct Finished {
+    pub capture_id: String,
+    pub firing: Firing,
+    pub profile: Profile,
+    pub process: ProcessFacts,
+}
+
+#[derive(Clone)]
+pub struct Exports {
+    inner: Arc<Inner>,
+    held: Arc<Mutex<JoinSet<()>>>,
+    /// Cancelled at shutdown: stop waiting, link and spool now.
+    hurry: CancellationToken,
+    runtime: Handle,
+}
+
+struct Inner {
+    sink: FileSink,
+    spans: Arc<SpanStore>,
+    exemplars: Arc<ExemplarStore>,
+    link_grace: Duration,
+    /// Whether an OTLP exporter is configured at all.
+    exporting: bool,
+    /// Taken out at shutdown, to be drained.
+    delivery: Mutex<Option<Delivery>>,
+    host_name: Option<String>,
+}
+
+impl Exports {
+    /// Must be called inside the tokio runtime that will run the holds.
+    pub fn new(
+        sink: FileSink,
+        spans: Arc<SpanStore>,
+        exemplars: Arc<ExemplarStore>,
+        link_grace: Duration,
+        delivery: Option<Delivery>,
+    ) -> Self {
+        Exports {
+            inner: Arc::new(Inner {
+                sink,
+                spans,
+                exemplars,
+                link_grace,
+                exporting: delivery.is_some(),
+                delivery: Mutex::new(delivery),
+                host_name: host_name(),
+            }),
+            held: Arc::new(Mutex::new(JoinSet::new())),
+            hurry: CancellationToken::new(),
+            runtime: Handle::current(),
+        }
+    }
+
+    /// Takes a finished capture; callable from any thread, never waits.
+    pub fn submit(&self, finished: Finished) {
+        let inner = Arc::clone(&self.inner);
+        let hurry = self.hurry.clone();
+        let mut held = self.held.lock().expect("held captures");
+        while held.try_join_next().is_some() {}
+        let grace = if held.len() >= MAX_HELD || hurry.is_cancelled() {
+            Duration::ZERO
+        } else {
+            inner.link_grace
+        };
+        held.spawn_on(
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    () = hurry.cancelled() => {}
+                }
+                // Encoding and gzip take a while for a big capture.
+                let _ = tokio::task::spawn_blocking(move || inner.link_and_export(finished)).await;
+            },
+            &self.runtime,
+        );
+    }
+
+    /// Links and spools every held capture now, then lets delivery run for
+    /// up to `delivery_grace` before it stops; the rest stays spooled.
+    pub async fn finish(&self, delivery_grace: Duration) {
+        self.hurry.cancel();
+        let mut held = std::mem::take(&mut *self.held.lock().expect("held captures"));
+        while held.join_next().await.is_some() {}
+        let delivery = self.inner.delivery.lock().expect("delivery").take();
+        if let Some(delivery) = delivery {
+            delivery.finish(delivery_grace).await;
+        }
+    }
+}
+
+impl Inner {
+    fn link_and_export(&self, finished: Finished) {
+        let Finished {
+            capture_id,
+            firing,
+            mut profile,
+            process,
+        } = finished;
+        let end = profile.start + profile.duration;
+        let requests = evidence::requests(
+            &self.spans,
+            &self.exemplars,
+            firing.series.as_ref(),
+            (profile.start, end),
+            slow_by_the_rule(&firing),
+        );
+        let summary = links::link(&mut profile, &requests);
+        metrics::histogram!(telemetry::LINKED_REQUESTS).record(summary.requests as f64);
+        let pprof = pprof::encode(&profile);
+        if summary.requests > 0 {
+            tracing::info!(
+                capture = %capture_id,
+                requests = summary.requests,
+                candidates = requests.len(),
+                linked_seconds = summary.linked_ns as f64 / 1e9,
+                "capture linked to the requests it froze"
+            );
+            if let Err(err) = self.sink.replace_pprof(&capture_id, &pprof) {
+                tracing::error!(capture = %capture_id, "cannot rewrite the pprof with its span links: {err}");
+            }
+        } else {
+            tracing::info!(capture = %capture_id, candidates = requests.len(), "no request to link the capture to");
+        }
+
+        if !self.exporting {
+            return;
+        }
+        let envelope = Envelope {
+            resource: resource::resource(
+                firing.series.as_ref().map(|series| &series.resource),
+                Some(&process),
+                |name| std::env::var(name).ok(),
+                self.host_name.as_deref(),
+            ),
+            attributes: resource::capture_attributes(&CaptureFacts {
+                capture_id: capture_id.clone(),
+                rule: firing.rule.clone(),
+                cause: describe(&firing),
+                metric: firing.series.as_ref().map(|series| series.metric.clone()),
+                value: firing.value,
+                threshold: firing.threshold,
+                unit: firing.unit.clone(),
+                breach_start: firing.breach_start,
+                fired_at: firing.fired_at,
+            }),
+            profile_id: random_id(),
+            original_pprof: Some(pprof),
+        };
+        let request = otlp::request(&profile, &envelope).encode_to_vec();
+        match self.delivery.lock().expect("delivery").as_ref() {
+            Some(delivery) => delivery.submit(&capture_id, &request),
+            None => {
+                tracing::error!(capture = %capture_id, "not exported: delivery has already stopped")
+            }
+        }
+    }
+}
+
+/// The rule's threshold when it is a duration: a request faster than that
+/// was not held up by the freeze the rule saw.
+fn slow_by_the_rule(firing: &Firing) -> Duration {
+    firing
+        .threshold
+        .filter(|_| firing.unit == "s")
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .unwrap_or_default()
+}
+
+/// The executable name of a live process: its `comm`, or for names longer
+/// than comm's 15 bytes, its executable's file name.
+pub fn process_facts(pid: u32) -> ProcessFacts {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        });
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|comm| comm.trim_end().to_string());
+    ProcessFacts {
+        pid,
+        executable: exe.or(comm),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_process_has_an_executable_name() {
+        let facts = process_facts(std::process::id());
+        assert!(facts.executable.is_some_and(|name| !name.is_empty()));
+    }
+}

@@ -1,0 +1,282 @@
+//! Delivery that loses nothing: requests go into the [`Spool`] (which never
+//! waits on the network), and one worker sends them oldest first, retrying
+//! with backoff while the backend is away, until each is accepted or
+//! refused for good.
+//!
+//! Every outcome is counted in `freezeframe_export_total{exporter,outcome}`:
+//! `queued` (into the spool), `delivered`, `partial` (accepted, but the
+//! backend rejected some profiles), `retried` (an attempt that will be
+//! repeated), `rejected` (refused for good: dropped) and `dropped` (pushed
+//! out of the spool by its size budget, or unreadable). The spool's size is
+//! in `freezeframe_spool_bytes` and `freezeframe_spool_files`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::otlp::{Attempt, Exporter};
+use super::retry::{jitter, Backoff, Verdict};
+use super::spool::{Entry, Spool};
+use crate::telemetry;
+
+/// Outcome labels of `freezeframe_export_total`.
+pub mod outcome {
+    pub const QUEUED: &str = "queued";
+    pub const DELIVERED: &str = "delivered";
+    pub const PARTIAL: &str = "partial";
+    pub const RETRIED: &str = "retried";
+    pub const REJECTED: &str = "rejected";
+    pub const DROPPED: &str = "dropped";
+    pub const ALL: [&str; 6] = [QUEUED, DELIVERED, PARTIAL, RETRIED, REJECTED, DROPPED];
+}
+
+/// Files the spool holds at most, whatever their size: each is a capture,
+/// and captures are limited per hour, so this is days of an outage.
+pub const MAX_SPOOL_FILES: usize = 10_000;
+
+/// A running delivery worker and the spool it drains.
+pub struct Delivery {
+    shared: Arc<Shared>,
+    worker: JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+struct Shared {
+    spool: Spool,
+    exporter_label: &'static str,
+    wake: Notify,
+    /// Set at shutdown: the worker ends once the spool is empty.
+    draining: AtomicBool,
+}
+
+/// How one request's delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Accepted; `rejected` profiles of it were refused by the backend.
+    Accepted { rejected: i64, message: String },
+    /// Refused for good.
+    Rejected { reason: String },
+}
+
+impl Delivery {
+    /// Opens the spool in `directory` (dropping the oldest requests if an
+    /// earlier run left more than `max_bytes`) and starts the worker.
+    pub fn open(
+        directory: &std::path::Path,
+        max_bytes: u64,
+        exporter: Exporter,
+        exporter_label: &'static str,
+        backoff: Backoff,
+    ) -> Result<Self, super::ExportError> {
+        let (spool, evicted) = Spool::open(directory, max_bytes, MAX_SPOOL_FILES)?;
+        let delivery = Self::start(spool, exporter, exporter_label, backoff);
+        for entry in evicted {
+            tracing::warn!(spooled = %entry.name, "the spool is over its budget: dropped its oldest profile");
+            delivery.shared.count(outcome::DROPPED);
+        }
+        delivery.shared.publish_usage();
+        Ok(delivery)
+    }
+
+    /// Starts the worker on the current tokio runtime. Requests left in the
+    /// spool by an earlier run are delivered first.
+    pub fn start(
+        spool: Spool,
+        exporter: Exporter,
+        exporter_label: &'static str,
+        backoff: Backoff,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            spool,
+            exporter_label,
+            wake: Notify::new(),
+            draining: AtomicBool::new(false),
+        });
+        shared.publish_usage();
+        let (bytes, files) = shared.spool.usage();
+        if files > 0 {
+            tracing::info!(files, bytes, spool = %shared.spool.directory().display(), "delivering profiles spooled by an earlier run");
+        }
+        let stop = CancellationToken::new();
+        let worker = tokio::spawn(work(Arc::clone(&shared), exporter, backoff, stop.clone()));
+        Delivery {
+            shared,
+            worker,
+            stop,
+        }
+    }
+
+    /// Queues an encoded export request. Writes it to the spool and returns:
+    /// never waits for the backend.
+    pub fn submit(&self, capture_id: &str, request: &[u8]) {
+        self.shared.submit(capture_id, request);
+    }
+
+    /// Keeps delivering for up to `within`, then stops; whatever was not
+    /// delivered stays in the spool for the next run.
+    pub async fn finish(mut self, within: Duration) {
+        self.shared.draining.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        if tokio::time::timeout(within, &mut self.worker)
+            .await
+            .is_err()
+        {
+            self.stop.cancel();
+            let _ = (&mut self.worker).await;
+        }
+        let (bytes, files) = self.shared.spool.usage();
+        if files > 0 {
+            tracing::warn!(files, bytes, spool = %self.shared.spool.directory().display(), "profiles not yet delivered stay spooled for the next run");
+        }
+    }
+}
+
+impl Shared {
+    fn submit(&self, capture_id: &str, request: &[u8]) {
+        match self.spool.put(capture_id, request) {
+            Ok(put) => {
+                for evicted in &put.evicted {
+                    tracing::warn!(spooled = %evicted.name, bytes = evicted.bytes, "the spool is full: dropped its oldest profile to make room");
+                    self.count(outcome::DROPPED);
+                }
+                match put.stored {
+                    Some(_) => self.count(outcome::QUEUED),
+                    None => {
+                        tracing::error!(capture = capture_id, bytes = request.len(), "the profile is larger than the whole spool budget ([export] spool_max_bytes): not exported");
+                        self.count(outcome::DROPPED);
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(
+                    capture = capture_id,
+                    "cannot spool the profile, so it is not exported: {err}"
+                );
+                self.count(outcome::DROPPED);
+            }
+        }
+        self.publish_usage();
+        self.wake.notify_one();
+    }
+
+    fn count(&self, outcome: &'static str) {
+        metrics::counter!(telemetry::EXPORTS, "exporter" => self.exporter_label, "outcome" => outcome)
+            .increment(1);
+    }
+
+    fn publish_usage(&self) {
+        let (bytes, files) = self.spool.usage();
+        metrics::gauge!(telemetry::SPOOL_BYTES).set(bytes as f64);
+        metrics::gauge!(telemetry::SPOOL_FILES).set(files as f64);
+    }
+}
+
+async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: CancellationToken) {
+    loop {
+        let Some(entry) = shared.spool.oldest() else {
+            if shared.draining.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::select! {
+                () = shared.wake.notified() => continue,
+                () = stop.cancelled() => return,
+            }
+        };
+        let request = match shared.spool.read(&entry) {
+            Ok(Some(request)) => Bytes::from(request),
+            // Pushed out of the spool meanwhile (already counted).
+            Ok(None) => continue,
+            Err(err) => {
+                tracing::error!("dropping a spooled profile that cannot be read: {err}");
+                shared.spool.remove(&entry);
+                shared.count(outcome::DROPPED);
+                shared.publish_usage();
+                continue;
+            }
+        };
+        let on_retry = |reason: &str, delay: Duration, attempt: u32| {
+            shared.count(outcome::RETRIED);
+            log_retry(&entry, reason, delay, attempt);
+        };
+        let Some(delivered) = deliver(&exporter, request, backoff, &stop, on_retry).await else {
+            // Stopped: the request stays in the spool.
+            return;
+        };
+        shared.spool.remove(&entry);
+        match delivered {
+            Delivered::Accepted { rejected, message } if rejected > 0 => {
+                tracing::warn!(spooled = %entry.name, rejected, "the backend accepted the profile only in part: {message}");
+                shared.count(outcome::PARTIAL);
+            }
+            Delivered::Accepted { message, .. } => {
+                if !message.is_empty() {
+                    tracing::warn!(spooled = %entry.name, "the backend accepted the profile with a warning: {message}");
+                }
+                tracing::info!(spooled = %entry.name, bytes = entry.bytes, "profile delivered");
+                shared.count(outcome::DELIVERED);
+            }
+            Delivered::Rejected { reason } => {
+                tracing::error!(spooled = %entry.name, "the backend refused the profile for good, dropping it: {reason}");
+                shared.count(outcome::REJECTED);
+            }
+        }
+        shared.publish_usage();
+    }
+}
+
+/// Sends one request until it is accepted or refused for good, waiting
+/// between attempts as the backend asks (`Retry-After`, `RetryInfo`) or
+/// with exponential backoff. `None` if `stop` came first.
+pub async fn deliver(
+    exporter: &Exporter,
+    request: Bytes,
+    backoff: Backoff,
+    stop: &CancellationToken,
+    mut on_retry: impl FnMut(&str, Duration, u32),
+) -> Option<Delivered> {
+    let mut attempt: u32 = 0;
+    loop {
+        let answer = tokio::select! {
+            answer = exporter.send(request.clone()) => answer,
+            () = stop.cancelled() => return None,
+        };
+        let (after, reason) = match answer {
+            Attempt::Accepted { rejected, message } => {
+                return Some(Delivered::Accepted { rejected, message })
+            }
+            Attempt::Failed {
+                verdict: Verdict::Final,
+                reason,
+            } => return Some(Delivered::Rejected { reason }),
+            Attempt::Failed {
+                verdict: Verdict::Retry { after },
+                reason,
+            } => (after, reason),
+        };
+        let delay = after.unwrap_or_else(|| backoff.delay(attempt, jitter()));
+        on_retry(&reason, delay, attempt);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return None,
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+/// The first failures and then every tenth: an outage of hours should not
+/// flood the log.
+fn log_retry(entry: &Entry, reason: &str, delay: Duration, attempt: u32) {
+    if attempt < 3 || attempt.is_multiple_of(10) {
+        tracing::warn!(
+            spooled = %entry.name,
+            attempt = attempt + 1,
+            retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+            "export failed, will retry: {reason}"
+        );
+    }
+}

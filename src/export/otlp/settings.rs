@@ -1,0 +1,687 @@
+//! Where and how OTLP profiles are sent, resolved the way opentelemetry-otlp
+//! does: what freezeframe was told (flag, `FREEZEFRAME_*`, config file),
+//! then `OTEL_EXPORTER_OTLP_PROFILES_*`, then `OTEL_EXPORTER_OTLP_*`, then the
+//! default. Each setting is resolved on its own, so a file may set the
+//! endpoint while the environment brings the headers.
+//!
+//! With no endpoint anywhere, nothing is sent: captures still go to files.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The HTTP path of the profiles export, appended to a base endpoint.
+pub const HTTP_PATH: &str = "/v1development/profiles";
+
+/// The OTLP specification's default export timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum Protocol {
+    /// `ProfilesService/Export` over HTTP/2.
+    #[serde(rename = "grpc")]
+    #[value(name = "grpc")]
+    Grpc,
+    /// `POST /v1development/profiles` with a protobuf body.
+    #[serde(rename = "http/protobuf")]
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+
+    /// The `exporter` label of the export metrics.
+    pub fn exporter_label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "otlp_grpc",
+            Protocol::HttpProtobuf => "otlp_http",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+/// Settings freezeframe was given itself, highest precedence first already
+/// applied (flag, then `FREEZEFRAME_*`, then file). `None` lets the `OTEL_*`
+/// variables decide.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Explicit {
+    pub endpoint: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub headers: Option<Vec<(String, String)>>,
+    pub timeout: Option<Duration>,
+    pub compression: Option<Compression>,
+    pub certificate: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub insecure: Option<bool>,
+}
+
+/// The resolved OTLP exporter.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OtlpSettings {
+    /// Full URL: for HTTP the export path included.
+    pub endpoint: String,
+    pub protocol: Protocol,
+    /// Sent with every request (gRPC metadata or HTTP headers).
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub compression: Compression,
+    pub tls: Tls,
+}
+
+/// TLS for `https` endpoints: the system's roots, plus a CA of one's own,
+/// and a client certificate for mutual TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    pub certificate: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl OtlpSettings {
+    pub fn uses_tls(&self) -> bool {
+        self.endpoint.starts_with("https://")
+    }
+}
+
+/// Header values are often credentials: never print them.
+impl fmt::Debug for OtlpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpSettings")
+            .field("endpoint", &self.endpoint)
+            .field("protocol", &self.protocol)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(key, _)| key).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .field("compression", &self.compression)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl fmt::Display for OtlpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "OTLP profiles over {} to {}, timeout {}, compression {}",
+            self.protocol.name(),
+            self.endpoint,
+            humantime::format_duration(self.timeout),
+            match self.compression {
+                Compression::None => "none",
+                Compression::Gzip => "gzip",
+            }
+        )?;
+        if !self.headers.is_empty() {
+            let names: Vec<&str> = self.headers.iter().map(|(key, _)| key.as_str()).collect();
+            write!(f, ", headers {} (values hidden)", names.join(", "))?;
+        }
+        if let Some(ca) = &self.tls.certificate {
+            write!(f, ", CA {}", ca.display())?;
+        }
+        if let Some(cert) = &self.tls.client_certificate {
+            write!(f, ", client certificate {}", cert.display())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("{source_name} = {value:?}: {problem}")]
+    Invalid {
+        /// The variable or key the value came from.
+        source_name: String,
+        value: String,
+        problem: String,
+    },
+}
+
+/// A setting and where it came from, for error messages.
+struct Found {
+    source_name: String,
+    value: String,
+}
+
+/// Looks a setting up in the signal-specific variable, then the generic one.
+fn from_env(env: &impl Fn(&str) -> Option<String>, suffix: &str) -> Option<Found> {
+    [
+        format!("OTEL_EXPORTER_OTLP_PROFILES_{suffix}"),
+        format!("OTEL_EXPORTER_OTLP_{suffix}"),
+    ]
+    .into_iter()
+    .find_map(|name| {
+        env(&name)
+            .map(|value| value.trim().to_string())
+            .filter(|value| !value.is_empty())
+            .map(|value| Found {
+                source_name: name,
+                value,
+            })
+    })
+}
+
+fn invalid(found: &Found, problem: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        source_name: found.source_name.clone(),
+        value: found.value.clone(),
+        problem: problem.into(),
+    }
+}
+
+/// Resolves the exporter from what freezeframe was given and the `OTEL_*`
+/// variables `env` looks up. `Ok(None)`: no endpoint anywhere, no export.
+pub fn resolve(
+    explicit: Explicit,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpSettings>, SettingsError> {
+    let protocol = match explicit.protocol {
+        Some(protocol) => protocol,
+        None => match from_env(&env, "PROTOCOL") {
+            Some(found) => match found.value.as_str() {
+                "grpc" => Protocol::Grpc,
+                "http/protobuf" => Protocol::HttpProtobuf,
+                "http/json" => {
+                    return Err(invalid(
+                        &found,
+                        "OTLP/JSON is not supported for profiles; use grpc or http/protobuf",
+                    ))
+                }
+                _ => return Err(invalid(&found, "use grpc or http/protobuf")),
+            },
+            None => Protocol::Grpc,
+        },
+    };
+
+    let insecure = match explicit.insecure {
+        Some(insecure) => insecure,
+        None => match from_env(&env, "INSECURE") {
+            Some(found) => match found.value.to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(invalid(&found, "use true or false")),
+            },
+            None => false,
+        },
+    };
+
+    let endpoint = if let Some(endpoint) = explicit.endpoint.filter(|e| !e.trim().is_empty()) {
+        let found = Found {
+            source_name: "[export] otlp_endpoint".to_string(),
+            value: endpoint.trim().to_string(),
+        };
+        let url = with_scheme(&found, protocol, insecure)?;
+        match protocol {
+            // Given without a path, the export path is the only sensible one.
+            Protocol::HttpProtobuf if path_of(&url).is_empty() => {
+                format!("{}{HTTP_PATH}", url.trim_end_matches('/'))
+            }
+            _ => url,
+        }
+    } else if let Some(found) = env("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT")
+        .map(|value| value.trim().to_string())
+        .filter(|value| !value.is_empty())
+        .map(|value| Found {
+            source_name: "OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT".to_string(),
+            value,
+        })
+    {
+        // The signal's own endpoint is used exactly as given.
+        with_scheme(&found, protocol, insecure)?
+    } else if let Some(found) = env("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .map(|value| value.trim().to_string())
+        .filter(|value| !value.is_empty())
+        .map(|value| Found {
+            source_name: "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            value,
+        })
+    {
+        let url = with_scheme(&found, protocol, insecure)?;
+        match protocol {
+            // The generic endpoint is a base URL that each signal appends
+            // its path to.
+            Protocol::HttpProtobuf => format!("{}{HTTP_PATH}", url.trim_end_matches('/')),
+            Protocol::Grpc => url,
+        }
+    } else {
+        return Ok(None);
+    };
+
+    let headers = match explicit.headers {
+        Some(headers) => headers,
+        None => match from_env(&env, "HEADERS") {
+            Some(found) => {
+                parse_headers(&found.value).map_err(|problem| invalid(&found, problem))?
+            }
+            None => Vec::new(),
+        },
+    };
+    for (key, value) in &headers {
+        check_header(key, value).map_err(|problem| SettingsError::Invalid {
+            source_name: "export header".to_string(),
+            value: key.clone(),
+            problem,
+        })?;
+    }
+
+    let timeout = match explicit.timeout {
+        Some(timeout) => timeout,
+        None => match from_env(&env, "TIMEOUT") {
+            Some(found) => match found.value.parse::<u64>() {
+                Ok(0) | Err(_) => {
+                    return Err(invalid(
+                        &found,
+                        "write a whole number of milliseconds above 0",
+                    ))
+                }
+                Ok(millis) => Duration::from_millis(millis),
+            },
+            None => DEFAULT_TIMEOUT,
+        },
+    };
+    if timeout.is_zero() {
+        return Err(SettingsError::Invalid {
+            source_name: "[export] timeout".to_string(),
+            value: "0s".to_string(),
+            problem: "an export needs some time: set at least 1ms".to_string(),
+        });
+    }
+
+    let compression = match explicit.compression {
+        Some(compression) => compression,
+        None => match from_env(&env, "COMPRESSION") {
+            Some(found) => match found.value.as_str() {
+                "gzip" => Compression::Gzip,
+                "none" => Compression::None,
+                _ => return Err(invalid(&found, "use gzip or none")),
+            },
+            None => Compression::None,
+        },
+    };
+
+    let path = |explicit: Option<PathBuf>, suffix: &str| {
+        explicit.or_else(|| from_env(&env, suffix).map(|found| PathBuf::from(found.value)))
+    };
+    let tls = Tls {
+        certificate: path(explicit.certificate, "CERTIFICATE"),
+        client_certificate: path(explicit.client_certificate, "CLIENT_CERTIFICATE"),
+        client_key: path(explicit.client_key, "CLIENT_KEY"),
+    };
+    if tls.client_certificate.is_some() != tls.client_key.is_some() {
+        return Err(SettingsError::Invalid {
+            source_name: "client certificate".to_string(),
+            value: format!("{:?} / {:?}", tls.client_certificate, tls.client_key),
+            problem: "mutual TLS needs both the client certificate and its key".to_string(),
+        });
+    }
+
+    Ok(Some(OtlpSettings {
+        endpoint,
+        protocol,
+        headers,
+        timeout,
+        compression,
+        tls,
+    }))
+}
+
+/// The endpoint with its scheme. gRPC endpoints may be given as bare
+/// `host:port`; then `insecure` decides between http and https, as the
+/// OTLP specification says. HTTP endpoints must be URLs.
+fn with_scheme(found: &Found, protocol: Protocol, insecure: bool) -> Result<String, SettingsError> {
+    let value = &found.value;
+    let url = if value.starts_with("http://") || value.starts_with("https://") {
+        value.clone()
+    } else if value.contains("://") {
+        return Err(invalid(found, "the scheme must be http or https"));
+    } else if protocol == Protocol::Grpc {
+        let scheme = if insecure { "http" } else { "https" };
+        format!("{scheme}://{value}")
+    } else {
+        return Err(invalid(
+            found,
+            "an HTTP endpoint is a URL: write http://host:port or https://host:port",
+        ));
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|err| invalid(found, format!("not a URL: {err}")))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(found, "no host"));
+    }
+    if uri.query().is_some() {
+        return Err(invalid(found, "an endpoint takes no query string"));
+    }
+    Ok(url)
+}
+
+/// The path of a URL, `""` for none or `/`.
+fn path_of(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    after_scheme
+        .find('/')
+        .map_or("", |slash| &after_scheme[slash..])
+        .trim_end_matches('/')
+}
+
+/// `key1=value1,key2=value2`, values percent-decoded (the W3C baggage form
+/// the OTLP specification uses for `OTEL_EXPORTER_OTLP_HEADERS`).
+pub fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(parse_header)
+        .collect()
+}
+
+/// One `key=value` header.
+pub fn parse_header(pair: &str) -> Result<(String, String), String> {
+    let (key, value) = pair
+        .split_once('=')
+        .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+    let key = key.trim().to_ascii_lowercase();
+    let value = percent_decode(value.trim())
+        .ok_or_else(|| format!("the value of {key:?} is not valid percent-encoded UTF-8"))?;
+    check_header(&key, &value)?;
+    Ok((key, value))
+}
+
+fn check_header(key: &str, value: &str) -> Result<(), String> {
+    http::HeaderName::from_bytes(key.as_bytes())
+        .map_err(|_| format!("{key:?} is not a valid header name"))?;
+    http::HeaderValue::from_str(value)
+        .map_err(|_| format!("the value of {key:?} is not a valid header value"))?;
+    // gRPC reserves these; letting a user set them would break the call.
+    if key.starts_with("grpc-") || key == "content-type" || key == "te" {
+        return Err(format!("{key:?} is set by the exporter itself"));
+    }
+    Ok(())
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = text.get(index + 1..index + 3)?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        move |key| map.get(key).cloned()
+    }
+
+    fn resolved(explicit: Explicit, pairs: &[(&str, &str)]) -> OtlpSettings {
+        resolve(explicit, env(pairs)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn nothing_configured_means_no_export() {
+        assert_eq!(resolve(Explicit::default(), env(&[])), Ok(None));
+        assert_eq!(
+            resolve(
+                Explicit::default(),
+                env(&[("OTEL_EXPORTER_OTLP_HEADERS", "a=b")])
+            ),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn explicit_beats_the_signal_variable_which_beats_the_generic_one() {
+        let all = [
+            ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", "http://signal:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4317"),
+            ("OTEL_EXPORTER_OTLP_PROFILES_TIMEOUT", "2000"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "3000"),
+            ("OTEL_EXPORTER_OTLP_PROFILES_HEADERS", "x-tenant=signal"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=generic,x-other=1"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_PROFILES_CERTIFICATE", "/signal/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic/ca.pem"),
+        ];
+        let from_env = resolved(Explicit::default(), &all);
+        assert_eq!(from_env.endpoint, "http://signal:4317");
+        assert_eq!(from_env.timeout, Duration::from_secs(2));
+        assert_eq!(
+            from_env.headers,
+            [("x-tenant".to_string(), "signal".to_string())]
+        );
+        assert_eq!(from_env.compression, Compression::Gzip);
+        assert_eq!(
+            from_env.tls.certificate,
+            Some(PathBuf::from("/signal/ca.pem"))
+        );
+        assert_eq!(from_env.protocol, Protocol::Grpc, "the default");
+
+        let generic_only: Vec<_> = all
+            .iter()
+            .copied()
+            .filter(|(key, _)| !key.contains("PROFILES"))
+            .collect();
+        let generic = resolved(Explicit::default(), &generic_only);
+        assert_eq!(generic.endpoint, "http://generic:4317");
+        assert_eq!(generic.timeout, Duration::from_secs(3));
+        assert_eq!(generic.headers.len(), 2);
+        assert_eq!(
+            generic.tls.certificate,
+            Some(PathBuf::from("/generic/ca.pem"))
+        );
+
+        let explicit = resolved(
+            Explicit {
+                endpoint: Some("http://explicit:4317".into()),
+                timeout: Some(Duration::from_millis(500)),
+                headers: Some(vec![("x-tenant".into(), "explicit".into())]),
+                compression: Some(Compression::None),
+                ..Explicit::default()
+            },
+            &all,
+        );
+        assert_eq!(explicit.endpoint, "http://explicit:4317");
+        assert_eq!(explicit.timeout, Duration::from_millis(500));
+        assert_eq!(
+            explicit.headers,
+            [("x-tenant".to_string(), "explicit".to_string())]
+        );
+        assert_eq!(explicit.compression, Compression::None);
+        assert_eq!(
+            explicit.tls.certificate,
+            Some(PathBuf::from("/signal/ca.pem")),
+            "settings resolve one by one"
+        );
+    }
+
+    #[test]
+    fn http_endpoints_get_the_profiles_path_where_the_specification_says() {
+        let http = |explicit: Option<&str>, pairs: &[(&str, &str)]| {
+            resolved(
+                Explicit {
+                    endpoint: explicit.map(str::to_string),
+                    protocol: Some(Protocol::HttpProtobuf),
+                    ..Explicit::default()
+                },
+                pairs,
+            )
+            .endpoint
+        };
+        assert_eq!(
+            http(
+                None,
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]
+            ),
+            "http://collector:4318/v1development/profiles"
+        );
+        assert_eq!(
+            http(
+                None,
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://gateway/otlp")]
+            ),
+            "https://gateway/otlp/v1development/profiles",
+            "a base path is kept"
+        );
+        assert_eq!(
+            http(
+                None,
+                &[(
+                    "OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT",
+                    "http://pyroscope:4040/custom"
+                )]
+            ),
+            "http://pyroscope:4040/custom",
+            "the signal's endpoint is used as given"
+        );
+        assert_eq!(
+            http(Some("http://collector:4318"), &[]),
+            "http://collector:4318/v1development/profiles"
+        );
+        assert_eq!(
+            http(Some("http://collector:4318/ingest/profiles"), &[]),
+            "http://collector:4318/ingest/profiles"
+        );
+    }
+
+    #[test]
+    fn grpc_endpoints_without_a_scheme_follow_insecure() {
+        let bare = [("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")];
+        assert_eq!(
+            resolved(Explicit::default(), &bare).endpoint,
+            "https://collector:4317"
+        );
+        let insecure = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROFILES_INSECURE", "true"),
+        ];
+        let settings = resolved(Explicit::default(), &insecure);
+        assert_eq!(settings.endpoint, "http://collector:4317");
+        assert!(!settings.uses_tls());
+    }
+
+    #[test]
+    fn protocol_comes_from_the_environment_too() {
+        let settings = resolved(
+            Explicit::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ],
+        );
+        assert_eq!(settings.protocol, Protocol::HttpProtobuf);
+        assert_eq!(settings.endpoint, "http://c:4318/v1development/profiles");
+        let explicit = resolved(
+            Explicit {
+                protocol: Some(Protocol::Grpc),
+                ..Explicit::default()
+            },
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ],
+        );
+        assert_eq!(explicit.protocol, Protocol::Grpc);
+        assert_eq!(explicit.endpoint, "http://c:4317");
+    }
+
+    #[test]
+    fn mistakes_name_their_source() {
+        let error = |pairs: &[(&str, &str)]| {
+            resolve(Explicit::default(), env(pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+        assert!(
+            error(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).contains(
+                "OTEL_EXPORTER_OTLP_PROTOCOL = \"http/json\": OTLP/JSON is not supported"
+            )
+        );
+        assert!(error(&[endpoint, ("OTEL_EXPORTER_OTLP_PROFILES_TIMEOUT", "10s")])
+            .contains("OTEL_EXPORTER_OTLP_PROFILES_TIMEOUT = \"10s\": write a whole number of milliseconds"));
+        assert!(
+            error(&[endpoint, ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")])
+                .contains("use gzip or none")
+        );
+        assert!(error(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://c")]).contains("http or https"));
+        assert!(
+            error(&[endpoint, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]).contains("not key=value")
+        );
+        assert!(
+            error(&[endpoint, ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")]).contains("needs both")
+        );
+        let http_bare = resolve(
+            Explicit {
+                protocol: Some(Protocol::HttpProtobuf),
+                endpoint: Some("collector:4318".into()),
+                ..Explicit::default()
+            },
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(http_bare.contains("[export] otlp_endpoint"), "{http_bare}");
+    }
+
+    #[test]
+    fn headers_are_percent_decoded_and_checked() {
+        assert_eq!(
+            parse_headers(" Authorization=Basic%20dXNlcg== , x-scope-orgid=tenant-1,").unwrap(),
+            [
+                ("authorization".to_string(), "Basic dXNlcg==".to_string()),
+                ("x-scope-orgid".to_string(), "tenant-1".to_string())
+            ]
+        );
+        assert!(parse_headers("a=%zz").is_err());
+        assert!(parse_headers("bad key=1").is_err());
+        assert!(parse_headers("grpc-timeout=1S")
+            .unwrap_err()
+            .contains("set by the exporter"));
+    }
+
+    #[test]
+    fn header_values_never_show() {
+        let settings = resolved(
+            Explicit::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=secret-token"),
+            ],
+        );
+        assert!(!format!("{settings}").contains("secret-token"));
+        assert!(!format!("{settings:?}").contains("secret-token"));
+        assert!(format!("{settings}").contains("authorization"));
+    }
+}
