@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,15 +149,48 @@ def overhead(work: Path, binaries, rounds: int, request_seconds: float, round_tr
     print(f"  sidecar's own CPU while the request loop ran: {statistics.median(sidecar_cpu) * 100:.3f} % of one core")
 
 
+class FlappingPort:
+    """A TCP port that is open for `period` seconds, then closed as long:
+    a probe rule on it breaches, recovers and breaches again."""
+
+    def __init__(self, period: float):
+        self.port = free_port()
+        self.period = period
+        self.running = True
+        self.thread = threading.Thread(target=self.flap, daemon=True)
+        self.thread.start()
+
+    def flap(self):
+        while self.running:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            listener.settimeout(0.05)
+            opened = time.monotonic()
+            while self.running and time.monotonic() - opened < self.period:
+                try:
+                    listener.accept()[0].close()
+                except OSError:
+                    pass
+            listener.close()
+            time.sleep(self.period)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+
 def attach_latency(work: Path, binaries, captures: int):
-    # A probe at a closed port fails at once: each firing is a capture.
-    rules = """
+    # Each time the port closes, the probe fails: a firing, and a capture.
+    port = FlappingPort(period=2.0)
+    rules = f"""
 [[trigger]]
-name = "closed-port"
-probe = "tcp://127.0.0.1:1"
+name = "flapping-port"
+probe = "tcp://127.0.0.1:{port.port}"
 interval = "200ms"
 capture = "1s"
-cooldown = "2s"
+cooldown = "1s"
 max_per_hour = 1000
 """
     workload = Workload(binaries["requests"])
@@ -165,21 +199,22 @@ max_per_hour = 1000
     attach_ms, preroll_ms = [], []
     try:
         sidecar = Sidecar(work, "on-trigger", workload.pid, rules)
-        deadline = time.monotonic() + captures * 4 + 20
+        deadline = time.monotonic() + captures * 5 + 20
         while len(attach_ms) < captures and time.monotonic() < deadline:
             time.sleep(0.5)
             attach_ms = [float(m) for m in re.findall(r"attach_ms=([\d.]+)", sidecar.log_path.read_text())]
         sidecar.stop()
 
         sidecar = Sidecar(work, "armed", workload.pid, rules)
-        deadline = time.monotonic() + captures * 4 + 20
-        while len(sidecar.events()) < captures and time.monotonic() < deadline:
+        deadline = time.monotonic() + captures * 5 + 20
+        while len([e for e in sidecar.events() if e["outcome"] == "captured"]) < captures and time.monotonic() < deadline:
             time.sleep(0.5)
         sidecar.stop()
         for event in sidecar.events():
             if event["outcome"] == "captured":
                 preroll_ms.append((seconds(event["breach_start"]) - seconds(event["window"]["start"])) * 1e3)
     finally:
+        port.stop()
         workload.stop()
     print(f"on-trigger: firing to probe attached, {len(attach_ms)} captures: "
           f"median {statistics.median(attach_ms):.1f} ms, max {max(attach_ms):.1f} ms")

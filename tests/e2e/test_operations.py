@@ -73,6 +73,10 @@ EXPECTED_TYPES = {
     "freezeframe_capture_blocked_seconds_total": "counter",
     "freezeframe_bpf_drops_total": "counter",
     "freezeframe_symbolize_frames_total": "counter",
+    "freezeframe_capture_linked_requests": "histogram",
+    "freezeframe_export_total": "counter",
+    "freezeframe_spool_bytes": "gauge",
+    "freezeframe_spool_files": "gauge",
 }
 
 
@@ -140,7 +144,9 @@ def scrape(sidecar) -> Exposition:
 
 @pytest.fixture
 def fresh_sidecar(sidecar_factory):
-    sidecar = sidecar_factory(RULES)
+    # With an exporter configured (at a port nobody listens on: nothing is
+    # sent before a capture), so that its series are served as well.
+    sidecar = sidecar_factory(RULES, export=f'otlp_endpoint = "http://127.0.0.1:{free_port()}"')
     sidecar.wait_listening(sidecar.telemetry)
     return sidecar
 
