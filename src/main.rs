@@ -76,7 +76,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
     let mut storage = ProbeStorage::uninit();
     let mut tracer = Tracer::start(&mut storage, &config, &[args.pid])?;
     eprintln!(
-        "freezeframe: capturing off-CPU stacks of pid {} for {} (attached in {:.1} ms via {:?}; Ctrl-C to stop early)",
+        "freezeframe: capturing off-CPU stacks of pid {} for {} (attached in {:.1} ms: {}; Ctrl-C to stop early)",
         args.pid,
         humantime::format_duration(args.duration),
         started.elapsed().as_secs_f64() * 1e3,

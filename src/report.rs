@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write};
 
-use crate::profile::{Frame, FrameKind, Profile, ThreadState};
+use crate::profile::{Frame, FrameKind, Profile, SampleLabels, ThreadState};
 
 /// At most this many thread ids are listed under one stack; a thread pool
 /// blocked in one place would otherwise fill the screen.
@@ -80,6 +80,31 @@ struct StackTotal<'a> {
     /// (name, tid), sorted so that a pool's threads come out together.
     threads: BTreeSet<(&'a str, u32)>,
     by_state: BTreeMap<ThreadState, u64>,
+    /// Kernel locks waited for in this stack, in words, with their time.
+    lock_waits: BTreeMap<String, u64>,
+}
+
+/// The kernel lock a sample waited for, in words, from its `lock*` labels.
+fn lock_wait(labels: &SampleLabels) -> Option<String> {
+    let label = |key: &str| {
+        labels
+            .extra
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| value.as_str())
+    };
+    let mut text = label("lock")?.to_string();
+    if let Some(mode) = label("lock_mode") {
+        text.push_str(&format!(" for {mode}"));
+    }
+    if let Some(holder) = label("lock_holder_tid") {
+        let readers = label("lock_held_by") == Some("readers");
+        text.push_str(&format!(
+            ", held by tid {holder}{}",
+            if readers { " (last reader in)" } else { "" }
+        ));
+    }
+    Some(text)
 }
 
 /// Threads, most blocked first; ties keep the order of first appearance.
@@ -120,6 +145,7 @@ fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
                 count: 0,
                 threads: BTreeSet::new(),
                 by_state: BTreeMap::new(),
+                lock_waits: BTreeMap::new(),
             });
             totals.len() - 1
         });
@@ -130,6 +156,9 @@ fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
             .threads
             .insert((&sample.labels.thread_name, sample.labels.thread_id));
         *total.by_state.entry(sample.labels.state).or_default() += sample.blocked_ns;
+        if let Some(wait) = lock_wait(&sample.labels) {
+            *total.lock_waits.entry(wait).or_default() += sample.blocked_ns;
+        }
     }
     totals.sort_by_key(|total| Reverse(total.blocked_ns));
     totals
@@ -211,6 +240,11 @@ fn write_stacks(
             .map(|(state, &blocked_ns)| format!("{state} {}", human_duration(blocked_ns)))
             .collect();
         writeln!(out, "    states:  {}", states.join(", "))?;
+        let mut waits: Vec<(&String, &u64)> = stack.lock_waits.iter().collect();
+        waits.sort_by_key(|(_, blocked_ns)| Reverse(**blocked_ns));
+        for (wait, blocked_ns) in waits.into_iter().take(3) {
+            writeln!(out, "    waiting: {wait} ({})", human_duration(*blocked_ns))?;
+        }
         write_frames(out, stack.stack)?;
     }
     Ok(())
@@ -516,5 +550,21 @@ mod tests {
         for (ns, text) in cases {
             assert_eq!(human_duration(ns), text);
         }
+    }
+
+    #[test]
+    fn lock_waits_are_put_in_words() {
+        let mut labels = SampleLabels::default();
+        assert_eq!(lock_wait(&labels), None);
+        labels.extra = vec![
+            ("lock".into(), "mmap_lock".into()),
+            ("lock_mode".into(), "write".into()),
+            ("lock_holder_tid".into(), "4242".into()),
+            ("lock_held_by".into(), "readers".into()),
+        ];
+        assert_eq!(
+            lock_wait(&labels).as_deref(),
+            Some("mmap_lock for write, held by tid 4242 (last reader in)")
+        );
     }
 }

@@ -169,15 +169,7 @@ impl Symbolizer {
             .map(|stack| self.sample(stack, &mut mappings, &mut mapping_index))
             .collect();
 
-        let mut comments = vec![format!(
-            "freezeframe off-CPU capture (sched_switch via {:?}; lock attribution {})",
-            window.features.hook,
-            if window.features.lock_contention {
-                "on"
-            } else {
-                "off: no lock:contention_* tracepoints"
-            }
-        )];
+        let mut comments = vec![format!("freezeframe off-CPU capture ({})", window.features)];
         for (map, dropped) in window.drops.by_map() {
             if dropped > 0 {
                 comments.push(format!("bpf drops: {map}={dropped}"));

@@ -71,6 +71,17 @@ pub struct Features {
     pub lock_contention: bool,
 }
 
+impl std::fmt::Display for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hook = match self.hook {
+            Hook::TpBtf => "tp_btf",
+            Hook::RawTp => "raw_tp",
+        };
+        let locks = if self.lock_contention { "on" } else { "off" };
+        write!(f, "sched_switch via {hook}, lock attribution {locks}")
+    }
+}
+
 /// A loaded and attached off-CPU probe.
 pub(super) struct Probe<'obj> {
     skel: OffcpuSkel<'obj>,
