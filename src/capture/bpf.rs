@@ -217,8 +217,8 @@ fn route_libbpf_messages() {
 }
 
 impl<'obj> Probe<'obj> {
-    /// Loads the program with `tp_btf`, falling back to `raw_tp`, and attaches
-    /// the sched_switch hook.
+    /// Loads the program (`tp_btf`, falling back to `raw_tp`) without
+    /// attaching it: a loaded probe costs nothing until [`Probe::attach`].
     pub fn load(
         storage: &'obj mut MaybeUninit<OpenObject>,
         filters: &Filters,
@@ -231,21 +231,34 @@ impl<'obj> Probe<'obj> {
             .map_err(|err| CaptureError::Load {
                 detail: format!("{features:?}: {err}"),
             })?;
-        let switch = match features.hook {
-            Hook::TpBtf => &skel.progs.sched_switch_btf,
-            Hook::RawTp => &skel.progs.sched_switch_raw,
+        Ok(Probe {
+            skel,
+            _links: Vec::new(),
+            features,
+        })
+    }
+
+    /// Attaches the sched_switch hook and, when available, the lock
+    /// contention tracepoints.
+    pub fn attach(&mut self) -> Result<(), CaptureError> {
+        let switch = match self.features.hook {
+            Hook::TpBtf => &self.skel.progs.sched_switch_btf,
+            Hook::RawTp => &self.skel.progs.sched_switch_raw,
         };
         let mut links = vec![switch.attach().map_err(|source| CaptureError::Attach {
             what: "sched_switch tracepoint",
             source,
         })?];
-        if features.lock_contention {
+        if self.features.lock_contention {
             for (what, program) in [
                 (
                     "lock:contention_begin tracepoint",
-                    &skel.progs.contention_begin,
+                    &self.skel.progs.contention_begin,
                 ),
-                ("lock:contention_end tracepoint", &skel.progs.contention_end),
+                (
+                    "lock:contention_end tracepoint",
+                    &self.skel.progs.contention_end,
+                ),
             ] {
                 links.push(
                     program
@@ -254,27 +267,8 @@ impl<'obj> Probe<'obj> {
                 );
             }
         }
-        Ok(Probe {
-            skel,
-            _links: links,
-            features,
-        })
-    }
-
-    /// Loads the program without attaching it: proves, early, that this
-    /// kernel and these privileges can run it, and settles its features.
-    pub fn check(filters: &Filters) -> Result<Features, CaptureError> {
-        route_libbpf_messages();
-        let pidns = own_pid_namespace()?;
-        let features = Self::supported_features(filters, pidns);
-        let mut trial = MaybeUninit::uninit();
-        Self::open_tuned(&mut trial, filters, pidns, features)?
-            .load()
-            .map(drop)
-            .map_err(|err| CaptureError::Load {
-                detail: format!("{features:?}: {err}"),
-            })?;
-        Ok(features)
+        self._links = links;
+        Ok(())
     }
 
     /// What this kernel takes, learned once per process by trial loads, best

@@ -296,30 +296,35 @@ impl CaptureConfig {
     }
 }
 
-/// Loads the probe without attaching it, to learn at start-up rather than
-/// at the first freeze that this kernel and these privileges can run it.
-pub fn check_probe(config: &CaptureConfig) -> Result<Features, CaptureError> {
-    bpf::Probe::check(&config.filters())
+/// A probe loaded into the kernel but not attached: it costs nothing, and
+/// attaching it is all a capture then has to wait for (on-trigger mode
+/// keeps one ready).
+pub struct Loaded<'obj> {
+    probe: bpf::Probe<'obj>,
+    filters: bpf::Filters,
 }
 
-impl<'obj> Tracer<'obj> {
-    /// Loads and attaches the probe for `targets`, then finds the target
-    /// threads that are already blocked so that they count from now on.
-    pub fn start(
+impl<'obj> Loaded<'obj> {
+    pub fn load(
         storage: &'obj mut ProbeStorage,
         config: &CaptureConfig,
-        targets: &[u32],
     ) -> Result<Self, CaptureError> {
+        let filters = config.filters();
+        let probe = bpf::Probe::load(storage, &filters)?;
+        Ok(Loaded { probe, filters })
+    }
+
+    /// Attaches for `targets`, then finds the target threads that are
+    /// already blocked so that they count from now on.
+    pub fn attach(self, targets: &[u32]) -> Result<Tracer<'obj>, CaptureError> {
+        let Loaded { mut probe, filters } = self;
         for &pid in targets {
             if !threads::process_exists(pid) {
                 return Err(CaptureError::NoSuchProcess(pid));
             }
-        }
-        let filters = config.filters();
-        let probe = bpf::Probe::load(storage, &filters)?;
-        for &pid in targets {
             probe.add_target(pid)?;
         }
+        probe.attach()?;
         let window_start_ns = monotonic_ns()?;
         let window_start_wall = SystemTime::now();
         probe.find_preblocked()?;
@@ -335,6 +340,18 @@ impl<'obj> Tracer<'obj> {
         };
         tracer.note_preblocked_threads()?;
         Ok(tracer)
+    }
+}
+
+impl<'obj> Tracer<'obj> {
+    /// Loads and attaches the probe for `targets`, then finds the target
+    /// threads that are already blocked so that they count from now on.
+    pub fn start(
+        storage: &'obj mut ProbeStorage,
+        config: &CaptureConfig,
+        targets: &[u32],
+    ) -> Result<Self, CaptureError> {
+        Loaded::load(storage, config)?.attach(targets)
     }
 
     /// What the kernel let the probe use.

@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{
-    BlockedStack, CaptureConfig, CaptureError, DropCounts, LockWait, ProbeStorage, Stack, Tracer,
-    Window,
+    BlockedStack, CaptureConfig, CaptureError, DropCounts, Loaded, LockWait, ProbeStorage, Stack,
+    Tracer, Window,
 };
 use crate::profile::{ThreadState, TimeSlice};
 
@@ -250,34 +250,28 @@ fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<()
             Session::new(tracer, &config, Vec::new()).run(&inbox, false);
         }
         RecorderMode::OnTrigger => {
-            let checked = super::check_probe(&config.capture).map(drop);
-            let failed = checked.is_err();
-            let _ = ready.send(checked);
-            if failed {
-                return;
-            }
-            let mut targets = Vec::new();
-            while let Ok(command) = inbox.recv() {
-                let (request, reply) = match command {
-                    // Nothing is pending while detached.
-                    Command::Flush => continue,
-                    Command::AddTarget(pid, reply) => {
-                        if !targets.contains(&pid) {
-                            targets.push(pid);
-                        }
-                        let _ = reply.send(Ok(()));
-                        continue;
-                    }
-                    Command::RemoveTarget(pid) => {
-                        targets.retain(|&target| target != pid);
-                        continue;
-                    }
-                    Command::Capture(request, reply) => (request, reply),
-                };
-                // Attach for this capture only; a fresh object each time.
-                let asked = Instant::now();
+            // Every capture attaches a probe loaded in advance: loading (the
+            // verifier) is most of the cost, and a loaded probe costs nothing.
+            let mut ready = Some(ready);
+            loop {
                 let mut storage = ProbeStorage::uninit();
-                let tracer = match Tracer::start(&mut storage, &config.capture, &[request.target]) {
+                let loaded = match (ready.take(), Loaded::load(&mut storage, &config.capture)) {
+                    (Some(ready), Ok(loaded)) => {
+                        let _ = ready.send(Ok(()));
+                        Ok(loaded)
+                    }
+                    (Some(ready), Err(err)) => {
+                        let _ = ready.send(Err(err));
+                        return;
+                    }
+                    // A later failure is the next capture's answer.
+                    (None, loaded) => loaded,
+                };
+                let Some((request, reply)) = next_capture(&inbox) else {
+                    return;
+                };
+                let asked = Instant::now();
+                let tracer = match loaded.and_then(|loaded| loaded.attach(&[request.target])) {
                     Ok(tracer) => {
                         tracing::info!(
                             pid = request.target,
@@ -297,6 +291,22 @@ fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<()
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Waits, detached, for the next capture request. Targets need no watching
+/// while nothing is attached; `None` once the recorder's handle is gone.
+fn next_capture(
+    inbox: &Receiver<Command>,
+) -> Option<(CaptureRequest, Sender<Result<Window, RecorderError>>)> {
+    loop {
+        match inbox.recv().ok()? {
+            Command::Capture(request, reply) => return Some((request, reply)),
+            Command::AddTarget(_, reply) => {
+                let _ = reply.send(Ok(()));
+            }
+            Command::Flush | Command::RemoveTarget(_) => {}
         }
     }
 }
