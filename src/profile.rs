@@ -273,3 +273,35 @@ mod tests {
         assert_eq!(parse_hex::<2>("é0a"), None);
     }
 }
+
+/// Frame builders shared by the encoders' tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::{Frame, FrameKind, Line};
+
+    pub fn line(function: &str, file: Option<&str>, number: Option<u32>) -> Line {
+        Line {
+            function: function.to_string(),
+            file: file.map(str::to_string),
+            line: number,
+        }
+    }
+
+    pub fn kernel(address: u64, function: &str) -> Frame {
+        Frame {
+            kind: FrameKind::Kernel,
+            address,
+            mapping: None,
+            lines: vec![line(function, None, None)],
+        }
+    }
+
+    pub fn user(address: u64, mapping: usize, lines: Vec<Line>) -> Frame {
+        Frame {
+            kind: FrameKind::User,
+            address,
+            mapping: Some(mapping),
+            lines,
+        }
+    }
+}

@@ -544,6 +544,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::profile::fixtures::{kernel, line, user};
     use crate::profile::{Sample as ModelSample, SpanLink, ThreadState, TimeSlice};
 
     const SHARED_ADDRESS: u64 = 0x5000;
@@ -551,32 +552,6 @@ mod tests {
 
     fn at_ms(ms: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(ms)
-    }
-
-    fn line(function: &str, file: Option<&str>, number: Option<u32>) -> model::Line {
-        model::Line {
-            function: function.to_string(),
-            file: file.map(str::to_string),
-            line: number,
-        }
-    }
-
-    fn kernel(address: u64, function: &str) -> Frame {
-        Frame {
-            kind: FrameKind::Kernel,
-            address,
-            mapping: None,
-            lines: vec![line(function, None, None)],
-        }
-    }
-
-    fn user(address: u64, mapping: usize, lines: Vec<model::Line>) -> Frame {
-        Frame {
-            kind: FrameKind::User,
-            address,
-            mapping: Some(mapping),
-            lines,
-        }
     }
 
     fn labels(thread_id: u32, state: ThreadState) -> SampleLabels {

@@ -797,35 +797,10 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
+    use crate::profile::fixtures::{kernel, line, user};
     use crate::profile::Sample as ModelSample;
 
     const SHARED_ADDRESS: u64 = 0x5000;
-
-    fn line(function: &str, file: Option<&str>, line: Option<u32>) -> model::Line {
-        model::Line {
-            function: function.to_string(),
-            file: file.map(str::to_string),
-            line,
-        }
-    }
-
-    fn kernel(address: u64, function: &str) -> Frame {
-        Frame {
-            kind: FrameKind::Kernel,
-            address,
-            mapping: None,
-            lines: vec![line(function, None, None)],
-        }
-    }
-
-    fn user(address: u64, mapping: usize, lines: Vec<model::Line>) -> Frame {
-        Frame {
-            kind: FrameKind::User,
-            address,
-            mapping: Some(mapping),
-            lines,
-        }
-    }
 
     /// Two threads, one of them with an inlined frame, a truncated stack,
     /// and a kernel and a user frame at the same numeric address.

@@ -17,6 +17,31 @@ BINARY = Path(os.environ.get("FREEZEFRAME_BINARY", ROOT / "target/debug/freezefr
 APP = Path(__file__).with_name("latency_app.py")
 
 
+# The rules the end-to-end tests run the sidecar with: the seed's latency
+# rule at the test app's scale (a 4 s freeze, exports every 500 ms), and a
+# silence rule.
+LATENCY_RULE = """
+[[trigger]]
+name = "feed-latency"
+metric = "db.client.operation.duration"
+attributes = { "db.system" = "feeddb" }
+resource = { "service.name" = "feed" }
+statistic = "p99"
+above = "200ms"
+for = "1s"
+capture = "3s"
+cooldown = "1m"
+"""
+
+SILENCE_RULE = """
+[[trigger]]
+name = "feed-silent"
+silence = "2s"
+capture = "2s"
+cooldown = "1m"
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BINARY, ROOT, free_port
+from conftest import BINARY, LATENCY_RULE, ROOT, SILENCE_RULE, free_port
 
 PROMETHEUS_DIR = ROOT / "deploy/prometheus"
 ALERTS = PROMETHEUS_DIR / "freezeframe-alerts.yml"
@@ -31,24 +31,7 @@ KUBERNETES_DIR = ROOT / "deploy/kubernetes"
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 OPERATIONS_DOC = ROOT / "docs/operations.md"
 
-RULES = """
-[[trigger]]
-name = "feed-latency"
-metric = "db.client.operation.duration"
-attributes = { "db.system" = "feeddb" }
-resource = { "service.name" = "feed" }
-statistic = "p99"
-above = "200ms"
-for = "1s"
-capture = "3s"
-cooldown = "1m"
-
-[[trigger]]
-name = "feed-silent"
-silence = "2s"
-capture = "2s"
-cooldown = "1m"
-"""
+RULES = LATENCY_RULE + SILENCE_RULE
 RULE_NAMES = ["feed-latency", "feed-silent"]
 CAPTURE_OUTCOMES = ["captured", "coalesced", "no_target", "failed"]
 BPF_MAPS = ["starts", "blocked", "stacks_kernel", "stacks_user", "preblocked_stacks"]

@@ -9,28 +9,7 @@ import time
 
 import pytest
 
-from conftest import BINARY
-
-LATENCY_RULE = """
-[[trigger]]
-name = "feed-latency"
-metric = "db.client.operation.duration"
-attributes = { "db.system" = "feeddb" }
-resource = { "service.name" = "feed" }
-statistic = "p99"
-above = "200ms"
-for = "1s"
-capture = "3s"
-cooldown = "1m"
-"""
-
-SILENCE_RULE = """
-[[trigger]]
-name = "feed-silent"
-silence = "2s"
-capture = "2s"
-cooldown = "1m"
-"""
+from conftest import BINARY, LATENCY_RULE, SILENCE_RULE
 
 
 def rfc3339_seconds(text: str) -> float:
