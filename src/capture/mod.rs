@@ -426,6 +426,7 @@ impl<'obj> Tracer<'obj> {
                 timeline: Vec::new(),
             });
         }
+        self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
             duration: Duration::from_nanos(end_ns.saturating_sub(self.window_start_ns)),

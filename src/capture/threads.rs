@@ -5,9 +5,12 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
 
+/// Thread names by tid, kept for the threads of this window and the last
+/// one only: an armed tracer runs for days while threads come and go.
 #[derive(Debug, Default)]
 pub(super) struct Threads {
     names: HashMap<u32, String>,
+    previous_names: HashMap<u32, String>,
 }
 
 pub(super) fn process_exists(pid: u32) -> bool {
@@ -20,11 +23,18 @@ impl Threads {
         if let Some(name) = self.names.get(&tid) {
             return name.clone();
         }
-        let name = fs::read_to_string(format!("/proc/{tgid}/task/{tid}/comm"))
-            .map(|comm| comm.trim_end().to_string())
-            .unwrap_or_else(|_| "[exited]".to_string());
+        let name = self.previous_names.remove(&tid).unwrap_or_else(|| {
+            fs::read_to_string(format!("/proc/{tgid}/task/{tid}/comm"))
+                .map(|comm| comm.trim_end().to_string())
+                .unwrap_or_else(|_| "[exited]".to_string())
+        });
         self.names.insert(tid, name.clone());
         name
+    }
+
+    /// Forgets the names of threads not seen in the window just ended.
+    pub fn end_window(&mut self) {
+        self.previous_names = std::mem::take(&mut self.names);
     }
 }
 
@@ -89,6 +99,22 @@ mod tests {
             stack.iter().any(|&ret| ret > here && ret < here + 4096),
             "this test's own return address is on the walked stack: {stack:x?}"
         );
+    }
+
+    #[test]
+    fn names_are_kept_for_two_windows_then_forgotten() {
+        let me = std::process::id();
+        let mut threads = Threads::default();
+        let name = threads.name(me, me);
+        assert_ne!(name, "[exited]");
+        // A name read while the thread lived survives into the next window...
+        threads.end_window();
+        assert_eq!(threads.name(me, me), name);
+        threads.end_window();
+        threads.end_window();
+        // ...but not beyond a window in which the thread did not appear.
+        assert!(threads.names.is_empty() && threads.previous_names.is_empty());
+        assert_eq!(threads.name(0, 0), "[exited]");
     }
 
     #[test]
