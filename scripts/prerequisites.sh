@@ -26,6 +26,10 @@ ensure_python_clients() {
 
 ensure_root() {
     if [ "$(id -u)" -ne 0 ]; then
+        if ! command -v sudo >/dev/null; then
+            echo "freezeframe: this needs root (it installs packages and loads BPF programs): run it as root" >&2
+            exit 1
+        fi
         echo "freezeframe: this needs root (it installs packages and loads BPF programs); re-running with sudo" >&2
         exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME "$0" "$@"
     fi
