@@ -43,6 +43,8 @@ const volatile __u64 target_cgroup_id = 0;	/* 0: any cgroup */
 const volatile __u64 min_block_ns = 1000000;
 const volatile __u64 max_block_ns = ~0ULL;
 const volatile __u32 state_mask = 0xf;		/* bits of enum thread_state */
+/* Address-space calls smaller than this are not recorded; 0: none are. */
+const volatile __u64 min_address_change = 64ULL << 20;
 /* Our pid namespace, when it is not the initial one (ino 0: initial). */
 const volatile __u64 pidns_dev = 0;
 const volatile __u64 pidns_ino = 0;
@@ -99,8 +101,40 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
 	__type(key, __u32);
-	__type(value, struct lock_wait);
+	__type(value, struct lock_wait_stack);
 } lock_waits SEC(".maps");
+
+/* mmap_lock holds of target threads in progress. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct mmap_hold_key);
+	__type(value, struct mmap_hold);
+} mmap_holds SEC(".maps");
+
+/* Finished mmap_lock holds of at least min_block_ns, until user space takes them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct event_key);
+	__type(value, struct lock_hold);
+} lock_holds SEC(".maps");
+
+/* Address-space calls of target threads that have not returned, by host tid. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct address_change);
+} calls_in_progress SEC(".maps");
+
+/* Finished large address-space calls, until user space takes them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct event_key);
+	__type(value, struct address_change);
+} address_changes SEC(".maps");
 
 /* Scratch space for one preblocked_stack: too big for the BPF stack. */
 struct {
@@ -199,11 +233,30 @@ static __always_inline __u32 lock_owner(void *lock, __u32 *kind)
 	return BPF_CORE_READ(owner_task, pid);
 }
 
+/* The wait a thread going to sleep now is sleeping for: the innermost kept. */
+static __always_inline struct lock_wait *innermost_wait(struct lock_wait_stack *waits)
+{
+	__u32 depth = waits->depth;
+
+	if (depth == 0)
+		return NULL;
+	if (depth > LOCK_WAIT_NESTING)
+		depth = LOCK_WAIT_NESTING;
+	return &waits->waits[(depth - 1) & (LOCK_WAIT_NESTING - 1)];
+}
+
+/* Whether the current thread belongs to a target; its ids in our namespace. */
+static __always_inline bool current_target(__u32 *tgid, __u32 *tid)
+{
+	return current_ids(tgid, tid) && bpf_map_lookup_elem(&targets, tgid);
+}
+
 static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int prev_state)
 {
 	struct block_start start = {};
 	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
-	struct lock_wait *lock;
+	struct lock_wait_stack *waits;
+	struct lock_wait *lock = NULL;
 	__u32 tgid, tid;
 	long stack_id;
 
@@ -221,7 +274,9 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 
 	start.tgid = tgid;
 	start.tid = tid;
-	lock = bpf_map_lookup_elem(&lock_waits, &host_tid);
+	waits = bpf_map_lookup_elem(&lock_waits, &host_tid);
+	if (waits)
+		lock = innermost_wait(waits);
 	if (lock) {
 		__u32 holder;
 
@@ -310,34 +365,258 @@ int BPF_PROG(sched_switch_raw, bool preempt, struct task_struct *prev,
 	return 0;
 }
 
-SEC("tp_btf/contention_begin")
+/*
+ * The lock and mmap_lock programs are raw tracepoints: they attach where the
+ * tracepoint exists (a kernel without it is told apart at attach, not load),
+ * and BPF_PROG_TEST_RUN can drive them with made-up arguments.
+ */
+SEC("raw_tp/contention_begin")
 int BPF_PROG(contention_begin, void *lock, unsigned int flags)
 {
 	struct task_struct *me = bpf_get_current_task_btf();
 	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+	struct lock_wait_stack *waits, fresh = {};
 	struct lock_wait wait = {};
 	struct mm_struct *mm;
-	__u32 tgid, tid;
+	__u32 tgid, tid, depth;
 
-	if (!current_ids(&tgid, &tid) || !bpf_map_lookup_elem(&targets, &tgid))
+	if (!current_target(&tgid, &tid))
 		return 0;
 	wait.addr = (__u64)lock;
 	wait.kind = flags & 0xffff;
 	/* How `perf lock contention` recognises mmap_lock: by its address. */
-	mm = me->mm;
+	mm = BPF_CORE_READ(me, mm);
 	if (mm && wait.addr == (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock))
 		wait.kind |= LOCK_MMAP;
 	wait.holder_tid = lock_owner(lock, &wait.kind);
-	bpf_map_update_elem(&lock_waits, &host_tid, &wait, BPF_ANY);
+
+	waits = bpf_map_lookup_elem(&lock_waits, &host_tid);
+	if (!waits) {
+		fresh.waits[0] = wait;
+		fresh.depth = 1;
+		bpf_map_update_elem(&lock_waits, &host_tid, &fresh, BPF_ANY);
+		return 0;
+	}
+	/* A wait inside a wait: keep the outer one for when the inner ends. */
+	depth = waits->depth;
+	if (depth < LOCK_WAIT_NESTING)
+		waits->waits[depth & (LOCK_WAIT_NESTING - 1)] = wait;
+	waits->depth = depth + 1;
 	return 0;
 }
 
-SEC("tp_btf/contention_end")
+SEC("raw_tp/contention_end")
 int BPF_PROG(contention_end, void *lock, int ret)
 {
 	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+	struct lock_wait_stack *waits;
 
-	bpf_map_delete_elem(&lock_waits, &host_tid);
+	waits = bpf_map_lookup_elem(&lock_waits, &host_tid);
+	if (!waits)
+		return 0;
+	if (waits->depth <= 1)
+		bpf_map_delete_elem(&lock_waits, &host_tid);
+	else
+		waits->depth--;
+	return 0;
+}
+
+/*
+ * mmap_lock holds, paired per thread and mm. A failed trylock holds nothing;
+ * a read acquisition while holding for write is mmap_write_downgrade(); a
+ * read acquisition while holding for read nests.
+ */
+SEC("raw_tp/mmap_lock_acquire_returned")
+int BPF_PROG(mmap_lock_acquired, struct mm_struct *mm, bool write, bool success)
+{
+	struct mmap_hold_key key = { .mm = (__u64)mm };
+	struct mmap_hold *hold, fresh = {};
+	__u32 tgid, tid;
+
+	if (!success || !current_target(&tgid, &tid))
+		return 0;
+	key.host_tid = (__u32)bpf_get_current_pid_tgid();
+	hold = bpf_map_lookup_elem(&mmap_holds, &key);
+	if (hold) {
+		if (write)
+			return 0;	/* cannot happen: it would deadlock */
+		if (hold->flags & HOLD_WRITE && !(hold->flags & HOLD_DOWNGRADED))
+			hold->flags |= HOLD_DOWNGRADED;
+		else
+			hold->depth++;
+		return 0;
+	}
+	fresh.start_ns = bpf_ktime_get_ns();
+	fresh.depth = 1;
+	fresh.flags = write ? HOLD_WRITE : 0;
+	if (bpf_map_update_elem(&mmap_holds, &key, &fresh, BPF_ANY))
+		count_drop(DROP_LOCK_HOLD_MAP_FULL);
+	return 0;
+}
+
+SEC("raw_tp/mmap_lock_released")
+int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
+{
+	struct mmap_hold_key key = { .mm = (__u64)mm };
+	struct event_key event = {};
+	struct lock_hold record = {};
+	struct mmap_hold *hold;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 tgid, tid;
+	long stack_id;
+
+	key.host_tid = (__u32)bpf_get_current_pid_tgid();
+	hold = bpf_map_lookup_elem(&mmap_holds, &key);
+	if (!hold)
+		return 0;	/* taken before we attached, or not a target's */
+	if (hold->depth > 1) {
+		hold->depth--;
+		return 0;
+	}
+	record.start_ns = hold->start_ns;
+	record.duration_ns = now - hold->start_ns;
+	record.flags = hold->flags;
+	bpf_map_delete_elem(&mmap_holds, &key);
+	if (record.duration_ns < min_block_ns || !current_ids(&tgid, &tid))
+		return 0;
+
+	record.lock_addr = (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock);
+	record.tgid = tgid;
+	record.tid = tid;
+	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+	record.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
+	if (stack_id < 0 && stack_id != -EFAULT)
+		count_drop(DROP_USER_STACK);
+	stack_id = bpf_get_stackid(ctx, &stacks, KERNEL_STACK_SKIP);
+	record.kernel_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
+	if (stack_id < 0)
+		count_drop(DROP_KERNEL_STACK);
+	event.tid = tid;
+	event.start_ns = record.start_ns;
+	if (bpf_map_update_elem(&lock_holds, &event, &record, BPF_ANY))
+		count_drop(DROP_LOCK_HOLD_MAP_FULL);
+	return 0;
+}
+
+#if defined(__TARGET_ARCH_x86)
+#define NR_MMAP 9
+#define NR_MUNMAP 11
+#define NR_BRK 12
+#define NR_MREMAP 25
+#define NR_MADVISE 28
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_BRK 214
+#define NR_MUNMAP 215
+#define NR_MREMAP 216
+#define NR_MMAP 222
+#define NR_MADVISE 233
+#else
+#error "system call numbers are not known for this architecture"
+#endif
+
+static __always_inline __u64 distance(__u64 a, __u64 b)
+{
+	return a > b ? a - b : b - a;
+}
+
+/*
+ * Large address-space calls of the targets: noted on entry with the caller's
+ * user stack, kept on return if they moved at least min_address_change bytes.
+ * The call number is compared first: every other call of every process
+ * leaves after one comparison.
+ */
+SEC("raw_tp/sys_enter")
+int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
+{
+	struct address_change call = {};
+	__u32 host_tid, tgid, tid;
+	long stack_id;
+
+	switch (id) {
+	case NR_MMAP:
+		call.call = ADDRESS_MMAP;
+		break;
+	case NR_MUNMAP:
+		call.call = ADDRESS_MUNMAP;
+		break;
+	case NR_MREMAP:
+		call.call = ADDRESS_MREMAP;
+		break;
+	case NR_BRK:
+		call.call = ADDRESS_BRK;
+		break;
+	case NR_MADVISE:
+		call.call = ADDRESS_MADVISE;
+		break;
+	default:
+		return 0;
+	}
+	if (!min_address_change || !current_target(&tgid, &tid))
+		return 0;
+
+	call.addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	switch (call.call) {
+	case ADDRESS_MMAP:
+		call.size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		call.arg = PT_REGS_PARM4_CORE_SYSCALL(regs);
+		break;
+	case ADDRESS_MADVISE:
+		call.size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		call.arg = PT_REGS_PARM3_CORE_SYSCALL(regs);
+		break;
+	case ADDRESS_MUNMAP:
+		call.size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		break;
+	case ADDRESS_MREMAP:
+		call.size = distance(PT_REGS_PARM2_CORE_SYSCALL(regs),
+				     PT_REGS_PARM3_CORE_SYSCALL(regs));
+		call.arg = PT_REGS_PARM4_CORE_SYSCALL(regs);
+		break;
+	case ADDRESS_BRK: {
+		struct task_struct *me = bpf_get_current_task_btf();
+
+		/* Only the return value tells how far the break moved. */
+		call.addr = BPF_CORE_READ(me, mm, brk);
+		break;
+	}
+	}
+	if (call.call != ADDRESS_BRK && call.size < min_address_change)
+		return 0;
+
+	call.tgid = tgid;
+	call.tid = tid;
+	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+	if (stack_id < 0 && stack_id != -EFAULT)
+		count_drop(DROP_USER_STACK);
+	call.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
+	call.start_ns = bpf_ktime_get_ns();
+	host_tid = (__u32)bpf_get_current_pid_tgid();
+	if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_ANY))
+		count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
+	return 0;
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
+{
+	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+	struct address_change *call;
+	struct event_key event = {};
+
+	call = bpf_map_lookup_elem(&calls_in_progress, &host_tid);
+	if (!call)
+		return 0;
+	call->duration_ns = bpf_ktime_get_ns() - call->start_ns;
+	call->ret = ret;
+	if (call->call == ADDRESS_BRK)
+		call->size = ret < 0 ? 0 : distance(call->addr, ret);
+	if (call->size >= min_address_change) {
+		event.tid = call->tid;
+		event.start_ns = call->start_ns;
+		if (bpf_map_update_elem(&address_changes, &event, call, BPF_ANY))
+			count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
+	}
+	bpf_map_delete_elem(&calls_in_progress, &host_tid);
 	return 0;
 }
 

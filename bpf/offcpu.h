@@ -28,7 +28,9 @@ enum drop_reason {
 	DROP_KERNEL_STACK = 2,		/* kernel stack not recorded (stack map full or collided) */
 	DROP_USER_STACK = 3,		/* user stack not recorded (stack map full or collided) */
 	DROP_PREBLOCKED_MAP_FULL = 4,	/* `preblocked_stacks` full */
-	DROP_REASON_COUNT = 5,
+	DROP_LOCK_HOLD_MAP_FULL = 5,	/* `mmap_holds` or `lock_holds` full */
+	DROP_ADDRESS_CHANGE_MAP_FULL = 6, /* `calls_in_progress` or `address_changes` full */
+	DROP_REASON_COUNT = 7,
 };
 
 /*
@@ -54,6 +56,92 @@ struct lock_wait {
 	__u64 addr;
 	__u32 kind;		/* enum lock_kind bits */
 	__u32 holder_tid;	/* the owner at contention_begin, 0 if unknown */
+};
+
+/*
+ * How deep contention nests: a thread waiting for a mutex or rwsem spins on
+ * the lock's internal spinlock on the way to sleep, and that inner wait
+ * begins and ends inside the outer one.
+ */
+#define LOCK_WAIT_NESTING 2
+
+/* The kernel locks a thread is contending for, outermost first. */
+struct lock_wait_stack {
+	struct lock_wait waits[LOCK_WAIT_NESTING];
+	/* Begins not yet ended; may exceed LOCK_WAIT_NESTING (the excess is not kept). */
+	__u32 depth;
+	__u32 _pad;
+};
+
+/* A thread's hold of one mm's mmap_lock, keyed by both. */
+struct mmap_hold_key {
+	__u64 mm;
+	__u32 host_tid;
+	__u32 _pad;
+};
+
+enum hold_flags {
+	HOLD_WRITE = 1 << 0,		/* taken for write */
+	HOLD_DOWNGRADED = 1 << 1,	/* taken for write, then downgraded to read */
+};
+
+struct mmap_hold {
+	__u64 start_ns;
+	__u32 depth;		/* read acquisitions not yet released */
+	__u32 flags;		/* enum hold_flags */
+};
+
+/* Identifies one finished hold or one address-space call: who and when. */
+struct event_key {
+	__u32 tid;
+	__u32 _pad;
+	__u64 start_ns;
+};
+
+/*
+ * A target thread held its process's mmap_lock for at least min_block_ns.
+ * The stacks are taken at release: the holder is still in the call that took
+ * the lock, so the user stack is the acquiring call's; the kernel stack shows
+ * where it let go (__mm_populate, __vm_munmap, ...).
+ */
+struct lock_hold {
+	__u64 lock_addr;	/* &mm->mmap_lock, as contention_begin reports it */
+	__u64 start_ns;
+	__u64 duration_ns;
+	__u32 tgid;
+	__u32 tid;
+	__u32 flags;		/* enum hold_flags */
+	__s32 user_stack_id;
+	__s32 kernel_stack_id;
+	__u32 _pad;
+};
+
+/* The system calls that grow or shrink an address space by large amounts. */
+enum address_call {
+	ADDRESS_MMAP = 0,
+	ADDRESS_MUNMAP = 1,
+	ADDRESS_MREMAP = 2,
+	ADDRESS_BRK = 3,
+	ADDRESS_MADVISE = 4,
+};
+
+/*
+ * One such call by a target thread. While the call runs it sits in
+ * `calls_in_progress` (duration 0); once it returns and proves large enough
+ * it moves to `address_changes`.
+ */
+struct address_change {
+	__u64 start_ns;
+	__u64 duration_ns;
+	__u64 addr;		/* the range's start (brk: the old break) */
+	__u64 size;		/* bytes mapped, unmapped, remapped or advised */
+	__s64 ret;		/* the call's return value */
+	__u32 tgid;
+	__u32 tid;
+	__u32 call;		/* enum address_call */
+	__u32 arg;		/* mmap flags, madvise advice, mremap flags */
+	__s32 user_stack_id;
+	__u32 _pad;
 };
 
 /* Stack ids that are not indexes into the `stacks` map. */
@@ -116,6 +204,8 @@ struct enum_anchor {
 	enum drop_reason drop_reason;
 	enum stack_id_special stack_id_special;
 	enum lock_kind lock_kind;
+	enum hold_flags hold_flags;
+	enum address_call address_call;
 };
 
 #endif /* FREEZEFRAME_OFFCPU_H */

@@ -186,9 +186,17 @@ pub struct CaptureArgs {
     /// other, or any; comma-separated.
     #[arg(long, env = "FREEZEFRAME_STATE", default_value = "any", value_parser = parse_states)]
     pub state: StateSet,
+    /// Record mmap/munmap/mremap/brk/madvise calls that move at least this
+    /// much memory (e.g. 64MiB, 1GiB; 0 turns it off), with their callers' stacks.
+    #[arg(long, env = "FREEZEFRAME_MIN_ALLOC", default_value = "64MiB", value_parser = parse_bytes)]
+    pub min_alloc: u64,
     /// Write the profile as gzipped pprof.
     #[arg(long, short, env = "FREEZEFRAME_OUTPUT")]
     pub output: Option<PathBuf>,
+    /// Write the large address-space calls as a second gzipped pprof
+    /// (sample type alloc_space/bytes).
+    #[arg(long, env = "FREEZEFRAME_ALLOC_OUTPUT")]
+    pub alloc_output: Option<PathBuf>,
     #[command(flatten)]
     pub views: Views,
 }
@@ -230,6 +238,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("{text} is longer than the 24 h limit"));
     }
     Ok(duration)
+}
+
+/// A size in bytes: a plain number, or one with a binary unit (KiB, MiB,
+/// GiB, TiB; the `i` and `B` may be left out, the units stay binary).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (write one such as 64MiB or 1GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text} is too large"))
 }
 
 pub fn parse_states(text: &str) -> Result<StateSet, String> {

@@ -64,6 +64,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
         min_block: args.min_block,
         max_block: args.max_block,
         states: args.state.0.clone(),
+        min_address_change: (args.min_alloc > 0).then_some(args.min_alloc),
     };
 
     let stop = Arc::new(AtomicBool::new(false));

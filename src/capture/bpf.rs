@@ -5,12 +5,16 @@
 use std::io::Read;
 use std::mem::{size_of, MaybeUninit};
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
-use super::{BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait, StackRef};
+use super::{
+    AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
+    StackRef,
+};
 use crate::profile::ThreadState;
 
 #[allow(
@@ -39,6 +43,8 @@ pub(super) struct Filters {
     pub min_block_ns: u64,
     pub max_block_ns: Option<u64>,
     pub states: Vec<ThreadState>,
+    /// Address-space calls smaller than this are not recorded; `None`: none are.
+    pub min_address_change: Option<u64>,
 }
 
 /// The deepest stack the kernel records (PERF_MAX_STACK_DEPTH).
@@ -53,6 +59,37 @@ pub(super) struct Preblocked {
     pub user_fp: u64,
 }
 
+/// A finished mmap_lock hold as the kernel recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RawHold {
+    pub tgid: u32,
+    pub tid: u32,
+    pub lock_addr: u64,
+    /// Monotonic clock at acquisition.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub write: bool,
+    pub downgraded: bool,
+    pub user_stack: StackRef,
+    pub kernel_stack: StackRef,
+}
+
+/// A finished large address-space call as the kernel recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RawAddressChange {
+    pub tgid: u32,
+    pub tid: u32,
+    pub call: AddressCall,
+    /// Monotonic clock at entry.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub addr: u64,
+    pub size: u64,
+    pub arg: u32,
+    pub result: i64,
+    pub user_stack: StackRef,
+}
+
 /// Which attach point the kernel accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -62,13 +99,19 @@ pub enum Hook {
     RawTp,
 }
 
-/// What this kernel let the probe use, settled once per process.
+/// What this kernel let the probe use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Features {
     pub hook: Hook,
     /// `lock:contention_begin/end` are there: blocked threads are labelled
     /// with the kernel lock they wait for and its holder.
     pub lock_contention: bool,
+    /// `mmap_lock:mmap_lock_acquire_returned/released` are there: long
+    /// mmap_lock holds are recorded with the holder's stack.
+    pub mmap_lock_holds: bool,
+    /// `raw_syscalls:sys_enter/exit` are there (and wanted): large
+    /// address-space calls are recorded.
+    pub address_changes: bool,
 }
 
 impl std::fmt::Display for Features {
@@ -77,8 +120,51 @@ impl std::fmt::Display for Features {
             Hook::TpBtf => "tp_btf",
             Hook::RawTp => "raw_tp",
         };
-        let locks = if self.lock_contention { "on" } else { "off" };
-        write!(f, "sched_switch via {hook}, lock attribution {locks}")
+        let on = |yes: bool| if yes { "on" } else { "off" };
+        write!(
+            f,
+            "sched_switch via {hook}, lock attribution {}, mmap_lock holds {}, \
+             address-space changes {}",
+            on(self.lock_contention),
+            on(self.mmap_lock_holds),
+            on(self.address_changes)
+        )
+    }
+}
+
+/// Optional tracepoints: what they give, and whether the kernel's refusal
+/// has been reported yet (once per process, not once per capture).
+struct Optional {
+    tracepoints: &'static str,
+    without: &'static str,
+    reported: AtomicBool,
+}
+
+static LOCK_CONTENTION: Optional = Optional {
+    tracepoints: "lock:contention_begin/end",
+    without: "blocked threads are captured without naming the lock they wait for",
+    reported: AtomicBool::new(false),
+};
+static MMAP_LOCK: Optional = Optional {
+    tracepoints: "mmap_lock:mmap_lock_acquire_returned/released",
+    without: "mmap_lock waits are captured without the holder's hold time and stack",
+    reported: AtomicBool::new(false),
+};
+static SYSCALLS: Optional = Optional {
+    tracepoints: "raw_syscalls:sys_enter/exit",
+    without: "large mmap/munmap/mremap/brk/madvise calls are not recorded",
+    reported: AtomicBool::new(false),
+};
+
+impl Optional {
+    fn unavailable(&self, err: &libbpf_rs::Error) {
+        if !self.reported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "this kernel refused the {} tracepoints ({err}): {}",
+                self.tracepoints,
+                self.without
+            );
+        }
     }
 }
 
@@ -100,6 +186,10 @@ unsafe impl Pod for types::block_key {}
 unsafe impl Pod for types::block_total {}
 unsafe impl Pod for types::preblocked_stack {}
 unsafe impl Pod for types::lock_wait {}
+unsafe impl Pod for types::lock_wait_stack {}
+unsafe impl Pod for types::lock_hold {}
+unsafe impl Pod for types::mmap_hold {}
+unsafe impl Pod for types::address_change {}
 unsafe impl Pod for u64 {}
 
 fn from_bytes<T: Pod>(bytes: &[u8]) -> Result<T, CaptureError> {
@@ -225,85 +315,86 @@ impl<'obj> Probe<'obj> {
     ) -> Result<Self, CaptureError> {
         route_libbpf_messages();
         let pidns = own_pid_namespace()?;
-        let features = Self::supported_features(filters, pidns);
-        let skel = Self::open_tuned(storage, filters, pidns, features)?
+        let hook = Self::supported_hook(filters, pidns);
+        let skel = Self::open_tuned(storage, filters, pidns, hook)?
             .load()
             .map_err(|err| CaptureError::Load {
-                detail: format!("{features:?}: {err}"),
+                detail: format!("sched_switch via {hook:?}: {err}"),
             })?;
         Ok(Probe {
             skel,
             _links: Vec::new(),
-            features,
+            features: Features {
+                hook,
+                lock_contention: false,
+                mmap_lock_holds: false,
+                address_changes: false,
+            },
         })
     }
 
-    /// Attaches the sched_switch hook and, when available, the lock
-    /// contention tracepoints.
+    /// Attaches the sched_switch hook, then whichever attribution
+    /// tracepoints this kernel has: a kernel without them still gets
+    /// off-CPU profiles, and says once what it is missing.
     pub fn attach(&mut self) -> Result<(), CaptureError> {
+        let progs = &self.skel.progs;
         let switch = match self.features.hook {
-            Hook::TpBtf => &self.skel.progs.sched_switch_btf,
-            Hook::RawTp => &self.skel.progs.sched_switch_raw,
+            Hook::TpBtf => &progs.sched_switch_btf,
+            Hook::RawTp => &progs.sched_switch_raw,
         };
         let mut links = vec![switch.attach().map_err(|source| CaptureError::Attach {
             what: "sched_switch tracepoint",
             source,
         })?];
-        if self.features.lock_contention {
-            for (what, program) in [
-                (
-                    "lock:contention_begin tracepoint",
-                    &self.skel.progs.contention_begin,
-                ),
-                (
-                    "lock:contention_end tracepoint",
-                    &self.skel.progs.contention_end,
-                ),
-            ] {
-                links.push(
-                    program
-                        .attach()
-                        .map_err(|source| CaptureError::Attach { what, source })?,
-                );
+        let mut attach_all = |optional: &Optional, attached: [libbpf_rs::Result<Link>; 2]| {
+            match attached.into_iter().collect::<Result<Vec<Link>, _>>() {
+                Ok(attached) => {
+                    links.extend(attached);
+                    true
+                }
+                Err(err) => {
+                    optional.unavailable(&err);
+                    false
+                }
             }
-        }
+        };
+        self.features.lock_contention = attach_all(
+            &LOCK_CONTENTION,
+            [progs.contention_begin.attach(), progs.contention_end.attach()],
+        );
+        self.features.mmap_lock_holds = attach_all(
+            &MMAP_LOCK,
+            [
+                progs.mmap_lock_acquired.attach(),
+                progs.mmap_lock_released.attach(),
+            ],
+        );
+        let wanted = self
+            .skel
+            .maps
+            .rodata_data
+            .as_deref()
+            .is_some_and(|rodata| rodata.min_address_change > 0);
+        self.features.address_changes =
+            wanted && attach_all(&SYSCALLS, [progs.sys_enter.attach(), progs.sys_exit.attach()]);
         self._links = links;
         Ok(())
     }
 
-    /// What this kernel takes, learned once per process by trial loads, best
-    /// first: `tp_btf` with lock attribution, `tp_btf` alone, then `raw_tp`.
-    fn supported_features(filters: &Filters, pidns: Option<(u64, u64)>) -> Features {
-        static FEATURES: OnceLock<Features> = OnceLock::new();
-        *FEATURES.get_or_init(|| {
-            let candidates = [
-                Features {
-                    hook: Hook::TpBtf,
-                    lock_contention: true,
-                },
-                Features {
-                    hook: Hook::TpBtf,
-                    lock_contention: false,
-                },
-            ];
-            let chosen = candidates.into_iter().find(|&features| {
-                let mut trial = MaybeUninit::uninit();
-                let loaded = Self::open_tuned_raw(&mut trial, filters, pidns, features)
-                    .and_then(|open| open.load())
-                    .is_ok();
-                loaded
-            });
-            let features = chosen.unwrap_or(Features {
-                hook: Hook::RawTp,
-                lock_contention: false,
-            });
-            if !features.lock_contention {
-                tracing::warn!(
-                    "this kernel has no usable lock:contention_begin/end tracepoints: \
-                     blocked threads are captured without naming the lock they wait for"
-                );
+    /// Which sched_switch hook this kernel takes, learned once per process
+    /// by a trial load: `tp_btf`, else `raw_tp`.
+    fn supported_hook(filters: &Filters, pidns: Option<(u64, u64)>) -> Hook {
+        static HOOK: OnceLock<Hook> = OnceLock::new();
+        *HOOK.get_or_init(|| {
+            let mut trial = MaybeUninit::uninit();
+            let loaded = Self::open_tuned_raw(&mut trial, filters, pidns, Hook::TpBtf)
+                .and_then(|open| open.load())
+                .is_ok();
+            if loaded {
+                Hook::TpBtf
+            } else {
+                Hook::RawTp
             }
-            features
         })
     }
 
@@ -311,9 +402,9 @@ impl<'obj> Probe<'obj> {
         storage: &'a mut MaybeUninit<OpenObject>,
         filters: &Filters,
         pidns: Option<(u64, u64)>,
-        features: Features,
+        hook: Hook,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, CaptureError> {
-        Self::open_tuned_raw(storage, filters, pidns, features).map_err(|err| CaptureError::Load {
+        Self::open_tuned_raw(storage, filters, pidns, hook).map_err(|err| CaptureError::Load {
             detail: err.to_string(),
         })
     }
@@ -322,7 +413,7 @@ impl<'obj> Probe<'obj> {
         storage: &'a mut MaybeUninit<OpenObject>,
         filters: &Filters,
         pidns: Option<(u64, u64)>,
-        features: Features,
+        hook: Hook,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, libbpf_rs::Error> {
         let mut open = OffcpuSkelBuilder::default().open(storage)?;
         let rodata = open
@@ -339,22 +430,13 @@ impl<'obj> Probe<'obj> {
             .iter()
             .map(|state| state_bit(*state))
             .fold(0, |a, b| a | b);
+        rodata.min_address_change = filters.min_address_change.unwrap_or(0);
         if let Some((dev, ino)) = pidns {
             rodata.pidns_dev = dev;
             rodata.pidns_ino = ino;
         }
-        open.progs
-            .sched_switch_btf
-            .set_autoload(features.hook == Hook::TpBtf);
-        open.progs
-            .sched_switch_raw
-            .set_autoload(features.hook == Hook::RawTp);
-        open.progs
-            .contention_begin
-            .set_autoload(features.lock_contention);
-        open.progs
-            .contention_end
-            .set_autoload(features.lock_contention);
+        open.progs.sched_switch_btf.set_autoload(hook == Hook::TpBtf);
+        open.progs.sched_switch_raw.set_autoload(hook == Hook::RawTp);
         Ok(open)
     }
 
@@ -455,6 +537,74 @@ impl<'obj> Probe<'obj> {
         Ok(totals)
     }
 
+    /// Takes every finished mmap_lock hold out of the kernel.
+    pub fn drain_lock_holds(&self) -> Result<Vec<RawHold>, CaptureError> {
+        use types::hold_flags as flags;
+        let entries = self
+            .skel
+            .maps
+            .lock_holds
+            .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(|source| CaptureError::Map {
+                map: "lock_holds",
+                source,
+            })?;
+        let mut holds = Vec::new();
+        for (_, value) in entries {
+            let hold: types::lock_hold = from_bytes(&value)?;
+            holds.push(RawHold {
+                tgid: hold.tgid,
+                tid: hold.tid,
+                lock_addr: hold.lock_addr,
+                start_ns: hold.start_ns,
+                duration_ns: hold.duration_ns,
+                write: hold.flags & flags::HOLD_WRITE.0 != 0,
+                downgraded: hold.flags & flags::HOLD_DOWNGRADED.0 != 0,
+                user_stack: stack_ref(hold.user_stack_id),
+                kernel_stack: stack_ref(hold.kernel_stack_id),
+            });
+        }
+        Ok(holds)
+    }
+
+    /// Takes every finished large address-space call out of the kernel.
+    pub fn drain_address_changes(&self) -> Result<Vec<RawAddressChange>, CaptureError> {
+        use types::address_call as calls;
+        let entries = self
+            .skel
+            .maps
+            .address_changes
+            .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(|source| CaptureError::Map {
+                map: "address_changes",
+                source,
+            })?;
+        let mut changes = Vec::new();
+        for (_, value) in entries {
+            let change: types::address_change = from_bytes(&value)?;
+            let call = match calls(change.call) {
+                calls::ADDRESS_MMAP => AddressCall::Mmap,
+                calls::ADDRESS_MUNMAP => AddressCall::Munmap,
+                calls::ADDRESS_MREMAP => AddressCall::Mremap,
+                calls::ADDRESS_BRK => AddressCall::Brk,
+                _ => AddressCall::Madvise,
+            };
+            changes.push(RawAddressChange {
+                tgid: change.tgid,
+                tid: change.tid,
+                call,
+                start_ns: change.start_ns,
+                duration_ns: change.duration_ns,
+                addr: change.addr,
+                size: change.size,
+                arg: change.arg,
+                result: change.ret,
+                user_stack: stack_ref(change.user_stack_id),
+            });
+        }
+        Ok(changes)
+    }
+
     /// The addresses of a recorded stack, innermost first.
     pub fn stack(&self, id: u32) -> Result<Vec<u64>, CaptureError> {
         let bytes = self
@@ -538,6 +688,8 @@ impl<'obj> Probe<'obj> {
             kernel_stack: at(types::drop_reason::DROP_KERNEL_STACK),
             user_stack: at(types::drop_reason::DROP_USER_STACK),
             preblocked_map_full: at(types::drop_reason::DROP_PREBLOCKED_MAP_FULL),
+            lock_hold_map_full: at(types::drop_reason::DROP_LOCK_HOLD_MAP_FULL),
+            address_change_map_full: at(types::drop_reason::DROP_ADDRESS_CHANGE_MAP_FULL),
         })
     }
 }
@@ -574,5 +726,207 @@ mod tests {
                 got: 3
             }
         ));
+    }
+
+    /// The lock and mmap_lock bookkeeping, driven through the real,
+    /// verified programs with BPF_PROG_TEST_RUN: each call runs the program
+    /// on this thread with made-up tracepoint arguments. Needs root.
+    mod bookkeeping {
+        use super::*;
+
+        const MM_A: u64 = 0xffff_8880_0000_1000;
+        const MM_B: u64 = 0xffff_8880_0000_9000;
+        const LCB_F_SPIN: u64 = 1 << 0;
+        const LCB_F_MUTEX: u64 = 1 << 5;
+
+        fn probe(storage: &mut MaybeUninit<OpenObject>, min_block_ns: u64) -> Probe<'_> {
+            let filters = Filters {
+                tid: None,
+                cgroup_id: None,
+                min_block_ns,
+                max_block_ns: None,
+                states: ThreadState::ALL.to_vec(),
+                min_address_change: None,
+            };
+            let probe = Probe::load(storage, &filters)
+                .expect("these tests load BPF programs: run them as root");
+            probe.add_target(std::process::id()).unwrap();
+            probe
+        }
+
+        fn run(program: &libbpf_rs::ProgramMut, args: &[u64]) {
+            use std::os::fd::{AsFd, AsRawFd};
+            run_fd(program.as_fd().as_raw_fd(), args);
+        }
+
+        /// BPF_PROG_TEST_RUN by file descriptor, so that another thread
+        /// (another tid) can run the same program.
+        fn run_fd(fd: i32, args: &[u64]) {
+            use libbpf_rs::libbpf_sys;
+            let context: Vec<u8> = args.iter().flat_map(|arg| arg.to_ne_bytes()).collect();
+            // SAFETY: zeroed test-run options are the documented default.
+            let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+            opts.sz = size_of::<libbpf_sys::bpf_test_run_opts>() as _;
+            opts.ctx_in = context.as_ptr().cast();
+            opts.ctx_size_in = context.len() as _;
+            // SAFETY: `opts` points at `context`, which outlives the call.
+            let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
+            assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+        }
+
+        fn acquire(probe: &Probe, mm: u64, write: bool, success: bool) {
+            run(
+                &probe.skel.progs.mmap_lock_acquired,
+                &[mm, write as u64, success as u64],
+            );
+        }
+
+        fn release(probe: &Probe, mm: u64, write: bool) {
+            run(&probe.skel.progs.mmap_lock_released, &[mm, write as u64]);
+        }
+
+        fn holds_in_progress(probe: &Probe) -> usize {
+            probe.skel.maps.mmap_holds.keys().count()
+        }
+
+        fn my_tid() -> u32 {
+            // SAFETY: gettid has no preconditions.
+            unsafe { libc::gettid() as u32 }
+        }
+
+        #[test]
+        fn a_hold_is_paired_from_acquisition_to_release() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            acquire(&probe, MM_A, true, true);
+            assert_eq!(holds_in_progress(&probe), 1);
+            release(&probe, MM_A, true);
+            assert_eq!(holds_in_progress(&probe), 0);
+
+            let holds = probe.drain_lock_holds().unwrap();
+            assert_eq!(holds.len(), 1, "{holds:?}");
+            let hold = holds[0];
+            assert_eq!((hold.tgid, hold.tid), (std::process::id(), my_tid()));
+            assert!(hold.write && !hold.downgraded);
+            // &mm->mmap_lock: inside the mm_struct, not at its start.
+            assert!(hold.lock_addr > MM_A && hold.lock_addr < MM_A + 4096);
+            assert!(matches!(hold.user_stack, StackRef::Id(_)), "{hold:?}");
+            assert!(probe.drain_lock_holds().unwrap().is_empty(), "drained once");
+        }
+
+        #[test]
+        fn a_failed_trylock_holds_nothing() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            acquire(&probe, MM_A, false, false);
+            assert_eq!(holds_in_progress(&probe), 0);
+            // A release without a recorded acquisition (taken before we
+            // attached) is ignored too.
+            release(&probe, MM_A, false);
+            assert!(probe.drain_lock_holds().unwrap().is_empty());
+        }
+
+        #[test]
+        fn nested_read_holds_end_with_the_outermost_release() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            acquire(&probe, MM_A, false, true);
+            acquire(&probe, MM_A, false, true);
+            release(&probe, MM_A, false);
+            assert!(probe.drain_lock_holds().unwrap().is_empty());
+            assert_eq!(holds_in_progress(&probe), 1);
+            release(&probe, MM_A, false);
+            let holds = probe.drain_lock_holds().unwrap();
+            assert_eq!(holds.len(), 1);
+            assert!(!holds[0].write);
+        }
+
+        #[test]
+        fn a_downgraded_write_hold_is_one_hold() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            acquire(&probe, MM_A, true, true);
+            // mmap_write_downgrade() reports a read acquisition.
+            acquire(&probe, MM_A, false, true);
+            release(&probe, MM_A, false);
+            let holds = probe.drain_lock_holds().unwrap();
+            assert_eq!(holds.len(), 1, "{holds:?}");
+            assert!(holds[0].write && holds[0].downgraded);
+            assert_eq!(holds_in_progress(&probe), 0);
+        }
+
+        #[test]
+        fn holds_of_two_mms_and_two_threads_are_kept_apart() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            acquire(&probe, MM_A, true, true);
+            acquire(&probe, MM_B, true, true);
+            // Another thread releasing MM_A does not end this thread's hold.
+            use std::os::fd::{AsFd, AsRawFd};
+            let released = probe.skel.progs.mmap_lock_released.as_fd().as_raw_fd();
+            std::thread::scope(|scope| {
+                scope.spawn(|| run_fd(released, &[MM_A, 1]));
+            });
+            assert_eq!(holds_in_progress(&probe), 2);
+            release(&probe, MM_B, true);
+            release(&probe, MM_A, true);
+            let mut holds = probe.drain_lock_holds().unwrap();
+            holds.sort_by_key(|hold| hold.lock_addr);
+            assert_eq!(holds.len(), 2, "{holds:?}");
+            assert!(holds[0].lock_addr - MM_A == holds[1].lock_addr - MM_B);
+            assert!(holds[0].start_ns < holds[1].start_ns, "A was taken first");
+        }
+
+        #[test]
+        fn holds_shorter_than_min_block_are_not_recorded() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 1_000_000_000);
+            acquire(&probe, MM_A, true, true);
+            release(&probe, MM_A, true);
+            assert!(probe.drain_lock_holds().unwrap().is_empty());
+            assert_eq!(holds_in_progress(&probe), 0, "but the pairing is done");
+        }
+
+        fn waits(probe: &Probe) -> Option<types::lock_wait_stack> {
+            probe
+                .skel
+                .maps
+                .lock_waits
+                .lookup(&my_tid().to_ne_bytes(), MapFlags::ANY)
+                .unwrap()
+                .map(|bytes| from_bytes(&bytes).unwrap())
+        }
+
+        #[test]
+        fn an_inner_contention_does_not_end_the_outer_one() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            let (outer, inner) = (0x1000_u64, 0x2000_u64);
+            let begin = &probe.skel.progs.contention_begin;
+            let end = &probe.skel.progs.contention_end;
+            run(begin, &[outer, LCB_F_MUTEX]);
+            run(begin, &[inner, LCB_F_SPIN]);
+            let nested = waits(&probe).expect("two waits");
+            assert_eq!(nested.depth, 2);
+            assert_eq!(
+                (nested.waits[0].addr, nested.waits[1].addr),
+                (outer, inner)
+            );
+            run(end, &[inner, 0]);
+            let after = waits(&probe).expect("the mutex wait goes on");
+            assert_eq!(after.depth, 1);
+            assert_eq!(after.waits[0].addr, outer);
+            assert_eq!(after.waits[0].kind, LCB_F_MUTEX as u32);
+            run(end, &[outer, 0]);
+            assert!(waits(&probe).is_none());
+        }
+
+        #[test]
+        fn a_contention_end_without_a_begin_is_ignored() {
+            let mut storage = MaybeUninit::uninit();
+            let probe = probe(&mut storage, 0);
+            run(&probe.skel.progs.contention_end, &[0x1000, 0]);
+            assert!(waits(&probe).is_none());
+        }
     }
 }

@@ -69,7 +69,15 @@ pub struct CaptureConfig {
     pub max_block: Option<Duration>,
     /// Thread states to capture.
     pub states: Vec<ThreadState>,
+    /// mmap/munmap/mremap/brk/madvise calls that move at least this many
+    /// bytes are recorded with their caller's stack; `None` records none
+    /// (and leaves every other process's system calls untouched).
+    pub min_address_change: Option<u64>,
 }
+
+/// The default for [`CaptureConfig::min_address_change`]: far above any
+/// allocator's ordinary traffic, well below a big table's resize.
+pub const DEFAULT_MIN_ADDRESS_CHANGE: u64 = 64 << 20;
 
 impl Default for CaptureConfig {
     fn default() -> Self {
@@ -79,6 +87,7 @@ impl Default for CaptureConfig {
             min_block: Duration::from_millis(1),
             max_block: None,
             states: ThreadState::ALL.to_vec(),
+            min_address_change: Some(DEFAULT_MIN_ADDRESS_CHANGE),
         }
     }
 }
@@ -158,6 +167,69 @@ impl LockWait {
     }
 }
 
+/// A target thread's hold of its process's mmap_lock, long enough to have
+/// blocked someone (at least `min_block`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHold {
+    pub tgid: u32,
+    pub tid: u32,
+    pub thread_name: String,
+    /// The lock's address, as [`LockWait::addr`] gives it to its waiters.
+    pub lock_addr: u64,
+    pub start: SystemTime,
+    pub duration: Duration,
+    /// How it was taken: a write hold may have been downgraded to read.
+    pub mode: LockMode,
+    pub downgraded: bool,
+    /// The holder's user stack: the call that took the lock.
+    pub user_ips: Stack,
+    /// The holder's kernel stack where it let go.
+    pub kernel_ips: Stack,
+}
+
+/// The system calls that grow or shrink an address space by large amounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressCall {
+    Mmap,
+    Munmap,
+    Mremap,
+    Brk,
+    Madvise,
+}
+
+impl AddressCall {
+    pub fn name(self) -> &'static str {
+        match self {
+            AddressCall::Mmap => "mmap",
+            AddressCall::Munmap => "munmap",
+            AddressCall::Mremap => "mremap",
+            AddressCall::Brk => "brk",
+            AddressCall::Madvise => "madvise",
+        }
+    }
+}
+
+/// One large address-space call of a target thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressChange {
+    pub tgid: u32,
+    pub tid: u32,
+    pub thread_name: String,
+    pub call: AddressCall,
+    pub start: SystemTime,
+    pub duration: Duration,
+    /// The range's start (for brk, the old break).
+    pub addr: u64,
+    /// Bytes mapped, unmapped, remapped (the change in length) or advised.
+    pub size: u64,
+    /// mmap's flags, madvise's advice, mremap's flags; 0 otherwise.
+    pub arg: u32,
+    /// The call's return value (negative: an errno).
+    pub result: i64,
+    /// The caller's user stack at entry, innermost first.
+    pub user_ips: Stack,
+}
+
 /// A block that has not ended yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InFlight {
@@ -175,6 +247,8 @@ pub struct DropCounts {
     pub kernel_stack: u64,
     pub user_stack: u64,
     pub preblocked_map_full: u64,
+    pub lock_hold_map_full: u64,
+    pub address_change_map_full: u64,
 }
 
 impl DropCounts {
@@ -190,6 +264,12 @@ impl DropCounts {
             preblocked_map_full: self
                 .preblocked_map_full
                 .saturating_sub(earlier.preblocked_map_full),
+            lock_hold_map_full: self
+                .lock_hold_map_full
+                .saturating_sub(earlier.lock_hold_map_full),
+            address_change_map_full: self
+                .address_change_map_full
+                .saturating_sub(earlier.address_change_map_full),
         }
     }
 
@@ -200,6 +280,8 @@ impl DropCounts {
         self.kernel_stack += other.kernel_stack;
         self.user_stack += other.user_stack;
         self.preblocked_map_full += other.preblocked_map_full;
+        self.lock_hold_map_full += other.lock_hold_map_full;
+        self.address_change_map_full += other.address_change_map_full;
     }
 
     pub fn total(&self) -> u64 {
@@ -208,16 +290,20 @@ impl DropCounts {
             + self.kernel_stack
             + self.user_stack
             + self.preblocked_map_full
+            + self.lock_hold_map_full
+            + self.address_change_map_full
     }
 
     /// `(map, count)` pairs, for metrics and profile comments.
-    pub fn by_map(&self) -> [(&'static str, u64); 5] {
+    pub fn by_map(&self) -> [(&'static str, u64); 7] {
         [
             ("starts", self.start_map_full),
             ("blocked", self.blocked_map_full),
             ("stacks_kernel", self.kernel_stack),
             ("stacks_user", self.user_stack),
             ("preblocked_stacks", self.preblocked_map_full),
+            ("lock_holds", self.lock_hold_map_full),
+            ("address_changes", self.address_change_map_full),
         ]
     }
 }
@@ -252,6 +338,10 @@ pub struct Window {
     pub start: SystemTime,
     pub duration: Duration,
     pub stacks: Vec<BlockedStack>,
+    /// mmap_lock holds that ended in this window.
+    pub lock_holds: Vec<LockHold>,
+    /// Large address-space calls that returned in this window.
+    pub address_changes: Vec<AddressChange>,
     /// What the kernel side dropped during this window.
     pub drops: DropCounts,
     pub features: Features,
@@ -292,6 +382,7 @@ impl CaptureConfig {
             min_block_ns: self.min_block.as_nanos() as u64,
             max_block_ns: self.max_block.map(|max| max.as_nanos() as u64),
             states: self.states.clone(),
+            min_address_change: self.min_address_change.filter(|&bytes| bytes > 0),
         }
     }
 }
@@ -404,7 +495,8 @@ impl<'obj> Tracer<'obj> {
         let in_flight = self.probe.in_flight()?;
         let end_ns = monotonic_ns()?;
         let settled = self.ledger.settle(end_ns, &finished, &in_flight);
-        self.reclaim_stacks(&in_flight)?;
+        let holds = self.probe.drain_lock_holds()?;
+        let changes = self.probe.drain_address_changes()?;
         let drops_so_far = self.probe.drops()?;
         let drops = drops_so_far.since(&self.drops_so_far);
         self.drops_so_far = drops_so_far;
@@ -426,11 +518,52 @@ impl<'obj> Tracer<'obj> {
                 timeline: Vec::new(),
             });
         }
+        let mut lock_holds = Vec::with_capacity(holds.len());
+        for hold in holds {
+            lock_holds.push(LockHold {
+                tgid: hold.tgid,
+                tid: hold.tid,
+                thread_name: self.threads.name(hold.tgid, hold.tid),
+                lock_addr: hold.lock_addr,
+                start: self.wall_time(hold.start_ns),
+                duration: Duration::from_nanos(hold.duration_ns),
+                mode: if hold.write {
+                    LockMode::Write
+                } else {
+                    LockMode::Read
+                },
+                downgraded: hold.downgraded,
+                user_ips: self.stack_of(hold.user_stack)?,
+                kernel_ips: self.stack_of(hold.kernel_stack)?,
+            });
+        }
+        let mut address_changes = Vec::with_capacity(changes.len());
+        for change in changes {
+            address_changes.push(AddressChange {
+                tgid: change.tgid,
+                tid: change.tid,
+                thread_name: self.threads.name(change.tgid, change.tid),
+                call: change.call,
+                start: self.wall_time(change.start_ns),
+                duration: Duration::from_nanos(change.duration_ns),
+                addr: change.addr,
+                size: change.size,
+                arg: change.arg,
+                result: change.result,
+                user_ips: self.stack_of(change.user_stack)?,
+            });
+        }
+        lock_holds.sort_by_key(|hold| hold.start);
+        address_changes.sort_by_key(|change| change.start);
+        // Only now that every stack of this window is read may slots be freed.
+        self.reclaim_stacks(&in_flight)?;
         self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
             duration: Duration::from_nanos(end_ns.saturating_sub(self.window_start_ns)),
             stacks,
+            lock_holds,
+            address_changes,
             drops,
             features: self.probe.features,
         };
@@ -480,6 +613,23 @@ impl<'obj> Tracer<'obj> {
             StackRef::Id(id) => self.cached_stack(id),
             StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).1),
             StackRef::Missing => Ok(Stack::from([])),
+        }
+    }
+
+    /// A stack recorded by id alone (holds and address-space calls).
+    fn stack_of(&mut self, stack: StackRef) -> Result<Stack, CaptureError> {
+        match stack {
+            StackRef::Id(id) => self.cached_stack(id),
+            StackRef::Preblocked | StackRef::Missing => Ok(Stack::from([])),
+        }
+    }
+
+    /// The wall-clock time of a monotonic timestamp of this window.
+    fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
+        if monotonic_ns >= self.window_start_ns {
+            self.window_start_wall + Duration::from_nanos(monotonic_ns - self.window_start_ns)
+        } else {
+            self.window_start_wall - Duration::from_nanos(self.window_start_ns - monotonic_ns)
         }
     }
 

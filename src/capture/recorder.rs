@@ -223,6 +223,18 @@ fn merge(windows: &[&Window], target: u32) -> Window {
     for window in windows {
         drops.add(&window.drops);
     }
+    let lock_holds = windows
+        .iter()
+        .flat_map(|window| &window.lock_holds)
+        .filter(|hold| hold.tgid == target)
+        .cloned()
+        .collect();
+    let address_changes = windows
+        .iter()
+        .flat_map(|window| &window.address_changes)
+        .filter(|change| change.tgid == target)
+        .cloned()
+        .collect();
     let first = windows.first().expect("merge is given at least one window");
     let last = windows.last().expect("merge is given at least one window");
     let end = last.start + last.duration;
@@ -230,6 +242,8 @@ fn merge(windows: &[&Window], target: u32) -> Window {
         start: first.start,
         duration: end.duration_since(first.start).unwrap_or_default(),
         stacks: totals.into_values().collect(),
+        lock_holds,
+        address_changes,
         drops,
         features: last.features,
     }
@@ -435,10 +449,14 @@ mod tests {
             start: SystemTime::UNIX_EPOCH + Duration::from_secs(start_s),
             duration: Duration::from_secs(1),
             stacks,
+            lock_holds: Vec::new(),
+            address_changes: Vec::new(),
             drops: DropCounts::default(),
             features: Features {
                 hook: Hook::TpBtf,
                 lock_contention: true,
+                mmap_lock_holds: true,
+                address_changes: true,
             },
         }
     }
