@@ -15,7 +15,7 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
-use crate::capture::{BlockedStack, Window};
+use crate::capture::{BlockedStack, LockHold, LockMode, LockWait, Window};
 use crate::profile::{Frame, FrameKind, Line, Mapping, Profile, Sample, SampleLabels};
 
 /// The deepest stack the kernel walks; a user stack this deep was cut off.
@@ -148,7 +148,13 @@ impl Symbolizer {
             window
                 .stacks
                 .iter()
-                .flat_map(|stack| stack.kernel_ips.iter()),
+                .flat_map(|stack| stack.kernel_ips.iter())
+                .chain(
+                    window
+                        .lock_holds
+                        .iter()
+                        .flat_map(|hold| hold.kernel_ips.iter()),
+                ),
         );
         let mut by_process: HashMap<u32, HashSet<u64>> = HashMap::new();
         for stack in &window.stacks {
@@ -156,6 +162,18 @@ impl Symbolizer {
                 .entry(stack.tgid)
                 .or_default()
                 .extend(stack.user_ips.iter());
+        }
+        for hold in &window.lock_holds {
+            by_process
+                .entry(hold.tgid)
+                .or_default()
+                .extend(hold.user_ips.iter());
+        }
+        for change in &window.address_changes {
+            by_process
+                .entry(change.tgid)
+                .or_default()
+                .extend(change.user_ips.iter());
         }
         for (pid, ips) in by_process {
             self.symbolize_process(pid, ips);
@@ -166,7 +184,16 @@ impl Symbolizer {
         let samples = window
             .stacks
             .iter()
-            .map(|stack| self.sample(stack, &mut mappings, &mut mapping_index))
+            .map(|stack| {
+                let mut sample = self.sample(stack, &mut mappings, &mut mapping_index);
+                if let Some(hold) = stack
+                    .lock
+                    .and_then(|wait| holder_of(wait, &window.lock_holds))
+                {
+                    self.label_hold(&mut sample.labels, hold);
+                }
+                sample
+            })
             .collect();
 
         let mut comments = vec![format!("freezeframe off-CPU capture ({})", window.features)];
@@ -241,6 +268,50 @@ impl Symbolizer {
             },
             timeline: stack.timeline.clone(),
         }
+    }
+
+    /// What the waiter's labels say about the hold it waited behind: who,
+    /// how long, and in which call (the holder's user stack).
+    fn label_hold(&self, labels: &mut SampleLabels, hold: &LockHold) {
+        let extra = &mut labels.extra;
+        extra.retain(|(key, _)| key != "lock_holder_tid" && key != "lock_held_by");
+        extra.push(("lock_holder_tid".to_string(), hold.tid.to_string()));
+        if !hold.thread_name.is_empty() {
+            extra.push(("lock_holder".to_string(), hold.thread_name.clone()));
+        }
+        let mode = match (hold.mode, hold.downgraded) {
+            (LockMode::Write, false) => "write",
+            (LockMode::Write, true) => "write, then read",
+            (LockMode::Read, _) => "read",
+        };
+        extra.push(("lock_holder_mode".to_string(), mode.to_string()));
+        extra.push((
+            "lock_hold_ns".to_string(),
+            hold.duration.as_nanos().to_string(),
+        ));
+        let stack = self.user_functions(hold.tgid, &hold.user_ips);
+        if !stack.is_empty() {
+            extra.push(("lock_holder_stack".to_string(), stack.join(" < ")));
+        }
+    }
+
+    /// Function names of a user stack, innermost first, inlined frames
+    /// included, at most [`LABEL_STACK_DEPTH`].
+    pub(crate) fn user_functions(&self, tgid: u32, ips: &[u64]) -> Vec<String> {
+        let symbols = self.user.get(&tgid);
+        ips.iter()
+            .flat_map(
+                |ip| match symbols.and_then(|symbols| symbols.frames.get(ip)) {
+                    Some(frame) => frame
+                        .lines
+                        .iter()
+                        .map(|line| line.function.clone())
+                        .collect(),
+                    None => vec![unknown_line(*ip, None).function],
+                },
+            )
+            .take(LABEL_STACK_DEPTH)
+            .collect()
     }
 
     fn symbolize_kernel<'a>(&mut self, ips: impl Iterator<Item = &'a u64>) {
@@ -335,13 +406,33 @@ fn build_ids(normalizer: &Normalizer, pid: u32, sorted_ips: &[u64]) -> HashMap<S
         .collect()
 }
 
+/// How many functions of a holder's stack its waiters' labels carry.
+const LABEL_STACK_DEPTH: usize = 16;
+
+/// The recorded hold a waiter most likely waited behind: the longest hold
+/// of the same lock by the thread the kernel named as its owner, else (a
+/// rwsem held by readers names only the last one in, or none) the longest
+/// hold of that lock at all.
+fn holder_of(wait: LockWait, holds: &[LockHold]) -> Option<&LockHold> {
+    let of_lock = || holds.iter().filter(move |hold| hold.lock_addr == wait.addr);
+    let named = wait.holder_tid.and_then(|tid| {
+        of_lock()
+            .filter(|hold| hold.tid == tid)
+            .max_by_key(|hold| hold.duration)
+    });
+    match named {
+        Some(hold) if !wait.held_by_readers => Some(hold),
+        _ => of_lock().max_by_key(|hold| hold.duration).or(named),
+    }
+}
+
 /// The `lock`, `lock_mode` and `lock_holder_tid` labels of a lock wait.
-fn lock_labels(lock: crate::capture::LockWait) -> Vec<(String, String)> {
+fn lock_labels(lock: LockWait) -> Vec<(String, String)> {
     let mut labels = vec![("lock".to_string(), lock.name())];
     if let Some(mode) = lock.mode {
         let mode = match mode {
-            crate::capture::LockMode::Read => "read",
-            crate::capture::LockMode::Write => "write",
+            LockMode::Read => "read",
+            LockMode::Write => "write",
         };
         labels.push(("lock_mode".to_string(), mode.to_string()));
     }
@@ -454,6 +545,7 @@ fn parse_region(line: &str) -> Option<Region> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::Stack;
 
     #[test]
     fn maps_lines_with_a_file_become_regions() {
@@ -533,5 +625,60 @@ mod tests {
         assert!(user_stack_truncated(&stack_with(vec![1, 2]), &frames));
         // Kernel threads have no user stack to truncate.
         assert!(!user_stack_truncated(&stack_with(vec![]), &[]));
+    }
+
+    fn hold(tid: u32, lock_addr: u64, ms: u64) -> LockHold {
+        LockHold {
+            tgid: 1,
+            tid,
+            thread_name: format!("t{tid}"),
+            lock_addr,
+            start: std::time::SystemTime::UNIX_EPOCH,
+            duration: std::time::Duration::from_millis(ms),
+            mode: LockMode::Read,
+            downgraded: false,
+            user_ips: Stack::from([]),
+            kernel_ips: Stack::from([]),
+        }
+    }
+
+    fn wait(addr: u64, holder_tid: Option<u32>, held_by_readers: bool) -> LockWait {
+        LockWait {
+            addr,
+            kind: crate::capture::LockKind::RwSemaphore,
+            mode: Some(LockMode::Write),
+            is_mmap_lock: true,
+            holder_tid,
+            held_by_readers,
+        }
+    }
+
+    #[test]
+    fn a_named_owner_is_matched_to_its_longest_hold_of_that_lock() {
+        let holds = [
+            hold(7, 0x10, 5),
+            hold(7, 0x10, 900),
+            hold(8, 0x10, 2000),
+            hold(7, 0x20, 5000),
+        ];
+        let found = holder_of(wait(0x10, Some(7), false), &holds).unwrap();
+        assert_eq!((found.tid, found.duration.as_millis()), (7, 900));
+    }
+
+    #[test]
+    fn a_lock_held_by_readers_is_put_down_to_its_longest_hold() {
+        // The kernel names only the last reader in; the long hold is someone else's.
+        let holds = [hold(7, 0x10, 3), hold(8, 0x10, 1200), hold(9, 0x20, 5000)];
+        let found = holder_of(wait(0x10, Some(7), true), &holds).unwrap();
+        assert_eq!(found.tid, 8);
+        let unnamed = holder_of(wait(0x10, None, false), &holds).unwrap();
+        assert_eq!(unnamed.tid, 8);
+    }
+
+    #[test]
+    fn no_hold_of_the_lock_means_no_match() {
+        let holds = [hold(7, 0x20, 3)];
+        assert!(holder_of(wait(0x10, Some(7), false), &holds).is_none());
+        assert!(holder_of(wait(0x10, None, true), &[]).is_none());
     }
 }

@@ -281,6 +281,29 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
             .map(|sample| (label(sample, "lock_holder_tid"), sample.blocked_ns))
             .collect::<Vec<_>>()
     );
+
+    // The holds behind the waits were seen being taken and released: each
+    // wait names how long its hold lasted and the call that took the lock.
+    // Populating 256 MiB takes tens of milliseconds at least.
+    for sample in &on_mmap_lock {
+        let hold_ns: u64 = label(sample, "lock_hold_ns")
+            .expect("a wait on mmap_lock carries its hold's duration")
+            .parse()
+            .unwrap();
+        assert!(hold_ns >= 1_000_000, "hold of {hold_ns} ns");
+    }
+    assert!(
+        on_mmap_lock.iter().any(|sample| {
+            label(sample, "lock_holder").as_deref() == Some("ff-mmap-holder")
+                && label(sample, "lock_holder_stack")
+                    .is_some_and(|stack| stack.contains("ff_hold_mmap_lock"))
+        }),
+        "the holder's stack names the function that maps: {:?}",
+        on_mmap_lock
+            .iter()
+            .map(|sample| label(sample, "lock_holder_stack"))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]

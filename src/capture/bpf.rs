@@ -346,8 +346,11 @@ impl<'obj> Probe<'obj> {
             what: "sched_switch tracepoint",
             source,
         })?];
-        let mut attach_all = |optional: &Optional, attached: [libbpf_rs::Result<Link>; 2]| {
-            match attached.into_iter().collect::<Result<Vec<Link>, _>>() {
+        let mut attach_all =
+            |optional: &Optional, attached: [libbpf_rs::Result<Link>; 2]| match attached
+                .into_iter()
+                .collect::<Result<Vec<Link>, _>>()
+            {
                 Ok(attached) => {
                     links.extend(attached);
                     true
@@ -356,11 +359,13 @@ impl<'obj> Probe<'obj> {
                     optional.unavailable(&err);
                     false
                 }
-            }
-        };
+            };
         self.features.lock_contention = attach_all(
             &LOCK_CONTENTION,
-            [progs.contention_begin.attach(), progs.contention_end.attach()],
+            [
+                progs.contention_begin.attach(),
+                progs.contention_end.attach(),
+            ],
         );
         self.features.mmap_lock_holds = attach_all(
             &MMAP_LOCK,
@@ -375,8 +380,11 @@ impl<'obj> Probe<'obj> {
             .rodata_data
             .as_deref()
             .is_some_and(|rodata| rodata.min_address_change > 0);
-        self.features.address_changes =
-            wanted && attach_all(&SYSCALLS, [progs.sys_enter.attach(), progs.sys_exit.attach()]);
+        self.features.address_changes = wanted
+            && attach_all(
+                &SYSCALLS,
+                [progs.sys_enter.attach(), progs.sys_exit.attach()],
+            );
         self._links = links;
         Ok(())
     }
@@ -435,8 +443,12 @@ impl<'obj> Probe<'obj> {
             rodata.pidns_dev = dev;
             rodata.pidns_ino = ino;
         }
-        open.progs.sched_switch_btf.set_autoload(hook == Hook::TpBtf);
-        open.progs.sched_switch_raw.set_autoload(hook == Hook::RawTp);
+        open.progs
+            .sched_switch_btf
+            .set_autoload(hook == Hook::TpBtf);
+        open.progs
+            .sched_switch_raw
+            .set_autoload(hook == Hook::RawTp);
         Ok(open)
     }
 
@@ -771,7 +783,12 @@ mod tests {
             opts.ctx_size_in = context.len() as _;
             // SAFETY: `opts` points at `context`, which outlives the call.
             let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
-            assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "BPF_PROG_TEST_RUN: {}",
+                std::io::Error::last_os_error()
+            );
         }
 
         fn acquire(probe: &Probe, mm: u64, write: bool, success: bool) {
@@ -908,10 +925,7 @@ mod tests {
             run(begin, &[inner, LCB_F_SPIN]);
             let nested = waits(&probe).expect("two waits");
             assert_eq!(nested.depth, 2);
-            assert_eq!(
-                (nested.waits[0].addr, nested.waits[1].addr),
-                (outer, inner)
-            );
+            assert_eq!((nested.waits[0].addr, nested.waits[1].addr), (outer, inner));
             run(end, &[inner, 0]);
             let after = waits(&probe).expect("the mutex wait goes on");
             assert_eq!(after.depth, 1);
