@@ -378,7 +378,7 @@ impl<'obj> Probe<'obj> {
             .skel
             .maps
             .rodata_data
-            .as_deref()
+            .as_ref()
             .is_some_and(|rodata| rodata.min_address_change > 0);
         self.features.address_changes = wanted
             && attach_all(
