@@ -30,7 +30,7 @@ pub fn summary(profile: &Profile, top: usize) -> String {
 fn write_summary(out: &mut String, profile: &Profile, top: usize) -> fmt::Result {
     let threads = thread_totals(profile);
     let stacks = stack_totals(profile);
-    let total_blocked_ns = profile.total_blocked_ns();
+    let total_blocked_ns = profile.total_value();
     let total_count: u64 = profile.samples.iter().map(|sample| sample.count).sum();
 
     writeln!(
@@ -125,8 +125,8 @@ fn thread_totals(profile: &Profile) -> Vec<ThreadTotal<'_>> {
                 totals.len() - 1
             });
         let total = &mut totals[index];
-        total.blocked_ns += sample.blocked_ns;
-        *total.by_state.entry(labels.state).or_default() += sample.blocked_ns;
+        total.blocked_ns += sample.value;
+        *total.by_state.entry(labels.state).or_default() += sample.value;
     }
     totals.sort_by_key(|total| Reverse(total.blocked_ns));
     totals
@@ -150,14 +150,14 @@ fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
             totals.len() - 1
         });
         let total = &mut totals[index];
-        total.blocked_ns += sample.blocked_ns;
+        total.blocked_ns += sample.value;
         total.count += sample.count;
         total
             .threads
             .insert((&sample.labels.thread_name, sample.labels.thread_id));
-        *total.by_state.entry(sample.labels.state).or_default() += sample.blocked_ns;
+        *total.by_state.entry(sample.labels.state).or_default() += sample.value;
         if let Some(wait) = lock_wait(&sample.labels) {
-            *total.lock_waits.entry(wait).or_default() += sample.blocked_ns;
+            *total.lock_waits.entry(wait).or_default() += sample.value;
         }
     }
     totals.sort_by_key(|total| Reverse(total.blocked_ns));
@@ -368,7 +368,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::profile::{Line, Sample, SampleLabels};
+    use crate::profile::{Line, ProfileKind, Sample, SampleLabels};
 
     fn frame(kind: FrameKind, function: &str, file: Option<&str>, line: Option<u32>) -> Frame {
         Frame {
@@ -392,7 +392,7 @@ mod tests {
     ) -> Sample {
         Sample {
             stack,
-            blocked_ns,
+            value: blocked_ns,
             count: 2,
             labels: SampleLabels {
                 process_id: 100,
@@ -429,6 +429,7 @@ mod tests {
             Frame::marker_truncated(),
         ];
         Profile {
+            kind: ProfileKind::OffCpu,
             start: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             duration: Duration::from_secs(20),
             samples: vec![

@@ -64,7 +64,7 @@ fn blocked(profile: &Profile, thread: &str) -> Duration {
     Duration::from_nanos(
         samples_of(profile, thread)
             .iter()
-            .map(|sample| sample.blocked_ns)
+            .map(|sample| sample.value)
             .sum(),
     )
 }
@@ -240,12 +240,12 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
     // The waiter maps and unmaps while the holder populates and frees 256 MiB
     // under the same mmap_lock: it waits in rwsem_down_write_slowpath.
     let waiting = samples_of(&profile, "ff-mmap-waiter");
-    let total: u64 = waiting.iter().map(|sample| sample.blocked_ns).sum();
+    let total: u64 = waiting.iter().map(|sample| sample.value).sum();
     let on_mmap_lock: Vec<&&Sample> = waiting
         .iter()
         .filter(|sample| label(sample, "lock").as_deref() == Some("mmap_lock"))
         .collect();
-    let on_mmap_lock_ns: u64 = on_mmap_lock.iter().map(|sample| sample.blocked_ns).sum();
+    let on_mmap_lock_ns: u64 = on_mmap_lock.iter().map(|sample| sample.value).sum();
     assert!(total > 0, "the waiter never blocked");
     assert!(
         on_mmap_lock_ns * 2 > total,
@@ -271,14 +271,14 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
     let named_holder_ns: u64 = on_mmap_lock
         .iter()
         .filter(|sample| label(sample, "lock_holder_tid").as_deref() == Some(holder_label.as_str()))
-        .map(|sample| sample.blocked_ns)
+        .map(|sample| sample.value)
         .sum();
     assert!(
         named_holder_ns * 2 > on_mmap_lock_ns,
         "ff-mmap-holder ({holder}) is named for {named_holder_ns} of {on_mmap_lock_ns} ns: {:?}",
         on_mmap_lock
             .iter()
-            .map(|sample| (label(sample, "lock_holder_tid"), sample.blocked_ns))
+            .map(|sample| (label(sample, "lock_holder_tid"), sample.value))
             .collect::<Vec<_>>()
     );
 }

@@ -34,7 +34,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::profile::{Frame, FrameKind, Line, Sample, SampleLabels};
+    use crate::profile::{Frame, FrameKind, Line, ProfileKind, Sample, SampleLabels};
 
     fn profile(blocked_ns: u64) -> Profile {
         let frame = |kind, function: &str| Frame {
@@ -48,6 +48,7 @@ mod tests {
             }],
         };
         Profile {
+            kind: ProfileKind::OffCpu,
             start: UNIX_EPOCH,
             duration: Duration::from_secs(1),
             samples: vec![Sample {
@@ -55,7 +56,7 @@ mod tests {
                     frame(FrameKind::Kernel, "schedule"),
                     frame(FrameKind::User, "wait_for_lock"),
                 ],
-                blocked_ns,
+                value: blocked_ns,
                 count: 3,
                 labels: SampleLabels {
                     thread_name: "worker".to_string(),

@@ -22,7 +22,7 @@ pub fn encode(profile: &Profile) -> String {
     let mut blocked_ns_by_stack: BTreeMap<String, u64> = BTreeMap::new();
     for sample in &profile.samples {
         let blocked_ns = blocked_ns_by_stack.entry(fold(sample)).or_default();
-        *blocked_ns = blocked_ns.saturating_add(sample.blocked_ns);
+        *blocked_ns = blocked_ns.saturating_add(sample.value);
     }
     let mut folded = String::new();
     for (stack, blocked_ns) in blocked_ns_by_stack {
@@ -71,7 +71,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::profile::{Frame, FrameKind, Line, SampleLabels};
+    use crate::profile::{Frame, FrameKind, Line, ProfileKind, SampleLabels};
 
     fn frame(kind: FrameKind, functions: &[&str]) -> Frame {
         Frame {
@@ -92,7 +92,7 @@ mod tests {
     fn sample(thread_name: &str, stack: Vec<Frame>, blocked_ns: u64) -> Sample {
         Sample {
             stack,
-            blocked_ns,
+            value: blocked_ns,
             count: 1,
             labels: SampleLabels {
                 thread_id: 7,
@@ -105,6 +105,7 @@ mod tests {
 
     fn profile(samples: Vec<Sample>) -> Profile {
         Profile {
+            kind: ProfileKind::OffCpu,
             start: UNIX_EPOCH,
             duration: Duration::from_secs(1),
             samples,

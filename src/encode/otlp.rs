@@ -249,14 +249,14 @@ pub fn request(profile: &model::Profile, envelope: &Envelope) -> ExportProfilesS
 fn observations(profile: &model::Profile, sample: &model::Sample) -> (Vec<i64>, Vec<u64>) {
     if sample.timeline.is_empty() {
         return (
-            vec![saturating_i64(sample.blocked_ns)],
+            vec![saturating_i64(sample.value)],
             vec![unix_nanos(profile.start)],
         );
     }
     sample
         .timeline
         .iter()
-        .map(|slice| (saturating_i64(slice.blocked_ns), unix_nanos(slice.start)))
+        .map(|slice| (saturating_i64(slice.value), unix_nanos(slice.start)))
         .unzip()
 }
 
@@ -568,7 +568,7 @@ mod tests {
         TimeSlice {
             start: at_ms(start_ms),
             duration: Duration::from_millis(500),
-            blocked_ns: blocked_ms * 1_000_000,
+            value: blocked_ms * 1_000_000,
             count: 1,
         }
     }
@@ -607,33 +607,34 @@ mod tests {
             .extra
             .push(("lock".to_string(), "mmap_lock".to_string()));
         model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: at_ms(0),
             duration: Duration::from_secs(2),
             samples: vec![
                 ModelSample {
                     stack: sleep_stack.clone(),
-                    blocked_ns: 900_000_000,
+                    value: 900_000_000,
                     count: 3,
                     labels: linked,
                     timeline: vec![slice(500, 400), slice(1000, 500)],
                 },
                 ModelSample {
                     stack: sleep_stack.clone(),
-                    blocked_ns: 100_000_000,
+                    value: 100_000_000,
                     count: 1,
                     labels: labels(101, ThreadState::Sleeping),
                     timeline: vec![slice(1500, 100)],
                 },
                 ModelSample {
                     stack: sleep_stack,
-                    blocked_ns: 2_000_000,
+                    value: 2_000_000,
                     count: 1,
                     labels: labels(102, ThreadState::Runnable),
                     timeline: Vec::new(),
                 },
                 ModelSample {
                     stack: read_stack,
-                    blocked_ns: 340_000_000,
+                    value: 340_000_000,
                     count: 2,
                     labels: locked,
                     timeline: vec![slice(0, 300), slice(500, 40)],
@@ -734,6 +735,7 @@ mod tests {
     #[test]
     fn an_empty_profile_still_has_every_zero_value() {
         let empty = model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: at_ms(0),
             duration: Duration::from_secs(1),
             samples: Vec::new(),

@@ -239,10 +239,7 @@ pub fn to_message(profile: &model::Profile) -> Profile {
                 .collect();
             Sample {
                 location_id,
-                value: vec![
-                    saturating_i64(sample.count),
-                    saturating_i64(sample.blocked_ns),
-                ],
+                value: vec![saturating_i64(sample.count), saturating_i64(sample.value)],
                 label: tables.labels(&sample.labels),
             }
         })
@@ -542,7 +539,7 @@ struct Decoder<'a> {
     frames: HashMap<u64, Frame>,
     /// Positions of the two values inside each sample's `value`.
     count_position: usize,
-    blocked_ns_position: usize,
+    value_position: usize,
 }
 
 impl<'a> Decoder<'a> {
@@ -559,7 +556,7 @@ impl<'a> Decoder<'a> {
                 .collect(),
             frames: HashMap::new(),
             count_position: sample_type_position(message, EVENTS)?,
-            blocked_ns_position: sample_type_position(message, OFF_CPU)?,
+            value_position: sample_type_position(message, OFF_CPU)?,
         };
         for mapping in &message.mapping {
             let file = decoder.string(mapping.filename)?;
@@ -600,6 +597,7 @@ impl<'a> Decoder<'a> {
             .map(|&index| self.string(index).map(str::to_string))
             .collect::<Result<_, _>>()?;
         Ok(model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: from_unix_nanos(self.message.time_nanos)?,
             duration: Duration::from_nanos(non_negative(
                 "duration_nanos",
@@ -702,7 +700,7 @@ impl<'a> Decoder<'a> {
             .collect::<Result<_, _>>()?;
         Ok(model::Sample {
             stack,
-            blocked_ns: non_negative("sample.value", sample.value[self.blocked_ns_position])?,
+            value: non_negative("sample.value", sample.value[self.value_position])?,
             count: non_negative("sample.value", sample.value[self.count_position])?,
             labels: self.labels(&sample.label)?,
             // pprof has no place for it.
@@ -828,12 +826,13 @@ mod tests {
             Frame::marker_truncated(),
         ];
         model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
             duration: Duration::from_millis(15_250),
             samples: vec![
                 ModelSample {
                     stack: sleep_stack.clone(),
-                    blocked_ns: 12_000_000_000,
+                    value: 12_000_000_000,
                     count: 12,
                     labels: SampleLabels {
                         process_id: 100,
@@ -849,7 +848,7 @@ mod tests {
                 },
                 ModelSample {
                     stack: sleep_stack,
-                    blocked_ns: 2_000_000,
+                    value: 2_000_000,
                     count: 1,
                     labels: SampleLabels {
                         process_id: 100,
@@ -862,7 +861,7 @@ mod tests {
                 },
                 ModelSample {
                     stack: read_stack,
-                    blocked_ns: 340_000_000,
+                    value: 340_000_000,
                     count: 2,
                     labels: SampleLabels {
                         process_id: 100,
