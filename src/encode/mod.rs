@@ -35,7 +35,13 @@ pub enum EncodeError {
     Protobuf(#[source] prost::DecodeError),
 
     #[error(
-        "the pprof has no `{type_name}/{unit}` sample type, so it is not an off-CPU profile; \
+        "the pprof's sample types ({found}) are not those of a profile freezeframe writes \
+         (off_cpu/nanoseconds or alloc_space/bytes); pass a .pb.gz written by freezeframe"
+    )]
+    UnknownSampleTypes { found: String },
+
+    #[error(
+        "the pprof has no `{type_name}/{unit}` sample type, which its kind of profile needs; \
          pass a .pb.gz written by freezeframe"
     )]
     MissingSampleType {
