@@ -11,6 +11,8 @@
 
 use std::io;
 
+use crate::profile::ProfileKind;
+
 pub mod flamegraph;
 pub mod folded;
 pub mod otlp;
@@ -64,12 +66,23 @@ pub enum EncodeError {
     #[error("the pprof field `{field}` holds {value}, which is out of range; the file is corrupt")]
     OutOfRange { field: &'static str, value: i64 },
 
-    #[error(
-        "cannot draw a flamegraph: the profile holds no stack blocked for 1 µs or more; \
-         capture for longer or lower --min-block"
-    )]
-    NothingToDraw,
+    #[error("cannot draw a flamegraph: {}", nothing_to_draw(*kind))]
+    NothingToDraw { kind: ProfileKind },
 
     #[error("cannot draw the flamegraph")]
     Flamegraph(#[source] io::Error),
+}
+
+/// Why a profile of `kind` has nothing to draw, and what to do about it.
+fn nothing_to_draw(kind: ProfileKind) -> &'static str {
+    match kind {
+        ProfileKind::OffCpu => {
+            "the profile holds no stack blocked for 1 µs or more; \
+             capture for longer or lower --min-block"
+        }
+        ProfileKind::AddressSpace => {
+            "the profile holds no address-space change; \
+             no thread mapped or unmapped enough memory during the capture"
+        }
+    }
 }
