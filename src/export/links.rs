@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::profile::{Profile, Sample, SpanLink, TimeSlice};
+use crate::profile::{Profile, ProfileKind, Sample, SpanLink, TimeSlice};
 use crate::signals::{Exemplar, Span};
 use crate::trigger::metric_unit;
 
@@ -142,8 +142,11 @@ pub struct LinkSummary {
 /// requests is split, one sample per request and one for the unlinked
 /// rest; a sample without a timeline is taken as spread over the whole
 /// window.
+///
+/// Only off-CPU profiles are linked: the rule weighs a request's duration
+/// against blocked time, and the value of another kind is not a time.
 pub fn link(profile: &mut Profile, requests: &[Request]) -> LinkSummary {
-    if requests.is_empty() {
+    if requests.is_empty() || profile.kind != ProfileKind::OffCpu {
         return LinkSummary::default();
     }
     let threads_known = requests.iter().any(|request| request.thread_id.is_some());
@@ -220,7 +223,7 @@ fn from_unix_nanos(nanos: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{Frame, ProfileKind, SampleLabels, ThreadState};
+    use crate::profile::{Frame, SampleLabels, ThreadState};
     use crate::signals::Attributes;
 
     const MS: u64 = 1_000_000;
@@ -330,6 +333,18 @@ mod tests {
             1650 * MS,
             "splitting keeps every nanosecond"
         );
+    }
+
+    #[test]
+    fn only_off_cpu_profiles_are_linked() {
+        let mut profile = Profile {
+            kind: ProfileKind::AddressSpace,
+            ..profile(vec![sample(7, vec![slice(500, 500)])])
+        };
+        let unlinked = profile.clone();
+        let summary = link(&mut profile, &[request(1, 0, 2900, Some(7))]);
+        assert_eq!(summary, LinkSummary::default());
+        assert_eq!(profile, unlinked);
     }
 
     #[test]
