@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{assert_close, freezeframe, require_root, Announced, Workload};
 use freezeframe::encode::pprof;
-use freezeframe::profile::{FrameKind, Profile, Sample};
+use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample};
 
 const WINDOW: &str = "3s";
 
@@ -191,17 +191,7 @@ fn known_stacks_and_durations_are_captured() {
         .any(|line| line.starts_with("ff-sleeper;") && line.contains("ff_sleep_in_nanosleep")));
 
     // An independent decoder reads the same file.
-    let raw = Command::new("go")
-        .args(["tool", "pprof", "-raw"])
-        .arg(&output)
-        .output()
-        .expect("go tool pprof");
-    let raw_text = String::from_utf8_lossy(&raw.stdout);
-    assert!(
-        raw.status.success(),
-        "go tool pprof failed: {}",
-        String::from_utf8_lossy(&raw.stderr)
-    );
+    let raw_text = go_pprof_raw(&output);
     assert!(
         raw_text.contains("events/count off_cpu/nanoseconds"),
         "{raw_text}"
@@ -212,6 +202,44 @@ fn known_stacks_and_durations_are_captured() {
         "{raw_text}"
     );
     assert!(raw_text.contains("[kernel.kallsyms]"), "{raw_text}");
+
+    // And the address-space kind of the same real stacks, until a capture
+    // writes one of its own.
+    let address_space = dir.join("address-space.pb.gz");
+    let as_bytes = Profile {
+        kind: ProfileKind::AddressSpace,
+        ..profile.clone()
+    };
+    std::fs::write(&address_space, pprof::encode(&as_bytes)).unwrap();
+    let raw_text = go_pprof_raw(&address_space);
+    assert!(
+        raw_text.contains("PeriodType: alloc_space bytes"),
+        "{raw_text}"
+    );
+    assert!(
+        raw_text.contains("calls/count alloc_space/bytes[dflt]"),
+        "{raw_text}"
+    );
+    assert!(
+        raw_text.contains("workload::ff_sleep_in_nanosleep"),
+        "{raw_text}"
+    );
+}
+
+/// What `go tool pprof -raw` prints for `path`, which it must read.
+fn go_pprof_raw(path: &Path) -> String {
+    let raw = Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(path)
+        .output()
+        .expect("go tool pprof");
+    assert!(
+        raw.status.success(),
+        "go tool pprof failed on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    String::from_utf8_lossy(&raw.stdout).into_owned()
 }
 
 #[test]
