@@ -212,7 +212,8 @@ pub struct ReportArgs {
 /// The human-facing views of a profile, shared by `capture` and `report`.
 #[derive(Debug, Args)]
 pub struct Views {
-    /// Write folded stacks (blocked microseconds per stack).
+    /// Write folded stacks (blocked microseconds per stack; bytes for an
+    /// address-space profile).
     #[arg(long, env = "FREEZEFRAME_FOLDED")]
     pub folded: Option<PathBuf>,
     /// Write an SVG flamegraph.

@@ -231,7 +231,7 @@ fn show(profile: &Profile, views: &Views) -> Result<()> {
         write(path, folded::encode(profile).as_bytes())?;
     }
     if let Some(path) = &views.flamegraph {
-        write(path, &flamegraph::encode(profile, "Off-CPU time")?)?;
+        write(path, &flamegraph::encode(profile, profile.kind.title())?)?;
     }
     print!("{}", report::summary(profile, views.top));
     Ok(())

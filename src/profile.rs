@@ -1,5 +1,8 @@
 //! The profile model every encoder reads: pprof, folded stacks, the flamegraph
-//! and (later) OTLP profiles are all views of one [`Profile`].
+//! and OTLP profiles are all views of one [`Profile`].
+//!
+//! A profile is of one [`ProfileKind`], which says what its sample values
+//! measure: off-CPU time, or bytes of address space changed by syscalls.
 //!
 //! Stacks are stored leaf first, as pprof wants them. Frames and mappings are
 //! plain owned data; deduplication into string, function and location tables
@@ -12,10 +15,11 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-/// One captured off-CPU profile: where the target's threads were blocked, and
-/// for how long, during `[start, start + duration)`.
+/// One captured profile: the stacks at which the target's threads spent
+/// what the [`kind`](Profile::kind) measures during `[start, start + duration)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
+    pub kind: ProfileKind,
     /// Wall-clock start of the capture window.
     pub start: SystemTime,
     pub duration: Duration,
@@ -27,28 +31,90 @@ pub struct Profile {
     pub comments: Vec<String>,
 }
 
-/// The summed off-CPU time of one thread with one stack in one state.
+/// What a profile measures. It decides the unit of [`Sample::value`] and
+/// what [`Sample::count`] counts, and so the sample types every encoder
+/// writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProfileKind {
+    /// Where threads were blocked off the CPU: values are nanoseconds,
+    /// counts are separate blocks.
+    #[default]
+    OffCpu,
+    /// Where threads changed their address space in large steps (mmap,
+    /// munmap, mremap, brk, madvise): values are bytes, counts are
+    /// syscalls. Stacks are the user stacks that made the syscalls.
+    AddressSpace,
+}
+
+impl ProfileKind {
+    pub const ALL: [ProfileKind; 2] = [Self::OffCpu, Self::AddressSpace];
+
+    /// The pprof `(type, unit)` of [`Sample::count`].
+    pub fn count_type(self) -> (&'static str, &'static str) {
+        match self {
+            Self::OffCpu => ("events", "count"),
+            Self::AddressSpace => ("calls", "count"),
+        }
+    }
+
+    /// The pprof `(type, unit)` of [`Sample::value`]: the type a viewer
+    /// shows by default, and the period type.
+    pub fn value_type(self) -> (&'static str, &'static str) {
+        match self {
+            Self::OffCpu => ("off_cpu", "nanoseconds"),
+            Self::AddressSpace => ("alloc_space", "bytes"),
+        }
+    }
+
+    /// The pprof sample types in the order a sample's values are written:
+    /// count, then value.
+    pub fn sample_types(self) -> [(&'static str, &'static str); 2] {
+        [self.count_type(), self.value_type()]
+    }
+
+    /// The kind whose [`value_type`](Self::value_type) is `type_name/unit`.
+    pub fn from_value_type(type_name: &str, unit: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.value_type() == (type_name, unit))
+    }
+
+    /// What the profile shows, as a title: `Off-CPU time`.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::OffCpu => "Off-CPU time",
+            Self::AddressSpace => "Address-space changes",
+        }
+    }
+}
+
+/// The summed measurements of one thread with one stack in one state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     /// Leaf first: kernel frames, then user frames.
     pub stack: Vec<Frame>,
-    pub blocked_ns: u64,
-    /// How many separate blocks the time is made of.
+    /// Off-CPU nanoseconds in an [`OffCpu`](ProfileKind::OffCpu) profile,
+    /// bytes of address space in an
+    /// [`AddressSpace`](ProfileKind::AddressSpace) one.
+    pub value: u64,
+    /// How many separate events `value` is made of: blocks, or syscalls.
     pub count: u64,
     pub labels: SampleLabels,
-    /// When the time was spent, oldest first, at the resolution the capture
-    /// was cut in (the flight recorder's tick). The slices sum to
-    /// `blocked_ns`. Empty when unknown: a one-shot capture, a saved pprof.
+    /// When the value was measured, oldest first, at the resolution the
+    /// capture was cut in (the flight recorder's tick). The slices sum to
+    /// `value`. Empty when unknown: a one-shot capture, a saved pprof.
     pub timeline: Vec<TimeSlice>,
 }
 
-/// Blocked time of one sample within one stretch of the capture window.
+/// The part of one sample measured within one stretch of the capture
+/// window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeSlice {
     pub start: SystemTime,
     pub duration: Duration,
-    pub blocked_ns: u64,
-    /// Blocks first seen in this slice (a block spanning slices counts once,
+    /// In the unit of [`Sample::value`].
+    pub value: u64,
+    /// Events first seen in this slice (a block spanning slices counts once,
     /// in the first).
     pub count: u64,
 }
@@ -189,8 +255,9 @@ pub struct Mapping {
 }
 
 impl Profile {
-    pub fn total_blocked_ns(&self) -> u64 {
-        self.samples.iter().map(|sample| sample.blocked_ns).sum()
+    /// The sum of every sample's value, in the unit of the profile's kind.
+    pub fn total_value(&self) -> u64 {
+        self.samples.iter().map(|sample| sample.value).sum()
     }
 }
 
@@ -262,6 +329,22 @@ mod tests {
         assert_eq!(labels.extra[0].0, "lock");
         assert_eq!(labels.extra.len(), 3);
         assert_eq!(labels.extra[2].1, "0101010101010101");
+    }
+
+    #[test]
+    fn each_kind_is_known_by_its_value_type() {
+        assert_eq!(ProfileKind::default(), ProfileKind::OffCpu);
+        for kind in ProfileKind::ALL {
+            let (type_name, unit) = kind.value_type();
+            assert_eq!(ProfileKind::from_value_type(type_name, unit), Some(kind));
+            assert_eq!(kind.sample_types()[1], kind.value_type());
+        }
+        assert_eq!(
+            ProfileKind::AddressSpace.sample_types(),
+            [("calls", "count"), ("alloc_space", "bytes")]
+        );
+        assert_eq!(ProfileKind::from_value_type("off_cpu", "bytes"), None);
+        assert_eq!(ProfileKind::from_value_type("cpu", "nanoseconds"), None);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The summary a human reads after a capture (and from `freezeframe report`):
 //! which threads were blocked, for how long, and the call sites that
-//! blocked them, heaviest first.
+//! blocked them, heaviest first. For an address-space profile, the same
+//! view in bytes and syscalls: which threads changed their address space,
+//! by how much, and from where.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write};
 
-use crate::profile::{Frame, FrameKind, Profile, SampleLabels, ThreadState};
+use crate::profile::{Frame, FrameKind, Profile, ProfileKind, SampleLabels, ThreadState};
 
 /// At most this many thread ids are listed under one stack; a thread pool
 /// blocked in one place would otherwise fill the screen.
@@ -21,6 +23,9 @@ const MAX_THREADS_PER_STACK: usize = 8;
 ///    across threads, each printed leaf first with its kernel and user
 ///    frames under separate headings;
 /// 4. the profile's comments (drop counts and the like), if any.
+///
+/// An address-space profile reads the same way with sizes (KiB, MiB, GiB)
+/// for times and syscalls for blocks, and without thread states.
 pub fn summary(profile: &Profile, top: usize) -> String {
     let mut out = String::new();
     write_summary(&mut out, profile, top).expect("writing to a String cannot fail");
@@ -30,29 +35,35 @@ pub fn summary(profile: &Profile, top: usize) -> String {
 fn write_summary(out: &mut String, profile: &Profile, top: usize) -> fmt::Result {
     let threads = thread_totals(profile);
     let stacks = stack_totals(profile);
-    let total_blocked_ns = profile.total_blocked_ns();
+    let total_value = profile.total_value();
     let total_count: u64 = profile.samples.iter().map(|sample| sample.count).sum();
+    let words = Words::of(profile.kind);
 
     writeln!(
         out,
-        "Off-CPU profile from {}, window {}",
+        "{} from {}, window {}",
+        words.profile,
         humantime::format_rfc3339_seconds(profile.start),
         human_duration(duration_ns(profile)),
     )?;
     if profile.samples.is_empty() {
-        writeln!(out, "No thread was blocked long enough to be recorded.")?;
+        writeln!(out, "{}", words.nothing)?;
     } else {
         writeln!(
             out,
-            "Blocked {} in total across {} ({} in {} distinct {})",
-            human_duration(total_blocked_ns),
+            "{} {} in total across {} ({} in {} distinct {})",
+            words.verb,
+            words.amount(total_value),
             plural(threads.len(), "thread"),
-            plural_u64(total_count, "block"),
+            plural_u64(total_count, words.event),
             stacks.len(),
             if stacks.len() == 1 { "stack" } else { "stacks" },
         )?;
-        write_threads(out, profile, &threads, top)?;
-        write_stacks(out, &stacks, total_blocked_ns, top)?;
+        match profile.kind {
+            ProfileKind::OffCpu => write_threads(out, profile, &threads, top)?,
+            ProfileKind::AddressSpace => write_thread_sizes(out, &threads, top)?,
+        }
+        write_stacks(out, profile.kind, &stacks, total_value, top)?;
     }
 
     if !profile.comments.is_empty() {
@@ -64,18 +75,69 @@ fn write_summary(out: &mut String, profile: &Profile, top: usize) -> fmt::Result
     Ok(())
 }
 
-/// Blocked time of one thread over the whole window.
+/// How the summary speaks of one kind of profile.
+struct Words {
+    /// What the profile is, at the head of the summary.
+    profile: &'static str,
+    /// What the summary says of a profile without samples.
+    nothing: &'static str,
+    /// What the threads did, before the total.
+    verb: &'static str,
+    /// What a sample's count counts.
+    event: &'static str,
+    /// The thing ranked, after "by".
+    measure: &'static str,
+    /// The whole a stack's share is of, after "of all".
+    whole: &'static str,
+    kind: ProfileKind,
+}
+
+impl Words {
+    fn of(kind: ProfileKind) -> Self {
+        match kind {
+            ProfileKind::OffCpu => Words {
+                profile: "Off-CPU profile",
+                nothing: "No thread was blocked long enough to be recorded.",
+                verb: "Blocked",
+                event: "block",
+                measure: "blocked time",
+                whole: "blocked time",
+                kind,
+            },
+            ProfileKind::AddressSpace => Words {
+                profile: "Address-space changes",
+                nothing: "No thread changed its address space by enough to be recorded.",
+                verb: "Changed",
+                event: "call",
+                measure: "size",
+                whole: "bytes",
+                kind,
+            },
+        }
+    }
+
+    /// A sample value in human units: a duration, or a size.
+    fn amount(&self, value: u64) -> String {
+        match self.kind {
+            ProfileKind::OffCpu => human_duration(value),
+            ProfileKind::AddressSpace => human_bytes(value),
+        }
+    }
+}
+
+/// The values of one thread over the whole window.
 struct ThreadTotal<'a> {
     thread_id: u32,
     thread_name: &'a str,
-    blocked_ns: u64,
+    value: u64,
+    count: u64,
     by_state: BTreeMap<ThreadState, u64>,
 }
 
-/// Blocked time of one stack, over every thread that blocked in it.
+/// The values of one stack, over every thread that sampled it.
 struct StackTotal<'a> {
     stack: &'a [Frame],
-    blocked_ns: u64,
+    value: u64,
     count: u64,
     /// (name, tid), sorted so that a pool's threads come out together.
     threads: BTreeSet<(&'a str, u32)>,
@@ -107,7 +169,7 @@ fn lock_wait(labels: &SampleLabels) -> Option<String> {
     Some(text)
 }
 
-/// Threads, most blocked first; ties keep the order of first appearance.
+/// Threads, largest value first; ties keep the order of first appearance.
 fn thread_totals(profile: &Profile) -> Vec<ThreadTotal<'_>> {
     let mut totals: Vec<ThreadTotal> = Vec::new();
     let mut position: HashMap<(u32, u32), usize> = HashMap::new();
@@ -119,20 +181,22 @@ fn thread_totals(profile: &Profile) -> Vec<ThreadTotal<'_>> {
                 totals.push(ThreadTotal {
                     thread_id: labels.thread_id,
                     thread_name: &labels.thread_name,
-                    blocked_ns: 0,
+                    value: 0,
+                    count: 0,
                     by_state: BTreeMap::new(),
                 });
                 totals.len() - 1
             });
         let total = &mut totals[index];
-        total.blocked_ns += sample.blocked_ns;
-        *total.by_state.entry(labels.state).or_default() += sample.blocked_ns;
+        total.value += sample.value;
+        total.count += sample.count;
+        *total.by_state.entry(labels.state).or_default() += sample.value;
     }
-    totals.sort_by_key(|total| Reverse(total.blocked_ns));
+    totals.sort_by_key(|total| Reverse(total.value));
     totals
 }
 
-/// Distinct stacks, most blocked first; ties keep the order of first
+/// Distinct stacks, largest value first; ties keep the order of first
 /// appearance.
 fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
     let mut totals: Vec<StackTotal> = Vec::new();
@@ -141,7 +205,7 @@ fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
         let index = *position.entry(&sample.stack).or_insert_with(|| {
             totals.push(StackTotal {
                 stack: &sample.stack,
-                blocked_ns: 0,
+                value: 0,
                 count: 0,
                 threads: BTreeSet::new(),
                 by_state: BTreeMap::new(),
@@ -150,20 +214,22 @@ fn stack_totals(profile: &Profile) -> Vec<StackTotal<'_>> {
             totals.len() - 1
         });
         let total = &mut totals[index];
-        total.blocked_ns += sample.blocked_ns;
+        total.value += sample.value;
         total.count += sample.count;
         total
             .threads
             .insert((&sample.labels.thread_name, sample.labels.thread_id));
-        *total.by_state.entry(sample.labels.state).or_default() += sample.blocked_ns;
+        *total.by_state.entry(sample.labels.state).or_default() += sample.value;
         if let Some(wait) = lock_wait(&sample.labels) {
-            *total.lock_waits.entry(wait).or_default() += sample.blocked_ns;
+            *total.lock_waits.entry(wait).or_default() += sample.value;
         }
     }
-    totals.sort_by_key(|total| Reverse(total.blocked_ns));
+    totals.sort_by_key(|total| Reverse(total.value));
     totals
 }
 
+/// The threads of an off-CPU profile: blocked time, its share of the
+/// window, and how it splits by state.
 fn write_threads(
     out: &mut String,
     profile: &Profile,
@@ -195,13 +261,13 @@ fn write_threads(
             "  {:>8}  {:<name_width$}  {:>9}  {:>9}  {}",
             thread.thread_id,
             thread.thread_name,
-            human_duration(thread.blocked_ns),
-            percent(thread.blocked_ns, window_ns),
+            human_duration(thread.value),
+            percent(thread.value, window_ns),
             states.join(", "),
         )?;
     }
     if let Some(rest) = threads.get(shown.len()..).filter(|rest| !rest.is_empty()) {
-        let rest_ns = rest.iter().map(|thread| thread.blocked_ns).sum();
+        let rest_ns = rest.iter().map(|thread| thread.value).sum();
         writeln!(
             out,
             "  ... and {}, blocked {} together",
@@ -212,40 +278,92 @@ fn write_threads(
     Ok(())
 }
 
+/// The threads of an address-space profile: bytes changed and in how many
+/// syscalls. A share of the window would mean nothing for bytes, and the
+/// thread was running when it made the calls, so states say nothing new.
+fn write_thread_sizes(out: &mut String, threads: &[ThreadTotal], top: usize) -> fmt::Result {
+    let shown = &threads[..top.min(threads.len())];
+    let name_width = shown
+        .iter()
+        .map(|thread| thread.thread_name.chars().count())
+        .max();
+    let name_width = name_width.unwrap_or(0).max("NAME".len());
+
+    writeln!(out, "\nThreads by size:")?;
+    writeln!(
+        out,
+        "  {:>8}  {:<name_width$}  {:>10}  {:>6}",
+        "TID", "NAME", "SIZE", "CALLS"
+    )?;
+    for thread in shown {
+        writeln!(
+            out,
+            "  {:>8}  {:<name_width$}  {:>10}  {:>6}",
+            thread.thread_id,
+            thread.thread_name,
+            human_bytes(thread.value),
+            thread.count,
+        )?;
+    }
+    if let Some(rest) = threads.get(shown.len()..).filter(|rest| !rest.is_empty()) {
+        let rest_bytes = rest.iter().map(|thread| thread.value).sum();
+        writeln!(
+            out,
+            "  ... and {}, {} together",
+            plural(rest.len(), "more thread"),
+            human_bytes(rest_bytes),
+        )?;
+    }
+    Ok(())
+}
+
 fn write_stacks(
     out: &mut String,
+    kind: ProfileKind,
     stacks: &[StackTotal],
-    total_blocked_ns: u64,
+    total_value: u64,
     top: usize,
 ) -> fmt::Result {
+    let words = Words::of(kind);
     let shown = &stacks[..top.min(stacks.len())];
     writeln!(
         out,
-        "\nTop {} of {} stacks by blocked time:",
+        "\nTop {} of {} stacks by {}:",
         shown.len(),
-        stacks.len()
+        stacks.len(),
+        words.measure,
     )?;
     for (rank, stack) in (1..).zip(shown) {
         writeln!(
             out,
-            "\n#{rank}  {} in {} ({} of all blocked time)",
-            human_duration(stack.blocked_ns),
-            plural_u64(stack.count, "block"),
-            percent(stack.blocked_ns, total_blocked_ns),
+            "\n#{rank}  {} in {} ({} of all {})",
+            words.amount(stack.value),
+            plural_u64(stack.count, words.event),
+            percent(stack.value, total_value),
+            words.whole,
         )?;
         writeln!(out, "    threads: {}", thread_list(&stack.threads))?;
-        let states: Vec<String> = stack
-            .by_state
-            .iter()
-            .map(|(state, &blocked_ns)| format!("{state} {}", human_duration(blocked_ns)))
-            .collect();
-        writeln!(out, "    states:  {}", states.join(", "))?;
-        let mut waits: Vec<(&String, &u64)> = stack.lock_waits.iter().collect();
-        waits.sort_by_key(|(_, blocked_ns)| Reverse(**blocked_ns));
-        for (wait, blocked_ns) in waits.into_iter().take(3) {
-            writeln!(out, "    waiting: {wait} ({})", human_duration(*blocked_ns))?;
+        if kind == ProfileKind::OffCpu {
+            write_blocking(out, stack)?;
         }
         write_frames(out, stack.stack)?;
+    }
+    Ok(())
+}
+
+/// How an off-CPU stack's time splits by state, and the locks it waited
+/// for longest.
+fn write_blocking(out: &mut String, stack: &StackTotal) -> fmt::Result {
+    let states: Vec<String> = stack
+        .by_state
+        .iter()
+        .map(|(state, &blocked_ns)| format!("{state} {}", human_duration(blocked_ns)))
+        .collect();
+    writeln!(out, "    states:  {}", states.join(", "))?;
+    let mut waits: Vec<(&String, &u64)> = stack.lock_waits.iter().collect();
+    waits.sort_by_key(|(_, blocked_ns)| Reverse(**blocked_ns));
+    for (wait, blocked_ns) in waits.into_iter().take(3) {
+        writeln!(out, "    waiting: {wait} ({})", human_duration(*blocked_ns))?;
     }
     Ok(())
 }
@@ -334,8 +452,30 @@ fn human_duration(ns: u64) -> String {
     }
 }
 
+/// A size as a person reads it, in binary units: `3.26 GiB`, `192 MiB`,
+/// `1.5 KiB`, `512 B`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    // Units switch where rounding would otherwise print `1024 MiB`.
+    while value >= 1023.5 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    // From GiB up, the hundredths are still hundreds of MiB.
+    if unit >= 2 {
+        format!("{value:.2} {}", UNITS[unit])
+    } else {
+        short(value, UNITS[unit])
+    }
+}
+
 /// Whole numbers from 10 up, one decimal below, which is all the precision
-/// a blocked time needs.
+/// a blocked time or a size in KiB or MiB needs.
 fn short(value: f64, unit: &str) -> String {
     if value >= 9.95 {
         format!("{value:.0} {unit}")
@@ -368,7 +508,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::profile::{Line, Sample, SampleLabels};
+    use crate::profile::{Line, ProfileKind, Sample, SampleLabels};
 
     fn frame(kind: FrameKind, function: &str, file: Option<&str>, line: Option<u32>) -> Frame {
         Frame {
@@ -392,7 +532,7 @@ mod tests {
     ) -> Sample {
         Sample {
             stack,
-            blocked_ns,
+            value: blocked_ns,
             count: 2,
             labels: SampleLabels {
                 process_id: 100,
@@ -429,6 +569,7 @@ mod tests {
             Frame::marker_truncated(),
         ];
         Profile {
+            kind: ProfileKind::OffCpu,
             start: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             duration: Duration::from_secs(20),
             samples: vec![
@@ -444,6 +585,43 @@ mod tests {
             ],
             mappings: Vec::new(),
             comments: vec!["dropped 3 events".to_string()],
+        }
+    }
+
+    /// A 3.5 GB map rehash in two threads and two mmaps in a third.
+    fn address_space_profile() -> Profile {
+        let mut inlined = frame(
+            FrameKind::User,
+            "hashbrown::raw::RawTable<T,A>::reserve_rehash",
+            Some("raw/mod.rs"),
+            Some(1083),
+        );
+        inlined.lines.push(Line {
+            function: "app::insert".to_string(),
+            file: Some("src/app.rs".to_string()),
+            line: Some(7),
+        });
+        let rehash_stack = vec![
+            inlined,
+            frame(FrameKind::User, "main", Some("src/main.rs"), None),
+        ];
+        let mmap_stack = vec![
+            frame(FrameKind::User, "mmap64", None, None),
+            Frame::marker_truncated(),
+        ];
+        let calls = |count, sample: Sample| Sample { count, ..sample };
+        let running = ThreadState::Runnable;
+        Profile {
+            kind: ProfileKind::AddressSpace,
+            samples: vec![
+                calls(2, sample(12, "loader", running, mmap_stack, 192 << 20)),
+                calls(
+                    1,
+                    sample(11, "worker", running, rehash_stack.clone(), 3_500_000_000),
+                ),
+                calls(1, sample(13, "worker", running, rehash_stack, 64 << 20)),
+            ],
+            ..profile()
         }
     }
 
@@ -495,6 +673,74 @@ mod tests {
                 "dropped 3 events",
             ],
         );
+    }
+
+    #[test]
+    fn an_address_space_summary_speaks_of_sizes_and_calls() {
+        let text = summary(&address_space_profile(), 10);
+        assert_in_order(
+            &text,
+            &[
+                "Address-space changes from 2023-11-14T22:13:20Z, window 20.00 s",
+                "Changed 3.51 GiB in total across 3 threads (4 calls in 2 distinct stacks)",
+                "Threads by size:",
+                "       TID  NAME          SIZE   CALLS",
+                "        11  worker    3.26 GiB       1",
+                "        12  loader     192 MiB       2",
+                "        13  worker      64 MiB       1",
+                "Top 2 of 2 stacks by size:",
+                "#1  3.32 GiB in 2 calls (94.7% of all bytes)",
+                "threads: worker (11, 13)",
+                "user:",
+                "hashbrown::raw::RawTable<T,A>::reserve_rehash at raw/mod.rs:1083 (inlined)",
+                "app::insert at src/app.rs:7\n",
+                "main at src/main.rs\n",
+                "#2  192 MiB in 2 calls (5.3% of all bytes)",
+                "threads: loader (12)",
+                "mmap64\n",
+                "... truncated",
+                "Notes:",
+            ],
+        );
+        for off_cpu_only in ["Blocked", "blocked", "states:", "OF WINDOW", " ms", " s "] {
+            assert!(!text.contains(off_cpu_only), "{off_cpu_only:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn an_address_space_summary_is_capped_and_says_when_empty() {
+        let text = summary(&address_space_profile(), 1);
+        assert!(
+            text.contains("... and 2 more threads, 256 MiB together"),
+            "{text}"
+        );
+        let mut empty = address_space_profile();
+        empty.samples.clear();
+        let text = summary(&empty, 10);
+        assert!(
+            text.contains("No thread changed its address space by enough to be recorded."),
+            "{text}"
+        );
+        assert!(!text.contains("Threads by"), "{text}");
+    }
+
+    #[test]
+    fn sizes_are_humanized_in_binary_units() {
+        let cases = [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1536, "1.5 KiB"),
+            (1_047_552, "1023 KiB"),
+            (1_048_064, "1.0 MiB"),
+            (64 << 20, "64 MiB"),
+            (3_500_000_000, "3.26 GiB"),
+            (12 << 30, "12.00 GiB"),
+            (u64::MAX, "16.00 EiB"),
+        ];
+        for (bytes, text) in cases {
+            assert_eq!(human_bytes(bytes), text, "{bytes} bytes");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
 use crate::capture::{BlockedStack, LockHold, LockMode, LockWait, Window};
-use crate::profile::{Frame, FrameKind, Line, Mapping, Profile, Sample, SampleLabels};
+use crate::profile::{Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels};
 
 /// The deepest stack the kernel walks; a user stack this deep was cut off.
 const MAX_STACK_DEPTH: usize = 127;
@@ -203,6 +203,7 @@ impl Symbolizer {
             }
         }
         Profile {
+            kind: ProfileKind::OffCpu,
             start: window.start,
             duration: window.duration,
             samples,
@@ -257,7 +258,7 @@ impl Symbolizer {
         }
         Sample {
             stack: frames,
-            blocked_ns: stack.blocked_ns,
+            value: stack.blocked_ns,
             count: stack.count,
             labels: SampleLabels {
                 process_id: stack.tgid,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{assert_close, freezeframe, require_root, Announced, Workload};
 use freezeframe::encode::pprof;
-use freezeframe::profile::{FrameKind, Profile, Sample};
+use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample};
 
 const WINDOW: &str = "3s";
 
@@ -64,7 +64,7 @@ fn blocked(profile: &Profile, thread: &str) -> Duration {
     Duration::from_nanos(
         samples_of(profile, thread)
             .iter()
-            .map(|sample| sample.blocked_ns)
+            .map(|sample| sample.value)
             .sum(),
     )
 }
@@ -191,17 +191,7 @@ fn known_stacks_and_durations_are_captured() {
         .any(|line| line.starts_with("ff-sleeper;") && line.contains("ff_sleep_in_nanosleep")));
 
     // An independent decoder reads the same file.
-    let raw = Command::new("go")
-        .args(["tool", "pprof", "-raw"])
-        .arg(&output)
-        .output()
-        .expect("go tool pprof");
-    let raw_text = String::from_utf8_lossy(&raw.stdout);
-    assert!(
-        raw.status.success(),
-        "go tool pprof failed: {}",
-        String::from_utf8_lossy(&raw.stderr)
-    );
+    let raw_text = go_pprof_raw(&output);
     assert!(
         raw_text.contains("events/count off_cpu/nanoseconds"),
         "{raw_text}"
@@ -212,6 +202,44 @@ fn known_stacks_and_durations_are_captured() {
         "{raw_text}"
     );
     assert!(raw_text.contains("[kernel.kallsyms]"), "{raw_text}");
+
+    // And the address-space kind of the same real stacks, until a capture
+    // writes one of its own.
+    let address_space = dir.join("address-space.pb.gz");
+    let as_bytes = Profile {
+        kind: ProfileKind::AddressSpace,
+        ..profile.clone()
+    };
+    std::fs::write(&address_space, pprof::encode(&as_bytes)).unwrap();
+    let raw_text = go_pprof_raw(&address_space);
+    assert!(
+        raw_text.contains("PeriodType: alloc_space bytes"),
+        "{raw_text}"
+    );
+    assert!(
+        raw_text.contains("calls/count alloc_space/bytes[dflt]"),
+        "{raw_text}"
+    );
+    assert!(
+        raw_text.contains("workload::ff_sleep_in_nanosleep"),
+        "{raw_text}"
+    );
+}
+
+/// What `go tool pprof -raw` prints for `path`, which it must read.
+fn go_pprof_raw(path: &Path) -> String {
+    let raw = Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(path)
+        .output()
+        .expect("go tool pprof");
+    assert!(
+        raw.status.success(),
+        "go tool pprof failed on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    String::from_utf8_lossy(&raw.stdout).into_owned()
 }
 
 #[test]
@@ -240,12 +268,12 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
     // The waiter maps and unmaps while the holder populates and frees 256 MiB
     // under the same mmap_lock: it waits in rwsem_down_write_slowpath.
     let waiting = samples_of(&profile, "ff-mmap-waiter");
-    let total: u64 = waiting.iter().map(|sample| sample.blocked_ns).sum();
+    let total: u64 = waiting.iter().map(|sample| sample.value).sum();
     let on_mmap_lock: Vec<&&Sample> = waiting
         .iter()
         .filter(|sample| label(sample, "lock").as_deref() == Some("mmap_lock"))
         .collect();
-    let on_mmap_lock_ns: u64 = on_mmap_lock.iter().map(|sample| sample.blocked_ns).sum();
+    let on_mmap_lock_ns: u64 = on_mmap_lock.iter().map(|sample| sample.value).sum();
     assert!(total > 0, "the waiter never blocked");
     assert!(
         on_mmap_lock_ns * 2 > total,
@@ -271,14 +299,14 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
     let named_holder_ns: u64 = on_mmap_lock
         .iter()
         .filter(|sample| label(sample, "lock_holder_tid").as_deref() == Some(holder_label.as_str()))
-        .map(|sample| sample.blocked_ns)
+        .map(|sample| sample.value)
         .sum();
     assert!(
         named_holder_ns * 2 > on_mmap_lock_ns,
         "ff-mmap-holder ({holder}) is named for {named_holder_ns} of {on_mmap_lock_ns} ns: {:?}",
         on_mmap_lock
             .iter()
-            .map(|sample| (label(sample, "lock_holder_tid"), sample.blocked_ns))
+            .map(|sample| (label(sample, "lock_holder_tid"), sample.value))
             .collect::<Vec<_>>()
     );
 

@@ -161,7 +161,7 @@ impl Inner {
             Err(err) => return failed(err.to_string()),
         };
 
-        let blocked_ns = profile.total_blocked_ns();
+        let blocked_ns = profile.total_value();
         let blocked_seconds = blocked_ns as f64 / 1e9;
         metrics::histogram!(telemetry::CAPTURE_DURATION).record(duration.as_secs_f64());
         metrics::histogram!(telemetry::CAPTURE_SAMPLES).record(profile.samples.len() as f64);
@@ -339,7 +339,7 @@ pub fn export_rule_status(engine: &Engine) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{Frame, Line, Sample, SampleLabels};
+    use crate::profile::{Frame, Line, ProfileKind, Sample, SampleLabels};
 
     #[test]
     fn outcome_labels_are_the_words_of_captures_jsonl() {
@@ -376,12 +376,13 @@ mod tests {
         ];
         let sample = Sample {
             stack,
-            blocked_ns: 1,
+            value: 1,
             count: 1,
             labels: SampleLabels::default(),
             timeline: Vec::new(),
         };
         let profile = Profile {
+            kind: ProfileKind::OffCpu,
             start: SystemTime::UNIX_EPOCH,
             duration: Duration::from_secs(1),
             samples: vec![sample.clone(), sample],

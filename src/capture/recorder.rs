@@ -203,7 +203,7 @@ fn merge(windows: &[&Window], target: u32) -> Window {
             let slice = TimeSlice {
                 start: window.start,
                 duration: window.duration,
-                blocked_ns: stack.blocked_ns,
+                value: stack.blocked_ns,
                 count: stack.count,
             };
             totals
@@ -514,7 +514,7 @@ mod tests {
         let slices: Vec<(SystemTime, u64)> = futex_thread
             .timeline
             .iter()
-            .map(|slice| (slice.start, slice.blocked_ns / 1_000_000))
+            .map(|slice| (slice.start, slice.value / 1_000_000))
             .collect();
         assert_eq!(
             slices,

@@ -1,27 +1,33 @@
-//! An off-CPU flame graph: an interactive SVG drawn by inferno from the
-//! [`folded`] stacks, so its widths are blocked microseconds.
+//! A flame graph: an interactive SVG drawn by inferno from the [`folded`]
+//! stacks, so its widths are blocked microseconds for off-CPU time and bytes
+//! for address-space changes.
 
 use inferno::flamegraph::color::{BasicPalette, Palette};
 use inferno::flamegraph::{self, Options};
 
 use super::{folded, EncodeError};
-use crate::profile::Profile;
+use crate::profile::{Profile, ProfileKind};
 
 /// Draws `profile` as a flame graph SVG titled `title`.
 ///
-/// Uses the blue "io" palette that off-CPU flame graphs conventionally wear,
-/// to set them apart from the warm CPU ones, and colours by function name so
-/// a function keeps its colour from one capture to the next.
+/// Off-CPU time wears the blue "io" palette that off-CPU flame graphs
+/// conventionally wear, to set them apart from the warm CPU ones, and
+/// address-space changes the green "mem" one of memory flame graphs.
+/// Colours go by function name, so a function keeps its colour from one
+/// capture to the next.
 pub fn encode(profile: &Profile, title: &str) -> Result<Vec<u8>, EncodeError> {
     let folded = folded::encode(profile);
     // inferno would draw an error SVG and fail; say why instead.
     if folded.is_empty() {
-        return Err(EncodeError::NothingToDraw);
+        return Err(EncodeError::NothingToDraw { kind: profile.kind });
     }
     let mut options = Options::default();
     options.title = title.to_string();
-    options.count_name = "us".to_string();
-    options.colors = Palette::Basic(BasicPalette::Io);
+    options.count_name = folded::unit(profile.kind).to_string();
+    options.colors = Palette::Basic(match profile.kind {
+        ProfileKind::OffCpu => BasicPalette::Io,
+        ProfileKind::AddressSpace => BasicPalette::Mem,
+    });
     options.hash = true;
     let mut svg = Vec::new();
     flamegraph::from_lines(&mut options, folded.lines(), &mut svg)
@@ -37,6 +43,10 @@ mod tests {
     use crate::profile::{Frame, FrameKind, Line, Sample, SampleLabels};
 
     fn profile(blocked_ns: u64) -> Profile {
+        profile_of(ProfileKind::OffCpu, blocked_ns)
+    }
+
+    fn profile_of(kind: ProfileKind, value: u64) -> Profile {
         let frame = |kind, function: &str| Frame {
             kind,
             address: 0x1000,
@@ -48,6 +58,7 @@ mod tests {
             }],
         };
         Profile {
+            kind,
             start: UNIX_EPOCH,
             duration: Duration::from_secs(1),
             samples: vec![Sample {
@@ -55,7 +66,7 @@ mod tests {
                     frame(FrameKind::Kernel, "schedule"),
                     frame(FrameKind::User, "wait_for_lock"),
                 ],
-                blocked_ns,
+                value,
                 count: 3,
                 labels: SampleLabels {
                     thread_name: "worker".to_string(),
@@ -79,10 +90,30 @@ mod tests {
     }
 
     #[test]
+    fn address_space_changes_are_drawn_in_bytes() {
+        let profile = profile_of(ProfileKind::AddressSpace, 3_500_000_000);
+        let svg = String::from_utf8(encode(&profile, "Address-space changes").unwrap())
+            .expect("SVG is UTF-8");
+        assert!(svg.contains("wait_for_lock"));
+        assert!(
+            svg.contains("3,500,000,000 bytes"),
+            "count name and value missing"
+        );
+        assert!(!svg.contains("3,500,000,000 us"), "bytes, not microseconds");
+    }
+
+    #[test]
     fn an_empty_profile_is_an_error() {
         assert!(matches!(
             encode(&profile(0), "empty"),
-            Err(EncodeError::NothingToDraw)
+            Err(EncodeError::NothingToDraw {
+                kind: ProfileKind::OffCpu
+            })
         ));
+        let error = encode(&profile_of(ProfileKind::AddressSpace, 0), "empty").unwrap_err();
+        assert!(
+            error.to_string().contains("no address-space change"),
+            "{error}"
+        );
     }
 }

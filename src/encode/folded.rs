@@ -5,33 +5,47 @@
 //! ```
 //!
 //! The thread name comes first, then the user frames root to leaf, then the
-//! kernel frames root to leaf; the number is blocked time in microseconds.
+//! kernel frames root to leaf; the number is in the [`unit`] of the
+//! profile's kind: blocked time in microseconds, or bytes of address space.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::profile::{Profile, Sample};
+use crate::profile::{Profile, ProfileKind, Sample};
 
 /// Encodes `profile` as folded stacks, one line per distinct stack, sorted.
 ///
-/// Each value is the **blocked time in microseconds**, summed over every
-/// sample that folds to the same line (rounded to the nearest µs). Lines
-/// under half a microsecond are left out, as a `0` would only add noise.
-/// Inlined functions appear as frames of their own, outer function first.
+/// Each value is summed over every sample that folds to the same line. For
+/// off-CPU time it is the **blocked time in microseconds** (rounded to the
+/// nearest µs; lines under half a microsecond are left out, as a `0` would
+/// only add noise); for address-space changes it is **bytes**. Inlined
+/// functions appear as frames of their own, outer function first.
 pub fn encode(profile: &Profile) -> String {
-    let mut blocked_ns_by_stack: BTreeMap<String, u64> = BTreeMap::new();
+    let mut value_by_stack: BTreeMap<String, u64> = BTreeMap::new();
     for sample in &profile.samples {
-        let blocked_ns = blocked_ns_by_stack.entry(fold(sample)).or_default();
-        *blocked_ns = blocked_ns.saturating_add(sample.blocked_ns);
+        let value = value_by_stack.entry(fold(sample)).or_default();
+        *value = value.saturating_add(sample.value);
     }
     let mut folded = String::new();
-    for (stack, blocked_ns) in blocked_ns_by_stack {
-        let blocked_us = blocked_ns.saturating_add(500) / 1000;
-        if blocked_us > 0 {
-            writeln!(folded, "{stack} {blocked_us}").expect("writing to a String cannot fail");
+    for (stack, value) in value_by_stack {
+        let shown = match profile.kind {
+            ProfileKind::OffCpu => value.saturating_add(500) / 1000,
+            ProfileKind::AddressSpace => value,
+        };
+        if shown > 0 {
+            writeln!(folded, "{stack} {shown}").expect("writing to a String cannot fail");
         }
     }
     folded
+}
+
+/// The unit of the numbers [`encode`] writes for a profile of `kind`, as
+/// flame graph tools name it.
+pub fn unit(kind: ProfileKind) -> &'static str {
+    match kind {
+        ProfileKind::OffCpu => "us",
+        ProfileKind::AddressSpace => "bytes",
+    }
 }
 
 /// The stack part of a folded line: thread, then frames root first.
@@ -71,7 +85,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::profile::{Frame, FrameKind, Line, SampleLabels};
+    use crate::profile::{Frame, FrameKind, Line, ProfileKind, SampleLabels};
 
     fn frame(kind: FrameKind, functions: &[&str]) -> Frame {
         Frame {
@@ -92,7 +106,7 @@ mod tests {
     fn sample(thread_name: &str, stack: Vec<Frame>, blocked_ns: u64) -> Sample {
         Sample {
             stack,
-            blocked_ns,
+            value: blocked_ns,
             count: 1,
             labels: SampleLabels {
                 thread_id: 7,
@@ -104,7 +118,12 @@ mod tests {
     }
 
     fn profile(samples: Vec<Sample>) -> Profile {
+        profile_of(ProfileKind::OffCpu, samples)
+    }
+
+    fn profile_of(kind: ProfileKind, samples: Vec<Sample>) -> Profile {
         Profile {
+            kind,
             start: UNIX_EPOCH,
             duration: Duration::from_secs(1),
             samples,
@@ -160,6 +179,24 @@ mod tests {
         let stack = vec![frame(FrameKind::User, &["<[u8; 4] as Debug>::fmt"])];
         let folded = encode(&profile(vec![sample("", stack, 1_000)]));
         assert_eq!(folded, "tid 7;<[u8, 4] as Debug>::fmt 1\n");
+    }
+
+    #[test]
+    fn address_space_changes_are_in_bytes() {
+        let rehash = vec![
+            frame(FrameKind::User, &["reserve_rehash", "insert"]),
+            frame(FrameKind::User, &["main"]),
+        ];
+        let folded = encode(&profile_of(
+            ProfileKind::AddressSpace,
+            vec![
+                sample("worker", rehash.clone(), 3_500_000_000),
+                sample("worker", rehash, 499),
+                sample("idle", Vec::new(), 0),
+            ],
+        ));
+        assert_eq!(folded, "worker;main;insert;reserve_rehash 3500000499\n");
+        assert_eq!(unit(ProfileKind::AddressSpace), "bytes");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 
 use std::io;
 
+use crate::profile::ProfileKind;
+
 pub mod flamegraph;
 pub mod folded;
 pub mod otlp;
@@ -35,7 +37,13 @@ pub enum EncodeError {
     Protobuf(#[source] prost::DecodeError),
 
     #[error(
-        "the pprof has no `{type_name}/{unit}` sample type, so it is not an off-CPU profile; \
+        "the pprof's sample types ({found}) are not those of a profile freezeframe writes \
+         (off_cpu/nanoseconds or alloc_space/bytes); pass a .pb.gz written by freezeframe"
+    )]
+    UnknownSampleTypes { found: String },
+
+    #[error(
+        "the pprof has no `{type_name}/{unit}` sample type, which its kind of profile needs; \
          pass a .pb.gz written by freezeframe"
     )]
     MissingSampleType {
@@ -58,12 +66,23 @@ pub enum EncodeError {
     #[error("the pprof field `{field}` holds {value}, which is out of range; the file is corrupt")]
     OutOfRange { field: &'static str, value: i64 },
 
-    #[error(
-        "cannot draw a flamegraph: the profile holds no stack blocked for 1 µs or more; \
-         capture for longer or lower --min-block"
-    )]
-    NothingToDraw,
+    #[error("cannot draw a flamegraph: {}", nothing_to_draw(*kind))]
+    NothingToDraw { kind: ProfileKind },
 
     #[error("cannot draw the flamegraph")]
     Flamegraph(#[source] io::Error),
+}
+
+/// Why a profile of `kind` has nothing to draw, and what to do about it.
+fn nothing_to_draw(kind: ProfileKind) -> &'static str {
+    match kind {
+        ProfileKind::OffCpu => {
+            "the profile holds no stack blocked for 1 µs or more; \
+             capture for longer or lower --min-block"
+        }
+        ProfileKind::AddressSpace => {
+            "the profile holds no address-space change; \
+             no thread mapped or unmapped enough memory during the capture"
+        }
+    }
 }

@@ -2,14 +2,17 @@
 //! request a profiles backend (Pyroscope, an OpenTelemetry Collector) takes
 //! at `ProfilesService/Export` or `POST /v1development/profiles`.
 //!
-//! The shape is the one Pyroscope recognises as off-CPU: one
-//! `off_cpu/nanoseconds` sample type and *no* period type. Each sample
-//! carries its blocked time per slice of the capture window, with the
-//! slice's start as timestamp, so a backend can place it in time.
+//! A profile has one sample type, its kind's value type, and *no* period
+//! type. For off-CPU time that is `off_cpu/nanoseconds`, the shape Pyroscope
+//! recognises as off-CPU; an address-space profile is `alloc_space/bytes`. Each sample
+//! carries its value per slice of the capture window, with the slice's
+//! start as timestamp, so a backend can place it in time.
 //!
-//! Everything a profile refers to lives in one [`ProfilesDictionary`] whose
-//! tables are deduplicated and start with their zero value, so that index 0
-//! means "none" everywhere. Kernel frames point at one synthetic
+//! One request may carry several profiles (the off-CPU and address-space
+//! profiles of one capture, see [`combined_request`]). Everything they refer
+//! to lives in the request's one [`ProfilesDictionary`], whose tables are
+//! deduplicated and start with their zero value, so that index 0 means
+//! "none" everywhere. Kernel frames point at one synthetic
 //! `[kernel.kallsyms]` mapping, as in the pprof, so a kernel and a user
 //! frame at the same numeric address stay apart.
 
@@ -43,11 +46,9 @@ pub mod keys {
 /// `original_payload_format` of a gzipped pprof.
 pub const PPROF_FORMAT: &str = "pprof";
 
-/// The sample type Pyroscope reads as off-CPU time.
-const OFF_CPU: (&str, &str) = ("off_cpu", "nanoseconds");
-
 /// What the profile model does not say and a backend needs: whose profile it
-/// is, why it was taken, and the original pprof.
+/// is, why it was taken, and the original pprof. Everything but the
+/// resource belongs to one profile.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Envelope {
     /// Resource attributes, in order; the first of a key wins.
@@ -133,13 +134,75 @@ enum ValueIdentity {
 
 /// Builds the export request for one profile.
 pub fn request(profile: &model::Profile, envelope: &Envelope) -> ExportProfilesServiceRequest {
+    combined_request(&[(profile, envelope)])
+}
+
+/// Builds one export request for several profiles, each with its own
+/// envelope (a profile id and original pprof of its own), so that what
+/// they have in common (mappings, functions, the stacks an off-CPU and an
+/// address-space profile share) is sent once in the shared dictionary.
+///
+/// Profiles whose envelopes carry equal resources share one
+/// `ResourceProfiles`, in the order the resources first appear; within it,
+/// profiles keep the order given.
+pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProfilesServiceRequest {
     let mut dictionary = Dictionary::default();
+    let mut by_resource: Vec<(&[Attribute], Vec<Profile>)> = Vec::new();
+    for &(profile, envelope) in profiles {
+        let otlp_profile = encode_profile(profile, envelope, &mut dictionary);
+        match by_resource
+            .iter_mut()
+            .find(|(resource, _)| *resource == envelope.resource.as_slice())
+        {
+            Some((_, group)) => group.push(otlp_profile),
+            None => by_resource.push((&envelope.resource, vec![otlp_profile])),
+        }
+    }
+    let scope = InstrumentationScope {
+        name: env!("CARGO_PKG_NAME").to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ..InstrumentationScope::default()
+    };
+    let resource_profiles = by_resource
+        .into_iter()
+        .map(|(resource, profiles)| ResourceProfiles {
+            resource: Some(Resource {
+                attributes: first_of_each_key(resource)
+                    .map(|attribute| KeyValue {
+                        key: attribute.key.clone(),
+                        value: Some(attribute.value.to_any()),
+                        ..KeyValue::default()
+                    })
+                    .collect(),
+                ..Resource::default()
+            }),
+            scope_profiles: vec![ScopeProfiles {
+                scope: Some(scope.clone()),
+                profiles,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        })
+        .collect();
+    ExportProfilesServiceRequest {
+        resource_profiles,
+        dictionary: Some(dictionary.finish()),
+    }
+}
+
+/// One profile, its references interned into `dictionary`.
+fn encode_profile(
+    profile: &model::Profile,
+    envelope: &Envelope,
+    dictionary: &mut Dictionary,
+) -> Profile {
+    let (type_name, unit) = profile.kind.value_type();
     let sample_type = Some(ValueType {
-        type_strindex: dictionary.string(OFF_CPU.0),
-        unit_strindex: dictionary.string(OFF_CPU.1),
+        type_strindex: dictionary.string(type_name),
+        unit_strindex: dictionary.string(unit),
     });
     let mapping_indices = dictionary.mappings(profile);
-    let kernel_mapping = kernel_mapping(profile, &mut dictionary);
+    let kernel_mapping = kernel_mapping(profile, dictionary);
 
     // Samples with one identity (stack, attributes, link) are one OTLP
     // sample whose observations are concatenated, as the spec asks.
@@ -201,12 +264,13 @@ pub fn request(profile: &model::Profile, envelope: &Envelope) -> ExportProfilesS
         Some(pprof) => (PPROF_FORMAT.to_string(), pprof.clone()),
         None => (String::new(), Vec::new()),
     };
-    let otlp_profile = Profile {
+    Profile {
         sample_type,
         samples,
         time_unix_nano: unix_nanos(profile.start),
         duration_nano: u64::try_from(profile.duration.as_nanos()).unwrap_or(u64::MAX),
-        // No period type: that is how Pyroscope tells off-CPU from CPU.
+        // No period type: for off_cpu it is how Pyroscope tells off-CPU from
+        // CPU, and no kind is sampled, so none has a period.
         period_type: None,
         period: 0,
         profile_id: envelope.profile_id.to_vec(),
@@ -214,49 +278,22 @@ pub fn request(profile: &model::Profile, envelope: &Envelope) -> ExportProfilesS
         original_payload_format,
         original_payload,
         attribute_indices,
-    };
-
-    let resource = Resource {
-        attributes: first_of_each_key(&envelope.resource)
-            .map(|attribute| KeyValue {
-                key: attribute.key.clone(),
-                value: Some(attribute.value.to_any()),
-                ..KeyValue::default()
-            })
-            .collect(),
-        ..Resource::default()
-    };
-    ExportProfilesServiceRequest {
-        resource_profiles: vec![ResourceProfiles {
-            resource: Some(resource),
-            scope_profiles: vec![ScopeProfiles {
-                scope: Some(InstrumentationScope {
-                    name: env!("CARGO_PKG_NAME").to_string(),
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    ..InstrumentationScope::default()
-                }),
-                profiles: vec![otlp_profile],
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-        dictionary: Some(dictionary.finish()),
     }
 }
 
-/// A sample's blocked time per slice, with each slice's start; the whole
-/// time at the profile's start when the sample has no timeline.
+/// A sample's value per slice, with each slice's start; the whole value at
+/// the profile's start when the sample has no timeline.
 fn observations(profile: &model::Profile, sample: &model::Sample) -> (Vec<i64>, Vec<u64>) {
     if sample.timeline.is_empty() {
         return (
-            vec![saturating_i64(sample.blocked_ns)],
+            vec![saturating_i64(sample.value)],
             vec![unix_nanos(profile.start)],
         );
     }
     sample
         .timeline
         .iter()
-        .map(|slice| (saturating_i64(slice.blocked_ns), unix_nanos(slice.start)))
+        .map(|slice| (saturating_i64(slice.value), unix_nanos(slice.start)))
         .unzip()
 }
 
@@ -568,7 +605,7 @@ mod tests {
         TimeSlice {
             start: at_ms(start_ms),
             duration: Duration::from_millis(500),
-            blocked_ns: blocked_ms * 1_000_000,
+            value: blocked_ms * 1_000_000,
             count: 1,
         }
     }
@@ -607,33 +644,34 @@ mod tests {
             .extra
             .push(("lock".to_string(), "mmap_lock".to_string()));
         model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: at_ms(0),
             duration: Duration::from_secs(2),
             samples: vec![
                 ModelSample {
                     stack: sleep_stack.clone(),
-                    blocked_ns: 900_000_000,
+                    value: 900_000_000,
                     count: 3,
                     labels: linked,
                     timeline: vec![slice(500, 400), slice(1000, 500)],
                 },
                 ModelSample {
                     stack: sleep_stack.clone(),
-                    blocked_ns: 100_000_000,
+                    value: 100_000_000,
                     count: 1,
                     labels: labels(101, ThreadState::Sleeping),
                     timeline: vec![slice(1500, 100)],
                 },
                 ModelSample {
                     stack: sleep_stack,
-                    blocked_ns: 2_000_000,
+                    value: 2_000_000,
                     count: 1,
                     labels: labels(102, ThreadState::Runnable),
                     timeline: Vec::new(),
                 },
                 ModelSample {
                     stack: read_stack,
-                    blocked_ns: 340_000_000,
+                    value: 340_000_000,
                     count: 2,
                     labels: locked,
                     timeline: vec![slice(0, 300), slice(500, 40)],
@@ -656,6 +694,47 @@ mod tests {
                 },
             ],
             comments: Vec::new(),
+        }
+    }
+
+    /// A 3.5 GB map rehash, in the same binary as the off-CPU profile's
+    /// stacks.
+    fn address_space_profile() -> model::Profile {
+        let rehash_stack = vec![
+            user(
+                0x1400,
+                0,
+                vec![line(
+                    "hashbrown::raw::RawTable<T,A>::reserve_rehash",
+                    Some("hashbrown/src/raw/mod.rs"),
+                    Some(1083),
+                )],
+            ),
+            user(0x1300, 0, vec![line("main", Some("src/main.rs"), Some(3))]),
+        ];
+        let grown = TimeSlice {
+            value: 3_500_000_000,
+            ..slice(1500, 0)
+        };
+        model::Profile {
+            kind: model::ProfileKind::AddressSpace,
+            samples: vec![ModelSample {
+                stack: rehash_stack,
+                value: 3_500_000_000,
+                count: 1,
+                labels: labels(101, ThreadState::Runnable),
+                timeline: vec![grown],
+            }],
+            ..sample_profile()
+        }
+    }
+
+    /// The envelope of a second profile of the same capture.
+    fn address_space_envelope() -> Envelope {
+        Envelope {
+            profile_id: [7; 16],
+            original_pprof: Some(vec![0x1f, 0x8b, 4, 5]),
+            ..envelope()
         }
     }
 
@@ -734,6 +813,7 @@ mod tests {
     #[test]
     fn an_empty_profile_still_has_every_zero_value() {
         let empty = model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: at_ms(0),
             duration: Duration::from_secs(1),
             samples: Vec::new(),
@@ -807,16 +887,34 @@ mod tests {
 
     #[test]
     fn every_index_is_in_range() {
-        let request = encoded();
+        assert_indices_in_range(&encoded());
+    }
+
+    /// Every index of every profile in `request`, and of its dictionary,
+    /// points into the dictionary.
+    fn assert_indices_in_range(request: &ExportProfilesServiceRequest) {
         let dictionary = request.dictionary.as_ref().unwrap();
         let in_range = |index: i32, length: usize| (0..length as i32).contains(&index);
-        let profile = only_profile(&request);
-        for sample in &profile.samples {
-            assert!(in_range(sample.stack_index, dictionary.stack_table.len()));
-            assert_ne!(sample.stack_index, 0, "every sample here has a stack");
-            assert!(in_range(sample.link_index, dictionary.link_table.len()));
-            for &index in &sample.attribute_indices {
+        let profiles = request
+            .resource_profiles
+            .iter()
+            .flat_map(|resource| &resource.scope_profiles)
+            .flat_map(|scope| &scope.profiles);
+        for profile in profiles {
+            let sample_type = profile.sample_type.as_ref().unwrap();
+            for index in [sample_type.type_strindex, sample_type.unit_strindex] {
+                assert!(in_range(index, dictionary.string_table.len()) && index != 0);
+            }
+            for &index in &profile.attribute_indices {
                 assert!(in_range(index, dictionary.attribute_table.len()) && index != 0);
+            }
+            for sample in &profile.samples {
+                assert!(in_range(sample.stack_index, dictionary.stack_table.len()));
+                assert_ne!(sample.stack_index, 0, "every sample here has a stack");
+                assert!(in_range(sample.link_index, dictionary.link_table.len()));
+                for &index in &sample.attribute_indices {
+                    assert!(in_range(index, dictionary.attribute_table.len()) && index != 0);
+                }
             }
         }
         for stack in &dictionary.stack_table {
@@ -885,6 +983,112 @@ mod tests {
         );
         let value = &dictionary.attribute_table[profile.attribute_indices[1] as usize];
         assert_eq!(text(dictionary, value.unit_strindex), "s");
+    }
+
+    #[test]
+    fn an_address_space_profile_is_alloc_space_bytes_without_a_period() {
+        let request = request(&address_space_profile(), &envelope());
+        let dictionary = request.dictionary.as_ref().unwrap();
+        let profile = only_profile(&request);
+        let sample_type = profile.sample_type.as_ref().unwrap();
+        assert_eq!(
+            (
+                text(dictionary, sample_type.type_strindex),
+                text(dictionary, sample_type.unit_strindex)
+            ),
+            ("alloc_space", "bytes")
+        );
+        assert_eq!(profile.period_type, None);
+        assert_eq!(profile.samples[0].values, [3_500_000_000]);
+        assert_eq!(
+            profile.samples[0].timestamps_unix_nano,
+            [unix_nanos(at_ms(1500))]
+        );
+    }
+
+    #[test]
+    fn several_profiles_share_one_dictionary() {
+        let off_cpu = sample_profile();
+        let address_space = address_space_profile();
+        let bytes = combined_request(&[
+            (&off_cpu, &envelope()),
+            (&address_space, &address_space_envelope()),
+        ])
+        .encode_to_vec();
+        let request = ExportProfilesServiceRequest::decode(bytes.as_slice()).unwrap();
+        assert_indices_in_range(&request);
+        let dictionary = request.dictionary.as_ref().unwrap();
+
+        assert_eq!(request.resource_profiles.len(), 1, "one resource");
+        let profiles = &request.resource_profiles[0].scope_profiles[0].profiles;
+        let sample_types: Vec<(&str, &str)> = profiles
+            .iter()
+            .map(|profile| {
+                let sample_type = profile.sample_type.as_ref().unwrap();
+                (
+                    text(dictionary, sample_type.type_strindex),
+                    text(dictionary, sample_type.unit_strindex),
+                )
+            })
+            .collect();
+        assert_eq!(
+            sample_types,
+            [("off_cpu", "nanoseconds"), ("alloc_space", "bytes")]
+        );
+        assert_eq!(profiles[0].profile_id, [9; 16]);
+        assert_eq!(profiles[1].profile_id, [7; 16]);
+        assert_eq!(profiles[1].original_payload, [0x1f, 0x8b, 4, 5]);
+        assert_eq!(profiles[0].samples.len(), 4);
+        assert_eq!(
+            function_names(dictionary, profiles[1].samples[0].stack_index),
+            ["hashbrown::raw::RawTable<T,A>::reserve_rehash", "main"]
+        );
+
+        // What the profiles have in common is stored once.
+        let apps = dictionary
+            .mapping_table
+            .iter()
+            .filter(|m| text(dictionary, m.filename_strindex) == "/usr/bin/app")
+            .count();
+        assert_eq!(apps, 1);
+        // zero + the off-CPU profile's seven + reserve_rehash.
+        assert_eq!(dictionary.function_table.len(), 9);
+        let main_locations: HashSet<i32> = [&profiles[0].samples[0], &profiles[1].samples[0]]
+            .iter()
+            .map(|sample| {
+                *dictionary.stack_table[sample.stack_index as usize]
+                    .location_indices
+                    .last()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(main_locations.len(), 1, "one `main` location for both");
+    }
+
+    #[test]
+    fn profiles_of_different_resources_are_grouped_by_resource() {
+        let mut other = address_space_envelope();
+        other.resource = vec![Attribute::str("service.name", "search")];
+        let (first, second) = (sample_profile(), address_space_profile());
+        let request = combined_request(&[
+            (&first, &envelope()),
+            (&second, &other),
+            (&second, &address_space_envelope()),
+        ]);
+        assert_indices_in_range(&request);
+        let counts: Vec<usize> = request
+            .resource_profiles
+            .iter()
+            .map(|resource| resource.scope_profiles[0].profiles.len())
+            .collect();
+        assert_eq!(counts, [2, 1]);
+        let second_resource = request.resource_profiles[1].resource.as_ref().unwrap();
+        assert_eq!(
+            second_resource.attributes[0].value,
+            Some(AnyValue {
+                value: Some(any_value::Value::StringValue("search".into()))
+            })
+        );
     }
 
     #[test]

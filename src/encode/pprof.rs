@@ -1,9 +1,12 @@
 //! pprof: google's `profile.proto`, gzipped, the format `go tool pprof`,
 //! Pyroscope and OTLP's `original_payload` all read.
 //!
-//! Each model sample becomes one pprof sample with the values
-//! `[events/count, off_cpu/nanoseconds]`. Strings, functions and locations are
-//! deduplicated into pprof's id-referenced tables. Kernel frames point at one
+//! Each model sample becomes one pprof sample with the values `[count,
+//! value]`, typed by the profile's kind: `[events/count, off_cpu/nanoseconds]`
+//! for off-CPU time, `[calls/count, alloc_space/bytes]` for address-space
+//! changes. The value type is also the default sample type and the period
+//! type, and it is how [`decode`] tells the kinds apart. Strings, functions
+//! and locations are deduplicated into pprof's id-referenced tables. Kernel frames point at one
 //! synthetic `[kernel.kallsyms]` mapping, so a kernel and a user frame at the
 //! same numeric address stay apart.
 //!
@@ -20,16 +23,13 @@ use flate2::Compression;
 use prost::Message;
 
 use super::EncodeError;
-use crate::profile::{self as model, Frame, FrameKind, SampleLabels, ThreadState, TRUNCATED_FRAME};
+use crate::profile::{
+    self as model, Frame, FrameKind, ProfileKind, SampleLabels, ThreadState, TRUNCATED_FRAME,
+};
 
 /// File name of the synthetic mapping every kernel frame points at; `perf`
 /// and pprof's own Linux tooling use the same name.
 pub const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
-
-/// The sample type holding blocked time, and the default one to display.
-const OFF_CPU: (&str, &str) = ("off_cpu", "nanoseconds");
-/// The sample type holding the number of separate blocks.
-const EVENTS: (&str, &str) = ("events", "count");
 
 const THREAD_ID: &str = "thread_id";
 const PROCESS_ID: &str = "process_id";
@@ -211,8 +211,8 @@ pub fn encode(profile: &model::Profile) -> Vec<u8> {
 /// Builds the (unserialized) pprof message for `profile`.
 pub fn to_message(profile: &model::Profile) -> Profile {
     let mut tables = Tables::default();
-    let off_cpu = tables.value_type(OFF_CPU);
-    let events = tables.value_type(EVENTS);
+    let value_type = tables.value_type(profile.kind.value_type());
+    let count_type = tables.value_type(profile.kind.count_type());
 
     let (mapping, kernel_mapping_id) = mappings(profile, &mut tables);
 
@@ -239,10 +239,7 @@ pub fn to_message(profile: &model::Profile) -> Profile {
                 .collect();
             Sample {
                 location_id,
-                value: vec![
-                    saturating_i64(sample.count),
-                    saturating_i64(sample.blocked_ns),
-                ],
+                value: vec![saturating_i64(sample.count), saturating_i64(sample.value)],
                 label: tables.labels(&sample.labels),
             }
         })
@@ -253,9 +250,9 @@ pub fn to_message(profile: &model::Profile) -> Profile {
         .iter()
         .map(|comment| tables.string(comment))
         .collect();
-    let default_sample_type = off_cpu.r#type;
+    let default_sample_type = value_type.r#type;
     Profile {
-        sample_type: vec![events, off_cpu.clone()],
+        sample_type: vec![count_type, value_type.clone()],
         sample,
         mapping,
         location: tables.location,
@@ -263,7 +260,7 @@ pub fn to_message(profile: &model::Profile) -> Profile {
         string_table: tables.string_table,
         time_nanos: unix_nanos(profile.start),
         duration_nanos: saturating_i64(profile.duration.as_nanos()),
-        period_type: Some(off_cpu),
+        period_type: Some(value_type),
         period: 1,
         comment,
         default_sample_type,
@@ -333,6 +330,10 @@ fn mappings(profile: &model::Profile, tables: &mut Tables) -> (Vec<Mapping>, Opt
 
 /// Reads a pprof, gzipped or not, back into the model: the inverse of
 /// [`encode`] for freezeframe's own files.
+///
+/// The first sample type that is some [`ProfileKind`]'s value type decides
+/// the kind; a pprof with none (a CPU or heap profile of another tool) is
+/// [`EncodeError::UnknownSampleTypes`].
 ///
 /// Frames in the `[kernel.kallsyms]` mapping become kernel frames and the
 /// `[truncated]` function becomes the truncation marker. Labels other than
@@ -540,13 +541,15 @@ struct Decoder<'a> {
     mappings: Vec<model::Mapping>,
     functions: HashMap<u64, &'a Function>,
     frames: HashMap<u64, Frame>,
+    kind: ProfileKind,
     /// Positions of the two values inside each sample's `value`.
     count_position: usize,
-    blocked_ns_position: usize,
+    value_position: usize,
 }
 
 impl<'a> Decoder<'a> {
     fn new(message: &'a Profile) -> Result<Self, EncodeError> {
+        let kind = profile_kind(message)?;
         let mut decoder = Decoder {
             message,
             mapping_index: HashMap::new(),
@@ -558,8 +561,9 @@ impl<'a> Decoder<'a> {
                 .map(|function| (function.id, function))
                 .collect(),
             frames: HashMap::new(),
-            count_position: sample_type_position(message, EVENTS)?,
-            blocked_ns_position: sample_type_position(message, OFF_CPU)?,
+            kind,
+            count_position: sample_type_position(message, kind.count_type())?,
+            value_position: sample_type_position(message, kind.value_type())?,
         };
         for mapping in &message.mapping {
             let file = decoder.string(mapping.filename)?;
@@ -600,6 +604,7 @@ impl<'a> Decoder<'a> {
             .map(|&index| self.string(index).map(str::to_string))
             .collect::<Result<_, _>>()?;
         Ok(model::Profile {
+            kind: self.kind,
             start: from_unix_nanos(self.message.time_nanos)?,
             duration: Duration::from_nanos(non_negative(
                 "duration_nanos",
@@ -702,7 +707,7 @@ impl<'a> Decoder<'a> {
             .collect::<Result<_, _>>()?;
         Ok(model::Sample {
             stack,
-            blocked_ns: non_negative("sample.value", sample.value[self.blocked_ns_position])?,
+            value: non_negative("sample.value", sample.value[self.value_position])?,
             count: non_negative("sample.value", sample.value[self.count_position])?,
             labels: self.labels(&sample.label)?,
             // pprof has no place for it.
@@ -719,7 +724,7 @@ impl<'a> Decoder<'a> {
                 THREAD_ID => decoded.thread_id = label_u32(THREAD_ID, label.num)?,
                 PROCESS_ID => decoded.process_id = label_u32(PROCESS_ID, label.num)?,
                 THREAD_NAME => decoded.thread_name = text.to_string(),
-                // A state this version does not know is still off-CPU time.
+                // A state this version does not know is kept, as the rare kind.
                 STATE => decoded.state = ThreadState::from_code(text).unwrap_or(ThreadState::Other),
                 _ if label.str == 0 && label.num != 0 => {
                     decoded.extra.push((key.to_string(), label.num.to_string()));
@@ -741,6 +746,25 @@ fn string_at(message: &Profile, index: i64) -> Result<&str, EncodeError> {
         .and_then(|position| message.string_table.get(position))
         .map(String::as_str)
         .ok_or(EncodeError::UnknownString { index })
+}
+
+/// The kind of profile `message` is, from its sample types.
+fn profile_kind(message: &Profile) -> Result<ProfileKind, EncodeError> {
+    let mut found = Vec::with_capacity(message.sample_type.len());
+    for value_type in &message.sample_type {
+        let type_name = string_at(message, value_type.r#type)?;
+        let unit = string_at(message, value_type.unit)?;
+        if let Some(kind) = ProfileKind::from_value_type(type_name, unit) {
+            return Ok(kind);
+        }
+        found.push(format!("{type_name}/{unit}"));
+    }
+    let found = if found.is_empty() {
+        "none".to_string()
+    } else {
+        found.join(", ")
+    };
+    Err(EncodeError::UnknownSampleTypes { found })
 }
 
 /// Where the `type_name/unit` values sit in each sample's `value`.
@@ -828,12 +852,13 @@ mod tests {
             Frame::marker_truncated(),
         ];
         model::Profile {
+            kind: model::ProfileKind::OffCpu,
             start: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
             duration: Duration::from_millis(15_250),
             samples: vec![
                 ModelSample {
                     stack: sleep_stack.clone(),
-                    blocked_ns: 12_000_000_000,
+                    value: 12_000_000_000,
                     count: 12,
                     labels: SampleLabels {
                         process_id: 100,
@@ -849,7 +874,7 @@ mod tests {
                 },
                 ModelSample {
                     stack: sleep_stack,
-                    blocked_ns: 2_000_000,
+                    value: 2_000_000,
                     count: 1,
                     labels: SampleLabels {
                         process_id: 100,
@@ -862,7 +887,7 @@ mod tests {
                 },
                 ModelSample {
                     stack: read_stack,
-                    blocked_ns: 340_000_000,
+                    value: 340_000_000,
                     count: 2,
                     labels: SampleLabels {
                         process_id: 100,
@@ -897,6 +922,54 @@ mod tests {
         }
     }
 
+    /// Two large address-space changes: a 3.5 GB map rehash, the case this
+    /// kind exists for, and two smaller mmaps in libc.
+    fn address_space_profile() -> model::Profile {
+        let rehash_stack = vec![
+            user(
+                0x1400,
+                0,
+                vec![line(
+                    "hashbrown::raw::RawTable<T,A>::reserve_rehash",
+                    Some("hashbrown/src/raw/mod.rs"),
+                    Some(1083),
+                )],
+            ),
+            user(0x1300, 0, vec![line("main", Some("src/main.rs"), Some(3))]),
+        ];
+        let mmap_stack = vec![
+            user(0x4800, 1, vec![line("mmap64", None, None)]),
+            Frame::marker_truncated(),
+        ];
+        let labels = |thread_id| SampleLabels {
+            process_id: 100,
+            thread_id,
+            thread_name: "worker".to_string(),
+            state: ThreadState::Runnable,
+            extra: Vec::new(),
+        };
+        model::Profile {
+            kind: ProfileKind::AddressSpace,
+            samples: vec![
+                ModelSample {
+                    stack: rehash_stack,
+                    value: 3_500_000_000,
+                    count: 1,
+                    labels: labels(101),
+                    timeline: Vec::new(),
+                },
+                ModelSample {
+                    stack: mmap_stack,
+                    value: 192 << 20,
+                    count: 2,
+                    labels: labels(102),
+                    timeline: Vec::new(),
+                },
+            ],
+            ..sample_profile()
+        }
+    }
+
     fn string(message: &Profile, index: i64) -> &str {
         &message.string_table[index as usize]
     }
@@ -923,6 +996,44 @@ mod tests {
     fn round_trip_gives_back_the_model() {
         let profile = sample_profile();
         assert_eq!(decode(&encode(&profile)).unwrap(), profile);
+    }
+
+    #[test]
+    fn an_address_space_profile_round_trips_too() {
+        let profile = address_space_profile();
+        assert_eq!(decode(&encode(&profile)).unwrap(), profile);
+    }
+
+    #[test]
+    fn an_address_space_profile_is_typed_in_bytes_and_calls() {
+        let message = to_message(&address_space_profile());
+        let types: Vec<(&str, &str)> = message
+            .sample_type
+            .iter()
+            .map(|t| (string(&message, t.r#type), string(&message, t.unit)))
+            .collect();
+        assert_eq!(types, [("calls", "count"), ("alloc_space", "bytes")]);
+        assert_eq!(string(&message, message.default_sample_type), "alloc_space");
+        let period_type = message.period_type.as_ref().unwrap();
+        assert_eq!(
+            (
+                string(&message, period_type.r#type),
+                string(&message, period_type.unit)
+            ),
+            ("alloc_space", "bytes")
+        );
+        assert_eq!(message.sample[0].value, [1, 3_500_000_000]);
+    }
+
+    #[test]
+    fn the_kind_is_found_wherever_its_value_type_sits() {
+        let profile = address_space_profile();
+        let mut message = to_message(&profile);
+        message.sample_type.reverse();
+        for sample in &mut message.sample {
+            sample.value.reverse();
+        }
+        assert_eq!(decode(&message.encode_to_vec()).unwrap(), profile);
     }
 
     #[test]
@@ -1032,7 +1143,7 @@ mod tests {
             .iter()
             .map(|t| (string(&message, t.r#type), string(&message, t.unit)))
             .collect();
-        assert_eq!(types, [EVENTS, OFF_CPU]);
+        assert_eq!(types, [("events", "count"), ("off_cpu", "nanoseconds")]);
         assert_eq!(string(&message, message.default_sample_type), "off_cpu");
         assert_eq!(message.sample[0].value, [12, 12_000_000_000]);
         assert_eq!(message.time_nanos, 1_700_000_000_123_456_789);
@@ -1087,7 +1198,52 @@ mod tests {
     fn empty_input_lacks_sample_types() {
         let error = decode(b"").unwrap_err();
         assert!(
-            matches!(error, EncodeError::MissingSampleType { .. }),
+            matches!(&error, EncodeError::UnknownSampleTypes { found } if found == "none"),
+            "{error:?}"
+        );
+    }
+
+    /// Replaces one string of the table, as another producer might have
+    /// written it.
+    fn rename(message: &mut Profile, from: &str, to: &str) {
+        let entry = message
+            .string_table
+            .iter_mut()
+            .find(|text| *text == from)
+            .unwrap();
+        *entry = to.to_string();
+    }
+
+    #[test]
+    fn a_profile_of_another_kind_is_an_error_naming_its_types() {
+        let mut message = to_message(&sample_profile());
+        rename(&mut message, "off_cpu", "cpu");
+        let error = decode(&message.encode_to_vec()).unwrap_err();
+        assert!(
+            matches!(&error, EncodeError::UnknownSampleTypes { found }
+                if found == "events/count, cpu/nanoseconds"),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("off_cpu/nanoseconds or alloc_space/bytes"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_kind_without_its_count_type_is_an_error() {
+        let mut message = to_message(&address_space_profile());
+        rename(&mut message, "calls", "objects");
+        let error = decode(&message.encode_to_vec()).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                EncodeError::MissingSampleType {
+                    type_name: "calls",
+                    unit: "count"
+                }
+            ),
             "{error:?}"
         );
     }

@@ -142,7 +142,9 @@ impl FileSink {
             folded::encode(profile).as_bytes(),
         )?;
         // An empty capture has no flamegraph to draw; the pprof says so.
-        if let Ok(svg) = flamegraph::encode(profile, &format!("Off-CPU time: {capture_id}")) {
+        if let Ok(svg) =
+            flamegraph::encode(profile, &format!("{}: {capture_id}", profile.kind.title()))
+        {
             write(&dir.join("flamegraph.svg"), &svg)?;
         }
         Ok(dir)

@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::profile::{Profile, Sample, SpanLink, TimeSlice};
+use crate::profile::{Profile, ProfileKind, Sample, SpanLink, TimeSlice};
 use crate::signals::{Exemplar, Span};
 use crate::trigger::metric_unit;
 
@@ -91,12 +91,13 @@ impl Request {
     }
 
     /// Whether the request ran for at least half of `slice`'s blocked
-    /// time within it, so that most of that time can be its.
+    /// time within it, so that most of that time can be its. The slice is
+    /// of an off-CPU profile: its value is blocked nanoseconds.
     fn accounts_for(&self, slice: &TimeSlice) -> bool {
         let from = self.start.max(slice.start);
         let until = self.end.min(slice.end());
         let overlap = until.duration_since(from).unwrap_or_default();
-        overlap.as_nanos() * 2 >= u128::from(slice.blocked_ns) && self.start < slice.end()
+        overlap.as_nanos() * 2 >= u128::from(slice.value) && self.start < slice.end()
     }
 }
 
@@ -141,8 +142,11 @@ pub struct LinkSummary {
 /// requests is split, one sample per request and one for the unlinked
 /// rest; a sample without a timeline is taken as spread over the whole
 /// window.
+///
+/// Only off-CPU profiles are linked: the rule weighs a request's duration
+/// against blocked time, and the value of another kind is not a time.
 pub fn link(profile: &mut Profile, requests: &[Request]) -> LinkSummary {
-    if requests.is_empty() {
+    if requests.is_empty() || profile.kind != ProfileKind::OffCpu {
         return LinkSummary::default();
     }
     let threads_known = requests.iter().any(|request| request.thread_id.is_some());
@@ -154,7 +158,7 @@ pub fn link(profile: &mut Profile, requests: &[Request]) -> LinkSummary {
         let whole = [TimeSlice {
             start: window.0,
             duration: profile.duration,
-            blocked_ns: sample.blocked_ns,
+            value: sample.value,
             count: sample.count,
         }];
         let slices: &[TimeSlice] = if sample.timeline.is_empty() {
@@ -183,7 +187,7 @@ pub fn link(profile: &mut Profile, requests: &[Request]) -> LinkSummary {
         }
         for (chosen, part) in parts {
             let mut piece = Sample {
-                blocked_ns: part.iter().map(|slice| slice.blocked_ns).sum(),
+                value: part.iter().map(|slice| slice.value).sum(),
                 count: part.iter().map(|slice| slice.count).sum(),
                 timeline: if sample.timeline.is_empty() {
                     Vec::new()
@@ -194,7 +198,7 @@ pub fn link(profile: &mut Profile, requests: &[Request]) -> LinkSummary {
             };
             if let Some(link) = chosen {
                 piece.labels.set_span_link(link);
-                linked_ns += piece.blocked_ns;
+                linked_ns += piece.value;
                 used.insert(link);
             }
             linked.push(piece);
@@ -249,7 +253,7 @@ mod tests {
         TimeSlice {
             start: at(start_ms),
             duration: Duration::from_millis(500),
-            blocked_ns: blocked_ms * MS,
+            value: blocked_ms * MS,
             count: 1,
         }
     }
@@ -257,7 +261,7 @@ mod tests {
     fn sample(thread_id: u32, timeline: Vec<TimeSlice>) -> Sample {
         Sample {
             stack: vec![Frame::marker_truncated()],
-            blocked_ns: timeline.iter().map(|slice| slice.blocked_ns).sum(),
+            value: timeline.iter().map(|slice| slice.value).sum(),
             count: timeline.len() as u64,
             labels: SampleLabels {
                 process_id: 1,
@@ -272,6 +276,7 @@ mod tests {
 
     fn profile(samples: Vec<Sample>) -> Profile {
         Profile {
+            kind: ProfileKind::OffCpu,
             start: at(0),
             duration: Duration::from_secs(3),
             samples,
@@ -287,7 +292,7 @@ mod tests {
             .iter()
             .map(|sample| {
                 let link = sample.labels.span_link().map_or(0, |link| link.span_id[0]);
-                (sample.labels.thread_id, link, sample.blocked_ns / MS)
+                (sample.labels.thread_id, link, sample.value / MS)
             })
             .collect()
     }
@@ -324,10 +329,22 @@ mod tests {
         assert_eq!(linked.timeline.len(), 2);
         assert_eq!(linked.count, 2);
         assert_eq!(
-            profile.samples.iter().map(|s| s.blocked_ns).sum::<u64>(),
+            profile.samples.iter().map(|s| s.value).sum::<u64>(),
             1650 * MS,
             "splitting keeps every nanosecond"
         );
+    }
+
+    #[test]
+    fn only_off_cpu_profiles_are_linked() {
+        let mut profile = Profile {
+            kind: ProfileKind::AddressSpace,
+            ..profile(vec![sample(7, vec![slice(500, 500)])])
+        };
+        let unlinked = profile.clone();
+        let summary = link(&mut profile, &[request(1, 0, 2900, Some(7))]);
+        assert_eq!(summary, LinkSummary::default());
+        assert_eq!(profile, unlinked);
     }
 
     #[test]
@@ -374,7 +391,7 @@ mod tests {
     #[test]
     fn a_sample_without_a_timeline_spans_the_window() {
         let mut untimed = sample(7, Vec::new());
-        untimed.blocked_ns = 300 * MS;
+        untimed.value = 300 * MS;
         let mut profile = profile(vec![untimed]);
         link(&mut profile, &[request(1, 2000, 2950, Some(7))]);
         assert_eq!(shape(&profile), [(7, 1, 300)]);
