@@ -37,6 +37,30 @@ pub enum Command {
     /// Send saved captures to the OTLP profiles backend again (after an
     /// outage, or to a backend added later).
     Export(ExportArgs),
+    /// Reproduce the HashMap-resize freeze on this machine, catch it with
+    /// the embedded sidecar, and explain it; then show the fix removes it
+    /// (needs root, and about 2 GiB of memory for a minute).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where everything the demo writes goes: the sidecar's config, the
+    /// capture log and files, the reproducer's reports.
+    #[arg(
+        long,
+        short,
+        env = "FREEZEFRAME_DEMO_OUTPUT",
+        default_value = "freezeframe-demo"
+    )]
+    pub output: PathBuf,
+    /// Entries the reproducer's index grows to (default: its own, just past
+    /// a resize to a 1 GiB table).
+    #[arg(long, env = "FREEZEFRAME_DEMO_ENTRIES")]
+    pub entries: Option<u64>,
+    /// The reproducer binary (default: `feeddb` next to freezeframe).
+    #[arg(long, env = "FREEZEFRAME_DEMO_REPRODUCER")]
+    pub reproducer: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -5,12 +5,14 @@
 //! takes off-CPU stacks out of the kernel and keeps the flight recorder;
 //! [`symbolize`] names their frames; [`profile`] is the model every encoder
 //! in [`encode`] reads; [`export`] writes captures out, and [`report`]
-//! summarises them for people. [`app`] wires the sidecar together.
+//! summarises them for people. [`app`] wires the sidecar together, and
+//! [`demo`] runs it against the bundled reproducer of the seed incident.
 
 pub mod app;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod encode;
 pub mod export;
 pub mod ingest;

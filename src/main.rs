@@ -25,10 +25,16 @@ use freezeframe::symbolize::Symbolizer;
 
 fn main() {
     let cli = Cli::parse();
+    // The demo narrates on stdout; the embedded sidecar's own log would
+    // drown it, so only its warnings show unless asked for.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FREEZEFRAME_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -38,6 +44,7 @@ fn main() {
         Command::Run(args) => run(args),
         Command::CheckConfig(args) => check_config(args),
         Command::Export(args) => export(args),
+        Command::Demo(args) => freezeframe::demo::run(&args),
     };
     if let Err(err) = outcome {
         eprintln!("freezeframe: {err:#}");
@@ -92,11 +99,27 @@ fn capture(args: CaptureArgs) -> Result<()> {
     let window = tracer.collect()?;
     drop(tracer);
 
-    let profile = Symbolizer::new().profile(&window);
+    let profiles = Symbolizer::new().profiles(&window);
+    let profile = profiles.off_cpu;
     if let Some(path) = &args.output {
         write(path, &pprof::encode(&profile))?;
     }
-    show(&profile, &args.views)
+    if let Some(path) = &args.alloc_output {
+        match &profiles.address_space {
+            Some(address_space) => write(path, &pprof::encode(address_space))?,
+            None => eprintln!(
+                "freezeframe: no address-space change of {} or more was seen; {} not written",
+                report::human_bytes(args.min_alloc),
+                path.display()
+            ),
+        }
+    }
+    show(&profile, &args.views)?;
+    if let Some(address_space) = &profiles.address_space {
+        println!();
+        print!("{}", report::summary(address_space, args.views.top));
+    }
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<()> {

@@ -146,15 +146,196 @@ struct StackTotal<'a> {
     lock_waits: BTreeMap<String, u64>,
 }
 
+/// How many frames of a stack an explanation quotes.
+const EXPLAIN_FRAMES: usize = 10;
+
+/// A capture explained in sentences, for someone who has never read a
+/// profile: which threads were blocked and for how long, on which lock,
+/// who held it, for how long and in which call, and the largest
+/// address-space change, with its size and caller. Built from the labels
+/// and stacks of the profiles alone, so it explains saved files too.
+pub fn explain(off_cpu: &Profile, address_space: Option<&Profile>) -> String {
+    let mut out = String::new();
+    write_explanation(&mut out, off_cpu, address_space).expect("writing to a String cannot fail");
+    out
+}
+
+fn write_explanation(
+    out: &mut String,
+    off_cpu: &Profile,
+    address_space: Option<&Profile>,
+) -> fmt::Result {
+    let threads = thread_totals(off_cpu);
+    writeln!(
+        out,
+        "  {} of the process were off the CPU for {} in total during the {} captured.",
+        plural(threads.len(), "thread"),
+        human_duration(off_cpu.total_value()),
+        human_duration(duration_ns(off_cpu)),
+    )?;
+
+    // The lock most time was lost to.
+    let mut by_lock: BTreeMap<&str, u64> = BTreeMap::new();
+    for sample in &off_cpu.samples {
+        if let Some(lock) = label(&sample.labels, "lock") {
+            *by_lock.entry(lock).or_default() += sample.value;
+        }
+    }
+    if let Some((&lock, &waited)) = by_lock.iter().max_by_key(|(_, waited)| **waited) {
+        let waits: Vec<_> = off_cpu
+            .samples
+            .iter()
+            .filter(|sample| label(&sample.labels, "lock") == Some(lock))
+            .collect();
+        let mut waiters: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+        for sample in &waits {
+            *waiters
+                .entry((&sample.labels.thread_name, sample.labels.thread_id))
+                .or_default() += sample.value;
+        }
+        let mut waiters: Vec<_> = waiters.into_iter().collect();
+        waiters.sort_by_key(|(_, ns)| Reverse(*ns));
+        let what = if lock == "mmap_lock" {
+            "the process's mmap_lock (the lock on its whole address space)".to_string()
+        } else {
+            format!("the kernel lock {lock}")
+        };
+        writeln!(
+            out,
+            "  {} of that was waiting for {what}, by {}:",
+            human_duration(waited),
+            plural(waiters.len(), "thread"),
+        )?;
+        for ((name, tid), ns) in waiters.iter().take(MAX_THREADS_PER_STACK) {
+            writeln!(
+                out,
+                "    {} (tid {tid}) waited {}",
+                display_name(name, *tid),
+                human_duration(*ns)
+            )?;
+        }
+        if let Some(heaviest) = waits.iter().max_by_key(|sample| sample.value) {
+            let mode = label(&heaviest.labels, "lock_mode")
+                .map_or(String::new(), |mode| format!(" for {mode}"));
+            writeln!(out, "  They asked for it{mode} in:")?;
+            write_quoted_frames(
+                out,
+                heaviest
+                    .stack
+                    .iter()
+                    .filter(|frame| frame.kind != FrameKind::Truncated),
+            )?;
+        }
+        // The hold they waited behind: the longest recorded, else the
+        // owner the kernel named.
+        let hold = waits
+            .iter()
+            .filter_map(|sample| {
+                let ns: u64 = label(&sample.labels, "lock_hold_ns")?.parse().ok()?;
+                Some((ns, &sample.labels))
+            })
+            .max_by_key(|(ns, _)| *ns);
+        match hold {
+            Some((ns, labels)) => {
+                let tid = label(labels, "lock_holder_tid").unwrap_or("?");
+                let name = label(labels, "lock_holder").unwrap_or("");
+                let mode = label(labels, "lock_holder_mode").unwrap_or("?");
+                writeln!(
+                    out,
+                    "  {} (tid {tid}) held it ({mode}) for {}, having taken it in:",
+                    if name.is_empty() { "a thread" } else { name },
+                    human_duration(ns),
+                )?;
+                if let Some(stack) = label(labels, "lock_holder_stack") {
+                    for function in stack.split(" < ").take(EXPLAIN_FRAMES) {
+                        writeln!(out, "      {function}")?;
+                    }
+                }
+            }
+            None => {
+                if let Some(tid) = waits
+                    .iter()
+                    .find_map(|sample| label(&sample.labels, "lock_holder_tid"))
+                {
+                    writeln!(out, "  The kernel named tid {tid} as its holder.")?;
+                }
+            }
+        }
+    } else {
+        writeln!(
+            out,
+            "  None of it was spent waiting for a kernel lock that was recorded."
+        )?;
+    }
+
+    match address_space.and_then(|profile| profile.samples.iter().max_by_key(|sample| sample.value))
+    {
+        Some(largest) => {
+            let call = label(&largest.labels, "syscall").unwrap_or("system call");
+            let took = label(&largest.labels, "syscall_ns")
+                .and_then(|ns| ns.parse().ok())
+                .map_or(String::new(), |ns: u64| {
+                    format!(", taking {}", human_duration(ns))
+                });
+            let calls = if largest.count == 1 {
+                format!("in one {call}")
+            } else {
+                format!("in {} {call} calls", largest.count)
+            };
+            writeln!(
+                out,
+                "  The largest address-space change: {} (tid {}) moved {} {calls}{took}, called from:",
+                display_name(&largest.labels.thread_name, largest.labels.thread_id),
+                largest.labels.thread_id,
+                human_bytes(largest.value),
+            )?;
+            write_quoted_frames(
+                out,
+                largest
+                    .stack
+                    .iter()
+                    .filter(|frame| frame.kind == FrameKind::User),
+            )?;
+        }
+        None => writeln!(
+            out,
+            "  No large mmap, munmap, mremap, brk or madvise call was recorded."
+        )?,
+    }
+    Ok(())
+}
+
+/// Function names of frames, innermost first, inlined ones included.
+fn write_quoted_frames<'a>(
+    out: &mut String,
+    frames: impl Iterator<Item = &'a Frame>,
+) -> fmt::Result {
+    let functions = frames.flat_map(|frame| frame.lines.iter().map(|line| line.function.as_str()));
+    for function in functions.take(EXPLAIN_FRAMES) {
+        writeln!(out, "      {function}")?;
+    }
+    Ok(())
+}
+
+fn display_name(name: &str, tid: u32) -> String {
+    if name.is_empty() {
+        format!("thread {tid}")
+    } else {
+        name.to_string()
+    }
+}
+
+fn label<'a>(labels: &'a SampleLabels, key: &str) -> Option<&'a str> {
+    labels
+        .extra
+        .iter()
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| value.as_str())
+}
+
 /// The kernel lock a sample waited for, in words, from its `lock*` labels.
 fn lock_wait(labels: &SampleLabels) -> Option<String> {
-    let label = |key: &str| {
-        labels
-            .extra
-            .iter()
-            .find(|(name, _)| name == key)
-            .map(|(_, value)| value.as_str())
-    };
+    let label = |key: &str| label(labels, key);
     let mut text = label("lock")?.to_string();
     if let Some(mode) = label("lock_mode") {
         text.push_str(&format!(" for {mode}"));
@@ -438,7 +619,7 @@ fn duration_ns(profile: &Profile) -> u64 {
 }
 
 /// A duration as a person reads it: `12.03 s`, `340 ms`, `2.5 ms`, `85 µs`.
-fn human_duration(ns: u64) -> String {
+pub fn human_duration(ns: u64) -> String {
     // Units switch where rounding would otherwise print `1000 ms`.
     let value = ns as f64;
     if ns >= 999_500_000 {
@@ -454,7 +635,7 @@ fn human_duration(ns: u64) -> String {
 
 /// A size as a person reads it, in binary units: `3.26 GiB`, `192 MiB`,
 /// `1.5 KiB`, `512 B`.
-fn human_bytes(bytes: u64) -> String {
+pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {
         return format!("{bytes} B");

@@ -15,8 +15,10 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
-use crate::capture::{BlockedStack, LockHold, LockMode, LockWait, Window};
-use crate::profile::{Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels};
+use crate::capture::{AddressCall, BlockedStack, LockHold, LockMode, LockWait, Window};
+use crate::profile::{
+    Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels, TimeSlice,
+};
 
 /// The deepest stack the kernel walks; a user stack this deep was cut off.
 const MAX_STACK_DEPTH: usize = 127;
@@ -67,10 +69,18 @@ struct Region {
     build_id: Option<String>,
 }
 
+/// What one window gives: its off-CPU profile and, when the targets made
+/// large address-space calls in it, their profile.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    pub off_cpu: Profile,
+    pub address_space: Option<Profile>,
+}
+
 /// A [`Symbolizer`] on a thread of its own: blazesym's caches are not
 /// `Send`, and one long-lived cache serves every capture best.
 pub struct SymbolizerThread {
-    requests: Option<mpsc::Sender<(Window, mpsc::Sender<Profile>)>>,
+    requests: Option<mpsc::Sender<(Window, mpsc::Sender<Profiles>)>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -80,13 +90,13 @@ pub struct SymbolizerStopped;
 
 impl SymbolizerThread {
     pub fn start() -> std::io::Result<Self> {
-        let (requests, inbox) = mpsc::channel::<(Window, mpsc::Sender<Profile>)>();
+        let (requests, inbox) = mpsc::channel::<(Window, mpsc::Sender<Profiles>)>();
         let thread = std::thread::Builder::new()
             .name("ff-symbolize".into())
             .spawn(move || {
                 let mut symbolizer = Symbolizer::new();
                 for (window, reply) in inbox {
-                    let _ = reply.send(symbolizer.profile(&window));
+                    let _ = reply.send(symbolizer.profiles(&window));
                 }
             })?;
         Ok(SymbolizerThread {
@@ -96,7 +106,7 @@ impl SymbolizerThread {
     }
 
     /// Symbolizes a window; blocks until done.
-    pub fn profile(&self, window: Window) -> Result<Profile, SymbolizerStopped> {
+    pub fn profiles(&self, window: Window) -> Result<Profiles, SymbolizerStopped> {
         let (reply, answer) = mpsc::channel();
         self.requests
             .as_ref()
@@ -141,8 +151,93 @@ impl Symbolizer {
         self.user.remove(&pid);
     }
 
-    /// Builds the profile of a window. Must run while the target processes
+    /// Builds the profiles of a window. Must run while the target processes
     /// are still alive for their user frames to get names.
+    pub fn profiles(&mut self, window: &Window) -> Profiles {
+        let off_cpu = self.profile(window);
+        let address_space = self.address_space(window);
+        Profiles {
+            off_cpu,
+            address_space,
+        }
+    }
+
+    /// The large address-space calls of a window, one sample per thread,
+    /// call and user stack: bytes and calls, with each call's time in the
+    /// timeline. `None` when there were none. Follows [`Symbolizer::profile`]
+    /// on the same window, which looked the frames up.
+    fn address_space(&self, window: &Window) -> Option<Profile> {
+        if window.address_changes.is_empty() {
+            return None;
+        }
+        let mut mappings = Vec::new();
+        let mut mapping_index = HashMap::new();
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut by_identity: HashMap<(u32, AddressCall, &[u64]), usize> = HashMap::new();
+        for change in &window.address_changes {
+            let slice = TimeSlice {
+                start: change.start,
+                duration: change.duration,
+                value: change.size,
+                count: 1,
+            };
+            let identity = (change.tid, change.call, &change.user_ips[..]);
+            if let Some(&index) = by_identity.get(&identity) {
+                let sample = &mut samples[index];
+                sample.value += change.size;
+                sample.count += 1;
+                sample.timeline.push(slice);
+                add_nanos(&mut sample.labels.extra, SYSCALL_TIME, change.duration);
+                continue;
+            }
+            let mut stack = self.user_frames(
+                change.tgid,
+                &change.user_ips,
+                &mut mappings,
+                &mut mapping_index,
+            );
+            if user_stack_truncated(&change.user_ips, &stack) {
+                stack.push(Frame::marker_truncated());
+            }
+            by_identity.insert(identity, samples.len());
+            samples.push(Sample {
+                stack,
+                value: change.size,
+                count: 1,
+                labels: SampleLabels {
+                    process_id: change.tgid,
+                    thread_id: change.tid,
+                    thread_name: change.thread_name.clone(),
+                    // In a system call, on the CPU or not: never blocked on
+                    // its own account.
+                    state: crate::profile::ThreadState::Runnable,
+                    extra: vec![
+                        ("syscall".to_string(), change.call.name().to_string()),
+                        (
+                            SYSCALL_TIME.to_string(),
+                            change.duration.as_nanos().to_string(),
+                        ),
+                    ],
+                },
+                timeline: vec![slice],
+            });
+        }
+        Some(Profile {
+            kind: ProfileKind::AddressSpace,
+            start: window.start,
+            duration: window.duration,
+            samples,
+            mappings,
+            comments: vec![format!(
+                "freezeframe address-space changes ({}): mmap, munmap, mremap, brk and madvise calls \
+                 above the capture's threshold",
+                window.features
+            )],
+        })
+    }
+
+    /// Builds the off-CPU profile of a window. Must run while the target
+    /// processes are still alive for their user frames to get names.
     pub fn profile(&mut self, window: &Window) -> Profile {
         self.symbolize_kernel(
             window
@@ -228,32 +323,8 @@ impl Symbolizer {
                     .unwrap_or_else(|| unknown_kernel_frame(*ip))
             })
             .collect();
-        let symbols = self.user.get(&stack.tgid);
-        for &ip in stack.user_ips.iter() {
-            let user = symbols.and_then(|symbols| symbols.frames.get(&ip));
-            let mapping = user.and_then(|user| user.region).map(|region| {
-                *mapping_index
-                    .entry((stack.tgid, region))
-                    .or_insert_with(|| {
-                        let region = &symbols.expect("region implies symbols").regions[region];
-                        mappings.push(Mapping {
-                            memory_start: region.start,
-                            memory_limit: region.end,
-                            file_offset: region.offset,
-                            file: region.path.clone(),
-                            build_id: region.build_id.clone(),
-                        });
-                        mappings.len() - 1
-                    })
-            });
-            frames.push(Frame {
-                kind: FrameKind::User,
-                address: ip,
-                mapping,
-                lines: user.map_or_else(|| vec![unknown_line(ip, None)], |user| user.lines.clone()),
-            });
-        }
-        if user_stack_truncated(stack, &frames) {
+        frames.extend(self.user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index));
+        if user_stack_truncated(&stack.user_ips, &frames) {
             frames.push(Frame::marker_truncated());
         }
         Sample {
@@ -269,6 +340,43 @@ impl Symbolizer {
             },
             timeline: stack.timeline.clone(),
         }
+    }
+
+    /// The user frames of a stack, with the mappings they point into added
+    /// to `mappings` once per process and region.
+    fn user_frames(
+        &self,
+        tgid: u32,
+        ips: &[u64],
+        mappings: &mut Vec<Mapping>,
+        mapping_index: &mut HashMap<(u32, usize), usize>,
+    ) -> Vec<Frame> {
+        let symbols = self.user.get(&tgid);
+        ips.iter()
+            .map(|&ip| {
+                let user = symbols.and_then(|symbols| symbols.frames.get(&ip));
+                let mapping = user.and_then(|user| user.region).map(|region| {
+                    *mapping_index.entry((tgid, region)).or_insert_with(|| {
+                        let region = &symbols.expect("region implies symbols").regions[region];
+                        mappings.push(Mapping {
+                            memory_start: region.start,
+                            memory_limit: region.end,
+                            file_offset: region.offset,
+                            file: region.path.clone(),
+                            build_id: region.build_id.clone(),
+                        });
+                        mappings.len() - 1
+                    })
+                });
+                Frame {
+                    kind: FrameKind::User,
+                    address: ip,
+                    mapping,
+                    lines: user
+                        .map_or_else(|| vec![unknown_line(ip, None)], |user| user.lines.clone()),
+                }
+            })
+            .collect()
     }
 
     /// What the waiter's labels say about the hold it waited behind: who,
@@ -407,6 +515,17 @@ fn build_ids(normalizer: &Normalizer, pid: u32, sorted_ips: &[u64]) -> HashMap<S
         .collect()
 }
 
+/// The label with the summed duration of an address-space sample's calls.
+const SYSCALL_TIME: &str = "syscall_ns";
+
+/// Adds `duration` to a label holding nanoseconds.
+fn add_nanos(labels: &mut [(String, String)], key: &str, duration: std::time::Duration) {
+    if let Some((_, value)) = labels.iter_mut().find(|(name, _)| name == key) {
+        let total = value.parse::<u128>().unwrap_or(0) + duration.as_nanos();
+        *value = total.to_string();
+    }
+}
+
 /// How many functions of a holder's stack its waiters' labels carry.
 const LABEL_STACK_DEPTH: usize = 16;
 
@@ -501,12 +620,12 @@ fn unknown_kernel_frame(ip: u64) -> Frame {
 }
 
 /// Whether the walk stopped before reaching the thread's first frame.
-fn user_stack_truncated(stack: &BlockedStack, frames: &[Frame]) -> bool {
-    if stack.user_ips.is_empty() {
+fn user_stack_truncated(user_ips: &[u64], frames: &[Frame]) -> bool {
+    if user_ips.is_empty() {
         // No user stack at all: a kernel-only thread, nothing to truncate.
         return false;
     }
-    if stack.user_ips.len() >= MAX_STACK_DEPTH {
+    if user_ips.len() >= MAX_STACK_DEPTH {
         return true;
     }
     let root = frames
@@ -584,21 +703,6 @@ mod tests {
         assert_eq!(unknown_line(0xdead, None).function, "[unknown] 0xdead");
     }
 
-    fn stack_with(user_ips: Vec<u64>) -> BlockedStack {
-        BlockedStack {
-            tgid: 1,
-            tid: 1,
-            thread_name: "t".into(),
-            state: crate::profile::ThreadState::Sleeping,
-            kernel_ips: Vec::new().into(),
-            user_ips: user_ips.into(),
-            lock: None,
-            blocked_ns: 1,
-            count: 1,
-            timeline: Vec::new(),
-        }
-    }
-
     fn user_frame(name: &str) -> Frame {
         Frame {
             kind: FrameKind::User,
@@ -615,17 +719,17 @@ mod tests {
     #[test]
     fn a_stack_ending_in_a_thread_root_is_whole() {
         let frames = [user_frame("main"), user_frame("__libc_start_call_main")];
-        assert!(!user_stack_truncated(&stack_with(vec![1, 2]), &frames));
+        assert!(!user_stack_truncated(&[1, 2], &frames));
         let frames = [user_frame("worker"), user_frame("clone3")];
-        assert!(!user_stack_truncated(&stack_with(vec![1, 2]), &frames));
+        assert!(!user_stack_truncated(&[1, 2], &frames));
     }
 
     #[test]
     fn a_stack_that_stops_elsewhere_is_truncated() {
         let frames = [user_frame("__GI___nanosleep"), user_frame("worker")];
-        assert!(user_stack_truncated(&stack_with(vec![1, 2]), &frames));
+        assert!(user_stack_truncated(&[1, 2], &frames));
         // Kernel threads have no user stack to truncate.
-        assert!(!user_stack_truncated(&stack_with(vec![]), &[]));
+        assert!(!user_stack_truncated(&[], &[]));
     }
 
     fn hold(tid: u32, lock_addr: u64, ms: u64) -> LockHold {

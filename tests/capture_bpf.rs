@@ -254,7 +254,13 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
         .unwrap()
         .tid;
     let output = dir.join("locks.pb.gz");
-    capture(workload.pid, &["--state", "D"], &output, || {});
+    let alloc_output = dir.join("alloc.pb.gz");
+    capture(
+        workload.pid,
+        &["--state", "D", "--alloc-output", alloc_output.to_str().unwrap()],
+        &output,
+        || {},
+    );
     let profile = load(&output);
     let label = |sample: &Sample, key: &str| {
         sample
@@ -332,6 +338,33 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
             .map(|sample| label(sample, "lock_holder_stack"))
             .collect::<Vec<_>>()
     );
+
+    // The holder's 256 MiB maps and unmaps are the address-space changes:
+    // exact sizes, from the function that makes them; the waiter's 64 KiB
+    // calls are below the threshold.
+    let changes = load(&alloc_output);
+    assert_eq!(changes.kind, ProfileKind::AddressSpace);
+    for call in ["mmap", "munmap"] {
+        let samples: Vec<&Sample> = changes
+            .samples
+            .iter()
+            .filter(|sample| label(sample, "syscall").as_deref() == Some(call))
+            .collect();
+        assert!(!samples.is_empty(), "no {call} recorded: {changes:?}");
+        for sample in samples {
+            assert_eq!(sample.labels.thread_name, "ff-mmap-holder");
+            assert_eq!(sample.labels.thread_id, holder);
+            assert!(sample.count > 0);
+            assert_eq!(sample.value, sample.count * (256 << 20), "{call} sizes");
+            assert!(
+                functions(&[sample], FrameKind::User)
+                    .iter()
+                    .any(|f| f == "workload::ff_hold_mmap_lock"),
+                "{call} is called from ff_hold_mmap_lock: {:?}",
+                functions(&[sample], FrameKind::User)
+            );
+        }
+    }
 }
 
 #[test]

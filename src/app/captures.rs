@@ -143,8 +143,8 @@ impl Inner {
         };
         let duration = window.duration;
         let start = window.start;
-        let mut profile = match self.symbolizer.profile(window) {
-            Ok(profile) => profile,
+        let (mut profile, address_space) = match self.symbolizer.profiles(window) {
+            Ok(profiles) => (profiles.off_cpu, profiles.address_space),
             Err(err) => return failed(err.to_string()),
         };
         // Read now, while the target surely lives.
@@ -160,6 +160,11 @@ impl Inner {
             Ok(directory) => directory,
             Err(err) => return failed(err.to_string()),
         };
+        if let Some(address_space) = &address_space {
+            if let Err(err) = self.sink.write_address_space(capture_id, address_space) {
+                return failed(err.to_string());
+            }
+        }
 
         let blocked_ns = profile.total_value();
         let blocked_seconds = blocked_ns as f64 / 1e9;
@@ -182,6 +187,7 @@ impl Inner {
             capture_id: capture_id.to_string(),
             firing: firing.clone(),
             profile,
+            address_space,
             process,
         };
         (event, Some(finished))

@@ -37,6 +37,8 @@ pub struct Finished {
     pub capture_id: String,
     pub firing: Firing,
     pub profile: Profile,
+    /// The capture's large address-space calls, when it had any.
+    pub address_space: Option<Profile>,
     pub process: ProcessFacts,
 }
 
@@ -129,6 +131,7 @@ impl Inner {
             capture_id,
             firing,
             mut profile,
+            address_space,
             process,
         } = finished;
         let end = profile.start + profile.duration;
@@ -157,9 +160,6 @@ impl Inner {
             tracing::info!(capture = %capture_id, candidates = requests.len(), "no request to link the capture to");
         }
 
-        if !self.exporting {
-            return;
-        }
         let envelope = Envelope {
             resource: resource::resource(
                 firing.series.as_ref().map(|series| &series.resource),
@@ -181,7 +181,29 @@ impl Inner {
             profile_id: random_id(),
             original_pprof: Some(pprof),
         };
-        let request = otlp::request(&profile, &envelope).encode_to_vec();
+        // The address-space profile rides in the same request, with its
+        // own id and pprof.
+        let address_space = address_space.map(|address_space| {
+            let envelope = Envelope {
+                profile_id: random_id(),
+                original_pprof: Some(pprof::encode(&address_space)),
+                ..envelope.clone()
+            };
+            (address_space, envelope)
+        });
+        let mut profiles = vec![(&profile, &envelope)];
+        if let Some((address_space, envelope)) = &address_space {
+            profiles.push((address_space, envelope));
+        }
+        let request = otlp::combined_request(&profiles).encode_to_vec();
+        // Written whether or not there is a backend: what was (or would
+        // have been) sent, for any OTLP tool to read.
+        if let Err(err) = self.sink.write_otlp(&capture_id, &request) {
+            tracing::error!(capture = %capture_id, "cannot write the OTLP request file: {err}");
+        }
+        if !self.exporting {
+            return;
+        }
         match self.delivery.lock().expect("delivery").as_ref() {
             Some(delivery) => delivery.submit(&capture_id, &request),
             None => {

@@ -58,8 +58,27 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 /// Processes learned from `process.pid` resource attributes, at most.
 const MAX_LEARNED_TARGETS: usize = 64;
 
+/// Where a running sidecar listens, once it does.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+    pub telemetry: std::net::SocketAddr,
+}
+
 /// Runs the sidecar until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
+    run_until(config, shutdown_signal(), None).await
+}
+
+/// Runs the sidecar until `stop` completes, then shuts down in order. Once
+/// every listener is bound, their addresses go to `listening` (an embedding
+/// program may have asked for port 0).
+pub async fn run_until(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+    listening: Option<tokio::sync::oneshot::Sender<Listening>>,
+) -> Result<()> {
     let handle = telemetry::install()?;
     ingest::describe_metrics();
     let rule_names: Vec<String> = config.rules.iter().map(|rule| rule.name.clone()).collect();
@@ -156,6 +175,14 @@ pub async fn run(config: Config) -> Result<()> {
         rules = config.rules.len(),
         "freezeframe is running"
     );
+    if let Some(listening) = listening {
+        // Whoever asked may have given up waiting; that is theirs to handle.
+        let _ = listening.send(Listening {
+            grpc: receivers.grpc_addr(),
+            http: receivers.http_addr(),
+            telemetry: telemetry_addr,
+        });
+    }
 
     let captures = Captures::new(
         Arc::clone(&recorder),
@@ -202,7 +229,7 @@ pub async fn run(config: Config) -> Result<()> {
     let mut learned: HashSet<u32> = HashSet::new();
     let mut every = tokio::time::interval(TRIGGER_TICK);
     let mut target_refresh = tokio::time::interval(Duration::from_secs(1));
-    let terminate = shutdown_signal();
+    let terminate = stop;
     tokio::pin!(terminate);
     loop {
         tokio::select! {

@@ -29,6 +29,11 @@ pub enum FilesError {
 
 /// The pprof of a capture, in its directory.
 pub const PPROF_FILE: &str = "profile.pb.gz";
+/// The address-space profile of a capture (when it made large calls).
+pub const ADDRESS_SPACE_FILE: &str = "alloc.pb.gz";
+/// The OTLP `ExportProfilesServiceRequest` of a capture, as it is (or
+/// would be) sent: readable with the opentelemetry-proto classes.
+pub const OTLP_FILE: &str = "profiles.otlp.pb";
 /// The capture log, in the export directory.
 pub const CAPTURE_LOG: &str = "captures.jsonl";
 
@@ -148,6 +153,27 @@ impl FileSink {
             write(&dir.join("flamegraph.svg"), &svg)?;
         }
         Ok(dir)
+    }
+
+    /// Writes a capture's address-space profile beside its off-CPU one.
+    pub fn write_address_space(
+        &self,
+        capture_id: &str,
+        profile: &Profile,
+    ) -> Result<(), FilesError> {
+        write(
+            &self.directory.join(capture_id).join(ADDRESS_SPACE_FILE),
+            &pprof::encode(profile),
+        )
+    }
+
+    /// Writes the OTLP request of a capture, atomically: a reader never
+    /// sees half of it.
+    pub fn write_otlp(&self, capture_id: &str, request: &[u8]) -> Result<(), FilesError> {
+        let path = self.directory.join(capture_id).join(OTLP_FILE);
+        let temporary = path.with_extension("pb.tmp");
+        write(&temporary, request)?;
+        fs::rename(&temporary, &path).map_err(|source| FilesError::Write { path, source })
     }
 
     /// Replaces a capture's pprof (once it is linked to the requests it
