@@ -32,6 +32,8 @@ pub enum ConfigError {
     HistoryTooShort(Duration),
     #[error("two [[trigger]] rules are named {0:?}: names must be unique, they label metrics and captures")]
     DuplicateRule(String),
+    #[error("[recorder] min_allocation: {0}")]
+    MinAllocation(String),
     #[error("[receiver] max_request_bytes = {0}: must be between 1 KiB and 256 MiB")]
     RequestLimit(usize),
     #[error("[export] link_grace = {0:?}: at most {max:?}; spans older than that may already be forgotten", max = defaults::MAX_LINK_GRACE)]
@@ -69,6 +71,9 @@ pub struct Recorder {
     pub mode: RecorderMode,
     pub history: Duration,
     pub min_block: Duration,
+    /// mmap/munmap/mremap/brk/madvise calls moving at least this many
+    /// bytes are recorded; `None` (0 in the file) records none.
+    pub min_allocation: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +132,15 @@ struct RecorderFile {
     history: Option<Duration>,
     #[serde(with = "duration_text")]
     min_block: Option<Duration>,
+    /// A size: bytes, or text such as "64MiB".
+    min_allocation: Option<SizeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeFile {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +178,7 @@ pub mod defaults {
     pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
     pub const HISTORY: Duration = Duration::from_secs(30);
     pub const MIN_BLOCK: Duration = Duration::from_millis(1);
+    pub const MIN_ALLOCATION: u64 = crate::capture::DEFAULT_MIN_ADDRESS_CHANGE;
     pub const TELEMETRY: &str = "127.0.0.1:9464";
     pub const DIRECTORY: &str = "/var/lib/freezeframe";
     pub const LINK_GRACE: Duration = Duration::from_secs(10);
@@ -210,10 +225,16 @@ impl std::fmt::Display for Config {
         writeln!(f, "target:   {target}")?;
         writeln!(
             f,
-            "recorder: {:?}, history {}, blocks from {}",
+            "recorder: {:?}, history {}, blocks from {}, address-space changes {}",
             self.recorder.mode,
             humantime::format_duration(self.recorder.history),
-            humantime::format_duration(self.recorder.min_block)
+            humantime::format_duration(self.recorder.min_block),
+            self.recorder
+                .min_allocation
+                .map_or("off".to_string(), |bytes| format!(
+                    "from {}",
+                    crate::report::human_bytes(bytes)
+                )),
         )?;
         writeln!(f, "telemetry: http://{}/metrics", self.telemetry.listen)?;
         writeln!(f, "export:   {}", self.export.directory.display())?;
@@ -324,6 +345,14 @@ impl Config {
                 .min_block
                 .or(file.recorder.min_block)
                 .unwrap_or(defaults::MIN_BLOCK),
+            min_allocation: match file.recorder.min_allocation {
+                None => Some(defaults::MIN_ALLOCATION),
+                Some(SizeFile::Bytes(bytes)) => Some(bytes),
+                Some(SizeFile::Text(text)) => {
+                    Some(crate::cli::parse_bytes(&text).map_err(ConfigError::MinAllocation)?)
+                }
+            }
+            .filter(|&bytes| bytes > 0),
         };
         if recorder.history < Duration::from_secs(1) {
             return Err(ConfigError::HistoryTooShort(recorder.history));

@@ -257,7 +257,12 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
     let alloc_output = dir.join("alloc.pb.gz");
     capture(
         workload.pid,
-        &["--state", "D", "--alloc-output", alloc_output.to_str().unwrap()],
+        &[
+            "--state",
+            "D",
+            "--alloc-output",
+            alloc_output.to_str().unwrap(),
+        ],
         &output,
         || {},
     );

@@ -70,6 +70,23 @@ fn flags_beat_the_environment_which_beats_the_file() {
 }
 
 #[test]
+fn the_allocation_threshold_takes_sizes_and_zero_turns_it_off() {
+    let shown = |text: &str| {
+        let output = check(&config_file("min-allocation.toml", text), &[], &[]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert!(shown("").contains("address-space changes from 64 MiB"));
+    assert!(shown("[recorder]\nmin_allocation = \"1GiB\"\n").contains("changes from 1.00 GiB"));
+    assert!(shown("[recorder]\nmin_allocation = 1048576\n").contains("changes from 1.0 MiB"));
+    assert!(shown("[recorder]\nmin_allocation = 0\n").contains("address-space changes off"));
+}
+
+#[test]
 fn mistakes_are_named() {
     let cases = [
         (
@@ -91,6 +108,11 @@ fn mistakes_are_named() {
             "two-targets.toml",
             "[target]\npid = 10\nprocess_name = \"db\"\n",
             "set `pid` or `process_name`, not both",
+        ),
+        (
+            "bad-size.toml",
+            "[recorder]\nmin_allocation = \"64 parsecs\"\n",
+            "[recorder] min_allocation: unknown size unit \"parsecs\"",
         ),
         (
             "short-history.toml",

@@ -114,6 +114,7 @@ pub async fn run_until(
         tick: RECORDER_TICK,
         capture: CaptureConfig {
             min_block: config.recorder.min_block,
+            min_address_change: config.recorder.min_allocation,
             ..CaptureConfig::default()
         },
     };
