@@ -2,9 +2,11 @@
 """What tracing costs the traced process, and what the tracer costs itself.
 
 Runs bench/pingpong.rs (a context-switch storm) with no tracer, under
-`freezeframe capture`, and under libbpf-tools' `offcputime -p`, interleaved
-round by round so that machine noise hits all three alike, and prints
-medians. Also measures time from command start to probe attached, and the
+`freezeframe capture`, under `freezeframe capture --min-alloc 0` (without
+the system-call hooks that record large address-space changes), and under
+libbpf-tools' `offcputime -p`, interleaved round by round so that machine
+noise hits all alike, and prints medians. The storm is all pipe reads and
+writes, so it is the worst case for the system-call hooks too. Also measures time from command start to probe attached, and the
 peak RSS of each tracer over a 15 s window of the busy process.
 
 Run as root after `cargo build --release`:  sudo bench/overhead.py
@@ -69,8 +71,10 @@ def start_tracer(mode: str, pid: int, seconds: int):
 
     Attachment is observed the same way for both tools, from outside: the
     moment the tracer process holds a BPF link fd."""
-    if mode == "freezeframe":
+    if mode in ("freezeframe", "ff-no-alloc"):
         cmd = [str(FREEZEFRAME), "capture", "--pid", str(pid), "--duration", f"{seconds}s", "--min-block", "1ms"]
+        if mode == "ff-no-alloc":
+            cmd += ["--min-alloc", "0"]
     else:
         cmd = [OFFCPUTIME, "-p", str(pid), "-m", "1000", str(seconds)]
     started = time.monotonic()
@@ -104,12 +108,13 @@ def main():
     out_dir = ROOT / "target/bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     pingpong = build_pingpong(out_dir)
-    modes = ["none", "freezeframe", "offcputime"]
+    modes = ["none", "freezeframe", "ff-no-alloc", "offcputime"]
     per_round_trip = {mode: [] for mode in modes}
-    attach = {"freezeframe": [], "offcputime": []}
+    attach = {mode: [] for mode in modes if mode != "none"}
 
     for round_index in range(args.rounds):
-        order = modes[round_index % 3:] + modes[:round_index % 3]
+        shift = round_index % len(modes)
+        order = modes[shift:] + modes[:shift]
         for mode in order:
             workload = PingPong(pingpong)
             workload.run(10_000)  # warm up
@@ -132,6 +137,10 @@ def main():
         print(f"  {mode:12} {median:9.1f} ns/round trip   slowdown {slowdown[mode] * 100:+6.1f} %")
     if slowdown["offcputime"] > 0:
         print(f"  freezeframe's slowdown / offcputime's: {slowdown['freezeframe'] / slowdown['offcputime']:.2f}")
+    no_alloc = statistics.median(per_round_trip["ff-no-alloc"])
+    with_alloc = statistics.median(per_round_trip["freezeframe"])
+    print(f"  system-call hooks (address-space changes) add {(with_alloc / no_alloc - 1) * 100:+.1f} % "
+          f"({with_alloc - no_alloc:+.1f} ns per round trip of 4 system calls)")
     print("time from command start to probe attached (medians)")
     for mode, times in attach.items():
         print(f"  {mode:12} {statistics.median(times) * 1e3:7.1f} ms")

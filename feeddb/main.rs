@@ -11,6 +11,7 @@
 
 mod clock;
 mod format;
+mod mapping;
 mod report;
 mod requests;
 mod table;
@@ -37,6 +38,9 @@ use crate::requests::{Served, Server, SLOW};
 use crate::table::{buckets, entry_bytes, table_bytes, Value, Written};
 use crate::telemetry::Telemetry;
 
+#[global_allocator]
+static ALLOCATOR: mapping::Allocator = mapping::Allocator;
+
 /// The reproducer workload: a feed DB whose in-memory index (a Rust
 /// HashMap) grows across a resize boundary while request threads serve
 /// and export their latency (db.client.operation.duration) and spans over
@@ -54,6 +58,12 @@ struct Args {
     /// Bytes of each value (keys are u64): 8 (u64) or 16 ([u64; 2]).
     #[arg(long, env = "FEEDDB_VALUE_BYTES", value_enum, default_value = "8")]
     value_bytes: ValueBytes,
+
+    /// Entries loaded at start-up, before serving, into a table sized for
+    /// them (default: 99 % of the largest table that cannot hold
+    /// --entries, so that the live writes cross exactly one resize).
+    #[arg(long, env = "FEEDDB_LOAD")]
+    load: Option<u64>,
 
     /// The fix: allocate the whole table (HashMap::with_capacity) at
     /// start-up, before the request threads and the exporters start.
@@ -134,7 +144,7 @@ fn run<V: Value>(args: &Args) -> Result<()> {
         args.request_threads
     );
 
-    let map: HashMap<u64, V> = if args.preallocate {
+    let mut map: HashMap<u64, V> = if args.preallocate {
         let started = Instant::now();
         let map = HashMap::with_capacity(usize::try_from(args.entries)?);
         let buckets = buckets(map.capacity());
@@ -149,6 +159,22 @@ fn run<V: Value>(args: &Args) -> Result<()> {
     } else {
         HashMap::new()
     };
+    let loaded = args
+        .load
+        .unwrap_or_else(|| table::default_load(args.entries))
+        .min(args.entries);
+    if loaded > 0 {
+        let started = Instant::now();
+        table::load(&mut map, loaded);
+        let buckets = buckets(map.capacity());
+        println!(
+            "{} loaded {loaded} entries at start-up in {}: {buckets} buckets (table {}), room for {} more",
+            clock.stamp(Instant::now()),
+            duration(started.elapsed()),
+            bytes(table_bytes::<V>(buckets)),
+            map.capacity() - map.len()
+        );
+    }
 
     let telemetry = Telemetry::start(&args.service_name)?;
     println!("feeddb: exporting {}", Telemetry::describe());
@@ -156,7 +182,7 @@ fn run<V: Value>(args: &Args) -> Result<()> {
     // Every thread starts before serving does: under mlockall a new
     // thread's stack is populated under the mmap_lock too, which would
     // stall the requests already running.
-    let (go, writer) = spawn_writer::<V>(map, args.entries, &stop, clock)?;
+    let (go, writer) = spawn_writer::<V>(map, loaded, args.entries, &stop, clock)?;
     let threads = usize::from(args.request_threads);
     let ready = Arc::new(Barrier::new(threads + 1));
     let servers = (0..threads)
@@ -233,6 +259,7 @@ fn run<V: Value>(args: &Args) -> Result<()> {
         args,
         pid,
         writer_tid,
+        loaded,
         written.as_ref(),
         &served,
         clock,
@@ -267,6 +294,7 @@ fn run<V: Value>(args: &Args) -> Result<()> {
 #[allow(clippy::type_complexity)]
 fn spawn_writer<V: Value>(
     map: HashMap<u64, V>,
+    first: u64,
     entries: u64,
     stop: &Arc<AtomicBool>,
     clock: Clock,
@@ -281,10 +309,11 @@ fn spawn_writer<V: Value>(
                 return (tid, None);
             }
             println!(
-                "{} writer: inserting {entries} entries (tid {tid})",
-                clock.stamp(Instant::now())
+                "{} writer: inserting {} entries, up to {entries} (tid {tid})",
+                clock.stamp(Instant::now()),
+                entries - first
             );
-            let written = table::fill(map, entries, &stop, |resize| {
+            let written = table::fill(map, first, entries, &stop, |resize| {
                 // Small tables come and go in microseconds: only the
                 // resizes that allocate a MiB or more are worth a line.
                 if resize.table_bytes >= 1 << 20 {
@@ -309,6 +338,7 @@ fn build_report<V: Value>(
     args: &Args,
     pid: u32,
     writer_tid: i32,
+    loaded: u64,
     written: Option<&Written<V>>,
     served: &[Served],
     clock: Clock,
@@ -339,6 +369,7 @@ fn build_report<V: Value>(
         pid,
         writer_tid,
         entries: args.entries,
+        loaded,
         inserted: written.map_or(0, |written| written.inserted),
         value_bytes: std::mem::size_of::<V>(),
         entry_bytes: entry_bytes::<V>(),

@@ -13,7 +13,10 @@ pub struct Report {
     /// The writer's kernel thread id.
     pub writer_tid: i32,
     pub entries: u64,
-    /// Entries the writer inserted (fewer than `entries` if interrupted).
+    /// Entries loaded at start-up, before serving.
+    pub loaded: u64,
+    /// Entries the writer inserted while serving (fewer than `entries -
+    /// loaded` if interrupted).
     pub inserted: u64,
     pub value_bytes: usize,
     /// `size_of::<(u64, V)>()`.

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::io;
-use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::thread;
@@ -23,6 +22,7 @@ use opentelemetry_sdk::trace::SdkTracer;
 
 use crate::clock::Clock;
 use crate::format::{duration, ns};
+use crate::mapping;
 
 /// The response buffer, mapped straight from the kernel as allocators do
 /// for large blocks. (glibc's threshold starts at 128 KiB and moves, so the
@@ -147,20 +147,10 @@ impl Server {
 /// One request's work: map a response buffer, fill it from the thread's
 /// feeds, unmap it.
 fn respond(feeds: &HashMap<u64, u64>, number: u64) -> io::Result<u64> {
-    // SAFETY: a fresh private anonymous mapping, checked for failure, used
-    // only within its length and unmapped once.
+    let buffer = mapping::map(RESPONSE_BYTES)?;
+    // SAFETY: a fresh private anonymous mapping, used only within its
+    // length and unmapped once.
     unsafe {
-        let buffer = libc::mmap(
-            ptr::null_mut(),
-            RESPONSE_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if buffer == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
         let words = buffer.cast::<u64>();
         let feed = feeds
             .get(&(number.wrapping_mul(7919) % FEEDS))
@@ -170,9 +160,7 @@ fn respond(feeds: &HashMap<u64, u64>, number: u64) -> io::Result<u64> {
             words.add(word).write_volatile(feed ^ word as u64);
         }
         let answer = words.add(number as usize % (RESPONSE_BYTES / 8)).read();
-        if libc::munmap(buffer, RESPONSE_BYTES) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        mapping::unmap(buffer, RESPONSE_BYTES)?;
         Ok(answer)
     }
 }

@@ -104,13 +104,43 @@ pub struct Written<V> {
     pub interrupted: bool,
 }
 
+/// What start-up loads by default for an index that will grow to
+/// `entries`: 99 % of the largest table that cannot hold them all, so that
+/// the live writes cross exactly one resize boundary, soon. (A database
+/// loads its index from a snapshot at start-up, sized for what it holds;
+/// growth comes later, while it serves.)
+pub fn default_load(entries: u64) -> u64 {
+    let mut buckets: u64 = 8;
+    while (buckets * 2) / 8 * 7 < entries {
+        buckets *= 2;
+    }
+    let below = buckets / 8 * 7;
+    if below >= entries {
+        return 0;
+    }
+    below / 100 * 99
+}
+
+/// Inserts keys `0..count` into a table sized for them: the start-up load.
+pub fn load<V: Value>(map: &mut HashMap<u64, V>, count: u64) {
+    map.reserve(
+        usize::try_from(count)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(map.len()),
+    );
+    for key in 0..count {
+        map.insert(key, V::for_key(key));
+    }
+}
+
 /// How many inserts go between two looks at the stop flag.
 const STOP_CHECK_EVERY: u64 = 1 << 16;
 
-/// Inserts keys `0..entries` as fast as it can, timing each insert that
-/// grows the table, and calls `on_resize` right after each of those.
+/// Inserts keys `first..entries` as fast as it can, timing each insert
+/// that grows the table, and calls `on_resize` right after each of those.
 pub fn fill<V: Value>(
     mut map: HashMap<u64, V>,
+    first: u64,
     entries: u64,
     stop: &AtomicBool,
     mut on_resize: impl FnMut(&Resize),
@@ -118,7 +148,7 @@ pub fn fill<V: Value>(
     let mut resizes = Vec::new();
     let mut interrupted = false;
     let started = Instant::now();
-    let mut key = 0;
+    let mut key = first;
     while key < entries {
         if key % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
             interrupted = true;
@@ -150,7 +180,7 @@ pub fn fill<V: Value>(
     let took = started.elapsed();
     Written {
         map: black_box(map),
-        inserted: key,
+        inserted: key - first,
         started,
         took,
         resizes,
@@ -208,7 +238,7 @@ mod tests {
     fn fill_times_every_growth() {
         let stop = AtomicBool::new(false);
         let mut seen = 0;
-        let written = fill(HashMap::<u64, u64>::new(), 1000, &stop, |_| seen += 1);
+        let written = fill(HashMap::<u64, u64>::new(), 0, 1000, &stop, |_| seen += 1);
         assert_eq!(written.inserted, 1000);
         assert_eq!(written.map.len(), 1000);
         assert_eq!(seen, written.resizes.len());
@@ -217,5 +247,23 @@ mod tests {
         assert_eq!(path, (2..=11).map(|shift| 1 << shift).collect::<Vec<_>>());
         assert_eq!(written.resizes[0].from_buckets, 0);
         assert_eq!(written.map[&999], u64::for_key(999));
+    }
+
+    #[test]
+    fn the_default_load_leaves_exactly_one_resize_to_the_writer() {
+        assert_eq!(default_load(29_400_000), 29_360_128 / 100 * 99);
+        assert_eq!(default_load(14_700_000), 14_680_064 / 100 * 99);
+        assert_eq!(default_load(5), 0, "too small to have a table below");
+        let stop = AtomicBool::new(false);
+        let loaded = default_load(100_000);
+        let mut map = HashMap::<u64, u64>::new();
+        load(&mut map, loaded);
+        let before = buckets(map.capacity());
+        let written = fill(map, loaded, 100_000, &stop, |_| {});
+        assert_eq!(written.inserted, 100_000 - loaded);
+        assert_eq!(written.map.len(), 100_000);
+        assert_eq!(written.resizes.len(), 1, "one resize while serving");
+        assert_eq!(written.resizes[0].from_buckets, before);
+        assert_eq!(written.resizes[0].to_buckets, 2 * before);
     }
 }

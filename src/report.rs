@@ -147,7 +147,19 @@ struct StackTotal<'a> {
 }
 
 /// How many frames of a stack an explanation quotes.
-const EXPLAIN_FRAMES: usize = 10;
+const EXPLAIN_FRAMES: usize = 32;
+
+/// The kernel functions every sleeping thread's stack starts with; an
+/// explanation starts below them, where the reason to sleep is.
+const SCHEDULER: &[&str] = &[
+    "__schedule",
+    "schedule",
+    "schedule_preempt_disabled",
+    "schedule_timeout",
+    "io_schedule",
+    "preempt_schedule",
+    "preempt_schedule_common",
+];
 
 /// A capture explained in sentences, for someone who has never read a
 /// profile: which threads were blocked and for how long, on which lock,
@@ -168,7 +180,8 @@ fn write_explanation(
     let threads = thread_totals(off_cpu);
     writeln!(
         out,
-        "  {} of the process were off the CPU for {} in total during the {} captured.",
+        "  {} of the process were off the CPU for {} in total during the {} captured \
+         (idle threads waiting for work count too).",
         plural(threads.len(), "thread"),
         human_duration(off_cpu.total_value()),
         human_duration(duration_ns(off_cpu)),
@@ -218,13 +231,14 @@ fn write_explanation(
             let mode = label(&heaviest.labels, "lock_mode")
                 .map_or(String::new(), |mode| format!(" for {mode}"));
             writeln!(out, "  They asked for it{mode} in:")?;
-            write_quoted_frames(
-                out,
-                heaviest
-                    .stack
-                    .iter()
-                    .filter(|frame| frame.kind != FrameKind::Truncated),
-            )?;
+            let asked = heaviest
+                .stack
+                .iter()
+                .filter(|frame| frame.kind != FrameKind::Truncated)
+                .skip_while(|frame| {
+                    frame.kind == FrameKind::Kernel && SCHEDULER.contains(&frame.function())
+                });
+            write_quoted_frames(out, asked)?;
         }
         // The hold they waited behind: the longest recorded, else the
         // owner the kernel named.
@@ -247,9 +261,7 @@ fn write_explanation(
                     human_duration(ns),
                 )?;
                 if let Some(stack) = label(labels, "lock_holder_stack") {
-                    for function in stack.split(" < ").take(EXPLAIN_FRAMES) {
-                        writeln!(out, "      {function}")?;
-                    }
+                    write_stack(out, stack.split(" < "))?;
                 }
             }
             None => {
@@ -310,11 +322,65 @@ fn write_quoted_frames<'a>(
     out: &mut String,
     frames: impl Iterator<Item = &'a Frame>,
 ) -> fmt::Result {
-    let functions = frames.flat_map(|frame| frame.lines.iter().map(|line| line.function.as_str()));
-    for function in functions.take(EXPLAIN_FRAMES) {
-        writeln!(out, "      {function}")?;
+    write_stack(
+        out,
+        frames.flat_map(|frame| frame.lines.iter().map(|line| line.function.as_str())),
+    )
+}
+
+/// A stack as an explanation quotes it: innermost first, callers after
+/// `<`, generic arguments left out, wrapped to a readable width.
+fn write_stack<'a>(out: &mut String, functions: impl Iterator<Item = &'a str>) -> fmt::Result {
+    const INDENT: &str = "      ";
+    const WIDTH: usize = 100;
+    let mut line = String::new();
+    for (index, function) in functions.take(EXPLAIN_FRAMES).enumerate() {
+        let name = without_generics(function);
+        let piece = if index == 0 {
+            name
+        } else {
+            format!("< {name}")
+        };
+        if !line.is_empty() && INDENT.len() + line.len() + 1 + piece.len() > WIDTH {
+            writeln!(out, "{INDENT}{line}")?;
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&piece);
+    }
+    if !line.is_empty() {
+        writeln!(out, "{INDENT}{line}")?;
     }
     Ok(())
+}
+
+/// `hashbrown::raw::RawTable<T,A>::reserve_rehash` without `<T,A>`: the
+/// generic arguments that follow a name (or a `{closure#0}`). A leading
+/// `<T as Trait>` stays.
+fn without_generics(function: &str) -> String {
+    let mut out = String::with_capacity(function.len());
+    let mut depth = 0usize;
+    let mut previous = ' ';
+    for c in function.chars() {
+        match c {
+            '<' if depth > 0
+                || previous.is_alphanumeric()
+                || previous == '_'
+                || previous == '}' =>
+            {
+                depth += 1
+            }
+            '>' if depth > 0 => depth -= 1,
+            _ if depth > 0 => {}
+            _ => out.push(c),
+        }
+        if depth == 0 && c != '>' {
+            previous = c;
+        }
+    }
+    out
 }
 
 fn display_name(name: &str, tid: u32) -> String {
@@ -993,5 +1059,136 @@ mod tests {
             lock_wait(&labels).as_deref(),
             Some("mmap_lock for write, held by tid 4242 (last reader in)")
         );
+    }
+
+    fn labelled(mut sample: Sample, labels: &[(&str, &str)]) -> Sample {
+        sample.labels.extra = labels
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        sample
+    }
+
+    #[test]
+    fn an_explanation_names_waiters_lock_holder_and_allocation() {
+        let waiting = vec![
+            frame(FrameKind::Kernel, "__schedule", None, None),
+            frame(FrameKind::Kernel, "schedule", None, None),
+            frame(FrameKind::Kernel, "rwsem_down_write_slowpath", None, None),
+            frame(FrameKind::Kernel, "vm_mmap_pgoff", None, None),
+            frame(FrameKind::User, "feeddb::requests::respond", None, None),
+        ];
+        let hold = [
+            ("lock", "mmap_lock"),
+            ("lock_mode", "write"),
+            ("lock_holder_tid", "10"),
+            ("lock_holder", "feeddb-writer"),
+            ("lock_holder_mode", "read"),
+            ("lock_hold_ns", "352000000"),
+            (
+                "lock_holder_stack",
+                "feeddb::mapping::map < hashbrown::raw::RawTable<T>::reserve_rehash",
+            ),
+        ];
+        let mut off_cpu = profile();
+        off_cpu.samples = vec![
+            labelled(
+                sample(
+                    11,
+                    "feeddb-req-0",
+                    ThreadState::Disk,
+                    waiting.clone(),
+                    350_000_000,
+                ),
+                &hold,
+            ),
+            labelled(
+                sample(12, "feeddb-req-1", ThreadState::Disk, waiting, 340_000_000),
+                &hold,
+            ),
+            sample(13, "idle", ThreadState::Sleeping, Vec::new(), 5_000_000_000),
+        ];
+        let mut allocations = profile();
+        allocations.kind = ProfileKind::AddressSpace;
+        allocations.samples = vec![
+            labelled(
+                sample(
+                    10,
+                    "feeddb-writer",
+                    ThreadState::Runnable,
+                    vec![frame(
+                        FrameKind::User,
+                        "hashbrown::raw::RawTable<T>::reserve_rehash",
+                        None,
+                        None,
+                    )],
+                    1_140_850_704,
+                ),
+                &[("syscall", "mmap"), ("syscall_ns", "360000000")],
+            ),
+            labelled(
+                sample(
+                    10,
+                    "feeddb-writer",
+                    ThreadState::Runnable,
+                    Vec::new(),
+                    570_425_360,
+                ),
+                &[("syscall", "munmap"), ("syscall_ns", "80000000")],
+            ),
+        ];
+        for sample in &mut allocations.samples {
+            sample.count = 1;
+        }
+
+        let text = explain(&off_cpu, Some(&allocations));
+        let expected = [
+            "3 threads of the process were off the CPU for 5.69 s in total",
+            "690 ms of that was waiting for the process's mmap_lock (the lock on its whole address space), by 2 threads:",
+            "feeddb-req-0 (tid 11) waited 350 ms",
+            "feeddb-req-1 (tid 12) waited 340 ms",
+            "They asked for it for write in:\n      rwsem_down_write_slowpath < vm_mmap_pgoff < feeddb::requests::respond\n",
+            "feeddb-writer (tid 10) held it (read) for 352 ms, having taken it in:\n      feeddb::mapping::map < hashbrown::raw::RawTable::reserve_rehash\n",
+            "feeddb-writer (tid 10) moved 1.06 GiB in one mmap, taking 360 ms, called from:\n      hashbrown::raw::RawTable::reserve_rehash\n",
+        ];
+        for line in expected {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn an_explanation_without_locks_or_allocations_says_so() {
+        let text = explain(&profile(), None);
+        assert!(
+            text.contains("None of it was spent waiting for a kernel lock"),
+            "{text}"
+        );
+        assert!(
+            text.contains("No large mmap, munmap, mremap, brk or madvise call was recorded"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn quoted_stacks_drop_generic_arguments_and_wrap() {
+        assert_eq!(
+            without_generics("hashbrown::raw::RawTable<(u64, u64)>::reserve_rehash<F>"),
+            "hashbrown::raw::RawTable::reserve_rehash"
+        );
+        assert_eq!(
+            without_generics("<alloc::boxed::Box<F, A> as core::ops::FnOnce<Args>>::call_once"),
+            "<alloc::boxed::Box as core::ops::FnOnce>::call_once"
+        );
+        assert_eq!(without_generics("{closure#0}<u64>"), "{closure#0}");
+        let mut out = String::new();
+        let long = ["a_fairly_long_function_name_number_one"; 6];
+        write_stack(&mut out, long.into_iter()).unwrap();
+        assert!(out.lines().count() > 1, "{out}");
+        assert!(
+            out.lines()
+                .all(|line| line.len() <= 100 && line.starts_with("      ")),
+            "{out}"
+        );
+        assert_eq!(out.matches("a_fairly").count(), 6);
     }
 }

@@ -15,7 +15,7 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
-use crate::capture::{AddressCall, BlockedStack, LockHold, LockMode, LockWait, Window};
+use crate::capture::{BlockedStack, LockHold, LockMode, LockWait, Window};
 use crate::profile::{
     Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels, TimeSlice,
 };
@@ -162,18 +162,19 @@ impl Symbolizer {
         }
     }
 
-    /// The large address-space calls of a window, one sample per thread,
-    /// call and user stack: bytes and calls, with each call's time in the
-    /// timeline. `None` when there were none. Follows [`Symbolizer::profile`]
-    /// on the same window, which looked the frames up.
+    /// The large address-space calls of a window, one sample per call:
+    /// its bytes, its caller's user stack, its time in the timeline and its
+    /// duration in a label. Calls are few and each matters on its own (one
+    /// resize is one call), so none are merged; viewers sum them anyway.
+    /// `None` when there were none. Follows [`Symbolizer::profile`] on the
+    /// same window, which looked the frames up.
     fn address_space(&self, window: &Window) -> Option<Profile> {
         if window.address_changes.is_empty() {
             return None;
         }
         let mut mappings = Vec::new();
         let mut mapping_index = HashMap::new();
-        let mut samples: Vec<Sample> = Vec::new();
-        let mut by_identity: HashMap<(u32, AddressCall, &[u64]), usize> = HashMap::new();
+        let mut samples: Vec<Sample> = Vec::with_capacity(window.address_changes.len());
         for change in &window.address_changes {
             let slice = TimeSlice {
                 start: change.start,
@@ -181,15 +182,6 @@ impl Symbolizer {
                 value: change.size,
                 count: 1,
             };
-            let identity = (change.tid, change.call, &change.user_ips[..]);
-            if let Some(&index) = by_identity.get(&identity) {
-                let sample = &mut samples[index];
-                sample.value += change.size;
-                sample.count += 1;
-                sample.timeline.push(slice);
-                add_nanos(&mut sample.labels.extra, SYSCALL_TIME, change.duration);
-                continue;
-            }
             let mut stack = self.user_frames(
                 change.tgid,
                 &change.user_ips,
@@ -199,7 +191,6 @@ impl Symbolizer {
             if user_stack_truncated(&change.user_ips, &stack) {
                 stack.push(Frame::marker_truncated());
             }
-            by_identity.insert(identity, samples.len());
             samples.push(Sample {
                 stack,
                 value: change.size,
@@ -214,7 +205,7 @@ impl Symbolizer {
                     extra: vec![
                         ("syscall".to_string(), change.call.name().to_string()),
                         (
-                            SYSCALL_TIME.to_string(),
+                            "syscall_ns".to_string(),
                             change.duration.as_nanos().to_string(),
                         ),
                     ],
@@ -513,17 +504,6 @@ fn build_ids(normalizer: &Normalizer, pid: u32, sorted_ips: &[u64]) -> HashMap<S
             _ => None,
         })
         .collect()
-}
-
-/// The label with the summed duration of an address-space sample's calls.
-const SYSCALL_TIME: &str = "syscall_ns";
-
-/// Adds `duration` to a label holding nanoseconds.
-fn add_nanos(labels: &mut [(String, String)], key: &str, duration: std::time::Duration) {
-    if let Some((_, value)) = labels.iter_mut().find(|(name, _)| name == key) {
-        let total = value.parse::<u128>().unwrap_or(0) + duration.as_nanos();
-        *value = total.to_string();
-    }
 }
 
 /// How many functions of a holder's stack its waiters' labels carry.
