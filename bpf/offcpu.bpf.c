@@ -251,6 +251,54 @@ static __always_inline bool current_target(__u32 *tgid, __u32 *tid)
 	return current_ids(tgid, tid) && bpf_map_lookup_elem(&targets, tgid);
 }
 
+#if defined(__TARGET_ARCH_x86)
+#define NR_FUTEX 202
+#define NR_FUTEX_WAITV 449
+#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_FUTEX 98
+#define NR_FUTEX_WAITV 449
+#define SYSCALL_NR(regs) BPF_CORE_READ(regs, syscallno)
+#endif
+
+/* futex() operations that wait for a lock word (FUTEX_CMD_MASK applied). */
+#define FUTEX_WAIT 0
+#define FUTEX_LOCK_PI 6
+#define FUTEX_WAIT_BITSET 9
+#define FUTEX_LOCK_PI2 13
+#define FUTEX_CMD_MASK 0x7f
+
+/*
+ * A thread going to sleep in futex(): the user-space lock word it waits
+ * on. Mutexes, condition variables and most user-space locks come down
+ * to this. False for any other sleep.
+ */
+static __always_inline bool futex_wait(struct lock_wait *wait)
+{
+	struct task_struct *me = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(me);
+	long nr, op;
+
+	if (!regs)
+		return false;
+	nr = SYSCALL_NR(regs);
+	if (nr == NR_FUTEX) {
+		op = PT_REGS_PARM2_CORE_SYSCALL(regs) & FUTEX_CMD_MASK;
+		if (op != FUTEX_WAIT && op != FUTEX_WAIT_BITSET && op != FUTEX_LOCK_PI &&
+		    op != FUTEX_LOCK_PI2)
+			return false;
+		wait->addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	} else if (nr == NR_FUTEX_WAITV) {
+		/* Several words at once; the vector's address stands for them. */
+		wait->addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	} else {
+		return false;
+	}
+	wait->kind = LOCK_FUTEX;
+	wait->holder_tid = 0;
+	return wait->addr != 0;
+}
+
 static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int prev_state)
 {
 	struct block_start start = {};
@@ -291,6 +339,8 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 			start.lock.holder_tid = holder;
 		else if (lock->kind & LOCK_HOLDER_READER)
 			start.lock.kind |= LOCK_HOLDER_READER;
+	} else if (start.state == THREAD_STATE_SLEEPING) {
+		futex_wait(&start.lock);
 	}
 	stack_id = bpf_get_stackid(ctx, &stacks, KERNEL_STACK_SKIP);
 	if (stack_id < 0)
@@ -362,6 +412,28 @@ int BPF_PROG(sched_switch_raw, bool preempt, struct task_struct *prev,
 {
 	on_switch_out(ctx, preempt, prev_state);
 	on_switch_in(BPF_CORE_READ(next, pid));
+	return 0;
+}
+
+/*
+ * A thread asleep on a futex is woken by the one that let go of the lock:
+ * that thread is its holder, as far as anyone can tell from outside. Only
+ * a waker of the same process counts; a timeout's wake-up runs in whatever
+ * happened to be on the CPU.
+ */
+SEC("raw_tp/sched_wakeup")
+int BPF_PROG(sched_wakeup, struct task_struct *wakee)
+{
+	__u32 host_tid = BPF_CORE_READ(wakee, pid);
+	struct block_start *start;
+	__u32 tgid, tid;
+
+	start = bpf_map_lookup_elem(&starts, &host_tid);
+	if (!start || !(start->lock.kind & LOCK_FUTEX) || start->lock.holder_tid)
+		return 0;
+	if (!current_ids(&tgid, &tid) || tgid != start->tgid || tid == start->tid)
+		return 0;
+	start->lock.holder_tid = tid;
 	return 0;
 }
 

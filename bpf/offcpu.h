@@ -49,6 +49,12 @@ enum lock_kind {
 	LOCK_MMAP = 1 << 16,
 	/* A rwsem held by readers: the holder named is the last reader in. */
 	LOCK_HOLDER_READER = 1 << 17,
+	/*
+	 * A user-space lock: the thread slept in futex() waiting on the word
+	 * at `addr`; the holder named is the thread that woke it (the one
+	 * that let go), 0 until it is woken.
+	 */
+	LOCK_FUTEX = 1 << 18,
 };
 
 /* A kernel lock a thread waits for; all zero when it waits for none. */

@@ -150,7 +150,7 @@ pub fn fill<V: Value>(
     let started = Instant::now();
     let mut key = first;
     while key < entries {
-        if key % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
+        if key.is_multiple_of(STOP_CHECK_EVERY) && stop.load(Ordering::Relaxed) {
             interrupted = true;
             break;
         }

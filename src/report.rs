@@ -407,11 +407,12 @@ fn lock_wait(labels: &SampleLabels) -> Option<String> {
         text.push_str(&format!(" for {mode}"));
     }
     if let Some(holder) = label("lock_holder_tid") {
-        let readers = label("lock_held_by") == Some("readers");
-        text.push_str(&format!(
-            ", held by tid {holder}{}",
-            if readers { " (last reader in)" } else { "" }
-        ));
+        let how = match label("lock_held_by") {
+            Some("readers") => " (last reader in)",
+            Some("waker") => " (who woke it)",
+            _ => "",
+        };
+        text.push_str(&format!(", held by tid {holder}{how}"));
     }
     Some(text)
 }

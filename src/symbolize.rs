@@ -15,7 +15,7 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
-use crate::capture::{BlockedStack, LockHold, LockMode, LockWait, Window};
+use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, Window};
 use crate::profile::{
     Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels, TimeSlice,
 };
@@ -540,6 +540,9 @@ fn lock_labels(lock: LockWait) -> Vec<(String, String)> {
         labels.push(("lock_holder_tid".to_string(), holder.to_string()));
         if lock.held_by_readers {
             labels.push(("lock_held_by".to_string(), "readers".to_string()));
+        } else if lock.kind == LockKind::Futex {
+            // Known from outside only as the thread that let go.
+            labels.push(("lock_held_by".to_string(), "waker".to_string()));
         }
     }
     labels

@@ -373,6 +373,73 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
 }
 
 #[test]
+fn user_space_lock_waits_name_the_futex_and_the_thread_that_let_go() {
+    require_root();
+    let dir = tempdir("futex");
+    let mut workload = Workload::start();
+    let announced = workload.command("futex", 2);
+    let locker = announced
+        .iter()
+        .find(|thread| thread.name == "ff-locker")
+        .unwrap()
+        .tid;
+    let output = dir.join("futex.pb.gz");
+    capture(workload.pid, &["--state", "S"], &output, || {});
+    let profile = load(&output);
+    let label = |sample: &Sample, key: &str| {
+        sample
+            .labels
+            .extra
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| value.clone())
+    };
+
+    // ff-lockwait spends nearly all its time in futex(), on one lock word,
+    // and each wait ends when ff-locker lets go.
+    let waiting = samples_of(&profile, "ff-lockwait");
+    let total: u64 = waiting.iter().map(|sample| sample.value).sum();
+    let on_futex: Vec<&&Sample> = waiting
+        .iter()
+        .filter(|sample| label(sample, "lock").is_some_and(|lock| lock.starts_with("futex@0x")))
+        .collect();
+    let on_futex_ns: u64 = on_futex.iter().map(|sample| sample.value).sum();
+    assert!(
+        on_futex_ns * 10 >= total * 9 && total > 1_000_000_000,
+        "{on_futex_ns} of {total} ns on a futex"
+    );
+    let words: std::collections::HashSet<String> = on_futex
+        .iter()
+        .filter_map(|sample| label(sample, "lock"))
+        .collect();
+    assert_eq!(words.len(), 1, "one lock word: {words:?}");
+    let locker_label = locker.to_string();
+    let woken_by_locker: u64 = on_futex
+        .iter()
+        .filter(|sample| {
+            label(sample, "lock_holder_tid").as_deref() == Some(locker_label.as_str())
+                && label(sample, "lock_held_by").as_deref() == Some("waker")
+        })
+        .map(|sample| sample.value)
+        .sum();
+    // A wait still in progress when the window closes has no waker yet.
+    assert!(
+        woken_by_locker * 10 >= on_futex_ns * 7,
+        "ff-locker ({locker}) woke {woken_by_locker} of {on_futex_ns} ns: {:?}",
+        on_futex
+            .iter()
+            .map(|sample| (label(sample, "lock_holder_tid"), sample.value))
+            .collect::<Vec<_>>()
+    );
+    // The waiter's own frame is under the futex wait.
+    assert!(on_futex.iter().any(|sample| {
+        functions(&[sample], FrameKind::User)
+            .iter()
+            .any(|f| f == "workload::ff_wait_for_lock")
+    }));
+}
+
+#[test]
 fn filters_apply_in_the_kernel() {
     require_root();
     let dir = tempdir("filters");

@@ -150,6 +150,11 @@ static MMAP_LOCK: Optional = Optional {
     without: "mmap_lock waits are captured without the holder's hold time and stack",
     reported: AtomicBool::new(false),
 };
+static WAKEUPS: Optional = Optional {
+    tracepoints: "sched:sched_wakeup",
+    without: "user-space lock (futex) waits are captured without the thread that woke them",
+    reported: AtomicBool::new(false),
+};
 static SYSCALLS: Optional = Optional {
     tracepoints: "raw_syscalls:sys_enter/exit",
     without: "large mmap/munmap/mremap/brk/madvise calls are not recorded",
@@ -248,7 +253,9 @@ fn lock_from_kernel(lock: &types::lock_wait) -> Option<LockWait> {
         return None;
     }
     let has = |bit: bits| lock.kind & bit.0 != 0;
-    let kind = if has(bits::LOCK_MUTEX) {
+    let kind = if has(bits::LOCK_FUTEX) {
+        LockKind::Futex
+    } else if has(bits::LOCK_MUTEX) {
         if has(bits::LOCK_RT) {
             LockKind::RtMutex
         } else {
@@ -347,7 +354,7 @@ impl<'obj> Probe<'obj> {
             source,
         })?];
         let mut attach_all =
-            |optional: &Optional, attached: [libbpf_rs::Result<Link>; 2]| match attached
+            |optional: &Optional, attached: Vec<libbpf_rs::Result<Link>>| match attached
                 .into_iter()
                 .collect::<Result<Vec<Link>, _>>()
             {
@@ -362,14 +369,16 @@ impl<'obj> Probe<'obj> {
             };
         self.features.lock_contention = attach_all(
             &LOCK_CONTENTION,
-            [
+            vec![
                 progs.contention_begin.attach(),
                 progs.contention_end.attach(),
             ],
         );
+        // The waker of a futex wait: without it the wait is still named.
+        attach_all(&WAKEUPS, vec![progs.sched_wakeup.attach()]);
         self.features.mmap_lock_holds = attach_all(
             &MMAP_LOCK,
-            [
+            vec![
                 progs.mmap_lock_acquired.attach(),
                 progs.mmap_lock_released.attach(),
             ],
@@ -383,7 +392,7 @@ impl<'obj> Probe<'obj> {
         self.features.address_changes = wanted
             && attach_all(
                 &SYSCALLS,
-                [progs.sys_enter.attach(), progs.sys_exit.attach()],
+                vec![progs.sys_enter.attach(), progs.sys_exit.attach()],
             );
         self._links = links;
         Ok(())

@@ -125,7 +125,8 @@ pub struct LockWait {
     pub mode: Option<LockMode>,
     /// The waiter's own `mm->mmap_lock`: the lock behind address-space freezes.
     pub is_mmap_lock: bool,
-    /// The owner when the wait began, as a tid in our pid namespace.
+    /// The owner when the wait began, as a tid in our pid namespace; for
+    /// a futex, the thread that woke the waiter.
     pub holder_tid: Option<u32>,
     /// A rwsem held by readers, where `holder_tid` is only the last reader in.
     pub held_by_readers: bool,
@@ -133,6 +134,9 @@ pub struct LockWait {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LockKind {
+    /// A user-space lock word, waited on in futex(); the holder is the
+    /// thread that woke the waiter.
+    Futex,
     Mutex,
     RtMutex,
     RwSemaphore,
@@ -155,6 +159,7 @@ impl LockWait {
             return "mmap_lock".to_string();
         }
         let kind = match self.kind {
+            LockKind::Futex => "futex",
             LockKind::Mutex => "mutex",
             LockKind::RtMutex => "rt_mutex",
             LockKind::RwSemaphore => "rwsem",
