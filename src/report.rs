@@ -187,14 +187,22 @@ fn write_explanation(
         human_duration(duration_ns(off_cpu)),
     )?;
 
-    // The lock most time was lost to.
-    let mut by_lock: BTreeMap<&str, u64> = BTreeMap::new();
+    // The lock most threads waited for, then the most time was lost to: a
+    // freeze stops many threads on one lock, while an idle thread waiting
+    // for work on its own condition variable stops only itself.
+    let mut by_lock: BTreeMap<&str, (BTreeSet<u32>, u64)> = BTreeMap::new();
     for sample in &off_cpu.samples {
         if let Some(lock) = label(&sample.labels, "lock") {
-            *by_lock.entry(lock).or_default() += sample.value;
+            let (threads, waited) = by_lock.entry(lock).or_default();
+            threads.insert(sample.labels.thread_id);
+            *waited += sample.value;
         }
     }
-    if let Some((&lock, &waited)) = by_lock.iter().max_by_key(|(_, waited)| **waited) {
+    let chosen = by_lock
+        .iter()
+        .max_by_key(|(_, (threads, waited))| (threads.len(), *waited))
+        .map(|(lock, (_, waited))| (*lock, *waited));
+    if let Some((lock, waited)) = chosen {
         let waits: Vec<_> = off_cpu
             .samples
             .iter()
@@ -269,7 +277,15 @@ fn write_explanation(
                     .iter()
                     .find_map(|sample| label(&sample.labels, "lock_holder_tid"))
                 {
-                    writeln!(out, "  The kernel named tid {tid} as its holder.")?;
+                    let how = if waits
+                        .iter()
+                        .any(|sample| label(&sample.labels, "lock_held_by") == Some("waker"))
+                    {
+                        "Tid {tid} woke them: it let go of the lock."
+                    } else {
+                        "The kernel named tid {tid} as its holder."
+                    };
+                    writeln!(out, "  {}", how.replace("{tid}", tid))?;
                 }
             }
         }
@@ -329,12 +345,16 @@ fn write_quoted_frames<'a>(
 }
 
 /// A stack as an explanation quotes it: innermost first, callers after
-/// `<`, generic arguments left out, wrapped to a readable width.
+/// `<`, generic arguments left out, wrapped to a readable width, and
+/// stopping where a Rust thread's start-up scaffolding begins.
 fn write_stack<'a>(out: &mut String, functions: impl Iterator<Item = &'a str>) -> fmt::Result {
     const INDENT: &str = "      ";
     const WIDTH: usize = 100;
     let mut line = String::new();
-    for (index, function) in functions.take(EXPLAIN_FRAMES).enumerate() {
+    let functions = functions
+        .take_while(|function| !function.ends_with("__rust_begin_short_backtrace"))
+        .take(EXPLAIN_FRAMES);
+    for (index, function) in functions.enumerate() {
         let name = without_generics(function);
         let piece = if index == 0 {
             name
@@ -1107,7 +1127,16 @@ mod tests {
                 sample(12, "feeddb-req-1", ThreadState::Disk, waiting, 340_000_000),
                 &hold,
             ),
-            sample(13, "idle", ThreadState::Sleeping, Vec::new(), 5_000_000_000),
+            // An idle thread waiting for work on its own condition
+            // variable: longer, but one thread, so not the freeze.
+            labelled(
+                sample(13, "idle", ThreadState::Sleeping, Vec::new(), 5_000_000_000),
+                &[
+                    ("lock", "futex@0x10"),
+                    ("lock_holder_tid", "14"),
+                    ("lock_held_by", "waker"),
+                ],
+            ),
         ];
         let mut allocations = profile();
         allocations.kind = ProfileKind::AddressSpace;

@@ -71,27 +71,34 @@ class Reproducer:
 
 
 def pprof_samples(path) -> list:
-    """`go tool pprof -raw` samples: (values, function names leaf first, labels)."""
+    """`go tool pprof -raw` samples: (values, location texts leaf first, labels).
+
+    A location's text holds every function it stands for, inlined ones too."""
     raw = subprocess.run(["go", "tool", "pprof", "-raw", str(path)], capture_output=True, text=True, check=True).stdout
     locations = {}
     section = None
+    current = None
     samples = []
     for line in raw.splitlines():
         if line in ("Samples:", "Locations", "Mappings"):
             section = line
             continue
         if section == "Locations":
-            match = re.match(r"\s*(\d+): 0x[0-9a-f]+ (?:M=\d+ )?(\S+)", line)
-            if match:
-                locations[match.group(1)] = match.group(2)
+            start = re.match(r"\s+(\d+): 0x[0-9a-f]+ (.*)$", line)
+            if start:
+                current = start.group(1)
+                locations[current] = start.group(2)
+            elif current:
+                locations[current] += "\n" + line.strip()
         elif section == "Samples:":
-            match = re.match(r"\s+((?:\d+\s+)+):((?: \d+)*)\s*$", line)
-            if match:
-                samples.append([list(map(int, match.group(1).split())), match.group(2).split(), {}])
+            sample = re.match(r"\s+(\d+(?:\s+\d+)*):((?:\s+\d+)*)\s*$", line)
+            if sample:
+                samples.append([list(map(int, sample.group(1).split())), sample.group(2).split(), {}])
             elif samples:
                 for key, value in re.findall(r"(\w+):\[([^\]]*)\]", line):
                     samples[-1][2][key] = value
-    return [(values, [locations.get(l, l) for l in ids], labels) for values, ids, labels in samples]
+    assert samples, f"no samples parsed from:\n{raw}"
+    return [(values, [locations[l] for l in ids], labels) for values, ids, labels in samples]
 
 
 def test_the_resize_freeze_is_caught_and_attributed(sidecar_factory, tmp_path):
