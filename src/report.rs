@@ -8,7 +8,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write};
 
-use crate::profile::{Frame, FrameKind, Profile, ProfileKind, SampleLabels, ThreadState};
+use crate::profile::{Frame, FrameKind, Profile, ProfileKind, Sample, SampleLabels, ThreadState};
 
 /// At most this many thread ids are listed under one stack; a thread pool
 /// blocked in one place would otherwise fill the screen.
@@ -178,6 +178,8 @@ fn write_explanation(
     address_space: Option<&Profile>,
 ) -> fmt::Result {
     let threads = thread_totals(off_cpu);
+    let largest =
+        address_space.and_then(|profile| profile.samples.iter().max_by_key(|sample| sample.value));
     writeln!(
         out,
         "  {} of the process were off the CPU for {} in total during the {} captured \
@@ -262,13 +264,29 @@ fn write_explanation(
                 let tid = label(labels, "lock_holder_tid").unwrap_or("?");
                 let name = label(labels, "lock_holder").unwrap_or("");
                 let mode = label(labels, "lock_holder_mode").unwrap_or("?");
+                let stack = label(labels, "lock_holder_stack");
+                // When the hold is the largest allocation's own call, its
+                // stack is quoted once, with the allocation.
+                let in_allocation = largest.is_some_and(|largest| {
+                    largest.labels.thread_id.to_string() == tid
+                        && stack.is_some_and(|stack| {
+                            user_functions(largest)
+                                .zip(stack.split(" < "))
+                                .all(|(a, b)| a == b)
+                        })
+                });
+                let taken = if in_allocation {
+                    " in the address-space change below.".to_string()
+                } else {
+                    ", having taken it in:".to_string()
+                };
                 writeln!(
                     out,
-                    "  {} (tid {tid}) held it ({mode}) for {}, having taken it in:",
+                    "  {} (tid {tid}) held it ({mode}) for {}{taken}",
                     if name.is_empty() { "a thread" } else { name },
                     human_duration(ns),
                 )?;
-                if let Some(stack) = label(labels, "lock_holder_stack") {
+                if let (Some(stack), false) = (stack, in_allocation) {
                     write_stack(out, stack.split(" < "))?;
                 }
             }
@@ -296,8 +314,7 @@ fn write_explanation(
         )?;
     }
 
-    match address_space.and_then(|profile| profile.samples.iter().max_by_key(|sample| sample.value))
-    {
+    match largest {
         Some(largest) => {
             let call = label(&largest.labels, "syscall").unwrap_or("system call");
             let took = label(&largest.labels, "syscall_ns")
@@ -317,13 +334,7 @@ fn write_explanation(
                 largest.labels.thread_id,
                 human_bytes(largest.value),
             )?;
-            write_quoted_frames(
-                out,
-                largest
-                    .stack
-                    .iter()
-                    .filter(|frame| frame.kind == FrameKind::User),
-            )?;
+            write_stack(out, user_functions(largest))?;
         }
         None => writeln!(
             out,
@@ -331,6 +342,15 @@ fn write_explanation(
         )?,
     }
     Ok(())
+}
+
+/// The user functions of a sample's stack, innermost first.
+fn user_functions(sample: &Sample) -> impl Iterator<Item = &str> {
+    sample
+        .stack
+        .iter()
+        .filter(|frame| frame.kind == FrameKind::User)
+        .flat_map(|frame| frame.lines.iter().map(|line| line.function.as_str()))
 }
 
 /// Function names of frames, innermost first, inlined ones included.
@@ -1220,5 +1240,51 @@ mod tests {
             "{out}"
         );
         assert_eq!(out.matches("a_fairly").count(), 6);
+    }
+
+    #[test]
+    fn a_hold_inside_the_largest_allocation_is_quoted_once() {
+        let call = vec![
+            frame(FrameKind::User, "feeddb::mapping::map", None, None),
+            frame(
+                FrameKind::User,
+                "hashbrown::raw::RawTable<T>::reserve_rehash",
+                None,
+                None,
+            ),
+        ];
+        let mut off_cpu = profile();
+        off_cpu.samples = vec![labelled(
+            sample(
+                11,
+                "feeddb-req-0",
+                ThreadState::Disk,
+                Vec::new(),
+                350_000_000,
+            ),
+            &[
+                ("lock", "mmap_lock"),
+                ("lock_holder_tid", "10"),
+                ("lock_holder", "feeddb-writer"),
+                ("lock_holder_mode", "read"),
+                ("lock_hold_ns", "352000000"),
+                (
+                    "lock_holder_stack",
+                    "feeddb::mapping::map < hashbrown::raw::RawTable<T>::reserve_rehash",
+                ),
+            ],
+        )];
+        let mut allocations = profile();
+        allocations.kind = ProfileKind::AddressSpace;
+        allocations.samples = vec![labelled(
+            sample(10, "feeddb-writer", ThreadState::Runnable, call, 1 << 30),
+            &[("syscall", "mmap")],
+        )];
+        let text = explain(&off_cpu, Some(&allocations));
+        assert!(
+            text.contains("feeddb-writer (tid 10) held it (read) for 352 ms in the address-space change below."),
+            "{text}"
+        );
+        assert_eq!(text.matches("reserve_rehash").count(), 1, "{text}");
     }
 }

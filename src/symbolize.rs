@@ -507,7 +507,7 @@ fn build_ids(normalizer: &Normalizer, pid: u32, sorted_ips: &[u64]) -> HashMap<S
 }
 
 /// How many functions of a holder's stack its waiters' labels carry.
-const LABEL_STACK_DEPTH: usize = 16;
+const LABEL_STACK_DEPTH: usize = 32;
 
 /// The recorded hold a waiter most likely waited behind: the longest hold
 /// of the same lock by the thread the kernel named as its owner, else (a
