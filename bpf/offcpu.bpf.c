@@ -555,6 +555,7 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 	record.lock_addr = (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock);
 	record.tgid = tgid;
 	record.tid = tid;
+	bpf_get_current_comm(record.comm, sizeof(record.comm));
 	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
 	record.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
 	if (stack_id < 0 && stack_id != -EFAULT)
@@ -657,6 +658,7 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 
 	call.tgid = tgid;
 	call.tid = tid;
+	bpf_get_current_comm(call.comm, sizeof(call.comm));
 	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
 	if (stack_id < 0 && stack_id != -EFAULT)
 		count_drop(DROP_USER_STACK);

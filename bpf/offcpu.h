@@ -10,6 +10,9 @@
 /* PERF_MAX_STACK_DEPTH: the deepest stack the kernel will hand us. */
 #define MAX_STACK_DEPTH 127
 
+/* TASK_COMM_LEN: a thread's name as the kernel keeps it. */
+#define COMM_LEN 16
+
 /*
  * How a thread left the CPU. Each class is one bit of the `state_mask` filter
  * (1 << class).
@@ -120,6 +123,8 @@ struct lock_hold {
 	__s32 user_stack_id;
 	__s32 kernel_stack_id;
 	__u32 _pad;
+	/* The holder's name now: it may be gone by the time user space looks. */
+	char comm[COMM_LEN];
 };
 
 /* The system calls that grow or shrink an address space by large amounts. */
@@ -148,6 +153,7 @@ struct address_change {
 	__u32 arg;		/* mmap flags, madvise advice, mremap flags */
 	__s32 user_stack_id;
 	__u32 _pad;
+	char comm[COMM_LEN];	/* the caller's name (see struct lock_hold) */
 };
 
 /* Stack ids that are not indexes into the `stacks` map. */

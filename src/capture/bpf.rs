@@ -59,11 +59,25 @@ pub(super) struct Preblocked {
     pub user_fp: u64,
 }
 
+/// A thread's name as the kernel keeps it (`comm`, NUL-padded).
+pub(super) type Comm = [u8; 16];
+
+/// The name in a `comm`, or `None` if the kernel gave none.
+pub(super) fn comm_name(comm: &Comm) -> Option<String> {
+    let end = comm
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(comm.len());
+    (end > 0).then(|| String::from_utf8_lossy(&comm[..end]).into_owned())
+}
+
 /// A finished mmap_lock hold as the kernel recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct RawHold {
     pub tgid: u32,
     pub tid: u32,
+    /// The holder's name as the kernel had it.
+    pub comm: Comm,
     pub lock_addr: u64,
     /// Monotonic clock at acquisition.
     pub start_ns: u64,
@@ -79,6 +93,8 @@ pub(super) struct RawHold {
 pub(super) struct RawAddressChange {
     pub tgid: u32,
     pub tid: u32,
+    /// The caller's name as the kernel had it.
+    pub comm: Comm,
     pub call: AddressCall,
     /// Monotonic clock at entry.
     pub start_ns: u64,
@@ -576,6 +592,7 @@ impl<'obj> Probe<'obj> {
             holds.push(RawHold {
                 tgid: hold.tgid,
                 tid: hold.tid,
+                comm: hold.comm.map(|byte| byte as u8),
                 lock_addr: hold.lock_addr,
                 start_ns: hold.start_ns,
                 duration_ns: hold.duration_ns,
@@ -613,6 +630,7 @@ impl<'obj> Probe<'obj> {
             changes.push(RawAddressChange {
                 tgid: change.tgid,
                 tid: change.tid,
+                comm: change.comm.map(|byte| byte as u8),
                 call,
                 start_ns: change.start_ns,
                 duration_ns: change.duration_ns,
@@ -837,6 +855,10 @@ mod tests {
             // &mm->mmap_lock: inside the mm_struct, not at its start.
             assert!(hold.lock_addr > MM_A && hold.lock_addr < MM_A + 4096);
             assert!(matches!(hold.user_stack, StackRef::Id(_)), "{hold:?}");
+            // Named at release, for a holder that may be gone by the cut.
+            let comm =
+                std::fs::read_to_string(format!("/proc/self/task/{}/comm", my_tid())).unwrap();
+            assert_eq!(comm_name(&hold.comm).as_deref(), Some(comm.trim_end()));
             assert!(probe.drain_lock_holds().unwrap().is_empty(), "drained once");
         }
 

@@ -528,7 +528,8 @@ impl<'obj> Tracer<'obj> {
             lock_holds.push(LockHold {
                 tgid: hold.tgid,
                 tid: hold.tid,
-                thread_name: self.threads.name(hold.tgid, hold.tid),
+                thread_name: bpf::comm_name(&hold.comm)
+                    .unwrap_or_else(|| self.threads.name(hold.tgid, hold.tid)),
                 lock_addr: hold.lock_addr,
                 start: self.wall_time(hold.start_ns),
                 duration: Duration::from_nanos(hold.duration_ns),
@@ -547,7 +548,8 @@ impl<'obj> Tracer<'obj> {
             address_changes.push(AddressChange {
                 tgid: change.tgid,
                 tid: change.tid,
-                thread_name: self.threads.name(change.tgid, change.tid),
+                thread_name: bpf::comm_name(&change.comm)
+                    .unwrap_or_else(|| self.threads.name(change.tgid, change.tid)),
                 call: change.call,
                 start: self.wall_time(change.start_ns),
                 duration: Duration::from_nanos(change.duration_ns),
