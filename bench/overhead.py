@@ -46,6 +46,11 @@ class PingPong:
         self.proc.stdin.flush()
         return float(self.proc.stdout.readline().split()[1])
 
+    def calls(self, count: int) -> float:
+        self.proc.stdin.write(f"calls {count}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline().split()[1])
+
     def stop(self):
         self.proc.kill()
         self.proc.wait()
@@ -98,6 +103,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per mode")
     parser.add_argument("--round-trips", type=int, default=200_000, help="ping-pong round trips per measurement")
+    parser.add_argument("--calls", type=int, default=5_000_000, help="system calls per measurement of the hooks")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("overhead.py loads BPF programs: run it as root")
@@ -141,6 +147,28 @@ def main():
     with_alloc = statistics.median(per_round_trip["freezeframe"])
     print(f"  system-call hooks (address-space changes) add {(with_alloc / no_alloc - 1) * 100:+.1f} % "
           f"({with_alloc - no_alloc:+.1f} ns per round trip of 4 system calls)")
+    # The system-call hooks alone: one thread making getppid() calls, which
+    # never block, so no scheduler effect hides a few nanoseconds.
+    hook_modes = ["none", "ff-no-alloc", "freezeframe"]
+    per_call = {mode: [] for mode in hook_modes}
+    for round_index in range(args.rounds):
+        shift = round_index % len(hook_modes)
+        for mode in hook_modes[shift:] + hook_modes[:shift]:
+            workload = PingPong(pingpong)
+            workload.calls(100_000)  # warm up
+            tracer = None
+            if mode != "none":
+                tracer, _ = start_tracer(mode, workload.pid, 600)
+            per_call[mode].append(workload.calls(args.calls))
+            if tracer:
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=120)
+            workload.stop()
+    print(f"system-call loop: {args.calls} getppid() calls x {args.rounds} interleaved rounds (medians)")
+    base_call = statistics.median(per_call["none"])
+    for mode in hook_modes:
+        median = statistics.median(per_call[mode])
+        print(f"  {mode:12} {median:7.1f} ns/call   +{median - base_call:5.1f} ns")
     print("time from command start to probe attached (medians)")
     for mode, times in attach.items():
         print(f"  {mode:12} {statistics.median(times) * 1e3:7.1f} ms")

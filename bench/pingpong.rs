@@ -3,7 +3,9 @@
 //! bench/overhead.py to measure what a tracer costs the traced process.
 //!
 //! Prints `ready PID`, then for every `run N` line on stdin runs N round trips
-//! and prints `ns_per_round_trip X`.
+//! and prints `ns_per_round_trip X`. A `calls N` line makes N getppid()
+//! system calls on one thread instead, with no blocking at all (what
+//! system-call hooks cost, alone), and prints `ns_per_call X`.
 
 use std::io::{pipe, BufRead, Read, Write};
 use std::thread;
@@ -26,6 +28,16 @@ fn main() {
     std::io::stdout().flush().unwrap();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
+        if let Some(calls) = line.strip_prefix("calls ").and_then(|n| n.trim().parse::<u64>().ok()) {
+            let started = Instant::now();
+            for _ in 0..calls {
+                std::hint::black_box(std::os::unix::process::parent_id());
+            }
+            let elapsed = started.elapsed();
+            println!("ns_per_call {:.1}", elapsed.as_nanos() as f64 / calls as f64);
+            std::io::stdout().flush().unwrap();
+            continue;
+        }
         let Some(rounds) = line.strip_prefix("run ").and_then(|n| n.trim().parse::<u64>().ok()) else {
             continue;
         };
