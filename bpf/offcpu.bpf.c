@@ -120,6 +120,14 @@ struct {
 	__type(value, struct lock_hold);
 } lock_holds SEC(".maps");
 
+/*
+ * Entries in `calls_in_progress`, roughly (an entry a thread leaves behind
+ * when it dies keeps it above zero, which only costs a lookup). sys_exit
+ * runs for every system call on the machine; while this is zero, one
+ * load is all it costs.
+ */
+__u64 calls_pending = 0;
+
 /* Address-space calls of target threads that have not returned, by host tid. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -647,13 +655,15 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 		break;
 	case ADDRESS_BRK: {
 		struct task_struct *me = bpf_get_current_task_btf();
+		__u64 wanted = call.addr;
 
-		/* Only the return value tells how far the break moved. */
+		/* From the old break to the one asked for (0 only asks). */
 		call.addr = BPF_CORE_READ(me, mm, brk);
+		call.size = wanted ? distance(call.addr, wanted) : 0;
 		break;
 	}
 	}
-	if (call.call != ADDRESS_BRK && call.size < min_address_change)
+	if (call.size < min_address_change)
 		return 0;
 
 	call.tgid = tgid;
@@ -665,32 +675,42 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	call.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
 	call.start_ns = bpf_ktime_get_ns();
 	host_tid = (__u32)bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_ANY))
-		count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
+	if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_NOEXIST)) {
+		/* One in progress already: a thread makes one call at a time, so it is stale. */
+		if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_EXIST))
+			count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
+		return 0;
+	}
+	__sync_fetch_and_add(&calls_pending, 1);
 	return 0;
 }
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
-	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 host_tid;
 	struct address_change *call;
 	struct event_key event = {};
 
+	if (!calls_pending)
+		return 0;
+	host_tid = (__u32)bpf_get_current_pid_tgid();
 	call = bpf_map_lookup_elem(&calls_in_progress, &host_tid);
 	if (!call)
 		return 0;
 	call->duration_ns = bpf_ktime_get_ns() - call->start_ns;
 	call->ret = ret;
+	/* The break the kernel actually set: the old one if it refused. */
 	if (call->call == ADDRESS_BRK)
-		call->size = ret < 0 ? 0 : distance(call->addr, ret);
+		call->size = distance(call->addr, ret);
 	if (call->size >= min_address_change) {
 		event.tid = call->tid;
 		event.start_ns = call->start_ns;
 		if (bpf_map_update_elem(&address_changes, &event, call, BPF_ANY))
 			count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
 	}
-	bpf_map_delete_elem(&calls_in_progress, &host_tid);
+	if (!bpf_map_delete_elem(&calls_in_progress, &host_tid))
+		__sync_fetch_and_sub(&calls_pending, 1);
 	return 0;
 }
 
