@@ -69,15 +69,20 @@ impl Ledger {
             .collect();
         let mut window: HashMap<BlockKey, (u64, u64)> = HashMap::new();
 
-        // Credits of blocks that have ended, oldest first, by key.
+        // Credits of blocks that have ended, oldest first, by key (as far
+        // as it is settled while the block runs: a futex wait is credited
+        // before its waker is known, and ends with it).
         let mut ended: HashMap<BlockKey, Vec<BlockId>> = HashMap::new();
         for (&id, credit) in &self.credits {
             if !still_blocked.contains_key(&id) {
-                ended.entry(credit.key).or_default().push(id);
+                ended
+                    .entry(credit.key.settled_identity())
+                    .or_default()
+                    .push(id);
             }
         }
         for &(key, mut blocked_ns, mut count) in finished {
-            let mut repayable = ended.remove(&key).unwrap_or_default();
+            let mut repayable = ended.remove(&key.settled_identity()).unwrap_or_default();
             repayable.sort_unstable_by_key(|&(_, start_ns)| start_ns);
             for id in repayable {
                 let credit = self.credits.remove(&id).expect("listed from credits");
@@ -243,5 +248,37 @@ mod tests {
         // A later ordinary block of the key is reported whole.
         let window = totals(ledger.settle(5000 * MS, &[(key(1), 30 * MS, 1)], &[]));
         assert_eq!(window[&1], (30 * MS, 1));
+    }
+
+    #[test]
+    fn a_futex_wait_that_learns_its_waker_at_the_end_is_counted_once() {
+        use crate::capture::{LockKind, LockWait};
+        let futex = |holder_tid| LockWait {
+            addr: 0x1000,
+            kind: LockKind::Futex,
+            mode: None,
+            is_mmap_lock: false,
+            holder_tid,
+            held_by_readers: false,
+        };
+        let waiting = BlockKey {
+            lock: Some(futex(None)),
+            ..key(1)
+        };
+        let woken = BlockKey {
+            lock: Some(futex(Some(7))),
+            ..key(1)
+        };
+        let mut ledger = Ledger::new(MS, None);
+        let block = InFlight {
+            host_tid: 1,
+            start_ns: 0,
+            key: waiting,
+        };
+        let first = ledger.settle(1000 * MS, &[], &[block]);
+        assert_eq!(first, vec![(waiting, 1000 * MS, 1)]);
+        // Woken by tid 7 at 1.5 s: only the last 500 ms are new, under the waker.
+        let second = ledger.settle(2000 * MS, &[(woken, 1500 * MS, 1)], &[]);
+        assert_eq!(second, vec![(woken, 500 * MS, 0)]);
     }
 }

@@ -116,6 +116,19 @@ pub struct BlockKey {
     pub lock: Option<LockWait>,
 }
 
+impl BlockKey {
+    /// The key with what may change while a block is still in progress
+    /// left out: a futex wait learns its waker only when it ends, so the
+    /// same block is seen without one while in flight and with one at the
+    /// end.
+    pub fn settled_identity(&self) -> BlockKey {
+        BlockKey {
+            lock: self.lock.map(LockWait::without_waker),
+            ..*self
+        }
+    }
+}
+
 /// The kernel lock a thread was waiting for when it blocked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LockWait {
@@ -153,6 +166,17 @@ pub enum LockMode {
 }
 
 impl LockWait {
+    /// A futex wait without the thread that woke it; any other wait as is.
+    pub fn without_waker(self) -> LockWait {
+        match self.kind {
+            LockKind::Futex => LockWait {
+                holder_tid: None,
+                ..self
+            },
+            _ => self,
+        }
+    }
+
     /// A name for labels: `mmap_lock`, or the kind and address.
     pub fn name(&self) -> String {
         if self.is_mmap_lock {

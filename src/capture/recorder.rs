@@ -219,6 +219,7 @@ fn merge(windows: &[&Window], target: u32) -> Window {
                 });
         }
     }
+    let stacks = join_futex_waits(totals.into_values().collect());
     let mut drops = DropCounts::default();
     for window in windows {
         drops.add(&window.drops);
@@ -241,12 +242,70 @@ fn merge(windows: &[&Window], target: u32) -> Window {
     Window {
         start: first.start,
         duration: end.duration_since(first.start).unwrap_or_default(),
-        stacks: totals.into_values().collect(),
+        stacks,
         lock_holds,
         address_changes,
         drops,
         features: last.features,
     }
+}
+
+/// A futex wait cut by the recorder's ticks is seen without its waker
+/// while in progress, and with it once it ends. Where one thread waited
+/// on one word, in one place, and was woken by one thread only, the parts
+/// before the waker was known are that same wait: they join it. Where
+/// several threads woke it, which part was whose is unknown, and the
+/// parts stay apart.
+fn join_futex_waits(stacks: Vec<BlockedStack>) -> Vec<BlockedStack> {
+    type Place = (u32, ThreadState, Stack, Stack, Option<LockWait>);
+    let place = |stack: &BlockedStack| -> Place {
+        (
+            stack.tid,
+            stack.state,
+            stack.kernel_ips.clone(),
+            stack.user_ips.clone(),
+            stack.lock.map(LockWait::without_waker),
+        )
+    };
+    let is_futex = |stack: &BlockedStack| {
+        stack
+            .lock
+            .is_some_and(|lock| lock.kind == crate::capture::LockKind::Futex)
+    };
+    let mut woken: HashMap<Place, Vec<usize>> = HashMap::new();
+    for (index, stack) in stacks.iter().enumerate() {
+        if is_futex(stack) && stack.lock.is_some_and(|lock| lock.holder_tid.is_some()) {
+            woken.entry(place(stack)).or_default().push(index);
+        }
+    }
+    let mut joined: Vec<Option<BlockedStack>> = stacks.into_iter().map(Some).collect();
+    for index in 0..joined.len() {
+        let Some(stack) = &joined[index] else {
+            continue;
+        };
+        if !is_futex(stack) || stack.lock.is_some_and(|lock| lock.holder_tid.is_some()) {
+            continue;
+        }
+        let Some([into]) = woken.get(&place(stack)).map(Vec::as_slice) else {
+            continue;
+        };
+        let part = joined[index].take().expect("checked above");
+        let whole = joined[*into].as_mut().expect("woken waits are never taken");
+        whole.blocked_ns += part.blocked_ns;
+        whole.count += part.count;
+        whole.timeline.extend(part.timeline);
+        whole.timeline.sort_by_key(|slice| slice.start);
+        // One slice per window: parts of one window add up.
+        whole.timeline.dedup_by(|later, earlier| {
+            let same = later.start == earlier.start;
+            if same {
+                earlier.value += later.value;
+                earlier.count += later.count;
+            }
+            same
+        });
+    }
+    joined.into_iter().flatten().collect()
 }
 
 fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<(), CaptureError>>) {
@@ -532,5 +591,46 @@ mod tests {
         // Seconds 5..10 remain: the window ending exactly at the horizon is kept.
         assert_eq!(history.windows.len(), 5);
         assert!(history.cut(1, at(0), at(5)).is_none());
+    }
+
+    #[test]
+    fn futex_waits_seen_before_their_waker_join_the_woken_wait() {
+        use crate::capture::{LockKind, LockWait};
+        let kernel: Stack = Arc::from([1u64, 2]);
+        let futex = |holder_tid| {
+            Some(LockWait {
+                addr: 0x1000,
+                kind: LockKind::Futex,
+                mode: None,
+                is_mmap_lock: false,
+                holder_tid,
+                held_by_readers: false,
+            })
+        };
+        let with_lock = |mut stack: BlockedStack, lock| {
+            stack.lock = lock;
+            stack
+        };
+        // Thread 2 waited 1 s, cut at a tick before it was woken by tid 7.
+        let first = window(10, vec![with_lock(stack(1, 2, &kernel, 1000), futex(None))]);
+        let second = window(
+            11,
+            vec![with_lock(stack(1, 2, &kernel, 300), futex(Some(7)))],
+        );
+        let merged = merge(&[&first, &second], 1);
+        assert_eq!(merged.stacks.len(), 1, "{:?}", merged.stacks);
+        let wait = &merged.stacks[0];
+        assert_eq!(wait.lock.unwrap().holder_tid, Some(7));
+        assert_eq!(wait.blocked_ns, 1300 * 1_000_000);
+        assert_eq!(wait.timeline.len(), 2);
+        assert!(wait.timeline[0].start < wait.timeline[1].start);
+
+        // Woken by two threads: which part was whose is unknown.
+        let third = window(
+            12,
+            vec![with_lock(stack(1, 2, &kernel, 200), futex(Some(8)))],
+        );
+        let merged = merge(&[&first, &second, &third], 1);
+        assert_eq!(merged.stacks.len(), 3);
     }
 }
