@@ -316,9 +316,7 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 	__u32 tgid, tid;
 	long stack_id;
 
-	if (!current_ids(&tgid, &tid))
-		return;
-	if (!bpf_map_lookup_elem(&targets, &tgid))
+	if (!current_target(&tgid, &tid))
 		return;
 	if (target_tid && tid != target_tid)
 		return;

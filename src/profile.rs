@@ -262,18 +262,20 @@ impl Profile {
 }
 
 impl SampleLabels {
+    /// The value of the first `extra` label named `key`.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| value.as_str())
+    }
+
     /// The span this sample is linked to, when both id labels are present
     /// and well formed.
     pub fn span_link(&self) -> Option<SpanLink> {
-        let label = |key: &str| {
-            self.extra
-                .iter()
-                .find(|(name, _)| name == key)
-                .map(|(_, value)| value.as_str())
-        };
         Some(SpanLink {
-            trace_id: parse_hex(label(TRACE_ID_LABEL)?)?,
-            span_id: parse_hex(label(SPAN_ID_LABEL)?)?,
+            trace_id: parse_hex(self.label(TRACE_ID_LABEL)?)?,
+            span_id: parse_hex(self.label(SPAN_ID_LABEL)?)?,
         })
     }
 

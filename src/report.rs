@@ -194,7 +194,7 @@ fn write_explanation(
     // for work on its own condition variable stops only itself.
     let mut by_lock: BTreeMap<&str, (BTreeSet<u32>, u64)> = BTreeMap::new();
     for sample in &off_cpu.samples {
-        if let Some(lock) = label(&sample.labels, "lock") {
+        if let Some(lock) = sample.labels.label("lock") {
             let (threads, waited) = by_lock.entry(lock).or_default();
             threads.insert(sample.labels.thread_id);
             *waited += sample.value;
@@ -208,7 +208,7 @@ fn write_explanation(
         let waits: Vec<_> = off_cpu
             .samples
             .iter()
-            .filter(|sample| label(&sample.labels, "lock") == Some(lock))
+            .filter(|sample| sample.labels.label("lock") == Some(lock))
             .collect();
         let mut waiters: BTreeMap<(&str, u32), u64> = BTreeMap::new();
         for sample in &waits {
@@ -238,7 +238,9 @@ fn write_explanation(
             )?;
         }
         if let Some(heaviest) = waits.iter().max_by_key(|sample| sample.value) {
-            let mode = label(&heaviest.labels, "lock_mode")
+            let mode = heaviest
+                .labels
+                .label("lock_mode")
                 .map_or(String::new(), |mode| format!(" for {mode}"));
             writeln!(out, "  They asked for it{mode} in:")?;
             let asked = heaviest
@@ -255,16 +257,16 @@ fn write_explanation(
         let hold = waits
             .iter()
             .filter_map(|sample| {
-                let ns: u64 = label(&sample.labels, "lock_hold_ns")?.parse().ok()?;
+                let ns: u64 = sample.labels.label("lock_hold_ns")?.parse().ok()?;
                 Some((ns, &sample.labels))
             })
             .max_by_key(|(ns, _)| *ns);
         match hold {
             Some((ns, labels)) => {
-                let tid = label(labels, "lock_holder_tid").unwrap_or("?");
-                let name = label(labels, "lock_holder").unwrap_or("");
-                let mode = label(labels, "lock_holder_mode").unwrap_or("?");
-                let stack = label(labels, "lock_holder_stack");
+                let tid = labels.label("lock_holder_tid").unwrap_or("?");
+                let name = labels.label("lock_holder").unwrap_or("");
+                let mode = labels.label("lock_holder_mode").unwrap_or("?");
+                let stack = labels.label("lock_holder_stack");
                 // When the hold is the largest allocation's own call, its
                 // stack is quoted once, with the allocation.
                 let in_allocation = largest.is_some_and(|largest| {
@@ -293,11 +295,11 @@ fn write_explanation(
             None => {
                 if let Some(tid) = waits
                     .iter()
-                    .find_map(|sample| label(&sample.labels, "lock_holder_tid"))
+                    .find_map(|sample| sample.labels.label("lock_holder_tid"))
                 {
                     let how = if waits
                         .iter()
-                        .any(|sample| label(&sample.labels, "lock_held_by") == Some("waker"))
+                        .any(|sample| sample.labels.label("lock_held_by") == Some("waker"))
                     {
                         "Tid {tid} woke them: it let go of the lock."
                     } else {
@@ -316,8 +318,10 @@ fn write_explanation(
 
     match largest {
         Some(largest) => {
-            let call = label(&largest.labels, "syscall").unwrap_or("system call");
-            let took = label(&largest.labels, "syscall_ns")
+            let call = largest.labels.label("syscall").unwrap_or("system call");
+            let took = largest
+                .labels
+                .label("syscall_ns")
                 .and_then(|ns| ns.parse().ok())
                 .map_or(String::new(), |ns: u64| {
                     format!(", taking {}", human_duration(ns))
@@ -431,17 +435,9 @@ fn display_name(name: &str, tid: u32) -> String {
     }
 }
 
-fn label<'a>(labels: &'a SampleLabels, key: &str) -> Option<&'a str> {
-    labels
-        .extra
-        .iter()
-        .find(|(name, _)| name == key)
-        .map(|(_, value)| value.as_str())
-}
-
 /// The kernel lock a sample waited for, in words, from its `lock*` labels.
 fn lock_wait(labels: &SampleLabels) -> Option<String> {
-    let label = |key: &str| label(labels, key);
+    let label = |key: &str| labels.label(key);
     let mut text = label("lock")?.to_string();
     if let Some(mode) = label("lock_mode") {
         text.push_str(&format!(" for {mode}"));

@@ -267,14 +267,7 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
         || {},
     );
     let profile = load(&output);
-    let label = |sample: &Sample, key: &str| {
-        sample
-            .labels
-            .extra
-            .iter()
-            .find(|(name, _)| name == key)
-            .map(|(_, value)| value.clone())
-    };
+    let label = |sample: &Sample, key: &str| sample.labels.label(key).map(str::to_string);
 
     // The waiter maps and unmaps while the holder populates and frees 256 MiB
     // under the same mmap_lock: it waits in rwsem_down_write_slowpath.
@@ -386,14 +379,7 @@ fn user_space_lock_waits_name_the_futex_and_the_thread_that_let_go() {
     let output = dir.join("futex.pb.gz");
     capture(workload.pid, &["--state", "S"], &output, || {});
     let profile = load(&output);
-    let label = |sample: &Sample, key: &str| {
-        sample
-            .labels
-            .extra
-            .iter()
-            .find(|(name, _)| name == key)
-            .map(|(_, value)| value.clone())
-    };
+    let label = |sample: &Sample, key: &str| sample.labels.label(key).map(str::to_string);
 
     // ff-lockwait spends nearly all its time in futex(), on one lock word,
     // and each wait ends when ff-locker lets go.

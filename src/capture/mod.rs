@@ -552,8 +552,7 @@ impl<'obj> Tracer<'obj> {
             lock_holds.push(LockHold {
                 tgid: hold.tgid,
                 tid: hold.tid,
-                thread_name: bpf::comm_name(&hold.comm)
-                    .unwrap_or_else(|| self.threads.name(hold.tgid, hold.tid)),
+                thread_name: self.name_at_the_time(&hold.comm, hold.tgid, hold.tid),
                 lock_addr: hold.lock_addr,
                 start: self.wall_time(hold.start_ns),
                 duration: Duration::from_nanos(hold.duration_ns),
@@ -572,8 +571,7 @@ impl<'obj> Tracer<'obj> {
             address_changes.push(AddressChange {
                 tgid: change.tgid,
                 tid: change.tid,
-                thread_name: bpf::comm_name(&change.comm)
-                    .unwrap_or_else(|| self.threads.name(change.tgid, change.tid)),
+                thread_name: self.name_at_the_time(&change.comm, change.tgid, change.tid),
                 call: change.call,
                 start: self.wall_time(change.start_ns),
                 duration: Duration::from_nanos(change.duration_ns),
@@ -645,6 +643,12 @@ impl<'obj> Tracer<'obj> {
             StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).1),
             StackRef::Missing => Ok(Stack::from([])),
         }
+    }
+
+    /// The name the kernel recorded with an event, else the thread's name
+    /// now (if the thread is still there).
+    fn name_at_the_time(&mut self, comm: &bpf::Comm, tgid: u32, tid: u32) -> String {
+        bpf::comm_name(comm).unwrap_or_else(|| self.threads.name(tgid, tid))
     }
 
     /// A stack recorded by id alone (holds and address-space calls).
