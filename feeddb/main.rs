@@ -76,7 +76,7 @@ struct Args {
     #[arg(long, env = "FEEDDB_NO_MLOCKALL", value_parser = BoolishValueParser::new())]
     no_mlockall: bool,
 
-    /// Threads serving requests, each one request every ~2 ms.
+    /// Threads serving requests, each one request every ~10 ms.
     #[arg(long, env = "FEEDDB_REQUEST_THREADS", default_value_t = 3,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     request_threads: u16,
