@@ -138,7 +138,11 @@ impl Delivery {
 
 impl Shared {
     fn submit(&self, capture_id: &str, request: &[u8]) {
-        match self.spool.put(capture_id, request) {
+        let put = self.spool.put(capture_id, request);
+        // The spool's gauges first: whoever sees the profile counted as
+        // queued sees it in the spool too.
+        self.publish_usage();
+        match put {
             Ok(put) => {
                 for evicted in &put.evicted {
                     tracing::warn!(spooled = %evicted.name, bytes = evicted.bytes, "the spool is full: dropped its oldest profile to make room");
@@ -160,7 +164,6 @@ impl Shared {
                 self.count(outcome::DROPPED);
             }
         }
-        self.publish_usage();
         self.wake.notify_one();
     }
 

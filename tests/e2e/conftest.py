@@ -134,6 +134,17 @@ directory = "{self.directory}"
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def wait_for_metric(self, name: str, at_least: float, timeout: float, **labels) -> float:
+        """The series' value once it reaches `at_least`. A capture's event is
+        written before its export is queued, sent and counted, so a count
+        read right after an event can still be one short."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) < at_least:
+            assert self.proc.poll() is None, f"freezeframe exited: {self.log_text()}"
+            assert time.monotonic() < deadline, f"{name}{labels} stayed at {value} for {timeout}s:\n{self.log_text()}"
+            time.sleep(0.1)
+        return value
+
     def kill(self):
         """SIGKILL: no shutdown, no flush."""
         self.proc.kill()
