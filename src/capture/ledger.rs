@@ -69,9 +69,9 @@ impl Ledger {
             .collect();
         let mut window: HashMap<BlockKey, (u64, u64)> = HashMap::new();
 
-        // Credits of blocks that have ended, oldest first, by key (as far
-        // as it is settled while the block runs: a futex wait is credited
-        // before its waker is known, and ends with it).
+        // Credits of blocks that have ended, by key (as far as it is
+        // settled while the block runs: a futex wait is credited before its
+        // waker is known, and ends with it).
         let mut ended: HashMap<BlockKey, Vec<BlockId>> = HashMap::new();
         for (&id, credit) in &self.credits {
             if !still_blocked.contains_key(&id) {
@@ -81,19 +81,32 @@ impl Ledger {
                     .push(id);
             }
         }
-        for &(key, mut blocked_ns, mut count) in finished {
-            let mut repayable = ended.remove(&key.settled_identity()).unwrap_or_default();
-            repayable.sort_unstable_by_key(|&(_, start_ns)| start_ns);
-            for id in repayable {
-                let credit = self.credits.remove(&id).expect("listed from credits");
-                blocked_ns -= credit.credited_ns.min(blocked_ns);
-                // The block was counted when first credited.
-                count = count.saturating_sub(1);
-            }
-            if blocked_ns > 0 || count > 0 {
-                let entry = window.entry(key).or_default();
-                entry.0 += blocked_ns;
-                entry.1 += count;
+        // A futex word woken by several threads ends under one key per
+        // waker: totals that share a settled identity are repaid together.
+        let mut by_identity: HashMap<BlockKey, Vec<(BlockKey, u64, u64)>> = HashMap::new();
+        for &(key, blocked_ns, count) in finished {
+            by_identity
+                .entry(key.settled_identity())
+                .or_default()
+                .push((key, blocked_ns, count));
+        }
+        for (identity, mut totals) in by_identity {
+            let credited: Vec<u64> = ended
+                .remove(&identity)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| {
+                    let credit = self.credits.remove(&id).expect("listed from credits");
+                    credit.credited_ns
+                })
+                .collect();
+            repay(&mut totals, credited);
+            for (key, blocked_ns, count) in totals {
+                if blocked_ns > 0 || count > 0 {
+                    let entry = window.entry(key).or_default();
+                    entry.0 += blocked_ns;
+                    entry.1 += count;
+                }
             }
         }
         self.credits.retain(|id, credit| {
@@ -131,6 +144,33 @@ impl Ledger {
             .into_iter()
             .map(|(key, (blocked_ns, count))| (key, blocked_ns, count))
             .collect()
+    }
+}
+
+/// Takes what was credited to ended blocks off the totals they ended under.
+///
+/// Each credited block ended under one of `totals` (they all share its
+/// settled identity); which one is known only when there is one. A credit
+/// goes to the total with the most time left among those that still count
+/// a block. That total is at least as long as the block's own, so the sum
+/// stays exact; only which waker a wait is put under can be wrong, when one
+/// thread's waits on one word ended under several wakers in one window and
+/// another of them was the longer. (A thread is in one block at a time, so a
+/// cut has one ended credit per thread, two when a block ended between a
+/// drain and a read.) Taken off whichever total came first, a credit could
+/// be clamped at a short wait's length and the rest counted twice.
+fn repay(totals: &mut [(BlockKey, u64, u64)], mut credited: Vec<u64>) {
+    credited.sort_unstable_by(|a, b| b.cmp(a));
+    for credited_ns in credited {
+        let Some((_, blocked_ns, count)) = totals
+            .iter_mut()
+            .max_by_key(|(_, blocked_ns, count)| (*count > 0, *blocked_ns))
+        else {
+            return;
+        };
+        *blocked_ns -= credited_ns.min(*blocked_ns);
+        // The block was counted when first credited.
+        *count = count.saturating_sub(1);
     }
 }
 
@@ -250,25 +290,26 @@ mod tests {
         assert_eq!(window[&1], (30 * MS, 1));
     }
 
+    /// Thread 1 waiting on futex word 0x1000, woken by `waker` if known.
+    fn futex_wait(waker: Option<u32>) -> BlockKey {
+        use crate::capture::{LockKind, LockWait};
+        BlockKey {
+            lock: Some(LockWait {
+                addr: 0x1000,
+                kind: LockKind::Futex,
+                mode: None,
+                is_mmap_lock: false,
+                holder_tid: waker,
+                held_by_readers: false,
+            }),
+            ..key(1)
+        }
+    }
+
     #[test]
     fn a_futex_wait_that_learns_its_waker_at_the_end_is_counted_once() {
-        use crate::capture::{LockKind, LockWait};
-        let futex = |holder_tid| LockWait {
-            addr: 0x1000,
-            kind: LockKind::Futex,
-            mode: None,
-            is_mmap_lock: false,
-            holder_tid,
-            held_by_readers: false,
-        };
-        let waiting = BlockKey {
-            lock: Some(futex(None)),
-            ..key(1)
-        };
-        let woken = BlockKey {
-            lock: Some(futex(Some(7))),
-            ..key(1)
-        };
+        let waiting = futex_wait(None);
+        let woken = futex_wait(Some(7));
         let mut ledger = Ledger::new(MS, None);
         let block = InFlight {
             host_tid: 1,
@@ -280,5 +321,31 @@ mod tests {
         // Woken by tid 7 at 1.5 s: only the last 500 ms are new, under the waker.
         let second = ledger.settle(2000 * MS, &[(woken, 1500 * MS, 1)], &[]);
         assert_eq!(second, vec![(woken, 500 * MS, 0)]);
+    }
+
+    #[test]
+    fn a_credited_futex_wait_is_repaid_by_its_own_waker_s_total_whatever_the_order() {
+        // A 1.5 s wait woken by tid 7 ends in the same window as a 2 ms wait
+        // on the same word woken by tid 9: two totals, one identity.
+        let long = (futex_wait(Some(7)), 1500 * MS, 1);
+        let short = (futex_wait(Some(9)), 2 * MS, 1);
+        for finished in [[short, long], [long, short]] {
+            let mut ledger = Ledger::new(MS, None);
+            let block = InFlight {
+                host_tid: 1,
+                start_ns: 0,
+                key: futex_wait(None),
+            };
+            let first = ledger.settle(1000 * MS, &[], &[block]);
+            let mut second = ledger.settle(2000 * MS, &finished, &[]);
+            second.sort_by_key(|(key, _, _)| key.lock.and_then(|lock| lock.holder_tid));
+            assert_eq!(
+                second,
+                vec![(long.0, 500 * MS, 0), (short.0, 2 * MS, 1)],
+                "finished in the order {finished:?}"
+            );
+            let counted: u64 = first.iter().chain(&second).map(|(_, ns, _)| ns).sum();
+            assert_eq!(counted, long.1 + short.1, "each nanosecond once");
+        }
     }
 }

@@ -4,6 +4,7 @@ to a real receiver, which decodes the bytes with the official
 opentelemetry-proto classes. Then the faults: a backend that is down, a
 sidecar killed with profiles spooled, throttling, refusal and slowness."""
 
+import collections
 import gzip
 import os
 import socket
@@ -196,6 +197,13 @@ def test_the_exported_profile_decodes_and_links_the_frozen_requests(sidecar_fact
     request_threads = app.threads()
     thread_of = lambda sample: attributes(dictionary, sample.attribute_indices)["thread.id"]  # noqa: E731
     waiting = [s for s in futex_samples if thread_of(s) in request_threads]
+    # Each nanosecond is counted once: no thread was off the CPU for longer
+    # than the profile lasts (a wait counted both before and after it
+    # learnt its waker would be).
+    off_cpu = collections.Counter()
+    for sample in profile.samples:
+        off_cpu[thread_of(sample)] += sum(sample.values)
+    assert max(off_cpu.values()) <= 1.01 * profile.duration_nano, (off_cpu, profile.duration_nano)
     linked_ns = sum(sum(s.values) for s in waiting if s.link_index)
     waiting_ns = sum(sum(s.values) for s in waiting)
     assert waiting_ns > 0 and linked_ns >= 0.5 * waiting_ns, "most of the request threads' waiting is linked"
