@@ -3,6 +3,7 @@ Python OpenTelemetry app, on loopback ports picked for each test."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,12 @@ cooldown = "1m"
 """
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RUNNING = re.compile(
+    r"freezeframe is running grpc=127\.0\.0\.1:(\d+) http=127\.0\.0\.1:(\d+) telemetry=127\.0\.0\.1:(\d+)"
+)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -61,22 +68,21 @@ class Sidecar:
     Sidecar on the same `tmp_path` shares the export directory (and spool)."""
 
     def __init__(self, tmp_path: Path, rules: str, mode: str = "armed", export: str = "", env=None):
-        self.grpc, self.http, self.telemetry = free_port(), free_port(), free_port()
         self.directory = tmp_path / "captures"
         runs = len(list(tmp_path.glob("freezeframe*.toml")))
         self.config = tmp_path / f"freezeframe{runs or ''}.toml"
         self.config.write_text(
             f"""
 [receiver]
-grpc = "127.0.0.1:{self.grpc}"
-http = "127.0.0.1:{self.http}"
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
 
 [recorder]
 mode = "{mode}"
 history = "30s"
 
 [telemetry]
-listen = "127.0.0.1:{self.telemetry}"
+listen = "127.0.0.1:0"
 
 [export]
 directory = "{self.directory}"
@@ -90,7 +96,20 @@ directory = "{self.directory}"
         self.proc = subprocess.Popen(
             [str(BINARY), "run", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=environment
         )
-        self.wait_listening(self.http)
+        self.grpc, self.http, self.telemetry = self.wait_running()
+
+    def wait_running(self, timeout: float = 30):
+        """The ports the kernel gave the receivers and /metrics, from the
+        start-up line. (A port picked by the test and bound later by the
+        sidecar could be taken in between, by any process's connection.)"""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = RUNNING.search(ANSI.sub("", self.log_text()))
+            if running:
+                return tuple(int(port) for port in running.groups())
+            assert self.proc.poll() is None, f"freezeframe exited: {self.log_text()}"
+            time.sleep(0.05)
+        raise AssertionError(f"freezeframe did not start in {timeout}s: {self.log_text()}")
 
     def wait_listening(self, port: int, timeout: float = 30):
         deadline = time.monotonic() + timeout
