@@ -1106,6 +1106,20 @@ mod tests {
         sample
     }
 
+    /// What a request thread that waited behind feeddb's resizing writer
+    /// carries: the lock, and the hold it waited behind.
+    const WRITER_HOLD: [(&str, &str); 6] = [
+        ("lock", "mmap_lock"),
+        ("lock_holder_tid", "10"),
+        ("lock_holder", "feeddb-writer"),
+        ("lock_holder_mode", "read"),
+        ("lock_hold_ns", "352000000"),
+        (
+            "lock_holder_stack",
+            "feeddb::mapping::map < hashbrown::raw::RawTable<T>::reserve_rehash",
+        ),
+    ];
+
     #[test]
     fn an_explanation_names_waiters_lock_holder_and_allocation() {
         let waiting = vec![
@@ -1115,18 +1129,7 @@ mod tests {
             frame(FrameKind::Kernel, "vm_mmap_pgoff", None, None),
             frame(FrameKind::User, "feeddb::requests::respond", None, None),
         ];
-        let hold = [
-            ("lock", "mmap_lock"),
-            ("lock_mode", "write"),
-            ("lock_holder_tid", "10"),
-            ("lock_holder", "feeddb-writer"),
-            ("lock_holder_mode", "read"),
-            ("lock_hold_ns", "352000000"),
-            (
-                "lock_holder_stack",
-                "feeddb::mapping::map < hashbrown::raw::RawTable<T>::reserve_rehash",
-            ),
-        ];
+        let hold = [&[("lock_mode", "write")][..], &WRITER_HOLD].concat();
         let mut off_cpu = profile();
         off_cpu.samples = vec![
             labelled(
@@ -1258,17 +1261,7 @@ mod tests {
                 Vec::new(),
                 350_000_000,
             ),
-            &[
-                ("lock", "mmap_lock"),
-                ("lock_holder_tid", "10"),
-                ("lock_holder", "feeddb-writer"),
-                ("lock_holder_mode", "read"),
-                ("lock_hold_ns", "352000000"),
-                (
-                    "lock_holder_stack",
-                    "feeddb::mapping::map < hashbrown::raw::RawTable<T>::reserve_rehash",
-                ),
-            ],
+            &WRITER_HOLD,
         )];
         let mut allocations = profile();
         allocations.kind = ProfileKind::AddressSpace;

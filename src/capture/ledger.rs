@@ -292,16 +292,8 @@ mod tests {
 
     /// Thread 1 waiting on futex word 0x1000, woken by `waker` if known.
     fn futex_wait(waker: Option<u32>) -> BlockKey {
-        use crate::capture::{LockKind, LockWait};
         BlockKey {
-            lock: Some(LockWait {
-                addr: 0x1000,
-                kind: LockKind::Futex,
-                mode: None,
-                is_mmap_lock: false,
-                holder_tid: waker,
-                held_by_readers: false,
-            }),
+            lock: Some(crate::capture::LockWait::futex(0x1000, waker)),
             ..key(1)
         }
     }

@@ -166,6 +166,19 @@ pub enum LockMode {
 }
 
 impl LockWait {
+    /// A wait on the futex word at `addr`, woken by `waker` if known.
+    #[cfg(test)]
+    pub(crate) fn futex(addr: u64, waker: Option<u32>) -> LockWait {
+        LockWait {
+            addr,
+            kind: LockKind::Futex,
+            mode: None,
+            is_mmap_lock: false,
+            holder_tid: waker,
+            held_by_readers: false,
+        }
+    }
+
     /// A futex wait without the thread that woke it; any other wait as is.
     pub fn without_waker(self) -> LockWait {
         match self.kind {

@@ -595,18 +595,8 @@ mod tests {
 
     #[test]
     fn futex_waits_seen_before_their_waker_join_the_woken_wait() {
-        use crate::capture::{LockKind, LockWait};
         let kernel: Stack = Arc::from([1u64, 2]);
-        let futex = |holder_tid| {
-            Some(LockWait {
-                addr: 0x1000,
-                kind: LockKind::Futex,
-                mode: None,
-                is_mmap_lock: false,
-                holder_tid,
-                held_by_readers: false,
-            })
-        };
+        let futex = |waker| Some(LockWait::futex(0x1000, waker));
         let with_lock = |mut stack: BlockedStack, lock| {
             stack.lock = lock;
             stack
