@@ -267,14 +267,16 @@ fn join_futex_waits(stacks: Vec<BlockedStack>) -> Vec<BlockedStack> {
             stack.lock.map(LockWait::without_waker),
         )
     };
-    let is_futex = |stack: &BlockedStack| {
+    // A futex wait's waker, `Some(None)` while unknown; `None` for other waits.
+    let futex_waker = |stack: &BlockedStack| {
         stack
             .lock
-            .is_some_and(|lock| lock.kind == crate::capture::LockKind::Futex)
+            .filter(|lock| lock.kind == crate::capture::LockKind::Futex)
+            .map(|lock| lock.holder_tid)
     };
     let mut woken: HashMap<Place, Vec<usize>> = HashMap::new();
     for (index, stack) in stacks.iter().enumerate() {
-        if is_futex(stack) && stack.lock.is_some_and(|lock| lock.holder_tid.is_some()) {
+        if let Some(Some(_)) = futex_waker(stack) {
             woken.entry(place(stack)).or_default().push(index);
         }
     }
@@ -283,7 +285,7 @@ fn join_futex_waits(stacks: Vec<BlockedStack>) -> Vec<BlockedStack> {
         let Some(stack) = &joined[index] else {
             continue;
         };
-        if !is_futex(stack) || stack.lock.is_some_and(|lock| lock.holder_tid.is_some()) {
+        if futex_waker(stack) != Some(None) {
             continue;
         }
         let Some([into]) = woken.get(&place(stack)).map(Vec::as_slice) else {
