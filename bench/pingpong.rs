@@ -1,6 +1,6 @@
 //! A context-switch storm: two threads pass one byte back and forth over two
 //! pipes, so every round trip is two blocks and two wake-ups. Used by
-//! bench/overhead.py to measure what a tracer costs the traced process.
+//! bench/probe_cost.py to measure what a tracer costs the traced process.
 //!
 //! Prints `ready PID`, then for every `run N` line on stdin runs N round trips
 //! and prints `ns_per_round_trip X`. A `calls N` line makes N getppid()

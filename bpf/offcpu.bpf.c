@@ -3,11 +3,27 @@
  * Off-CPU time of chosen processes: the kernel and user stack a thread left
  * the CPU with, and how long it stayed away.
  *
- * At switch-out (the thread is still `current`) we note when and where it
- * stopped; at switch-in we add the time away to its {tgid, tid, stacks, state}
- * total. Threads that are still away when user space looks are read straight
- * out of `starts`; threads that were already away before we attached are found
- * by the task iterator `find_blocked`.
+ * Every program runs for every process on the machine, so each one starts
+ * by asking `target_bits` whether the thread's process is watched: one load
+ * and a bit test. Anything else pays nothing more.
+ *
+ * For a target, a switch-out costs a timestamp in the thread's entry and a
+ * switch-in one subtraction. Stacks are walked only for blocks that reach
+ * min_block, which is when they are known to matter:
+ *   - the kernel stack at switch-in, with bpf_get_task_stack(next): the
+ *     thread is still asleep, so its stack is the one it blocked with;
+ *   - the user stack on the thread's way back to user space
+ *     (rseq:rseq_update, in its own context, before it runs a single user
+ *     instruction), with bpf_get_stackid(): the user registers and stack
+ *     are still those of the blocking call. A thread that has not
+ *     registered rseq (not glibc >= 2.35) or a kernel without the
+ *     tracepoint gets its user stack at switch-out, as a switch-out walk
+ *     would.
+ * Blocks still in progress when user space looks are completed from
+ * outside by the `survey` task iterator: the kernel stack of the sleeping
+ * thread and the user registers it entered the kernel with, from which
+ * user space walks its user stack. The same iterator finds the threads that
+ * were already blocked when a capture began.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -20,13 +36,15 @@ char LICENSE[] SEC("license") = "GPL";
 #define TASK_RUNNING 0x0
 #define TASK_INTERRUPTIBLE 0x1
 #define TASK_UNINTERRUPTIBLE 0x2
+#define TASK_DEAD 0x80
 #define EFAULT 14
 #define EEXIST 17
 
 /*
- * The kernel stack at switch-out starts inside the tracing machinery: the BPF
- * program itself and the trampoline that called it. Skip those two frames so
- * that no profile ever shows them. The low 8 bits of the flags are the count.
+ * The kernel stack taken in the current context starts inside the tracing
+ * machinery: the BPF program itself and the trampoline that called it. Skip
+ * those two frames so that no profile ever shows them. The low 8 bits of the
+ * flags are the count.
  */
 #define KERNEL_STACK_SKIP 2
 
@@ -37,36 +55,46 @@ char LICENSE[] SEC("license") = "GPL";
  */
 const volatile struct enum_anchor enum_anchor = {};
 
-/* Tunables, set by user space between open() and load(). */
-const volatile __u32 target_tid = 0;		/* 0: every thread of the targets */
-const volatile __u64 target_cgroup_id = 0;	/* 0: any cgroup */
-const volatile __u64 min_block_ns = 1000000;
-const volatile __u64 max_block_ns = ~0ULL;
-const volatile __u32 state_mask = 0xf;		/* bits of enum thread_state */
-/* Address-space calls smaller than this are not recorded; 0: none are. */
-const volatile __u64 min_address_change = 64ULL << 20;
-/* Our pid namespace, when it is not the initial one (ino 0: initial). */
-const volatile __u64 pidns_dev = 0;
-const volatile __u64 pidns_ino = 0;
+const volatile struct tunables tunables = {
+	.min_block_ns = 1000000,
+	.max_block_ns = ~0ULL,
+	.state_mask = 0xf,
+	.min_address_change = 64ULL << 20,
+};
 
-/* Processes to watch (tgids in our pid namespace). User space edits this live. */
+/*
+ * Host tgids of the targets, one bit each. Set by the survey (which knows
+ * both a task's host tgid and its tgid in our namespace), cleared by user
+ * space through the mapped .bss; both sides change words atomically.
+ */
+__u64 target_bits[TARGET_WORDS];
+
+/*
+ * 1 once rseq:rseq_update is attached: user stacks are then taken on the way
+ * back to user space. Until then (or on a kernel without it), at switch-out.
+ */
+__u32 stacks_on_return = 0;
+
+/* Processes to watch, by tgid in our namespace. User space edits this live. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, struct target);
 } targets SEC(".maps");
 
 /*
- * In-flight blocks by host tid. A plain hash, not per-CPU: threads are often
- * woken on another CPU than the one they slept on.
+ * Target threads by host tid. A plain hash, not per-CPU: threads are often
+ * woken on another CPU than the one they slept on. An entry lives from the
+ * thread's first event to its last switch-out, so the map holds live threads
+ * only.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
 	__type(key, __u32);
-	__type(value, struct block_start);
-} starts SEC(".maps");
+	__type(value, struct thread);
+} threads SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -75,6 +103,7 @@ struct {
 	__type(value, struct block_total);
 } blocked SEC(".maps");
 
+/* User stacks, and the stacks of mmap_lock holders (taken in their own context). */
 struct {
 	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
 	__uint(max_entries, 16384);
@@ -82,12 +111,13 @@ struct {
 	__uint(value_size, MAX_STACK_DEPTH * sizeof(__u64));
 } stacks SEC(".maps");
 
+/* Kernel stacks of sleeping threads, by a hash of their frames. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 2048);
-	__type(key, __u32);	/* tid, as in struct block_key */
-	__type(value, struct preblocked_stack);
-} preblocked_stacks SEC(".maps");
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct task_stack);
+} task_stacks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -95,14 +125,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
-
-/* Kernel locks target threads are contending for now, by host tid. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u32);
-	__type(value, struct lock_wait_stack);
-} lock_waits SEC(".maps");
 
 /* mmap_lock holds of target threads in progress. */
 struct {
@@ -120,15 +142,7 @@ struct {
 	__type(value, struct lock_hold);
 } lock_holds SEC(".maps");
 
-/*
- * Entries in `calls_in_progress`, roughly (an entry a thread leaves behind
- * when it dies keeps it above zero, which only costs a lookup). sys_exit
- * runs for every system call on the machine; while this is zero, one
- * load is all it costs.
- */
-__u64 calls_pending = 0;
-
-/* Address-space calls of target threads that have not returned, by host tid. */
+/* Each target thread's latest large address-space call, by host tid. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -136,7 +150,7 @@ struct {
 	__type(value, struct address_change);
 } calls_in_progress SEC(".maps");
 
-/* Finished large address-space calls, until user space takes them. */
+/* Large address-space calls, as last seen, until user space takes them. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -144,12 +158,12 @@ struct {
 	__type(value, struct address_change);
 } address_changes SEC(".maps");
 
-/* Scratch space for one preblocked_stack: too big for the BPF stack. */
+/* Scratch space for one kernel stack: too big for the BPF stack. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct preblocked_stack);
+	__type(value, struct task_stack);
 } scratch SEC(".maps");
 
 static __always_inline void count_drop(enum drop_reason reason)
@@ -158,6 +172,90 @@ static __always_inline void count_drop(enum drop_reason reason)
 
 	if (counter)
 		(*counter)++;
+}
+
+static __always_inline bool is_target(__u32 host_tgid)
+{
+	__u32 word = host_tgid >> 6;
+
+	if (word >= TARGET_WORDS)
+		return false;
+	return target_bits[word] & (1ULL << (host_tgid & 63));
+}
+
+/* The current thread's host tgid: the key of the first test of every program. */
+static __always_inline __u32 current_host_tgid(void)
+{
+	return bpf_get_current_pid_tgid() >> 32;
+}
+
+/*
+ * A stack of the current thread into `stacks`, or STACK_ID_NONE. A drop is
+ * counted unless there was no stack to take: -EFAULT for a thread without
+ * user memory (a kernel thread, an io_uring worker, an exiting thread).
+ */
+static __always_inline __s32 current_stack(void *ctx, __u64 flags, enum drop_reason drop)
+{
+	long id = bpf_get_stackid(ctx, &stacks, flags);
+
+	if (id >= 0)
+		return id;
+	if (id != -EFAULT)
+		count_drop(drop);
+	return STACK_ID_NONE;
+}
+
+static __always_inline __s32 current_user_stack(void *ctx)
+{
+	return current_stack(ctx, BPF_F_USER_STACK, DROP_USER_STACK);
+}
+
+static __always_inline __s32 current_kernel_stack(void *ctx)
+{
+	return current_stack(ctx, KERNEL_STACK_SKIP, DROP_KERNEL_STACK);
+}
+
+/*
+ * A kernel stack into `task_stacks`, keyed by a hash of its frames; 0 if
+ * none could be taken. `task` is the sleeping (or not yet running) thread
+ * to take it from; NULL takes the current thread's, for the raw_tp hook,
+ * which cannot name another task to the kernel. The kernel leaves the
+ * scheduler's own frames (schedule, __schedule, ...) out of another task's
+ * stack, so a block shows where it waited, not how it went to sleep.
+ */
+static __always_inline __u64 kernel_stack_of(void *ctx, struct task_struct *task)
+{
+	struct task_stack *stack;
+	__u32 zero = 0, depth;
+	__u64 hash = 0xcbf29ce484222325ULL;
+	long bytes;
+
+	stack = bpf_map_lookup_elem(&scratch, &zero);
+	if (!stack)
+		return 0;
+	if (task)
+		bytes = bpf_get_task_stack(task, stack->ips, sizeof(stack->ips), 0);
+	else
+		bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), KERNEL_STACK_SKIP);
+	if (bytes <= 0) {
+		count_drop(DROP_KERNEL_STACK);
+		return 0;
+	}
+	depth = bytes / sizeof(__u64);
+	stack->depth = depth;
+	for (__u32 i = 0; i < MAX_STACK_DEPTH; i++) {
+		if (i >= depth)
+			break;
+		hash = (hash ^ stack->ips[i]) * 0x100000001b3ULL;
+	}
+	hash |= 1;	/* 0 means "none" */
+	if (!bpf_map_lookup_elem(&task_stacks, &hash) &&
+	    bpf_map_update_elem(&task_stacks, &hash, stack, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&task_stacks, &hash)) {
+		count_drop(DROP_TASK_STACK_MAP_FULL);
+		return 0;
+	}
+	return hash;
 }
 
 static __always_inline enum thread_state classify_state(bool preempt, unsigned int state)
@@ -173,16 +271,51 @@ static __always_inline enum thread_state classify_state(bool preempt, unsigned i
 
 static __always_inline bool state_wanted(enum thread_state state)
 {
-	return state_mask & (1u << state);
+	return tunables.state_mask & (1u << state);
+}
+
+/* A task's pid number in our pid namespace, or 0 if it is not visible there. */
+static __always_inline __u32 pid_in_our_ns(struct pid *pid, __u32 level)
+{
+	struct upid upid = {};
+
+	if (level > 31 || BPF_CORE_READ(pid, level) < level)
+		return 0;
+	bpf_core_read(&upid, sizeof(upid), &pid->numbers[level]);
+	if (BPF_CORE_READ(upid.ns, ns.inum) != tunables.pidns_ino)
+		return 0;
+	return upid.nr;
+}
+
+/* Our pid namespace's level, as the current thread (a target, or us) sees it. */
+static __always_inline __u32 our_pidns_level(void)
+{
+	struct task_struct *me = bpf_get_current_task_btf();
+
+	return BPF_CORE_READ(me, thread_pid, level);
+}
+
+/* A task's ids as seen from our pid namespace; false if it is not visible there. */
+static __always_inline bool task_ids(struct task_struct *task, __u32 level, __u32 *tgid, __u32 *tid)
+{
+	if (tunables.pidns_ino) {
+		*tgid = pid_in_our_ns(BPF_CORE_READ(task, group_leader, thread_pid), level);
+		*tid = pid_in_our_ns(BPF_CORE_READ(task, thread_pid), level);
+	} else {
+		*tgid = BPF_CORE_READ(task, tgid);
+		*tid = BPF_CORE_READ(task, pid);
+	}
+	return *tid != 0;
 }
 
 /* The current thread's ids as seen from our pid namespace. */
 static __always_inline bool current_ids(__u32 *tgid, __u32 *tid)
 {
-	if (pidns_ino) {
+	if (tunables.pidns_ino) {
 		struct bpf_pidns_info ns = {};
 
-		if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+		if (bpf_get_ns_current_pid_tgid(tunables.pidns_dev, tunables.pidns_ino, &ns,
+						sizeof(ns)))
 			return false;
 		*tgid = ns.tgid;
 		*tid = ns.pid;
@@ -195,17 +328,29 @@ static __always_inline bool current_ids(__u32 *tgid, __u32 *tid)
 	return *tid != 0;
 }
 
-/* A task's pid number in our pid namespace, or 0 if it is not visible there. */
-static __always_inline __u32 pid_in_our_ns(struct pid *pid, __u32 level)
+/*
+ * The current target thread's entry, created on its first event. NULL for a
+ * thread the filters leave out or that is not visible from our namespace.
+ */
+static __always_inline struct thread *current_thread(__u32 host_tid)
 {
-	struct upid upid = {};
+	struct thread *thread = bpf_map_lookup_elem(&threads, &host_tid);
+	struct thread fresh = {};
 
-	if (level > 31 || BPF_CORE_READ(pid, level) < level)
-		return 0;
-	bpf_core_read(&upid, sizeof(upid), &pid->numbers[level]);
-	if (BPF_CORE_READ(upid.ns, ns.inum) != pidns_ino)
-		return 0;
-	return upid.nr;
+	if (thread)
+		return thread;
+	if (!current_ids(&fresh.key.tgid, &fresh.key.tid))
+		return NULL;
+	if (tunables.tid && fresh.key.tid != tunables.tid)
+		return NULL;
+	if (tunables.cgroup_id && bpf_get_current_cgroup_id() != tunables.cgroup_id)
+		return NULL;
+	if (bpf_map_update_elem(&threads, &host_tid, &fresh, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&threads, &host_tid)) {
+		count_drop(DROP_THREAD_MAP_FULL);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&threads, &host_tid);
 }
 
 /*
@@ -231,13 +376,9 @@ static __always_inline __u32 lock_owner(void *lock, __u32 *kind)
 	owner_task = (struct task_struct *)(owner & ~7L);
 	if (!owner_task)
 		return 0;
-	if (pidns_ino) {
-		struct task_struct *me = bpf_get_current_task_btf();
-
+	if (tunables.pidns_ino)
 		/* Targets live in our namespace, so the waiter's level is ours. */
-		return pid_in_our_ns(BPF_CORE_READ(owner_task, thread_pid),
-				     BPF_CORE_READ(me, thread_pid, level));
-	}
+		return pid_in_our_ns(BPF_CORE_READ(owner_task, thread_pid), our_pidns_level());
 	return BPF_CORE_READ(owner_task, pid);
 }
 
@@ -251,12 +392,6 @@ static __always_inline struct lock_wait *innermost_wait(struct lock_wait_stack *
 	if (depth > LOCK_WAIT_NESTING)
 		depth = LOCK_WAIT_NESTING;
 	return &waits->waits[(depth - 1) & (LOCK_WAIT_NESTING - 1)];
-}
-
-/* Whether the current thread belongs to a target; its ids in our namespace. */
-static __always_inline bool current_target(__u32 *tgid, __u32 *tid)
-{
-	return current_ids(tgid, tid) && bpf_map_lookup_elem(&targets, tgid);
 }
 
 #if defined(__TARGET_ARCH_x86)
@@ -277,14 +412,14 @@ static __always_inline bool current_target(__u32 *tgid, __u32 *tid)
 #define FUTEX_CMD_MASK 0x7f
 
 /*
- * A thread going to sleep in futex(): the user-space lock word it waits
- * on. Mutexes, condition variables and most user-space locks come down
+ * A thread asleep in futex(): the user-space lock word it waits on, read
+ * from the registers it entered the kernel with (which stay put while it
+ * sleeps). Mutexes, condition variables and most user-space locks come down
  * to this. False for any other sleep.
  */
-static __always_inline bool futex_wait(struct lock_wait *wait)
+static __always_inline bool futex_wait(struct task_struct *task, struct lock_wait *wait)
 {
-	struct task_struct *me = bpf_get_current_task_btf();
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(me);
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	long nr, op;
 
 	if (!regs)
@@ -307,94 +442,29 @@ static __always_inline bool futex_wait(struct lock_wait *wait)
 	return wait->addr != 0;
 }
 
-static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int prev_state)
+/* Names a sleeping thread's futex wait, once, when the block turns out to matter. */
+static __always_inline void name_futex_wait(struct task_struct *task, struct thread *thread)
 {
-	struct block_start start = {};
-	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
-	struct lock_wait_stack *waits;
-	struct lock_wait *lock = NULL;
-	__u32 tgid, tid;
-	long stack_id;
-
-	if (!current_target(&tgid, &tid))
-		return;
-	if (target_tid && tid != target_tid)
-		return;
-	if (target_cgroup_id && bpf_get_current_cgroup_id() != target_cgroup_id)
-		return;
-	start.state = classify_state(preempt, prev_state);
-	if (!state_wanted(start.state))
-		return;
-
-	start.tgid = tgid;
-	start.tid = tid;
-	waits = bpf_map_lookup_elem(&lock_waits, &host_tid);
-	if (waits)
-		lock = innermost_wait(waits);
-	if (lock) {
-		__u32 holder;
-
-		start.lock = *lock;
-		/*
-		 * The owner may have changed since the wait began (or been between
-		 * owners then): who holds it as we go to sleep is the better answer.
-		 */
-		start.lock.kind &= ~LOCK_HOLDER_READER;
-		holder = lock_owner((void *)lock->addr, &start.lock.kind);
-		if (holder)
-			start.lock.holder_tid = holder;
-		else if (lock->kind & LOCK_HOLDER_READER)
-			start.lock.kind |= LOCK_HOLDER_READER;
-	} else if (start.state == THREAD_STATE_SLEEPING) {
-		futex_wait(&start.lock);
-	}
-	stack_id = bpf_get_stackid(ctx, &stacks, KERNEL_STACK_SKIP);
-	if (stack_id < 0)
-		count_drop(DROP_KERNEL_STACK);
-	start.kernel_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
-	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-	/* -EFAULT: no user stack at all (an io_uring worker, say); not a drop. */
-	if (stack_id < 0 && stack_id != -EFAULT)
-		count_drop(DROP_USER_STACK);
-	start.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
-	start.start_ns = bpf_ktime_get_ns();
-
-	if (bpf_map_update_elem(&starts, &host_tid, &start, BPF_ANY))
-		count_drop(DROP_START_MAP_FULL);
+	if (thread->key.state == THREAD_STATE_SLEEPING && !thread->key.lock.addr)
+		futex_wait(task, &thread->key.lock);
 }
 
-static __always_inline void on_switch_in(__u32 host_tid)
+/* Adds a finished block to its total; `comm` names the thread if the total is new. */
+static __always_inline void add_block(struct block_key *key, __u64 blocked_ns, const char *comm)
 {
-	struct block_start *start;
-	struct block_total *total;
-	struct block_key key = {};
-	__u64 blocked_ns;
+	struct block_total *total = bpf_map_lookup_elem(&blocked, key);
 
-	start = bpf_map_lookup_elem(&starts, &host_tid);
-	if (!start)
-		return;
-	blocked_ns = bpf_ktime_get_ns() - start->start_ns;
-	key.tgid = start->tgid;
-	key.tid = start->tid;
-	key.kernel_stack_id = start->kernel_stack_id;
-	key.user_stack_id = start->user_stack_id;
-	key.state = start->state;
-	key.lock = start->lock;
-	bpf_map_delete_elem(&starts, &host_tid);
-
-	if (blocked_ns < min_block_ns || blocked_ns > max_block_ns)
-		return;
-
-	total = bpf_map_lookup_elem(&blocked, &key);
 	if (!total) {
-		struct block_total zero = {};
-		long err = bpf_map_update_elem(&blocked, &key, &zero, BPF_NOEXIST);
+		struct block_total fresh = {};
+		long err;
 
+		__builtin_memcpy(fresh.comm, comm, COMM_LEN);
+		err = bpf_map_update_elem(&blocked, key, &fresh, BPF_NOEXIST);
 		if (err && err != -EEXIST) {
 			count_drop(DROP_BLOCKED_MAP_FULL);
 			return;
 		}
-		total = bpf_map_lookup_elem(&blocked, &key);
+		total = bpf_map_lookup_elem(&blocked, key);
 		if (!total)
 			return;
 	}
@@ -402,22 +472,161 @@ static __always_inline void on_switch_in(__u32 host_tid)
 	__sync_fetch_and_add(&total->count, 1);
 }
 
+/* The current thread's owed block, now that its user stack can be taken. */
+static __always_inline void settle_owed(void *ctx, struct thread *thread)
+{
+	char comm[COMM_LEN];
+
+	thread->key.user_stack_id = current_user_stack(ctx);
+	bpf_get_current_comm(comm, sizeof(comm));
+	add_block(&thread->key, thread->owed_ns, comm);
+	thread->owed_ns = 0;
+	thread->start_ns = 0;
+}
+
+/* A target thread's last switch-out: it is not a block, and it releases its entries. */
+static __always_inline void thread_exits(void *ctx, __u32 host_tid)
+{
+	struct thread *thread = bpf_map_lookup_elem(&threads, &host_tid);
+
+	if (thread && thread->owed_ns)
+		settle_owed(ctx, thread);
+	bpf_map_delete_elem(&threads, &host_tid);
+	bpf_map_delete_elem(&calls_in_progress, &host_tid);
+}
+
+/*
+ * `eager`: take both stacks and name the futex now, because the switch-in
+ * cannot (the raw_tp hook, whose `next` is not a pointer the kernel's
+ * helpers take). `rseq`: the thread has registered rseq, so that
+ * rseq:rseq_update will run on its way back to user space.
+ */
+static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int prev_state,
+					  __u32 host_tid, bool rseq, bool eager)
+{
+	enum thread_state state;
+	struct lock_wait *lock;
+	struct thread *thread;
+
+	if (prev_state & TASK_DEAD) {
+		thread_exits(ctx, host_tid);
+		return;
+	}
+	state = classify_state(preempt, prev_state);
+	if (!state_wanted(state))
+		return;
+	thread = current_thread(host_tid);
+	if (!thread)
+		return;
+	/* Back in the kernel without a trip to user space: the same user stack. */
+	if (thread->owed_ns)
+		settle_owed(ctx, thread);
+
+	thread->key.kernel_stack = 0;
+	thread->key.user_stack_id = STACK_ID_NONE;
+	thread->key.state = state;
+	thread->key.lock = (struct lock_wait){};
+	thread->waker_tid = 0;
+	thread->flags = 0;
+	lock = innermost_wait(&thread->waits);
+	if (lock) {
+		__u32 holder;
+
+		thread->key.lock = *lock;
+		/*
+		 * The owner may have changed since the wait began (or been between
+		 * owners then): who holds it as we go to sleep is the better answer.
+		 */
+		thread->key.lock.kind &= ~LOCK_HOLDER_READER;
+		holder = lock_owner((void *)lock->addr, &thread->key.lock.kind);
+		if (holder)
+			thread->key.lock.holder_tid = holder;
+		else if (lock->kind & LOCK_HOLDER_READER)
+			thread->key.lock.kind |= LOCK_HOLDER_READER;
+	}
+	/*
+	 * A thread sleeping for a contended kernel lock is on the lock's slow
+	 * path, which costs microseconds anyway, and its stack's top frames
+	 * (rwsem_down_write_slowpath, mutex_lock, ...) are the ones that say
+	 * what it waits in; the kernel leaves them out of a sleeping task's
+	 * stack, so they are taken now, while the waiter is current.
+	 */
+	if (eager || lock)
+		thread->key.kernel_stack = kernel_stack_of(ctx, NULL);
+	if (eager)
+		name_futex_wait(bpf_get_current_task_btf(), thread);
+	if (eager || !stacks_on_return || !rseq)
+		thread->key.user_stack_id = current_user_stack(ctx);
+	thread->start_ns = bpf_ktime_get_ns();
+}
+
+/*
+ * `trusted`: `next` may be handed to the kernel's task helpers (tp_btf);
+ * from the raw_tp hook it may only be read, and the switch-out was eager.
+ */
+static __always_inline void on_switch_in(void *ctx, struct task_struct *next, bool trusted,
+					 __u32 host_tid, bool rseq)
+{
+	struct thread *thread = bpf_map_lookup_elem(&threads, &host_tid);
+	char comm[COMM_LEN];
+	__u64 blocked_ns;
+
+	if (!thread || !thread->start_ns || thread->owed_ns)
+		return;
+	blocked_ns = bpf_ktime_get_ns() - thread->start_ns;
+	if (blocked_ns < tunables.min_block_ns || blocked_ns > tunables.max_block_ns) {
+		thread->start_ns = 0;
+		return;
+	}
+
+	/* The block matters: what it waited in, while the thread still sleeps. */
+	if (trusted) {
+		if (!thread->key.kernel_stack)
+			thread->key.kernel_stack = kernel_stack_of(ctx, next);
+		name_futex_wait(next, thread);
+	}
+	if (thread->key.lock.kind & LOCK_FUTEX && !thread->key.lock.holder_tid)
+		thread->key.lock.holder_tid = thread->waker_tid;
+	if (thread->key.user_stack_id < 0 && trusted && stacks_on_return && rseq) {
+		/*
+		 * The user stack is taken on the thread's way back to user
+		 * space; until then the entry keeps the block's start, so that
+		 * user space still knows it (see settle_owed).
+		 */
+		thread->owed_ns = blocked_ns;
+		return;
+	}
+	thread->start_ns = 0;
+	/* Saved registers walked from outside cover the block in progress only. */
+	if (thread->key.user_stack_id == STACK_ID_SAVED_REGS)
+		thread->key.user_stack_id = STACK_ID_NONE;
+	bpf_probe_read_kernel_str(comm, sizeof(comm), &next->comm);
+	add_block(&thread->key, blocked_ns, comm);
+}
+
 SEC("tp_btf/sched_switch")
 int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev,
 	     struct task_struct *next, unsigned int prev_state)
 {
-	on_switch_out(ctx, preempt, prev_state);
-	on_switch_in(next->pid);
+	if (is_target(prev->tgid))
+		on_switch_out(ctx, preempt, prev_state, prev->pid, prev->rseq, false);
+	if (is_target(next->tgid))
+		on_switch_in(ctx, next, true, next->pid, next->rseq);
 	return 0;
 }
 
-/* For kernels whose BTF does not allow tp_btf here; fields need CO-RE reads. */
+/*
+ * For kernels whose BTF does not allow tp_btf here; fields need CO-RE reads,
+ * and a switch-out takes its stacks at once (see on_switch_out).
+ */
 SEC("raw_tp/sched_switch")
 int BPF_PROG(sched_switch_raw, bool preempt, struct task_struct *prev,
 	     struct task_struct *next, unsigned int prev_state)
 {
-	on_switch_out(ctx, preempt, prev_state);
-	on_switch_in(BPF_CORE_READ(next, pid));
+	if (is_target(BPF_CORE_READ(prev, tgid)))
+		on_switch_out(ctx, preempt, prev_state, BPF_CORE_READ(prev, pid), false, true);
+	if (is_target(BPF_CORE_READ(next, tgid)))
+		on_switch_in(ctx, next, false, BPF_CORE_READ(next, pid), false);
 	return 0;
 }
 
@@ -425,21 +634,59 @@ int BPF_PROG(sched_switch_raw, bool preempt, struct task_struct *prev,
  * A thread asleep on a futex is woken by the one that let go of the lock:
  * that thread is its holder, as far as anyone can tell from outside. Only
  * a waker of the same process counts; a timeout's wake-up runs in whatever
- * happened to be on the CPU.
+ * happened to be on the CPU. The wait is named only at switch-in, if it
+ * turns out to matter, so every first waker is noted.
+ *
+ * sched_waking, not sched_wakeup: it runs in the waker's context, while
+ * sched_wakeup of a wake-up queued to the wakee's CPU runs there, in
+ * whatever that CPU was doing.
  */
-SEC("raw_tp/sched_wakeup")
-int BPF_PROG(sched_wakeup, struct task_struct *wakee)
+static __always_inline void on_waking(__u32 wakee_tgid, __u32 wakee_tid)
 {
-	__u32 host_tid = BPF_CORE_READ(wakee, pid);
-	struct block_start *start;
+	struct thread *thread;
 	__u32 tgid, tid;
 
-	start = bpf_map_lookup_elem(&starts, &host_tid);
-	if (!start || !(start->lock.kind & LOCK_FUTEX) || start->lock.holder_tid)
+	if (!is_target(wakee_tgid) || current_host_tgid() != wakee_tgid)
+		return;
+	thread = bpf_map_lookup_elem(&threads, &wakee_tid);
+	if (!thread || !thread->start_ns || thread->owed_ns || thread->waker_tid)
+		return;
+	if (!current_ids(&tgid, &tid) || tid == thread->key.tid)
+		return;
+	thread->waker_tid = tid;
+}
+
+SEC("tp_btf/sched_waking")
+int BPF_PROG(sched_waking_btf, struct task_struct *wakee)
+{
+	on_waking(wakee->tgid, wakee->pid);
+	return 0;
+}
+
+SEC("raw_tp/sched_waking")
+int BPF_PROG(sched_waking_raw, struct task_struct *wakee)
+{
+	on_waking(BPF_CORE_READ(wakee, tgid), BPF_CORE_READ(wakee, pid));
+	return 0;
+}
+
+/*
+ * A thread on its way back to user space after it was switched out: the
+ * first moment it is `current` again with its blocking call's user
+ * registers, so a block that mattered gets its user stack here.
+ */
+SEC("raw_tp/rseq_update")
+int BPF_PROG(rseq_update)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 host_tid = (__u32)id;
+	struct thread *thread;
+
+	if (!is_target(id >> 32))
 		return 0;
-	if (!current_ids(&tgid, &tid) || tgid != start->tgid || tid == start->tid)
-		return 0;
-	start->lock.holder_tid = tid;
+	thread = bpf_map_lookup_elem(&threads, &host_tid);
+	if (thread && thread->owed_ns)
+		settle_owed(ctx, thread);
 	return 0;
 }
 
@@ -452,13 +699,16 @@ SEC("raw_tp/contention_begin")
 int BPF_PROG(contention_begin, void *lock, unsigned int flags)
 {
 	struct task_struct *me = bpf_get_current_task_btf();
-	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
-	struct lock_wait_stack *waits, fresh = {};
+	__u64 id = bpf_get_current_pid_tgid();
 	struct lock_wait wait = {};
+	struct thread *thread;
 	struct mm_struct *mm;
-	__u32 tgid, tid, depth;
+	__u32 depth;
 
-	if (!current_target(&tgid, &tid))
+	if (!is_target(id >> 32))
+		return 0;
+	thread = current_thread((__u32)id);
+	if (!thread)
 		return 0;
 	wait.addr = (__u64)lock;
 	wait.kind = flags & 0xffff;
@@ -468,112 +718,26 @@ int BPF_PROG(contention_begin, void *lock, unsigned int flags)
 		wait.kind |= LOCK_MMAP;
 	wait.holder_tid = lock_owner(lock, &wait.kind);
 
-	waits = bpf_map_lookup_elem(&lock_waits, &host_tid);
-	if (!waits) {
-		fresh.waits[0] = wait;
-		fresh.depth = 1;
-		bpf_map_update_elem(&lock_waits, &host_tid, &fresh, BPF_ANY);
-		return 0;
-	}
 	/* A wait inside a wait: keep the outer one for when the inner ends. */
-	depth = waits->depth;
+	depth = thread->waits.depth;
 	if (depth < LOCK_WAIT_NESTING)
-		waits->waits[depth & (LOCK_WAIT_NESTING - 1)] = wait;
-	waits->depth = depth + 1;
+		thread->waits.waits[depth & (LOCK_WAIT_NESTING - 1)] = wait;
+	thread->waits.depth = depth + 1;
 	return 0;
 }
 
 SEC("raw_tp/contention_end")
 int BPF_PROG(contention_end, void *lock, int ret)
 {
-	__u32 host_tid = (__u32)bpf_get_current_pid_tgid();
-	struct lock_wait_stack *waits;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 host_tid = (__u32)id;
+	struct thread *thread;
 
-	waits = bpf_map_lookup_elem(&lock_waits, &host_tid);
-	if (!waits)
+	if (!is_target(id >> 32))
 		return 0;
-	if (waits->depth <= 1)
-		bpf_map_delete_elem(&lock_waits, &host_tid);
-	else
-		waits->depth--;
-	return 0;
-}
-
-/*
- * mmap_lock holds, paired per thread and mm. A failed trylock holds nothing;
- * a read acquisition while holding for write is mmap_write_downgrade(); a
- * read acquisition while holding for read nests.
- */
-SEC("raw_tp/mmap_lock_acquire_returned")
-int BPF_PROG(mmap_lock_acquired, struct mm_struct *mm, bool write, bool success)
-{
-	struct mmap_hold_key key = { .mm = (__u64)mm };
-	struct mmap_hold *hold, fresh = {};
-	__u32 tgid, tid;
-
-	if (!success || !current_target(&tgid, &tid))
-		return 0;
-	key.host_tid = (__u32)bpf_get_current_pid_tgid();
-	hold = bpf_map_lookup_elem(&mmap_holds, &key);
-	if (hold) {
-		if (write)
-			return 0;	/* cannot happen: it would deadlock */
-		if (hold->flags & HOLD_WRITE && !(hold->flags & HOLD_DOWNGRADED))
-			hold->flags |= HOLD_DOWNGRADED;
-		else
-			hold->depth++;
-		return 0;
-	}
-	fresh.start_ns = bpf_ktime_get_ns();
-	fresh.depth = 1;
-	fresh.flags = write ? HOLD_WRITE : 0;
-	if (bpf_map_update_elem(&mmap_holds, &key, &fresh, BPF_ANY))
-		count_drop(DROP_LOCK_HOLD_MAP_FULL);
-	return 0;
-}
-
-SEC("raw_tp/mmap_lock_released")
-int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
-{
-	struct mmap_hold_key key = { .mm = (__u64)mm };
-	struct event_key event = {};
-	struct lock_hold record = {};
-	struct mmap_hold *hold;
-	__u64 now = bpf_ktime_get_ns();
-	__u32 tgid, tid;
-	long stack_id;
-
-	key.host_tid = (__u32)bpf_get_current_pid_tgid();
-	hold = bpf_map_lookup_elem(&mmap_holds, &key);
-	if (!hold)
-		return 0;	/* taken before we attached, or not a target's */
-	if (hold->depth > 1) {
-		hold->depth--;
-		return 0;
-	}
-	record.start_ns = hold->start_ns;
-	record.duration_ns = now - hold->start_ns;
-	record.flags = hold->flags;
-	bpf_map_delete_elem(&mmap_holds, &key);
-	if (record.duration_ns < min_block_ns || !current_ids(&tgid, &tid))
-		return 0;
-
-	record.lock_addr = (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock);
-	record.tgid = tgid;
-	record.tid = tid;
-	bpf_get_current_comm(record.comm, sizeof(record.comm));
-	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-	record.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
-	if (stack_id < 0 && stack_id != -EFAULT)
-		count_drop(DROP_USER_STACK);
-	stack_id = bpf_get_stackid(ctx, &stacks, KERNEL_STACK_SKIP);
-	record.kernel_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
-	if (stack_id < 0)
-		count_drop(DROP_KERNEL_STACK);
-	event.tid = tid;
-	event.start_ns = record.start_ns;
-	if (bpf_map_update_elem(&lock_holds, &event, &record, BPF_ANY))
-		count_drop(DROP_LOCK_HOLD_MAP_FULL);
+	thread = bpf_map_lookup_elem(&threads, &host_tid);
+	if (thread && thread->waits.depth)
+		thread->waits.depth--;
 	return 0;
 }
 
@@ -593,189 +757,269 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 #error "system call numbers are not known for this architecture"
 #endif
 
+#define MAP_POPULATE 0x8000
+#define MAP_NONBLOCK 0x10000
+#define VM_LOCKED 0x2000
+
+/*
+ * mmap_lock holds, paired per thread and mm. A failed trylock holds nothing;
+ * a read acquisition while holding for write is mmap_write_downgrade(); a
+ * read acquisition while holding for read nests.
+ */
+SEC("raw_tp/mmap_lock_acquire_returned")
+int BPF_PROG(mmap_lock_acquired, struct mm_struct *mm, bool write, bool success)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct mmap_hold_key key = { .mm = (__u64)mm, .host_tid = (__u32)id };
+	struct mmap_hold *hold, fresh = {};
+
+	if (!success || !is_target(id >> 32))
+		return 0;
+	hold = bpf_map_lookup_elem(&mmap_holds, &key);
+	if (hold) {
+		if (write)
+			return 0;	/* cannot happen: it would deadlock */
+		if (hold->flags & HOLD_WRITE && !(hold->flags & HOLD_DOWNGRADED))
+			hold->flags |= HOLD_DOWNGRADED;
+		else
+			hold->depth++;
+		return 0;
+	}
+	fresh.start_ns = bpf_ktime_get_ns();
+	fresh.depth = 1;
+	fresh.flags = write ? HOLD_WRITE : 0;
+	if (tunables.min_address_change) {
+		struct task_struct *me = bpf_get_current_task_btf();
+		struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(me);
+
+		if (regs && SYSCALL_NR(regs) == NR_BRK)
+			fresh.brk_before = BPF_CORE_READ(mm, brk);
+	}
+	if (bpf_map_update_elem(&mmap_holds, &key, &fresh, BPF_ANY))
+		count_drop(DROP_LOCK_HOLD_MAP_FULL);
+	return 0;
+}
+
 static __always_inline __u64 distance(__u64 a, __u64 b)
 {
 	return a > b ? a - b : b - a;
 }
 
 /*
- * Large address-space calls of the targets: noted on entry with the caller's
- * user stack, kept on return if they moved at least min_address_change bytes.
- * The call number is compared first: every other call of every process
- * leaves after one comparison.
+ * The address-space call a thread releasing mmap_lock is in, from the
+ * registers it entered the kernel with; false for anything else (a page
+ * fault, mprotect, a /proc read, ...).
  */
-SEC("raw_tp/sys_enter")
-int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
+static __always_inline bool address_call_of(struct mm_struct *mm, const struct mmap_hold *hold,
+					    struct address_change *call)
 {
-	struct address_change call = {};
-	__u32 host_tid, tgid, tid;
-	long stack_id;
+	struct task_struct *me = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(me);
 
-	switch (id) {
+	if (!regs)
+		return false;
+	call->addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	switch (SYSCALL_NR(regs)) {
 	case NR_MMAP:
-		call.call = ADDRESS_MMAP;
-		break;
+		call->call = ADDRESS_MMAP;
+		call->size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		call->arg = PT_REGS_PARM4_CORE_SYSCALL(regs);
+		/* vm_mmap_pgoff() populates after dropping the write hold. */
+		if ((call->arg & MAP_POPULATE && !(call->arg & MAP_NONBLOCK)) ||
+		    BPF_CORE_READ(mm, def_flags) & VM_LOCKED)
+			call->flags = CHANGE_POPULATE_PENDING;
+		return true;
 	case NR_MUNMAP:
-		call.call = ADDRESS_MUNMAP;
-		break;
+		call->call = ADDRESS_MUNMAP;
+		call->size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		return true;
 	case NR_MREMAP:
-		call.call = ADDRESS_MREMAP;
-		break;
+		call->call = ADDRESS_MREMAP;
+		call->size = distance(PT_REGS_PARM2_CORE_SYSCALL(regs),
+				      PT_REGS_PARM3_CORE_SYSCALL(regs));
+		call->arg = PT_REGS_PARM4_CORE_SYSCALL(regs);
+		return true;
 	case NR_BRK:
-		call.call = ADDRESS_BRK;
-		break;
+		/* From the break before the call to the one it set. */
+		call->call = ADDRESS_BRK;
+		call->addr = hold->brk_before;
+		call->size = hold->brk_before ? distance(hold->brk_before, BPF_CORE_READ(mm, brk)) : 0;
+		return true;
 	case NR_MADVISE:
-		call.call = ADDRESS_MADVISE;
-		break;
-	default:
-		return 0;
+		call->call = ADDRESS_MADVISE;
+		call->size = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		call->arg = PT_REGS_PARM3_CORE_SYSCALL(regs);
+		return true;
 	}
-	if (!min_address_change || !current_target(&tgid, &tid))
-		return 0;
-
-	call.addr = PT_REGS_PARM1_CORE_SYSCALL(regs);
-	switch (call.call) {
-	case ADDRESS_MMAP:
-		call.size = PT_REGS_PARM2_CORE_SYSCALL(regs);
-		call.arg = PT_REGS_PARM4_CORE_SYSCALL(regs);
-		break;
-	case ADDRESS_MADVISE:
-		call.size = PT_REGS_PARM2_CORE_SYSCALL(regs);
-		call.arg = PT_REGS_PARM3_CORE_SYSCALL(regs);
-		break;
-	case ADDRESS_MUNMAP:
-		call.size = PT_REGS_PARM2_CORE_SYSCALL(regs);
-		break;
-	case ADDRESS_MREMAP:
-		call.size = distance(PT_REGS_PARM2_CORE_SYSCALL(regs),
-				     PT_REGS_PARM3_CORE_SYSCALL(regs));
-		call.arg = PT_REGS_PARM4_CORE_SYSCALL(regs);
-		break;
-	case ADDRESS_BRK: {
-		struct task_struct *me = bpf_get_current_task_btf();
-		__u64 wanted = call.addr;
-
-		/* From the old break to the one asked for (0 only asks). */
-		call.addr = BPF_CORE_READ(me, mm, brk);
-		call.size = wanted ? distance(call.addr, wanted) : 0;
-		break;
-	}
-	}
-	if (call.size < min_address_change)
-		return 0;
-
-	call.tgid = tgid;
-	call.tid = tid;
-	bpf_get_current_comm(call.comm, sizeof(call.comm));
-	stack_id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-	if (stack_id < 0 && stack_id != -EFAULT)
-		count_drop(DROP_USER_STACK);
-	call.user_stack_id = stack_id < 0 ? STACK_ID_NONE : stack_id;
-	call.start_ns = bpf_ktime_get_ns();
-	host_tid = (__u32)bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_NOEXIST)) {
-		/* One in progress already: a thread makes one call at a time, so it is stale. */
-		if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_EXIST))
-			count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
-		return 0;
-	}
-	__sync_fetch_and_add(&calls_pending, 1);
-	return 0;
+	return false;
 }
 
-SEC("raw_tp/sys_exit")
-int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
+/*
+ * A large address-space call, seen through one of the mmap_lock holds it
+ * took. A write hold begins a call (mmap, munmap, mremap and brk all take
+ * one first); a read hold with the same call and arguments as the thread's
+ * latest call continues it (population after mmap, MADV_POPULATE_* taking
+ * the lock again). Each version is written to `address_changes`.
+ */
+static __always_inline void note_address_call(void *ctx, struct mm_struct *mm,
+					      const struct mmap_hold *hold, __u64 now,
+					      __u32 host_tid, __u32 tgid, __u32 tid)
 {
-	__u32 host_tid;
-	struct address_change *call;
+	struct address_change call = {}, *latest;
 	struct event_key event = {};
 
-	if (!calls_pending)
-		return 0;
-	host_tid = (__u32)bpf_get_current_pid_tgid();
-	call = bpf_map_lookup_elem(&calls_in_progress, &host_tid);
-	if (!call)
-		return 0;
-	call->duration_ns = bpf_ktime_get_ns() - call->start_ns;
-	call->ret = ret;
-	/* The break the kernel actually set: the old one if it refused. */
-	if (call->call == ADDRESS_BRK)
-		call->size = distance(call->addr, ret);
-	if (call->size >= min_address_change) {
-		event.tid = call->tid;
-		event.start_ns = call->start_ns;
-		if (bpf_map_update_elem(&address_changes, &event, call, BPF_ANY))
+	if (!address_call_of(mm, hold, &call) || call.size < tunables.min_address_change)
+		return;
+	latest = bpf_map_lookup_elem(&calls_in_progress, &host_tid);
+	if (latest && !(hold->flags & HOLD_WRITE) && latest->call == call.call &&
+	    latest->addr == call.addr && latest->size == call.size && latest->arg == call.arg) {
+		latest->duration_ns = now - latest->start_ns;
+		latest->flags &= ~CHANGE_POPULATE_PENDING;
+		call = *latest;
+	} else {
+		call.start_ns = hold->start_ns;
+		call.duration_ns = now - hold->start_ns;
+		call.tgid = tgid;
+		call.tid = tid;
+		call.user_stack_id = current_user_stack(ctx);
+		bpf_get_current_comm(call.comm, sizeof(call.comm));
+		if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_ANY))
 			count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
 	}
-	if (!bpf_map_delete_elem(&calls_in_progress, &host_tid))
-		__sync_fetch_and_sub(&calls_pending, 1);
+	event.tid = tid;
+	event.start_ns = call.start_ns;
+	if (bpf_map_update_elem(&address_changes, &event, &call, BPF_ANY))
+		count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
+}
+
+SEC("raw_tp/mmap_lock_released")
+int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct mmap_hold_key key = { .mm = (__u64)mm, .host_tid = (__u32)id };
+	struct event_key event = {};
+	struct lock_hold record = {};
+	struct mmap_hold *hold, ended;
+	__u64 now;
+	__u32 tgid, tid;
+
+	if (!is_target(id >> 32))
+		return 0;
+	hold = bpf_map_lookup_elem(&mmap_holds, &key);
+	if (!hold)
+		return 0;	/* taken before we attached */
+	if (hold->depth > 1) {
+		hold->depth--;
+		return 0;
+	}
+	now = bpf_ktime_get_ns();
+	ended = *hold;
+	bpf_map_delete_elem(&mmap_holds, &key);
+	if (!current_ids(&tgid, &tid))
+		return 0;
+	if (tunables.min_address_change)
+		note_address_call(ctx, mm, &ended, now, key.host_tid, tgid, tid);
+	if (now - ended.start_ns < tunables.min_block_ns)
+		return 0;
+
+	record.start_ns = ended.start_ns;
+	record.duration_ns = now - ended.start_ns;
+	record.flags = ended.flags;
+	record.lock_addr = (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock);
+	record.tgid = tgid;
+	record.tid = tid;
+	bpf_get_current_comm(record.comm, sizeof(record.comm));
+	record.user_stack_id = current_user_stack(ctx);
+	record.kernel_stack_id = current_kernel_stack(ctx);
+	event.tid = tid;
+	event.start_ns = record.start_ns;
+	if (bpf_map_update_elem(&lock_holds, &event, &record, BPF_ANY))
+		count_drop(DROP_LOCK_HOLD_MAP_FULL);
 	return 0;
 }
 
 /*
- * Walk every task once at the start of a capture and note the target threads
- * that are already off the CPU: they will never switch out inside the window,
- * so the sched_switch hook alone would miss exactly the threads a late trigger
- * must explain. They are entered in `starts` as if they had just blocked.
+ * Walks every task and completes what the switch hooks cannot see:
+ *   - a target seen for the first time gets its host tgid bit;
+ *   - a target thread already off the CPU with no entry (it blocked before
+ *     we attached, or before its process became a target) is entered as a
+ *     block that starts now: it would never switch out inside the window,
+ *     so the switch hook alone would miss exactly the threads a late
+ *     trigger must explain;
+ *   - a block in progress gets, once, its kernel stack, its futex word and
+ *     the user registers it entered the kernel with, for user space to
+ *     walk its user stack: a frozen thread is reported while it is frozen.
+ * Run by user space at every cut and whenever a target is added.
  */
 SEC("iter/task")
-int find_blocked(struct bpf_iter__task *ctx)
+int survey(struct bpf_iter__task *ctx)
 {
 	struct task_struct *task = ctx->task;
-	struct preblocked_stack *stack;
-	struct block_start start = {};
+	struct thread *thread, fresh = {};
+	struct target *target;
 	struct pt_regs *regs;
-	__u32 zero = 0, host_tid, tgid, tid;
+	__u32 host_tid, host_tgid, tgid, tid;
+	__u64 start_ns, kernel_stack;
 	unsigned int state;
-	long bytes;
 
 	if (!task)
 		return 0;
+	host_tgid = task->tgid;
 	host_tid = task->pid;
-	if (pidns_ino) {
-		struct task_struct *me = bpf_get_current_task_btf();
-		__u32 level = BPF_CORE_READ(me, thread_pid, level);
-
-		tgid = pid_in_our_ns(BPF_CORE_READ(task, group_leader, thread_pid), level);
-		tid = pid_in_our_ns(BPF_CORE_READ(task, thread_pid), level);
-	} else {
-		tgid = task->tgid;
-		tid = task->pid;
+	if (!is_target(host_tgid)) {
+		if (!task_ids(task, our_pidns_level(), &tgid, &tid))
+			return 0;
+		target = bpf_map_lookup_elem(&targets, &tgid);
+		if (!target)
+			return 0;
+		if (!target->host_tgid)
+			target->host_tgid = host_tgid;
+		if (host_tgid >> 6 < TARGET_WORDS)
+			__sync_fetch_and_or(&target_bits[(host_tgid >> 6) & (TARGET_WORDS - 1)],
+					    1ULL << (host_tgid & 63));
 	}
-	if (!tid || !bpf_map_lookup_elem(&targets, &tgid))
-		return 0;
-	if (target_tid && tid != target_tid)
-		return 0;
-	if (target_cgroup_id &&
-	    BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id) != target_cgroup_id)
-		return 0;
 	state = task->__state;
-	if (state == TASK_RUNNING || task->on_cpu)
-		return 0;
-	start.state = classify_state(false, state);
-	if (!state_wanted(start.state))
+	if (state == TASK_RUNNING || task->on_cpu || state & TASK_DEAD)
 		return 0;
 
-	stack = bpf_map_lookup_elem(&scratch, &zero);
-	if (!stack)
-		return 0;
-	stack->tgid = tgid;
-	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	stack->user_ip = regs ? PT_REGS_IP_CORE(regs) : 0;
-	stack->user_fp = regs ? PT_REGS_FP_CORE(regs) : 0;
-	bytes = bpf_get_task_stack(task, stack->ips, sizeof(stack->ips), 0);
-	stack->depth = bytes > 0 ? bytes / sizeof(__u64) : 0;
-	if (bpf_map_update_elem(&preblocked_stacks, &tid, stack, BPF_ANY)) {
-		count_drop(DROP_PREBLOCKED_MAP_FULL);
-		return 0;
+	thread = bpf_map_lookup_elem(&threads, &host_tid);
+	if (!thread) {
+		if (!task_ids(task, our_pidns_level(), &fresh.key.tgid, &fresh.key.tid))
+			return 0;
+		if (tunables.tid && fresh.key.tid != tunables.tid)
+			return 0;
+		if (tunables.cgroup_id &&
+		    BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id) != tunables.cgroup_id)
+			return 0;
+		fresh.key.state = classify_state(false, state);
+		if (!state_wanted(fresh.key.state))
+			return 0;
+		fresh.key.user_stack_id = STACK_ID_NONE;
+		fresh.start_ns = bpf_ktime_get_ns();
+		fresh.flags = THREAD_PREBLOCKED;
+		/* A thread that blocked since we looked already has a better entry. */
+		bpf_map_update_elem(&threads, &host_tid, &fresh, BPF_NOEXIST);
+		thread = bpf_map_lookup_elem(&threads, &host_tid);
+		if (!thread)
+			return 0;
 	}
+	start_ns = thread->start_ns;
+	if (!start_ns || thread->owed_ns || thread->flags & THREAD_SURVEYED)
+		return 0;
 
-	start.start_ns = bpf_ktime_get_ns();
-	start.tgid = tgid;
-	start.tid = tid;
-	start.kernel_stack_id = STACK_ID_PREBLOCKED;
-	start.user_stack_id = STACK_ID_PREBLOCKED;
-	/* A thread that blocked after we attached already has a better entry. */
-	bpf_map_update_elem(&starts, &host_tid, &start, BPF_NOEXIST);
+	kernel_stack = thread->key.kernel_stack ? thread->key.kernel_stack : kernel_stack_of(ctx, task);
+	/* It woke while we looked: the stack may be the running thread's. */
+	if (thread->start_ns != start_ns || task->on_cpu)
+		return 0;
+	thread->key.kernel_stack = kernel_stack;
+	name_futex_wait(task, thread);
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	if (regs && thread->key.user_stack_id == STACK_ID_NONE && task->mm) {
+		thread->user_ip = PT_REGS_IP_CORE(regs);
+		thread->user_sp = PT_REGS_SP_CORE(regs);
+		thread->user_fp = PT_REGS_FP_CORE(regs);
+		thread->key.user_stack_id = STACK_ID_SAVED_REGS;
+	}
+	thread->flags |= THREAD_SURVEYED;
 	return 0;
 }

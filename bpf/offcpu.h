@@ -14,6 +14,26 @@
 #define COMM_LEN 16
 
 /*
+ * One bit per host tgid, for every pid the kernel can hand out
+ * (PID_MAX_LIMIT, 4M): the first thing every program asks, in one load.
+ */
+#define TARGET_WORDS (1 << 16)
+
+/* Set by user space between open() and load(); fixed for the probe's life. */
+struct tunables {
+	__u64 min_block_ns;
+	__u64 max_block_ns;
+	__u64 cgroup_id;		/* 0: any cgroup */
+	/* Address-space calls smaller than this are not recorded; 0: none are. */
+	__u64 min_address_change;
+	/* Our pid namespace, when it is not the initial one (ino 0: initial). */
+	__u64 pidns_dev;
+	__u64 pidns_ino;
+	__u32 tid;			/* 0: every thread of the targets */
+	__u32 state_mask;		/* bits of enum thread_state */
+};
+
+/*
  * How a thread left the CPU. Each class is one bit of the `state_mask` filter
  * (1 << class).
  */
@@ -26,11 +46,11 @@ enum thread_state {
 
 /* Why the kernel side had to throw something away; the index into `drops`. */
 enum drop_reason {
-	DROP_START_MAP_FULL = 0,	/* `starts` full: a block went unseen */
+	DROP_THREAD_MAP_FULL = 0,	/* `threads` full: a thread's blocks went unseen */
 	DROP_BLOCKED_MAP_FULL = 1,	/* `blocked` full: a finished block was lost */
 	DROP_KERNEL_STACK = 2,		/* kernel stack not recorded (stack map full or collided) */
 	DROP_USER_STACK = 3,		/* user stack not recorded (stack map full or collided) */
-	DROP_PREBLOCKED_MAP_FULL = 4,	/* `preblocked_stacks` full */
+	DROP_TASK_STACK_MAP_FULL = 4,	/* `task_stacks` full: a blocked thread's kernel stack was lost */
 	DROP_LOCK_HOLD_MAP_FULL = 5,	/* `mmap_holds` or `lock_holds` full */
 	DROP_ADDRESS_CHANGE_MAP_FULL = 6, /* `calls_in_progress` or `address_changes` full */
 	DROP_REASON_COUNT = 7,
@@ -96,6 +116,8 @@ enum hold_flags {
 
 struct mmap_hold {
 	__u64 start_ns;
+	/* mm->brk when a brk() call took the lock: the break it moves from. */
+	__u64 brk_before;
 	__u32 depth;		/* read acquisitions not yet released */
 	__u32 flags;		/* enum hold_flags */
 };
@@ -136,79 +158,110 @@ enum address_call {
 	ADDRESS_MADVISE = 4,
 };
 
+enum address_change_flags {
+	/*
+	 * The call will populate what it mapped (MAP_POPULATE, mlockall's
+	 * MCL_FUTURE) under a read hold still to come: the record is not whole.
+	 */
+	CHANGE_POPULATE_PENDING = 1 << 0,
+};
+
 /*
- * One such call by a target thread. While the call runs it sits in
- * `calls_in_progress` (duration 0); once it returns and proves large enough
- * it moves to `address_changes`.
+ * One such call by a target thread, seen through the mmap_lock holds it
+ * takes: from the first acquisition to the last release. The latest version
+ * of a call in progress sits in `calls_in_progress`; every version is also
+ * written to `address_changes`, where user space takes it.
  */
 struct address_change {
 	__u64 start_ns;
 	__u64 duration_ns;
 	__u64 addr;		/* the range's start (brk: the old break) */
 	__u64 size;		/* bytes mapped, unmapped, remapped or advised */
-	__s64 ret;		/* the call's return value */
 	__u32 tgid;
 	__u32 tid;
 	__u32 call;		/* enum address_call */
 	__u32 arg;		/* mmap flags, madvise advice, mremap flags */
 	__s32 user_stack_id;
-	__u32 _pad;
+	__u32 flags;		/* enum address_change_flags */
 	char comm[COMM_LEN];	/* the caller's name (see struct lock_hold) */
 };
 
-/* Stack ids that are not indexes into the `stacks` map. */
+/* User stack ids that are not indexes into the `stacks` map. */
 enum stack_id_special {
 	/* No stack was recorded (see the matching drop counter). */
 	STACK_ID_NONE = -1,
 	/*
-	 * The thread was already blocked when the capture began: its kernel
-	 * stack is in `preblocked_stacks` under its tid.
+	 * Still to be walked from the thread's saved user registers: a block
+	 * in progress, seen from outside by the survey.
 	 */
-	STACK_ID_PREBLOCKED = -2,
-};
-
-/*
- * A thread that left the CPU and has not come back yet, keyed by its host tid.
- * Ids are as seen from freezeframe's own pid namespace.
- */
-struct block_start {
-	__u64 start_ns;		/* bpf_ktime_get_ns() at switch-out */
-	__u32 tgid;
-	__u32 tid;
-	__s32 kernel_stack_id;
-	__s32 user_stack_id;
-	enum thread_state state;
-	__u32 _pad;
-	struct lock_wait lock;
+	STACK_ID_SAVED_REGS = -2,
 };
 
 /* What finished blocks are summed under. */
 struct block_key {
 	__u32 tgid;
 	__u32 tid;
-	__s32 kernel_stack_id;
-	__s32 user_stack_id;
+	/* Key of the sleeping thread's kernel stack in `task_stacks`; 0: none. */
+	__u64 kernel_stack;
+	__s32 user_stack_id;	/* an id in `stacks`, or enum stack_id_special */
 	enum thread_state state;
-	__u32 _pad;
 	struct lock_wait lock;
 };
 
 struct block_total {
 	__u64 blocked_ns;
 	__u64 count;
+	/* The thread's name when its first block here was added. */
+	char comm[COMM_LEN];
+};
+
+enum thread_flags {
+	/*
+	 * The survey has completed the block in progress: its kernel stack,
+	 * futex word and, for a thread with user memory, the registers it
+	 * entered the kernel with (user_stack_id STACK_ID_SAVED_REGS).
+	 */
+	THREAD_SURVEYED = 1 << 0,
+	/* The block in `key` was found in progress when a capture began. */
+	THREAD_PREBLOCKED = 1 << 1,
 };
 
 /*
- * A thread found blocked by the task iterator: its kernel stack, and the user
- * registers it entered the kernel with, from which user space walks its user
- * stack (the kernel will not walk another task's user stack for us).
+ * A target thread as the probe keeps it, by host tid, from its first event
+ * to its exit. Reused in place: a switch costs stores, not a map update.
+ * Ids are as seen from freezeframe's own pid namespace.
  */
-struct preblocked_stack {
-	__u32 tgid;
-	__u32 depth;
-	__u64 user_ip;
+struct thread {
+	/*
+	 * The block in progress (start_ns != 0), or the finished one that
+	 * still owes its user stack (owed_ns != 0).
+	 */
+	struct block_key key;
+	__u64 start_ns;		/* bpf_ktime_get_ns() at switch-out; 0 on the CPU */
+	/*
+	 * A finished block's length, until its user stack is taken; start_ns
+	 * stays the block's start meanwhile.
+	 */
+	__u64 owed_ns;
+	__u64 user_ip;		/* see THREAD_SURVEYED */
+	__u64 user_sp;
 	__u64 user_fp;
+	__u32 waker_tid;	/* the first thread of its process to wake it from this block */
+	__u32 flags;		/* enum thread_flags */
+	struct lock_wait_stack waits;	/* kernel locks it contends for now */
+};
+
+/* A sleeping thread's kernel stack, as bpf_get_task_stack() gives it. */
+struct task_stack {
+	__u32 depth;
+	__u32 _pad;
 	__u64 ips[MAX_STACK_DEPTH];
+};
+
+/* A process to watch: its tgid in our namespace is the key. */
+struct target {
+	__u32 host_tgid;	/* 0 until the survey has seen it */
+	__u32 _pad;
 };
 
 /* Never used as data: makes the enums above part of the program's BTF. */
@@ -218,6 +271,8 @@ struct enum_anchor {
 	enum lock_kind lock_kind;
 	enum hold_flags hold_flags;
 	enum address_call address_call;
+	enum address_change_flags address_change_flags;
+	enum thread_flags thread_flags;
 };
 
 #endif /* FREEZEFRAME_OFFCPU_H */

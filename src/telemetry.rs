@@ -346,7 +346,7 @@ mod tests {
             register_startup_series(&StartupLabels {
                 rules: &["slow".to_string()],
                 capture_outcomes: &["captured", "failed"],
-                bpf_maps: &["starts"],
+                bpf_maps: &["threads"],
                 exporter: Some(("otlp_grpc", &["queued", "delivered"])),
             });
         });
@@ -390,7 +390,7 @@ mod tests {
         let page = startup_page();
         for line in [
             r#"freezeframe_captures_total{rule="slow",outcome="failed"} 0"#,
-            r#"freezeframe_bpf_drops_total{map="starts"} 0"#,
+            r#"freezeframe_bpf_drops_total{map="threads"} 0"#,
             r#"freezeframe_trigger_firing{rule="slow"} 0"#,
             r#"freezeframe_trigger_suppressed_total{rule="slow",reason="max_per_hour"} 0"#,
             r#"freezeframe_symbolize_frames_total{kind="user",outcome="unknown"} 0"#,

@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::mem::{size_of, MaybeUninit};
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -13,7 +13,7 @@ use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
-    StackRef,
+    StackRef, UserRegs,
 };
 use crate::profile::ThreadState;
 
@@ -30,6 +30,9 @@ mod offcpu {
 
 use offcpu::types;
 use offcpu::{OffcpuSkel, OffcpuSkelBuilder};
+
+// One drop counter per name in DROP_MAPS, in the kernel's order.
+const _: () = assert!(types::drop_reason::DROP_REASON_COUNT.0 as usize == super::DROP_MAPS.len());
 
 /// `/proc/self/ns/pid` of the initial pid namespace (PROC_PID_INIT_INO).
 const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
@@ -50,13 +53,14 @@ pub(super) struct Filters {
 /// The deepest stack the kernel records (PERF_MAX_STACK_DEPTH).
 pub(super) const MAX_STACK_DEPTH: usize = 127;
 
-/// A thread the task iterator found already blocked.
-#[derive(Debug, Default)]
-pub(super) struct Preblocked {
-    pub kernel_ips: Vec<u64>,
-    /// User registers at kernel entry, 0 when the thread has none.
-    pub user_ip: u64,
-    pub user_fp: u64,
+/// A finished-block total as the kernel summed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RawTotal {
+    pub key: BlockKey,
+    pub blocked_ns: u64,
+    pub count: u64,
+    /// The thread's name when the total began: it may be gone by now.
+    pub comm: Comm,
 }
 
 /// A thread's name as the kernel keeps it (`comm`, NUL-padded).
@@ -102,7 +106,9 @@ pub(super) struct RawAddressChange {
     pub addr: u64,
     pub size: u64,
     pub arg: u32,
-    pub result: i64,
+    /// A population under a later read hold is still to come (see
+    /// `CHANGE_POPULATE_PENDING`): the call's duration is not final.
+    pub populate_pending: bool,
     pub user_stack: StackRef,
 }
 
@@ -125,9 +131,13 @@ pub struct Features {
     /// `mmap_lock:mmap_lock_acquire_returned/released` are there: long
     /// mmap_lock holds are recorded with the holder's stack.
     pub mmap_lock_holds: bool,
-    /// `raw_syscalls:sys_enter/exit` are there (and wanted): large
-    /// address-space calls are recorded.
+    /// Large address-space calls are recorded (wanted, and seen through
+    /// the mmap_lock holds they take).
     pub address_changes: bool,
+    /// `rseq:rseq_update` is there: a block's user stack is taken on the
+    /// thread's way back to user space, only for blocks that reached
+    /// min_block, instead of at every switch-out.
+    pub stacks_on_return: bool,
 }
 
 impl std::fmt::Display for Features {
@@ -140,10 +150,15 @@ impl std::fmt::Display for Features {
         write!(
             f,
             "sched_switch via {hook}, lock attribution {}, mmap_lock holds {}, \
-             address-space changes {}",
+             address-space changes {}, user stacks {}",
             on(self.lock_contention),
             on(self.mmap_lock_holds),
-            on(self.address_changes)
+            on(self.address_changes),
+            if self.stacks_on_return {
+                "on return"
+            } else {
+                "at switch-out"
+            }
         )
     }
 }
@@ -167,13 +182,14 @@ static MMAP_LOCK: Optional = Optional {
     reported: AtomicBool::new(false),
 };
 static WAKEUPS: Optional = Optional {
-    tracepoints: "sched:sched_wakeup",
+    tracepoints: "sched:sched_waking",
     without: "user-space lock (futex) waits are captured without the thread that woke them",
     reported: AtomicBool::new(false),
 };
-static SYSCALLS: Optional = Optional {
-    tracepoints: "raw_syscalls:sys_enter/exit",
-    without: "large mmap/munmap/mremap/brk/madvise calls are not recorded",
+static RSEQ: Optional = Optional {
+    tracepoints: "rseq:rseq_update",
+    without: "user stacks are taken at every switch-out of a target thread, which costs its \
+              threads a stack walk per context switch",
     reported: AtomicBool::new(false),
 };
 
@@ -202,15 +218,16 @@ pub(super) struct Probe<'obj> {
 /// Implementors must be `repr(C)` structs of integers (or transparent integer
 /// newtypes), valid for every bit pattern.
 unsafe trait Pod: Copy + Default {}
-unsafe impl Pod for types::block_start {}
+unsafe impl Pod for types::thread {}
 unsafe impl Pod for types::block_key {}
 unsafe impl Pod for types::block_total {}
-unsafe impl Pod for types::preblocked_stack {}
+unsafe impl Pod for types::task_stack {}
+unsafe impl Pod for types::target {}
 unsafe impl Pod for types::lock_wait {}
 unsafe impl Pod for types::lock_wait_stack {}
 unsafe impl Pod for types::lock_hold {}
-unsafe impl Pod for types::mmap_hold {}
 unsafe impl Pod for types::address_change {}
+unsafe impl Pod for u32 {}
 unsafe impl Pod for u64 {}
 
 fn from_bytes<T: Pod>(bytes: &[u8]) -> Result<T, CaptureError> {
@@ -246,9 +263,16 @@ fn state_bit(state: ThreadState) -> u32 {
 
 fn stack_ref(id: i32) -> StackRef {
     match id as u32 {
-        id if id == types::stack_id_special::STACK_ID_PREBLOCKED.0 => StackRef::Preblocked,
+        id if id == types::stack_id_special::STACK_ID_SAVED_REGS.0 => StackRef::SavedRegs,
         _ if id < 0 => StackRef::Missing,
         _ => StackRef::Id(id as u32),
+    }
+}
+
+fn task_stack_ref(hash: u64) -> StackRef {
+    match hash {
+        0 => StackRef::Missing,
+        hash => StackRef::Task(hash),
     }
 }
 
@@ -256,11 +280,16 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
     BlockKey {
         tgid: key.tgid,
         tid: key.tid,
-        kernel_stack: stack_ref(key.kernel_stack_id),
+        kernel_stack: task_stack_ref(key.kernel_stack),
         user_stack: stack_ref(key.user_stack_id),
         state: state_from_kernel(key.state),
         lock: lock_from_kernel(&key.lock),
     }
+}
+
+/// A 4-byte map key, as the kernel hands it back.
+fn u32_key(key: &[u8]) -> Result<u32, CaptureError> {
+    from_bytes::<u32>(key)
 }
 
 fn lock_from_kernel(lock: &types::lock_wait) -> Option<LockWait> {
@@ -352,6 +381,7 @@ impl<'obj> Probe<'obj> {
                 lock_contention: false,
                 mmap_lock_holds: false,
                 address_changes: false,
+                stacks_on_return: false,
             },
         })
     }
@@ -391,7 +421,11 @@ impl<'obj> Probe<'obj> {
             ],
         );
         // The waker of a futex wait: without it the wait is still named.
-        attach_all(&WAKEUPS, vec![progs.sched_wakeup.attach()]);
+        let wakeup = match self.features.hook {
+            Hook::TpBtf => &progs.sched_waking_btf,
+            Hook::RawTp => &progs.sched_waking_raw,
+        };
+        attach_all(&WAKEUPS, vec![wakeup.attach()]);
         self.features.mmap_lock_holds = attach_all(
             &MMAP_LOCK,
             vec![
@@ -404,14 +438,25 @@ impl<'obj> Probe<'obj> {
             .maps
             .rodata_data
             .as_ref()
-            .is_some_and(|rodata| rodata.min_address_change > 0);
-        self.features.address_changes = wanted
-            && attach_all(
-                &SYSCALLS,
-                vec![progs.sys_enter.attach(), progs.sys_exit.attach()],
-            );
+            .is_some_and(|rodata| rodata.tunables.min_address_change > 0);
+        self.features.address_changes = wanted && self.features.mmap_lock_holds;
+        // The raw_tp switch hook takes every stack at switch-out anyway.
+        if self.features.hook == Hook::TpBtf {
+            self.features.stacks_on_return = attach_all(&RSEQ, vec![progs.rseq_update.attach()]);
+        }
         self._links = links;
+        if self.features.stacks_on_return {
+            self.bss().stacks_on_return = 1;
+        }
         Ok(())
+    }
+
+    fn bss(&mut self) -> &mut types::bss {
+        self.skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect("offcpu.bpf.c declares .bss globals")
     }
 
     /// Which sched_switch hook this kernel takes, learned once per process
@@ -454,20 +499,21 @@ impl<'obj> Probe<'obj> {
             .rodata_data
             .as_deref_mut()
             .expect("offcpu.bpf.c declares const volatile tunables");
-        rodata.target_tid = filters.tid.unwrap_or(0);
-        rodata.target_cgroup_id = filters.cgroup_id.unwrap_or(0);
-        rodata.min_block_ns = filters.min_block_ns;
-        rodata.max_block_ns = filters.max_block_ns.unwrap_or(u64::MAX);
-        rodata.state_mask = filters
-            .states
-            .iter()
-            .map(|state| state_bit(*state))
-            .fold(0, |a, b| a | b);
-        rodata.min_address_change = filters.min_address_change.unwrap_or(0);
-        if let Some((dev, ino)) = pidns {
-            rodata.pidns_dev = dev;
-            rodata.pidns_ino = ino;
-        }
+        let (pidns_dev, pidns_ino) = pidns.unwrap_or((0, 0));
+        rodata.tunables = types::tunables {
+            min_block_ns: filters.min_block_ns,
+            max_block_ns: filters.max_block_ns.unwrap_or(u64::MAX),
+            cgroup_id: filters.cgroup_id.unwrap_or(0),
+            min_address_change: filters.min_address_change.unwrap_or(0),
+            pidns_dev,
+            pidns_ino,
+            tid: filters.tid.unwrap_or(0),
+            state_mask: filters
+                .states
+                .iter()
+                .map(|state| state_bit(*state))
+                .fold(0, |a, b| a | b),
+        };
         open.progs
             .sched_switch_btf
             .set_autoload(hook == Hook::TpBtf);
@@ -477,35 +523,88 @@ impl<'obj> Probe<'obj> {
         Ok(open)
     }
 
+    /// Watches a process (by its tgid in our namespace). Its host tgid is
+    /// learned, and its bit in `target_bits` set, by the next survey.
     pub fn add_target(&self, tgid: u32) -> Result<(), CaptureError> {
+        // host_tgid 0: not seen yet.
+        let unseen = [0u8; size_of::<types::target>()];
         self.skel
             .maps
             .targets
-            .update(&tgid.to_ne_bytes(), &[1], MapFlags::ANY)
+            .update(&tgid.to_ne_bytes(), &unseen, MapFlags::NO_EXIST)
+            .or_else(|err| match err.kind() {
+                libbpf_rs::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(err),
+            })
             .map_err(|source| CaptureError::Map {
                 map: "targets",
                 source,
             })
     }
 
-    pub fn remove_target(&self, tgid: u32) -> Result<(), CaptureError> {
-        match self.skel.maps.targets.delete(&tgid.to_ne_bytes()) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(CaptureError::Map {
-                map: "targets",
+    /// Stops watching a process, and lets go of the entries of its threads.
+    pub fn remove_target(&mut self, tgid: u32) -> Result<(), CaptureError> {
+        let map_error = |source| CaptureError::Map {
+            map: "targets",
+            source,
+        };
+        let key = tgid.to_ne_bytes();
+        let Some(value) = self
+            .skel
+            .maps
+            .targets
+            .lookup(&key, MapFlags::ANY)
+            .map_err(map_error)?
+        else {
+            return Ok(());
+        };
+        let host_tgid = from_bytes::<types::target>(&value)?.host_tgid;
+        if host_tgid != 0 {
+            self.clear_target_bit(host_tgid);
+        }
+        match self.skel.maps.targets.delete(&key) {
+            Ok(()) => {}
+            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => {}
+            Err(source) => return Err(map_error(source)),
+        }
+        let threads = &self.skel.maps.threads;
+        for (host_tid, value) in threads
+            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(|source| CaptureError::Map {
+                map: "threads",
                 source,
-            }),
+            })?
+        {
+            if from_bytes::<types::thread>(&value)?.key.tgid == tgid {
+                // Gone already if the thread exited meanwhile.
+                let _ = threads.delete(&host_tid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears a host tgid's bit. The survey sets bits concurrently (in the
+    /// kernel, atomically), so the word is changed atomically here too.
+    fn clear_target_bit(&mut self, host_tgid: u32) {
+        let word = (host_tgid >> 6) as usize;
+        let bits = &mut self.bss().target_bits;
+        if let Some(slot) = bits.get_mut(word) {
+            // SAFETY: the slot is an aligned u64 of the mapped .bss, which
+            // lives as long as the skeleton; the kernel only ever changes it
+            // with atomic operations.
+            let atomic = unsafe { AtomicU64::from_ptr(slot as *mut u64) };
+            atomic.fetch_and(!(1u64 << (host_tgid & 63)), Ordering::SeqCst);
         }
     }
 
-    /// Runs the task iterator once: target threads that are off the CPU right
-    /// now are entered as blocks that start now.
-    pub fn find_preblocked(&self) -> Result<(), CaptureError> {
+    /// Runs the survey once (see `survey` in offcpu.bpf.c): new targets get
+    /// their bits, threads already off the CPU are entered as blocks that
+    /// start now, and blocks in progress get their stacks and registers.
+    pub fn survey(&self) -> Result<(), CaptureError> {
         let link = self
             .skel
             .progs
-            .find_blocked
+            .survey
             .attach()
             .map_err(|err| CaptureError::Attach {
                 what: "task iterator",
@@ -521,43 +620,43 @@ impl<'obj> Probe<'obj> {
         Ok(())
     }
 
-    /// Blocks still in progress, by host tid.
+    /// Blocks still in progress, and ended ones still owed their user
+    /// stack, by host tid.
     pub fn in_flight(&self) -> Result<Vec<InFlight>, CaptureError> {
-        let map = &self.skel.maps.starts;
-        let entries = map
+        let entries = self
+            .skel
+            .maps
+            .threads
             .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
             .map_err(|source| CaptureError::Map {
-                map: "starts",
+                map: "threads",
                 source,
             })?;
         let mut blocks = Vec::new();
         for (key, value) in entries {
-            let host_tid =
-                u32::from_ne_bytes(key.get(..4).and_then(|bytes| bytes.try_into().ok()).ok_or(
-                    CaptureError::MapLayout {
-                        expected: 4,
-                        got: key.len(),
-                    },
-                )?);
-            let start: types::block_start = from_bytes(&value)?;
+            let host_tid = u32_key(&key)?;
+            let thread: types::thread = from_bytes(&value)?;
+            if thread.start_ns == 0 {
+                continue;
+            }
+            let key = key_from_kernel(&thread.key);
             blocks.push(InFlight {
                 host_tid,
-                start_ns: start.start_ns,
-                key: BlockKey {
-                    tgid: start.tgid,
-                    tid: start.tid,
-                    kernel_stack: stack_ref(start.kernel_stack_id),
-                    user_stack: stack_ref(start.user_stack_id),
-                    state: state_from_kernel(start.state),
-                    lock: lock_from_kernel(&start.lock),
-                },
+                start_ns: thread.start_ns,
+                owed: thread.owed_ns != 0,
+                regs: (key.user_stack == StackRef::SavedRegs).then_some(UserRegs {
+                    ip: thread.user_ip,
+                    sp: thread.user_sp,
+                    fp: thread.user_fp,
+                }),
+                key,
             });
         }
         Ok(blocks)
     }
 
     /// Takes every finished-block total out of the kernel.
-    pub fn drain_blocked(&self) -> Result<Vec<(BlockKey, u64, u64)>, CaptureError> {
+    pub fn drain_blocked(&self) -> Result<Vec<RawTotal>, CaptureError> {
         let map = &self.skel.maps.blocked;
         let entries = map
             .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
@@ -569,7 +668,12 @@ impl<'obj> Probe<'obj> {
         for (key, value) in entries {
             let key: types::block_key = from_bytes(&key)?;
             let total: types::block_total = from_bytes(&value)?;
-            totals.push((key_from_kernel(&key), total.blocked_ns, total.count));
+            totals.push(RawTotal {
+                key: key_from_kernel(&key),
+                blocked_ns: total.blocked_ns,
+                count: total.count,
+                comm: total.comm.map(|byte| byte as u8),
+            });
         }
         Ok(totals)
     }
@@ -637,7 +741,9 @@ impl<'obj> Probe<'obj> {
                 addr: change.addr,
                 size: change.size,
                 arg: change.arg,
-                result: change.ret,
+                populate_pending: change.flags
+                    & types::address_change_flags::CHANGE_POPULATE_PENDING.0
+                    != 0,
                 user_stack: stack_ref(change.user_stack_id),
             });
         }
@@ -681,33 +787,48 @@ impl<'obj> Probe<'obj> {
         }
     }
 
-    /// What the task iterator found of a pre-blocked thread.
-    pub fn preblocked_stack(&self, tid: u32) -> Result<Preblocked, CaptureError> {
+    /// A sleeping thread's kernel stack, innermost first; empty if it is
+    /// no longer kept.
+    pub fn task_stack(&self, hash: u64) -> Result<Vec<u64>, CaptureError> {
         let bytes = self
             .skel
             .maps
-            .preblocked_stacks
-            .lookup(&tid.to_ne_bytes(), MapFlags::ANY)
+            .task_stacks
+            .lookup(&hash.to_ne_bytes(), MapFlags::ANY)
             .map_err(|source| CaptureError::Map {
-                map: "preblocked_stacks",
+                map: "task_stacks",
                 source,
             })?;
         let Some(bytes) = bytes else {
-            return Ok(Preblocked::default());
+            return Ok(Vec::new());
         };
-        let stack: types::preblocked_stack = from_bytes(&bytes)?;
+        let stack: types::task_stack = from_bytes(&bytes)?;
         let depth = (stack.depth as usize).min(stack.ips.len());
-        Ok(Preblocked {
-            kernel_ips: stack.ips[..depth].to_vec(),
-            user_ip: stack.user_ip,
-            user_fp: stack.user_fp,
-        })
+        Ok(stack.ips[..depth].to_vec())
+    }
+
+    /// How many kernel stacks of sleeping threads the kernel side holds.
+    pub fn task_stack_capacity(&self) -> u32 {
+        self.skel.maps.task_stacks.max_entries()
+    }
+
+    /// Frees a kernel stack slot; a later block with the same stack stores
+    /// it again under the same hash.
+    pub fn forget_task_stack(&self, hash: u64) -> Result<(), CaptureError> {
+        match self.skel.maps.task_stacks.delete(&hash.to_ne_bytes()) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(CaptureError::Map {
+                map: "task_stacks",
+                source,
+            }),
+        }
     }
 
     /// Drop counters summed over CPUs.
     pub fn drops(&self) -> Result<DropCounts, CaptureError> {
         let map = &self.skel.maps.drops;
-        let mut counts = [0u64; types::drop_reason::DROP_REASON_COUNT.0 as usize];
+        let mut counts = [0u64; super::DROP_MAPS.len()];
         for (reason, slot) in counts.iter_mut().enumerate() {
             let per_cpu = map
                 .lookup_percpu(&(reason as u32).to_ne_bytes(), MapFlags::ANY)
@@ -720,16 +841,7 @@ impl<'obj> Probe<'obj> {
                 *slot += from_bytes::<u64>(&value)?;
             }
         }
-        let at = |reason: types::drop_reason| counts[reason.0 as usize];
-        Ok(DropCounts {
-            start_map_full: at(types::drop_reason::DROP_START_MAP_FULL),
-            blocked_map_full: at(types::drop_reason::DROP_BLOCKED_MAP_FULL),
-            kernel_stack: at(types::drop_reason::DROP_KERNEL_STACK),
-            user_stack: at(types::drop_reason::DROP_USER_STACK),
-            preblocked_map_full: at(types::drop_reason::DROP_PREBLOCKED_MAP_FULL),
-            lock_hold_map_full: at(types::drop_reason::DROP_LOCK_HOLD_MAP_FULL),
-            address_change_map_full: at(types::drop_reason::DROP_ADDRESS_CHANGE_MAP_FULL),
-        })
+        Ok(DropCounts { counts })
     }
 }
 
@@ -749,7 +861,7 @@ mod tests {
 
     #[test]
     fn special_stack_ids_are_recognised() {
-        assert_eq!(stack_ref(-2), StackRef::Preblocked);
+        assert_eq!(stack_ref(-2), StackRef::SavedRegs);
         assert_eq!(stack_ref(-1), StackRef::Missing);
         assert_eq!(stack_ref(-14), StackRef::Missing);
         assert_eq!(stack_ref(7), StackRef::Id(7));
@@ -761,7 +873,7 @@ mod tests {
         assert!(matches!(
             err,
             CaptureError::MapLayout {
-                expected: 16,
+                expected: 32,
                 got: 3
             }
         ));
@@ -790,6 +902,8 @@ mod tests {
             let probe = Probe::load(storage, &filters)
                 .expect("these tests load BPF programs: run them as root");
             probe.add_target(std::process::id()).unwrap();
+            // The survey sets the process's bit, which every program tests first.
+            probe.survey().unwrap();
             probe
         }
 
@@ -935,14 +1049,15 @@ mod tests {
             assert_eq!(holds_in_progress(&probe), 0, "but the pairing is done");
         }
 
+        /// The kernel locks this thread contends for, from its entry.
         fn waits(probe: &Probe) -> Option<types::lock_wait_stack> {
             probe
                 .skel
                 .maps
-                .lock_waits
+                .threads
                 .lookup(&my_tid().to_ne_bytes(), MapFlags::ANY)
                 .unwrap()
-                .map(|bytes| from_bytes(&bytes).unwrap())
+                .map(|bytes| from_bytes::<types::thread>(&bytes).unwrap().waits)
         }
 
         #[test]
@@ -963,7 +1078,7 @@ mod tests {
             assert_eq!(after.waits[0].addr, outer);
             assert_eq!(after.waits[0].kind, LCB_F_MUTEX as u32);
             run(end, &[outer, 0]);
-            assert!(waits(&probe).is_none());
+            assert_eq!(waits(&probe).expect("the thread's entry stays").depth, 0);
         }
 
         #[test]

@@ -118,6 +118,10 @@ impl Ledger {
         });
 
         for block in in_flight {
+            // Ended, its total on the way: the credit stays, and grows no more.
+            if block.owed {
+                continue;
+            }
             let age_ns = now_ns.saturating_sub(block.start_ns);
             // Never credit what the kernel will throw away: below min_block
             // the block may still end short; past max_block it will be refused.
@@ -197,6 +201,8 @@ mod tests {
         InFlight {
             host_tid: tid,
             start_ns,
+            owed: false,
+            regs: None,
             key: key(tid),
         }
     }
@@ -290,6 +296,33 @@ mod tests {
         assert_eq!(window[&1], (30 * MS, 1));
     }
 
+    #[test]
+    fn a_block_whose_user_stack_comes_at_its_end_is_counted_once() {
+        let mut ledger = Ledger::new(MS, None);
+        // In flight at the cut: only its saved registers give a user stack.
+        let flying = InFlight {
+            key: BlockKey {
+                user_stack: StackRef::SavedRegs,
+                ..key(1)
+            },
+            ..in_flight(1, 0)
+        };
+        let first = totals(ledger.settle(1000 * MS, &[], &[flying]));
+        assert_eq!(first[&1], (1000 * MS, 1));
+        // Ended at 1.5 s; its user stack is owed until the thread heads back
+        // to user space: no more credit, and the credit is not written off.
+        let owed = InFlight {
+            owed: true,
+            ..flying
+        };
+        for cut in 2..5 {
+            assert!(ledger.settle(cut * 1000 * MS, &[], &[owed]).is_empty());
+        }
+        // The total arrives under the stack the kernel took: only the rest.
+        let last = ledger.settle(5000 * MS, &[(key(1), 1500 * MS, 1)], &[]);
+        assert_eq!(last, vec![(key(1), 500 * MS, 0)]);
+    }
+
     /// Thread 1 waiting on futex word 0x1000, woken by `waker` if known.
     fn futex_wait(waker: Option<u32>) -> BlockKey {
         BlockKey {
@@ -304,9 +337,8 @@ mod tests {
         let woken = futex_wait(Some(7));
         let mut ledger = Ledger::new(MS, None);
         let block = InFlight {
-            host_tid: 1,
-            start_ns: 0,
             key: waiting,
+            ..in_flight(1, 0)
         };
         let first = ledger.settle(1000 * MS, &[], &[block]);
         assert_eq!(first, vec![(waiting, 1000 * MS, 1)]);
@@ -324,9 +356,8 @@ mod tests {
         for finished in [[short, long], [long, short]] {
             let mut ledger = Ledger::new(MS, None);
             let block = InFlight {
-                host_tid: 1,
-                start_ns: 0,
                 key: futex_wait(None),
+                ..in_flight(1, 0)
             };
             let first = ledger.settle(1000 * MS, &[], &[block]);
             let mut second = ledger.settle(2000 * MS, &finished, &[]);

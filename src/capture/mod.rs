@@ -8,6 +8,7 @@
 //! an armed flight recorder is a `collect` every tick.
 
 mod bpf;
+mod calls;
 mod ledger;
 pub mod recorder;
 mod threads;
@@ -95,11 +96,14 @@ impl Default for CaptureConfig {
 /// Where a block's stack is to be found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StackRef {
-    /// An id in the probe's stack map.
+    /// An id in the probe's stack map (stacks taken in the thread's own
+    /// context: user stacks, and the stacks of mmap_lock holders).
     Id(u32),
-    /// The thread was already blocked when the capture began; its kernel
-    /// stack was taken by the task iterator.
-    Preblocked,
+    /// A sleeping thread's kernel stack, by the hash it is kept under.
+    Task(u64),
+    /// A block in progress, seen from outside: its user stack is walked
+    /// from the registers the thread entered the kernel with.
+    SavedRegs,
     /// No stack was recorded (counted in [`DropCounts`], or a thread with no
     /// user stack at all).
     Missing,
@@ -117,13 +121,15 @@ pub struct BlockKey {
 }
 
 impl BlockKey {
-    /// The key with what may change while a block is still in progress
-    /// left out: a futex wait learns its waker only when it ends, so the
-    /// same block is seen without one while in flight and with one at the
-    /// end.
+    /// The key with what a block learns only when it ends left out, so
+    /// that the same block is recognised in flight and at its end:
+    /// - a futex wait learns its waker when it is woken;
+    /// - the user stack is taken on the thread's way back to user space,
+    ///   while a block in progress has only its saved registers.
     pub fn settled_identity(&self) -> BlockKey {
         BlockKey {
             lock: self.lock.map(LockWait::without_waker),
+            user_stack: StackRef::Missing,
             ..*self
         }
     }
@@ -266,87 +272,75 @@ pub struct AddressChange {
     pub size: u64,
     /// mmap's flags, madvise's advice, mremap's flags; 0 otherwise.
     pub arg: u32,
-    /// The call's return value (negative: an errno).
-    pub result: i64,
     /// The caller's user stack at entry, innermost first.
     pub user_ips: Stack,
 }
 
-/// A block that has not ended yet.
+/// The user registers a thread entered the kernel with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub fp: u64,
+}
+
+/// A block that has not reached the finished totals yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InFlight {
     pub host_tid: u32,
     /// Monotonic clock (bpf_ktime_get_ns) at switch-out.
     pub start_ns: u64,
+    /// The block has ended, but its total waits for the user stack the
+    /// thread gives on its way back to user space: nothing more to credit.
+    pub owed: bool,
+    /// For a [`StackRef::SavedRegs`] user stack: where to walk it from.
+    pub regs: Option<UserRegs>,
     pub key: BlockKey,
 }
 
-/// Work the kernel side had to drop, since the probe was loaded.
+/// The maps the kernel side counts drops for, in the order of its
+/// `enum drop_reason`: the names metrics and profile comments use.
+pub const DROP_MAPS: [&str; 7] = [
+    "threads",
+    "blocked",
+    "stacks_kernel",
+    "stacks_user",
+    "task_stacks",
+    "lock_holds",
+    "address_changes",
+];
+
+/// Work the kernel side had to drop, since the probe was loaded, counted
+/// per [`DROP_MAPS`] entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DropCounts {
-    pub start_map_full: u64,
-    pub blocked_map_full: u64,
-    pub kernel_stack: u64,
-    pub user_stack: u64,
-    pub preblocked_map_full: u64,
-    pub lock_hold_map_full: u64,
-    pub address_change_map_full: u64,
+    pub counts: [u64; DROP_MAPS.len()],
 }
 
 impl DropCounts {
     /// What was dropped since `earlier` (counters only grow).
     fn since(&self, earlier: &DropCounts) -> DropCounts {
-        DropCounts {
-            start_map_full: self.start_map_full.saturating_sub(earlier.start_map_full),
-            blocked_map_full: self
-                .blocked_map_full
-                .saturating_sub(earlier.blocked_map_full),
-            kernel_stack: self.kernel_stack.saturating_sub(earlier.kernel_stack),
-            user_stack: self.user_stack.saturating_sub(earlier.user_stack),
-            preblocked_map_full: self
-                .preblocked_map_full
-                .saturating_sub(earlier.preblocked_map_full),
-            lock_hold_map_full: self
-                .lock_hold_map_full
-                .saturating_sub(earlier.lock_hold_map_full),
-            address_change_map_full: self
-                .address_change_map_full
-                .saturating_sub(earlier.address_change_map_full),
+        let mut since = *self;
+        for (count, before) in since.counts.iter_mut().zip(earlier.counts) {
+            *count = count.saturating_sub(before);
         }
+        since
     }
 
     /// Adds another period's drops to these.
     pub fn add(&mut self, other: &DropCounts) {
-        self.start_map_full += other.start_map_full;
-        self.blocked_map_full += other.blocked_map_full;
-        self.kernel_stack += other.kernel_stack;
-        self.user_stack += other.user_stack;
-        self.preblocked_map_full += other.preblocked_map_full;
-        self.lock_hold_map_full += other.lock_hold_map_full;
-        self.address_change_map_full += other.address_change_map_full;
+        for (count, more) in self.counts.iter_mut().zip(other.counts) {
+            *count += more;
+        }
     }
 
     pub fn total(&self) -> u64 {
-        self.start_map_full
-            + self.blocked_map_full
-            + self.kernel_stack
-            + self.user_stack
-            + self.preblocked_map_full
-            + self.lock_hold_map_full
-            + self.address_change_map_full
+        self.counts.iter().sum()
     }
 
     /// `(map, count)` pairs, for metrics and profile comments.
-    pub fn by_map(&self) -> [(&'static str, u64); 7] {
-        [
-            ("starts", self.start_map_full),
-            ("blocked", self.blocked_map_full),
-            ("stacks_kernel", self.kernel_stack),
-            ("stacks_user", self.user_stack),
-            ("preblocked_stacks", self.preblocked_map_full),
-            ("lock_holds", self.lock_hold_map_full),
-            ("address_changes", self.address_change_map_full),
-        ]
+    pub fn by_map(&self) -> [(&'static str, u64); DROP_MAPS.len()] {
+        std::array::from_fn(|index| (DROP_MAPS[index], self.counts[index]))
     }
 }
 
@@ -396,9 +390,14 @@ pub struct Tracer<'obj> {
     threads: threads::Threads,
     window_start_ns: u64,
     window_start_wall: SystemTime,
+    /// Frames of the stack map's ids (user stacks, mmap_lock holders).
     stack_cache: HashMap<u32, Stack>,
-    /// Stacks of threads found blocked at start, by tid: (kernel, user).
-    preblocked: HashMap<u32, (Stack, Stack)>,
+    /// Frames of sleeping threads' kernel stacks, by hash.
+    task_stack_cache: HashMap<u64, Stack>,
+    /// User stacks walked from saved registers, per block in progress
+    /// (host tid, start): walked once, however many cuts the block spans.
+    walked: HashMap<(u32, u64), Stack>,
+    calls: calls::Calls,
     /// The kernel's drop counters at the last cut.
     drops_so_far: DropCounts,
 }
@@ -460,19 +459,19 @@ impl<'obj> Loaded<'obj> {
         probe.attach()?;
         let window_start_ns = monotonic_ns()?;
         let window_start_wall = SystemTime::now();
-        probe.find_preblocked()?;
-        let mut tracer = Tracer {
+        probe.survey()?;
+        Ok(Tracer {
             probe,
             ledger: Ledger::new(filters.min_block_ns, filters.max_block_ns),
             threads: threads::Threads::default(),
             window_start_ns,
             window_start_wall,
             stack_cache: HashMap::new(),
-            preblocked: HashMap::new(),
+            task_stack_cache: HashMap::new(),
+            walked: HashMap::new(),
+            calls: calls::Calls::default(),
             drops_so_far: DropCounts::default(),
-        };
-        tracer.note_preblocked_threads()?;
-        Ok(tracer)
+        })
     }
 }
 
@@ -492,65 +491,68 @@ impl<'obj> Tracer<'obj> {
         self.probe.features
     }
 
-    /// Starts watching another process without reloading.
+    /// Starts watching another process without reloading; its threads
+    /// that are already blocked count from now on.
     pub fn add_target(&self, pid: u32) -> Result<(), CaptureError> {
         if !threads::process_exists(pid) {
             return Err(CaptureError::NoSuchProcess(pid));
         }
-        self.probe.add_target(pid)
+        self.probe.add_target(pid)?;
+        self.probe.survey()
     }
 
-    pub fn remove_target(&self, pid: u32) -> Result<(), CaptureError> {
+    pub fn remove_target(&mut self, pid: u32) -> Result<(), CaptureError> {
         self.probe.remove_target(pid)
-    }
-
-    /// Takes the stacks of threads the iterator found blocked. Their user
-    /// stacks are walked now, while they still sleep and the stack memory
-    /// still holds the frames they blocked in.
-    fn note_preblocked_threads(&mut self) -> Result<(), CaptureError> {
-        for block in self.probe.in_flight()? {
-            if block.key.kernel_stack != StackRef::Preblocked {
-                continue;
-            }
-            let found = self.probe.preblocked_stack(block.key.tid)?;
-            let user_ips = match found.user_ip {
-                0 => Vec::new(),
-                ip => threads::walk_user_stack(
-                    block.key.tgid,
-                    ip,
-                    found.user_fp,
-                    bpf::MAX_STACK_DEPTH,
-                ),
-            };
-            self.preblocked
-                .insert(block.key.tid, (found.kernel_ips.into(), user_ips.into()));
-        }
-        Ok(())
     }
 
     /// Ends the current window now and returns its off-CPU time: blocks that
     /// ended in it, and blocks still in progress up to now.
     pub fn collect(&mut self) -> Result<Window, CaptureError> {
         // Finished totals first, then the blocks still in progress: the
-        // ledger relies on that order (see its docs).
+        // ledger relies on that order (see its docs). The survey in between
+        // gives blocks in progress their stacks before they are read.
         let finished = self.probe.drain_blocked()?;
+        self.probe.survey()?;
         let in_flight = self.probe.in_flight()?;
         let end_ns = monotonic_ns()?;
-        let settled = self.ledger.settle(end_ns, &finished, &in_flight);
+        let totals: Vec<(BlockKey, u64, u64)> = finished
+            .iter()
+            .map(|total| (total.key, total.blocked_ns, total.count))
+            .collect();
+        let settled = self.ledger.settle(end_ns, &totals, &in_flight);
         let holds = self.probe.drain_lock_holds()?;
-        let changes = self.probe.drain_address_changes()?;
+        let changes = self
+            .calls
+            .settle(self.probe.drain_address_changes()?, end_ns);
         let drops_so_far = self.probe.drops()?;
         let drops = drops_so_far.since(&self.drops_so_far);
         self.drops_so_far = drops_so_far;
 
+        // A key's kernel-recorded name, for threads that may have exited.
+        let names: HashMap<BlockKey, bpf::Comm> = finished
+            .iter()
+            .map(|total| (total.key, total.comm))
+            .collect();
+        let saved_regs: HashMap<BlockKey, &InFlight> = in_flight
+            .iter()
+            .filter(|block| block.regs.is_some())
+            .map(|block| (block.key, block))
+            .collect();
         let mut stacks = Vec::with_capacity(settled.len());
         for (key, blocked_ns, count) in settled {
-            let kernel_ips = self.kernel_ips(key)?;
-            let user_ips = self.user_ips(key)?;
+            let kernel_ips = self.stack_of(key.kernel_stack)?;
+            let user_ips = match (key.user_stack, saved_regs.get(&key)) {
+                (StackRef::SavedRegs, Some(block)) => self.walked_stack(block),
+                (stack, _) => self.stack_of(stack)?,
+            };
+            let thread_name = match names.get(&key) {
+                Some(comm) => self.name_at_the_time(comm, key.tgid, key.tid),
+                None => self.threads.name(key.tgid, key.tid),
+            };
             stacks.push(BlockedStack {
                 tgid: key.tgid,
                 tid: key.tid,
-                thread_name: self.threads.name(key.tgid, key.tid),
+                thread_name,
                 state: key.state,
                 kernel_ips,
                 user_ips,
@@ -591,7 +593,6 @@ impl<'obj> Tracer<'obj> {
                 addr: change.addr,
                 size: change.size,
                 arg: change.arg,
-                result: change.result,
                 user_ips: self.stack_of(change.user_stack)?,
             });
         }
@@ -599,6 +600,11 @@ impl<'obj> Tracer<'obj> {
         address_changes.sort_by_key(|change| change.start);
         // Only now that every stack of this window is read may slots be freed.
         self.reclaim_stacks(&in_flight)?;
+        self.walked.retain(|block, _| {
+            in_flight
+                .iter()
+                .any(|flying| (flying.host_tid, flying.start_ns) == *block)
+        });
         self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
@@ -614,48 +620,56 @@ impl<'obj> Tracer<'obj> {
         Ok(window)
     }
 
-    /// An armed tracer runs for days and the kernel's stack map would fill
-    /// up; once half full, slots no block in progress refers to are freed
-    /// (their frames stay cached here until then).
+    /// The user stack of a block in progress, walked once from the
+    /// registers the survey saved: the thread sleeps, so its stack holds
+    /// the frames it blocked in.
+    fn walked_stack(&mut self, block: &InFlight) -> Stack {
+        let Some(regs) = block.regs else {
+            return Stack::from([]);
+        };
+        let tgid = block.key.tgid;
+        Arc::clone(
+            self.walked
+                .entry((block.host_tid, block.start_ns))
+                .or_insert_with(|| {
+                    threads::walk_user_stack(tgid, regs.ip, regs.fp, bpf::MAX_STACK_DEPTH).into()
+                }),
+        )
+    }
+
+    /// An armed tracer runs for days and the kernel's stack maps would fill
+    /// up; once one is half full, slots no block in progress refers to are
+    /// freed (their frames stay cached here until then).
     fn reclaim_stacks(&mut self, in_flight: &[InFlight]) -> Result<(), CaptureError> {
-        if self.stack_cache.len() * 2 < self.probe.stack_capacity() as usize {
-            return Ok(());
-        }
-        let in_use: std::collections::HashSet<u32> = in_flight
+        let in_use: std::collections::HashSet<StackRef> = in_flight
             .iter()
             .flat_map(|block| [block.key.kernel_stack, block.key.user_stack])
-            .filter_map(|stack| match stack {
-                StackRef::Id(id) => Some(id),
-                _ => None,
-            })
             .collect();
-        let unused: Vec<u32> = self
-            .stack_cache
-            .keys()
-            .copied()
-            .filter(|id| !in_use.contains(id))
-            .collect();
-        for id in unused {
-            self.probe.forget_stack(id)?;
-            self.stack_cache.remove(&id);
+        if self.stack_cache.len() * 2 >= self.probe.stack_capacity() as usize {
+            let unused: Vec<u32> = self
+                .stack_cache
+                .keys()
+                .copied()
+                .filter(|id| !in_use.contains(&StackRef::Id(*id)))
+                .collect();
+            for id in unused {
+                self.probe.forget_stack(id)?;
+                self.stack_cache.remove(&id);
+            }
+        }
+        if self.task_stack_cache.len() * 2 >= self.probe.task_stack_capacity() as usize {
+            let unused: Vec<u64> = self
+                .task_stack_cache
+                .keys()
+                .copied()
+                .filter(|hash| !in_use.contains(&StackRef::Task(*hash)))
+                .collect();
+            for hash in unused {
+                self.probe.forget_task_stack(hash)?;
+                self.task_stack_cache.remove(&hash);
+            }
         }
         Ok(())
-    }
-
-    fn kernel_ips(&mut self, key: BlockKey) -> Result<Stack, CaptureError> {
-        match key.kernel_stack {
-            StackRef::Id(id) => self.cached_stack(id),
-            StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).0),
-            StackRef::Missing => Ok(Stack::from([])),
-        }
-    }
-
-    fn user_ips(&mut self, key: BlockKey) -> Result<Stack, CaptureError> {
-        match key.user_stack {
-            StackRef::Id(id) => self.cached_stack(id),
-            StackRef::Preblocked => Ok(self.preblocked_ips(key.tid).1),
-            StackRef::Missing => Ok(Stack::from([])),
-        }
     }
 
     /// The name the kernel recorded with an event, else the thread's name
@@ -664,11 +678,26 @@ impl<'obj> Tracer<'obj> {
         bpf::comm_name(comm).unwrap_or_else(|| self.threads.name(tgid, tid))
     }
 
-    /// A stack recorded by id alone (holds and address-space calls).
+    /// The frames of a stack the kernel side keeps.
     fn stack_of(&mut self, stack: StackRef) -> Result<Stack, CaptureError> {
         match stack {
-            StackRef::Id(id) => self.cached_stack(id),
-            StackRef::Preblocked | StackRef::Missing => Ok(Stack::from([])),
+            StackRef::Id(id) => {
+                if let Some(stack) = self.stack_cache.get(&id) {
+                    return Ok(Arc::clone(stack));
+                }
+                let stack: Stack = self.probe.stack(id)?.into();
+                self.stack_cache.insert(id, Arc::clone(&stack));
+                Ok(stack)
+            }
+            StackRef::Task(hash) => {
+                if let Some(stack) = self.task_stack_cache.get(&hash) {
+                    return Ok(Arc::clone(stack));
+                }
+                let stack: Stack = self.probe.task_stack(hash)?.into();
+                self.task_stack_cache.insert(hash, Arc::clone(&stack));
+                Ok(stack)
+            }
+            StackRef::SavedRegs | StackRef::Missing => Ok(Stack::from([])),
         }
     }
 
@@ -679,21 +708,5 @@ impl<'obj> Tracer<'obj> {
         } else {
             self.window_start_wall - Duration::from_nanos(self.window_start_ns - monotonic_ns)
         }
-    }
-
-    fn preblocked_ips(&self, tid: u32) -> (Stack, Stack) {
-        self.preblocked
-            .get(&tid)
-            .cloned()
-            .unwrap_or_else(|| (Stack::from([]), Stack::from([])))
-    }
-
-    fn cached_stack(&mut self, id: u32) -> Result<Stack, CaptureError> {
-        if let Some(stack) = self.stack_cache.get(&id) {
-            return Ok(Arc::clone(stack));
-        }
-        let stack: Stack = self.probe.stack(id)?.into();
-        self.stack_cache.insert(id, Arc::clone(&stack));
-        Ok(stack)
     }
 }

@@ -518,6 +518,7 @@ mod tests {
                 lock_contention: true,
                 mmap_lock_holds: true,
                 address_changes: true,
+                stacks_on_return: true,
             },
         }
     }

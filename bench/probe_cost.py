@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""What the probe costs, in the kernel's own numbers.
+
+Wall-clock slowdowns of a few per cent are noise on a small VM; the
+kernel's BPF statistics (`kernel.bpf_stats_enabled`, then `run_time_ns`
+and `run_cnt` per program from `bpftool prog show -j`) are not. This
+script reads them for every program a tracer owns, around a measured
+stretch of work, and prints:
+
+  1. on the target: BPF ns per round trip of a two-thread pipe storm
+     (bench/pingpong.rs) traced by `freezeframe capture` and by
+     libbpf-tools' `offcputime -p`, and ns per run of each program;
+  2. on a neighbour: freezeframe watches an idle process while another
+     process runs the storm and a getppid() loop; BPF ns per round trip
+     and per system call of that neighbour, per program;
+  3. wall clock, interleaved round by round, medians: the storm untraced,
+     under freezeframe and under offcputime; the neighbour's getppid()
+     untraced and next to freezeframe;
+  4. the armed sidecar's own CPU and RSS, idle and with a busy target.
+
+The statistics' own bookkeeping (two clock reads per run, about 20 ns) is
+part of every figure. Statistics are switched off again at the end.
+
+Run as root after `cargo build --release`:  bench/probe_cost.py
+Compare two builds in one run with --baseline PATH (another freezeframe
+binary): every freezeframe figure is then given for both.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FREEZEFRAME = ROOT / "target/release/freezeframe"
+OFFCPUTIME = Path("/usr/sbin/offcputime")
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def build_pingpong(out_dir: Path) -> Path:
+    binary = out_dir / "pingpong"
+    subprocess.run(
+        ["rustc", "--edition", "2021", "-O", "-C", "force-frame-pointers=yes",
+         str(ROOT / "bench/pingpong.rs"), "-o", str(binary)],
+        check=True,
+    )
+    return binary
+
+
+class PingPong:
+    """bench/pingpong.rs: `run N` round trips, or `calls N` getppid() calls."""
+
+    def __init__(self, binary: Path):
+        self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = int(self.proc.stdout.readline().split()[1])
+
+    def _ask(self, line: str) -> float:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline().split()[1])
+
+    def run(self, rounds: int) -> float:
+        return self._ask(f"run {rounds}")
+
+    def calls(self, count: int) -> float:
+        return self._ask(f"calls {count}")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def program_ids(pid: int) -> set:
+    """The ids of the BPF programs a process holds open, directly or through links."""
+    ids = set()
+    try:
+        fdinfos = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+    except OSError:
+        return ids
+    for fdinfo in fdinfos:
+        try:
+            text = fdinfo.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
+
+
+def programs_of(pid: int) -> dict:
+    """The BPF programs a process holds: {id: (name, run_time_ns, run_cnt)}."""
+    ids = program_ids(pid)
+    shown = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], check=True,
+                                      capture_output=True, text=True).stdout)
+    return {prog["id"]: (prog.get("name", "?"), prog.get("run_time_ns", 0), prog.get("run_cnt", 0))
+            for prog in shown if prog["id"] in ids}
+
+
+def has_bpf_link(pid: int) -> bool:
+    try:
+        for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+            try:
+                if "link_type:" in fdinfo.read_text():
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
+class Tracer:
+    """A tracer process on `pid`, started and waited for until attached."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.monotonic()
+        while not has_bpf_link(self.proc.pid):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited before attaching (status {self.proc.returncode})")
+            if time.monotonic() - started > 30:
+                raise RuntimeError(f"{cmd[0]} did not attach within 30 s")
+            time.sleep(0.001)
+        # Attached links may still be coming (the optional tracepoints).
+        time.sleep(0.3)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def freezeframe_capture(binary: Path, pid: int):
+    return Tracer([str(binary), "capture", "--pid", str(pid), "--duration", "600s", "--min-block", "1ms"])
+
+
+def offcputime(pid: int):
+    return Tracer([str(OFFCPUTIME), "-p", str(pid), "-m", "1000", "600"])
+
+
+def measured(tracer: Tracer, work):
+    """Runs `work()` and returns (its result, {program: (ns, runs)}) for the tracer's programs."""
+    before = programs_of(tracer.proc.pid)
+    result = work()
+    after = programs_of(tracer.proc.pid)
+    per_program = {}
+    for prog_id, (name, run_ns, runs) in after.items():
+        _, run_ns0, runs0 = before.get(prog_id, (name, 0, 0))
+        total = per_program.setdefault(name, [0, 0])
+        total[0] += run_ns - run_ns0
+        total[1] += runs - runs0
+    return result, per_program
+
+
+def print_programs(title: str, per_program: dict, units: int, unit: str):
+    total_ns = sum(ns for ns, _ in per_program.values())
+    print(f"  {title}: {total_ns / units:8.1f} BPF ns per {unit}")
+    for name, (ns, runs) in sorted(per_program.items(), key=lambda item: -item[1][0]):
+        if runs:
+            print(f"      {name:18} {ns / runs:8.1f} ns/run  {runs / units:6.2f} runs per {unit}")
+    return total_ns / units
+
+
+def kernel_side(binaries: dict, pingpong: Path, round_trips: int, calls: int):
+    print(f"BPF time on the target: a pipe storm of {round_trips} round trips")
+    on_target = {}
+    for label, start in [*((name, lambda pid, b=b: freezeframe_capture(b, pid)) for name, b in binaries.items()),
+                         ("offcputime", offcputime)]:
+        storm = PingPong(pingpong)
+        storm.run(10_000)
+        tracer = start(storm.pid)
+        try:
+            _, per_program = measured(tracer, lambda: storm.run(round_trips))
+        finally:
+            tracer.stop()
+            storm.stop()
+        on_target[label] = print_programs(label, per_program, round_trips, "round trip")
+    for label in binaries:
+        print(f"  {label} / offcputime: {on_target[label] / on_target['offcputime']:.3f}")
+
+    print(f"BPF time on a neighbour: freezeframe watches an idle process; another runs "
+          f"{round_trips} round trips and {calls} getppid() calls")
+    for label, binary in binaries.items():
+        idle = PingPong(pingpong)
+        neighbour = PingPong(pingpong)
+        neighbour.run(10_000)
+        tracer = freezeframe_capture(binary, idle.pid)
+        try:
+            _, storm_programs = measured(tracer, lambda: neighbour.run(round_trips))
+            _, call_programs = measured(tracer, lambda: neighbour.calls(calls))
+        finally:
+            tracer.stop()
+            idle.stop()
+            neighbour.stop()
+        print_programs(f"{label}, neighbour storm", storm_programs, round_trips, "round trip")
+        print_programs(f"{label}, neighbour getppid()", call_programs, calls, "call")
+
+
+def wall_clock(binaries: dict, pingpong: Path, rounds: int, round_trips: int, calls: int):
+    modes = ["none", *binaries, "offcputime"]
+    storm = {mode: [] for mode in modes}
+    for index in range(rounds):
+        order = modes[index % len(modes):] + modes[:index % len(modes)]
+        for mode in order:
+            workload = PingPong(pingpong)
+            workload.run(10_000)
+            tracer = None
+            if mode == "offcputime":
+                tracer = offcputime(workload.pid)
+            elif mode != "none":
+                tracer = freezeframe_capture(binaries[mode], workload.pid)
+            storm[mode].append(workload.run(round_trips))
+            if tracer:
+                tracer.stop()
+            workload.stop()
+    base = statistics.median(storm["none"])
+    print(f"wall clock, the storm traced ({rounds} interleaved rounds, medians)")
+    for mode in modes:
+        median = statistics.median(storm[mode])
+        print(f"  {mode:14} {median:8.1f} ns/round trip  x{median / base:.3f}")
+
+    neighbour_modes = ["none", *binaries]
+    per_call = {mode: [] for mode in neighbour_modes}
+    for index in range(rounds):
+        order = neighbour_modes[index % len(neighbour_modes):] + neighbour_modes[:index % len(neighbour_modes)]
+        for mode in order:
+            idle = PingPong(pingpong)
+            neighbour = PingPong(pingpong)
+            neighbour.calls(100_000)
+            tracer = None if mode == "none" else freezeframe_capture(binaries[mode], idle.pid)
+            per_call[mode].append(neighbour.calls(calls))
+            if tracer:
+                tracer.stop()
+            idle.stop()
+            neighbour.stop()
+    base = statistics.median(per_call["none"])
+    print(f"wall clock, a neighbour's getppid() ({rounds} interleaved rounds, medians)")
+    for mode in neighbour_modes:
+        median = statistics.median(per_call[mode])
+        print(f"  {mode:14} {median:8.1f} ns/call  x{median / base:.3f}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def sidecar(binaries: dict, pingpong: Path, seconds: int):
+    print(f"the armed sidecar itself, over {seconds} s")
+    for label, binary in binaries.items():
+        for busy in (False, True):
+            app = PingPong(pingpong)
+            with tempfile.TemporaryDirectory() as directory:
+                config = Path(directory) / "freezeframe.toml"
+                config.write_text(f"""
+[receiver]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+[target]
+pid = {app.pid}
+[recorder]
+mode = "armed"
+history = "30s"
+[telemetry]
+listen = "127.0.0.1:0"
+[export]
+directory = "{directory}/captures"
+[[trigger]]
+name = "quiet"
+silence = "1h"
+""")
+                proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    started = time.monotonic()
+                    while not has_bpf_link(proc.pid):
+                        if proc.poll() is not None or time.monotonic() - started > 30:
+                            raise RuntimeError("the sidecar did not attach")
+                        time.sleep(0.01)
+                    time.sleep(2)
+                    if busy:
+                        app.proc.stdin.write(f"run {10**10}\n")
+                        app.proc.stdin.flush()
+                        time.sleep(1)
+                    cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
+                    time.sleep(seconds)
+                    cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - wall0)
+                    print(f"  {label:14} {'busy' if busy else 'idle'} target: "
+                          f"{cpu * 100:5.2f} % of a core, RSS {rss_mib(proc.pid):6.1f} MiB")
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+                    app.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--freezeframe", type=Path, default=FREEZEFRAME, help="the build to measure")
+    parser.add_argument("--baseline", type=Path, help="another freezeframe build to measure beside it")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved wall-clock rounds per mode")
+    parser.add_argument("--round-trips", type=int, default=200_000)
+    parser.add_argument("--calls", type=int, default=5_000_000)
+    parser.add_argument("--sidecar-seconds", type=int, default=10)
+    parser.add_argument("--skip", action="append", default=[], choices=["wall", "sidecar"],
+                        help="leave out a part (repeatable)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("probe_cost.py loads BPF programs: run it as root")
+    binaries = {"freezeframe": args.freezeframe}
+    if args.baseline:
+        binaries["baseline"] = args.baseline
+    for tool in [*binaries.values(), OFFCPUTIME]:
+        if not tool.exists():
+            sys.exit(f"{tool} is missing (cargo build --release; apt-get install libbpf-tools)")
+    out_dir = ROOT / "target/bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pingpong = build_pingpong(out_dir)
+
+    was = STATS.read_text().strip()
+    STATS.write_text("1")
+    try:
+        kernel_side(binaries, pingpong, args.round_trips, args.calls)
+    finally:
+        STATS.write_text(was)
+    if "wall" not in args.skip:
+        wall_clock(binaries, pingpong, args.rounds, args.round_trips, args.calls)
+    if "sidecar" not in args.skip:
+        sidecar(binaries, pingpong, args.sidecar_seconds)
+
+
+if __name__ == "__main__":
+    main()
