@@ -11,10 +11,12 @@
  * switch-in one subtraction. Stacks are walked only for blocks that reach
  * min_block, which is when they are known to matter:
  *   - the kernel stack at switch-in, with bpf_get_task_stack(next): the
- *     thread is still asleep, so its stack is the one it blocked with;
+ *     thread is still asleep, so its stack is the one it blocked with (a
+ *     thread waiting for a contended kernel lock has it taken at
+ *     switch-out instead, see on_switch_out);
  *   - the user stack on the thread's way back to user space
  *     (rseq:rseq_update, in its own context, before it runs a single user
- *     instruction), with bpf_get_stackid(): the user registers and stack
+ *     instruction), with bpf_get_stack(): the user registers and stack
  *     are still those of the blocking call. A thread that has not
  *     registered rseq (not glibc >= 2.35) or a kernel without the
  *     tracepoint gets its user stack at switch-out, as a switch-out walk
@@ -103,21 +105,17 @@ struct {
 	__type(value, struct block_total);
 } blocked SEC(".maps");
 
-/* User stacks, and the stacks of mmap_lock holders (taken in their own context). */
-struct {
-	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
-	__uint(max_entries, 16384);
-	__uint(key_size, sizeof(__u32));
-	__uint(value_size, MAX_STACK_DEPTH * sizeof(__u64));
-} stacks SEC(".maps");
-
-/* Kernel stacks of sleeping threads, by a hash of their frames. */
+/*
+ * Every stack, kernel and user, by a 64-bit hash of its frames: the same
+ * stack is stored once, and unlike a stack-trace map's buckets, two stacks
+ * never collide into a drop.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 8192);
 	__type(key, __u64);
-	__type(value, struct task_stack);
-} task_stacks SEC(".maps");
+	__type(value, struct stack);
+} stacks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -163,7 +161,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct task_stack);
+	__type(value, struct stack);
 } scratch SEC(".maps");
 
 static __always_inline void count_drop(enum drop_reason reason)
@@ -190,56 +188,33 @@ static __always_inline __u32 current_host_tgid(void)
 }
 
 /*
- * A stack of the current thread into `stacks`, or STACK_ID_NONE. A drop is
- * counted unless there was no stack to take: -EFAULT for a thread without
- * user memory (a kernel thread, an io_uring worker, an exiting thread).
+ * A stack into `stacks`; its key, or STACK_NONE. `task` is a sleeping (or
+ * not yet running) thread whose kernel stack to take; NULL takes the current
+ * thread's, kernel or user as `flags` say (the raw_tp hook cannot name
+ * another task to the kernel). The kernel leaves the scheduler's own frames
+ * (schedule, __schedule, ...) out of another task's stack, so a block shows
+ * where it waited, not how it went to sleep. A thread without user memory
+ * (a kernel thread, an io_uring worker, an exiting thread) has no user
+ * stack, which is not a drop.
  */
-static __always_inline __s32 current_stack(void *ctx, __u64 flags, enum drop_reason drop)
+static __always_inline __u64 stack_of(void *ctx, struct task_struct *task, __u64 flags)
 {
-	long id = bpf_get_stackid(ctx, &stacks, flags);
-
-	if (id >= 0)
-		return id;
-	if (id != -EFAULT)
-		count_drop(drop);
-	return STACK_ID_NONE;
-}
-
-static __always_inline __s32 current_user_stack(void *ctx)
-{
-	return current_stack(ctx, BPF_F_USER_STACK, DROP_USER_STACK);
-}
-
-static __always_inline __s32 current_kernel_stack(void *ctx)
-{
-	return current_stack(ctx, KERNEL_STACK_SKIP, DROP_KERNEL_STACK);
-}
-
-/*
- * A kernel stack into `task_stacks`, keyed by a hash of its frames; 0 if
- * none could be taken. `task` is the sleeping (or not yet running) thread
- * to take it from; NULL takes the current thread's, for the raw_tp hook,
- * which cannot name another task to the kernel. The kernel leaves the
- * scheduler's own frames (schedule, __schedule, ...) out of another task's
- * stack, so a block shows where it waited, not how it went to sleep.
- */
-static __always_inline __u64 kernel_stack_of(void *ctx, struct task_struct *task)
-{
-	struct task_stack *stack;
+	struct stack *stack;
 	__u32 zero = 0, depth;
 	__u64 hash = 0xcbf29ce484222325ULL;
 	long bytes;
 
 	stack = bpf_map_lookup_elem(&scratch, &zero);
 	if (!stack)
-		return 0;
+		return STACK_NONE;
 	if (task)
 		bytes = bpf_get_task_stack(task, stack->ips, sizeof(stack->ips), 0);
 	else
-		bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), KERNEL_STACK_SKIP);
+		bytes = bpf_get_stack(ctx, stack->ips, sizeof(stack->ips), flags);
 	if (bytes <= 0) {
-		count_drop(DROP_KERNEL_STACK);
-		return 0;
+		if (bytes != -EFAULT && !(bytes == 0 && flags & BPF_F_USER_STACK))
+			count_drop(flags & BPF_F_USER_STACK ? DROP_USER_STACK : DROP_KERNEL_STACK);
+		return STACK_NONE;
 	}
 	depth = bytes / sizeof(__u64);
 	stack->depth = depth;
@@ -248,14 +223,24 @@ static __always_inline __u64 kernel_stack_of(void *ctx, struct task_struct *task
 			break;
 		hash = (hash ^ stack->ips[i]) * 0x100000001b3ULL;
 	}
-	hash |= 1;	/* 0 means "none" */
-	if (!bpf_map_lookup_elem(&task_stacks, &hash) &&
-	    bpf_map_update_elem(&task_stacks, &hash, stack, BPF_NOEXIST) &&
-	    !bpf_map_lookup_elem(&task_stacks, &hash)) {
-		count_drop(DROP_TASK_STACK_MAP_FULL);
-		return 0;
+	hash |= 1;	/* odd: never one of enum stack_special */
+	if (!bpf_map_lookup_elem(&stacks, &hash) &&
+	    bpf_map_update_elem(&stacks, &hash, stack, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&stacks, &hash)) {
+		count_drop(DROP_STACK_MAP_FULL);
+		return STACK_NONE;
 	}
 	return hash;
+}
+
+static __always_inline __u64 current_user_stack(void *ctx)
+{
+	return stack_of(ctx, NULL, BPF_F_USER_STACK);
+}
+
+static __always_inline __u64 current_kernel_stack(void *ctx)
+{
+	return stack_of(ctx, NULL, KERNEL_STACK_SKIP);
 }
 
 static __always_inline enum thread_state classify_state(bool preempt, unsigned int state)
@@ -477,7 +462,7 @@ static __always_inline void settle_owed(void *ctx, struct thread *thread)
 {
 	char comm[COMM_LEN];
 
-	thread->key.user_stack_id = current_user_stack(ctx);
+	thread->key.user_stack = current_user_stack(ctx);
 	bpf_get_current_comm(comm, sizeof(comm));
 	add_block(&thread->key, thread->owed_ns, comm);
 	thread->owed_ns = 0;
@@ -523,7 +508,7 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 		settle_owed(ctx, thread);
 
 	thread->key.kernel_stack = 0;
-	thread->key.user_stack_id = STACK_ID_NONE;
+	thread->key.user_stack = STACK_NONE;
 	thread->key.state = state;
 	thread->key.lock = (struct lock_wait){};
 	thread->waker_tid = 0;
@@ -552,11 +537,11 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 	 * stack, so they are taken now, while the waiter is current.
 	 */
 	if (eager || lock)
-		thread->key.kernel_stack = kernel_stack_of(ctx, NULL);
+		thread->key.kernel_stack = current_kernel_stack(ctx);
 	if (eager)
 		name_futex_wait(bpf_get_current_task_btf(), thread);
 	if (eager || !stacks_on_return || !rseq)
-		thread->key.user_stack_id = current_user_stack(ctx);
+		thread->key.user_stack = current_user_stack(ctx);
 	thread->start_ns = bpf_ktime_get_ns();
 }
 
@@ -582,12 +567,13 @@ static __always_inline void on_switch_in(void *ctx, struct task_struct *next, bo
 	/* The block matters: what it waited in, while the thread still sleeps. */
 	if (trusted) {
 		if (!thread->key.kernel_stack)
-			thread->key.kernel_stack = kernel_stack_of(ctx, next);
+			thread->key.kernel_stack = stack_of(ctx, next, 0);
 		name_futex_wait(next, thread);
 	}
 	if (thread->key.lock.kind & LOCK_FUTEX && !thread->key.lock.holder_tid)
 		thread->key.lock.holder_tid = thread->waker_tid;
-	if (thread->key.user_stack_id < 0 && trusted && stacks_on_return && rseq) {
+	if ((thread->key.user_stack == STACK_NONE || thread->key.user_stack == STACK_SAVED_REGS) &&
+	    trusted && stacks_on_return && rseq) {
 		/*
 		 * The user stack is taken on the thread's way back to user
 		 * space; until then the entry keeps the block's start, so that
@@ -598,8 +584,8 @@ static __always_inline void on_switch_in(void *ctx, struct task_struct *next, bo
 	}
 	thread->start_ns = 0;
 	/* Saved registers walked from outside cover the block in progress only. */
-	if (thread->key.user_stack_id == STACK_ID_SAVED_REGS)
-		thread->key.user_stack_id = STACK_ID_NONE;
+	if (thread->key.user_stack == STACK_SAVED_REGS)
+		thread->key.user_stack = STACK_NONE;
 	bpf_probe_read_kernel_str(comm, sizeof(comm), &next->comm);
 	add_block(&thread->key, blocked_ns, comm);
 }
@@ -881,7 +867,7 @@ static __always_inline void note_address_call(void *ctx, struct mm_struct *mm,
 		call.duration_ns = now - hold->start_ns;
 		call.tgid = tgid;
 		call.tid = tid;
-		call.user_stack_id = current_user_stack(ctx);
+		call.user_stack = current_user_stack(ctx);
 		bpf_get_current_comm(call.comm, sizeof(call.comm));
 		if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_ANY))
 			count_drop(DROP_ADDRESS_CHANGE_MAP_FULL);
@@ -929,8 +915,8 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 	record.tgid = tgid;
 	record.tid = tid;
 	bpf_get_current_comm(record.comm, sizeof(record.comm));
-	record.user_stack_id = current_user_stack(ctx);
-	record.kernel_stack_id = current_kernel_stack(ctx);
+	record.user_stack = current_user_stack(ctx);
+	record.kernel_stack = current_kernel_stack(ctx);
 	event.tid = tid;
 	event.start_ns = record.start_ns;
 	if (bpf_map_update_elem(&lock_holds, &event, &record, BPF_ANY))
@@ -994,7 +980,7 @@ int survey(struct bpf_iter__task *ctx)
 		fresh.key.state = classify_state(false, state);
 		if (!state_wanted(fresh.key.state))
 			return 0;
-		fresh.key.user_stack_id = STACK_ID_NONE;
+		fresh.key.user_stack = STACK_NONE;
 		fresh.start_ns = bpf_ktime_get_ns();
 		fresh.flags = THREAD_PREBLOCKED;
 		/* A thread that blocked since we looked already has a better entry. */
@@ -1007,18 +993,18 @@ int survey(struct bpf_iter__task *ctx)
 	if (!start_ns || thread->owed_ns || thread->flags & THREAD_SURVEYED)
 		return 0;
 
-	kernel_stack = thread->key.kernel_stack ? thread->key.kernel_stack : kernel_stack_of(ctx, task);
+	kernel_stack = thread->key.kernel_stack ? thread->key.kernel_stack : stack_of(ctx, task, 0);
 	/* It woke while we looked: the stack may be the running thread's. */
 	if (thread->start_ns != start_ns || task->on_cpu)
 		return 0;
 	thread->key.kernel_stack = kernel_stack;
 	name_futex_wait(task, thread);
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	if (regs && thread->key.user_stack_id == STACK_ID_NONE && task->mm) {
+	if (regs && thread->key.user_stack == STACK_NONE && task->mm) {
 		thread->user_ip = PT_REGS_IP_CORE(regs);
 		thread->user_sp = PT_REGS_SP_CORE(regs);
 		thread->user_fp = PT_REGS_FP_CORE(regs);
-		thread->key.user_stack_id = STACK_ID_SAVED_REGS;
+		thread->key.user_stack = STACK_SAVED_REGS;
 	}
 	thread->flags |= THREAD_SURVEYED;
 	return 0;

@@ -48,9 +48,9 @@ enum thread_state {
 enum drop_reason {
 	DROP_THREAD_MAP_FULL = 0,	/* `threads` full: a thread's blocks went unseen */
 	DROP_BLOCKED_MAP_FULL = 1,	/* `blocked` full: a finished block was lost */
-	DROP_KERNEL_STACK = 2,		/* kernel stack not recorded (stack map full or collided) */
-	DROP_USER_STACK = 3,		/* user stack not recorded (stack map full or collided) */
-	DROP_TASK_STACK_MAP_FULL = 4,	/* `task_stacks` full: a blocked thread's kernel stack was lost */
+	DROP_KERNEL_STACK = 2,		/* a kernel stack could not be walked */
+	DROP_USER_STACK = 3,		/* a user stack could not be walked */
+	DROP_STACK_MAP_FULL = 4,	/* `stacks` full: a stack was lost */
 	DROP_LOCK_HOLD_MAP_FULL = 5,	/* `mmap_holds` or `lock_holds` full */
 	DROP_ADDRESS_CHANGE_MAP_FULL = 6, /* `calls_in_progress` or `address_changes` full */
 	DROP_REASON_COUNT = 7,
@@ -139,11 +139,11 @@ struct lock_hold {
 	__u64 lock_addr;	/* &mm->mmap_lock, as contention_begin reports it */
 	__u64 start_ns;
 	__u64 duration_ns;
+	__u64 user_stack;	/* keys in `stacks`, or enum stack_special */
+	__u64 kernel_stack;
 	__u32 tgid;
 	__u32 tid;
 	__u32 flags;		/* enum hold_flags */
-	__s32 user_stack_id;
-	__s32 kernel_stack_id;
 	__u32 _pad;
 	/* The holder's name now: it may be gone by the time user space looks. */
 	char comm[COMM_LEN];
@@ -181,30 +181,35 @@ struct address_change {
 	__u32 tid;
 	__u32 call;		/* enum address_call */
 	__u32 arg;		/* mmap flags, madvise advice, mremap flags */
-	__s32 user_stack_id;
+	__u64 user_stack;	/* a key in `stacks`, or enum stack_special */
 	__u32 flags;		/* enum address_change_flags */
+	__u32 _pad;
 	char comm[COMM_LEN];	/* the caller's name (see struct lock_hold) */
 };
 
-/* User stack ids that are not indexes into the `stacks` map. */
-enum stack_id_special {
+/*
+ * Stack references that are not keys in `stacks` (which are odd: a key is a
+ * hash of the frames with the low bit set).
+ */
+enum stack_special {
 	/* No stack was recorded (see the matching drop counter). */
-	STACK_ID_NONE = -1,
+	STACK_NONE = 0,
 	/*
-	 * Still to be walked from the thread's saved user registers: a block
-	 * in progress, seen from outside by the survey.
+	 * A user stack still to be walked from the thread's saved user
+	 * registers: a block in progress, seen from outside by the survey.
 	 */
-	STACK_ID_SAVED_REGS = -2,
+	STACK_SAVED_REGS = 2,
 };
 
 /* What finished blocks are summed under. */
 struct block_key {
 	__u32 tgid;
 	__u32 tid;
-	/* Key of the sleeping thread's kernel stack in `task_stacks`; 0: none. */
+	/* Keys in `stacks`, or enum stack_special. */
 	__u64 kernel_stack;
-	__s32 user_stack_id;	/* an id in `stacks`, or enum stack_id_special */
+	__u64 user_stack;
 	enum thread_state state;
+	__u32 _pad;
 	struct lock_wait lock;
 };
 
@@ -219,7 +224,7 @@ enum thread_flags {
 	/*
 	 * The survey has completed the block in progress: its kernel stack,
 	 * futex word and, for a thread with user memory, the registers it
-	 * entered the kernel with (user_stack_id STACK_ID_SAVED_REGS).
+	 * entered the kernel with (user_stack STACK_SAVED_REGS).
 	 */
 	THREAD_SURVEYED = 1 << 0,
 	/* The block in `key` was found in progress when a capture began. */
@@ -251,8 +256,8 @@ struct thread {
 	struct lock_wait_stack waits;	/* kernel locks it contends for now */
 };
 
-/* A sleeping thread's kernel stack, as bpf_get_task_stack() gives it. */
-struct task_stack {
+/* A stack's frames, innermost first. */
+struct stack {
 	__u32 depth;
 	__u32 _pad;
 	__u64 ips[MAX_STACK_DEPTH];
@@ -267,7 +272,7 @@ struct target {
 /* Never used as data: makes the enums above part of the program's BTF. */
 struct enum_anchor {
 	enum drop_reason drop_reason;
-	enum stack_id_special stack_id_special;
+	enum stack_special stack_special;
 	enum lock_kind lock_kind;
 	enum hold_flags hold_flags;
 	enum address_call address_call;

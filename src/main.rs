@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+use freezeframe::capture::recorder::merge;
 use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
 use freezeframe::cli::{
     CaptureArgs, CheckConfigArgs, Cli, Command, ExportArgs, ReportArgs, RunArgs, RunOverrides,
@@ -52,6 +53,9 @@ fn main() {
     }
 }
 
+/// How often a one-shot capture cuts a window out of the probe.
+const CAPTURE_TICK: Duration = Duration::from_millis(500);
+
 fn capture(args: CaptureArgs) -> Result<()> {
     if args.duration.is_zero() {
         bail!("--duration must be longer than zero");
@@ -90,16 +94,29 @@ fn capture(args: CaptureArgs) -> Result<()> {
         started.elapsed().as_secs_f64() * 1e3,
         tracer.features(),
     );
+    // The capture is cut into windows as it goes: the kernel's maps are
+    // drained before they fill up, however many threads come and go, and
+    // the frames of each window are looked up while their process lives.
+    let mut symbolizer = Symbolizer::new();
+    let mut windows = Vec::new();
     let deadline = Instant::now() + args.duration;
+    let mut next_cut = Instant::now() + CAPTURE_TICK;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         std::thread::sleep(
             Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
         );
+        if Instant::now() >= next_cut {
+            let window = tracer.collect()?;
+            symbolizer.learn(&window);
+            windows.push(window);
+            next_cut += CAPTURE_TICK;
+        }
     }
-    let window = tracer.collect()?;
+    windows.push(tracer.collect()?);
     drop(tracer);
+    let window = merge(&windows.iter().collect::<Vec<_>>(), args.pid);
 
-    let profiles = Symbolizer::new().profiles(&window);
+    let profiles = symbolizer.profiles(&window);
     let profile = profiles.off_cpu;
     if let Some(path) = &args.output {
         write(path, &pprof::encode(&profile))?;

@@ -49,7 +49,34 @@ pub struct Symbolizer {
 #[derive(Default)]
 struct ProcessSymbols {
     frames: HashMap<u64, UserFrame>,
+    /// Every file-backed region seen in the process, in the order first
+    /// seen: frames refer to them by index, so the list only grows, and it
+    /// outlives the process, whose frames keep their files.
     regions: Vec<Region>,
+}
+
+impl ProcessSymbols {
+    /// Adds the regions of a fresh read of the maps that are not known yet.
+    fn learn_regions(&mut self, regions: Vec<Region>) {
+        for region in regions {
+            // Build ids are learned later: they do not tell regions apart.
+            let known = self.regions.iter().any(|seen| {
+                (seen.start, seen.end, seen.offset, &seen.path)
+                    == (region.start, region.end, region.offset, &region.path)
+            });
+            if !known {
+                self.regions.push(region);
+            }
+        }
+    }
+
+    /// The region an address falls in; the latest one seen, should a range
+    /// have been mapped again.
+    fn region_of(&self, ip: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .rposition(|region| (region.start..region.end).contains(&ip))
+    }
 }
 
 #[derive(Clone)]
@@ -80,8 +107,14 @@ pub struct Profiles {
 /// A [`Symbolizer`] on a thread of its own: blazesym's caches are not
 /// `Send`, and one long-lived cache serves every capture best.
 pub struct SymbolizerThread {
-    requests: Option<mpsc::Sender<(Window, mpsc::Sender<Profiles>)>>,
+    requests: Option<mpsc::Sender<Request>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Request {
+    /// Look the window's frames up and keep them (see [`Symbolizer::learn`]).
+    Learn(Window),
+    Profiles(Window, mpsc::Sender<Profiles>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +123,18 @@ pub struct SymbolizerStopped;
 
 impl SymbolizerThread {
     pub fn start() -> std::io::Result<Self> {
-        let (requests, inbox) = mpsc::channel::<(Window, mpsc::Sender<Profiles>)>();
+        let (requests, inbox) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("ff-symbolize".into())
             .spawn(move || {
                 let mut symbolizer = Symbolizer::new();
-                for (window, reply) in inbox {
-                    let _ = reply.send(symbolizer.profiles(&window));
+                for request in inbox {
+                    match request {
+                        Request::Learn(window) => symbolizer.learn(&window),
+                        Request::Profiles(window, reply) => {
+                            let _ = reply.send(symbolizer.profiles(&window));
+                        }
+                    }
                 }
             })?;
         Ok(SymbolizerThread {
@@ -105,13 +143,22 @@ impl SymbolizerThread {
         })
     }
 
+    /// Has the thread look a window's frames up while their processes live;
+    /// returns at once. Requests are served in order, so a later
+    /// [`SymbolizerThread::profiles`] finds them.
+    pub fn learn(&self, window: Window) {
+        if let Some(requests) = &self.requests {
+            let _ = requests.send(Request::Learn(window));
+        }
+    }
+
     /// Symbolizes a window; blocks until done.
     pub fn profiles(&self, window: Window) -> Result<Profiles, SymbolizerStopped> {
         let (reply, answer) = mpsc::channel();
         self.requests
             .as_ref()
             .ok_or(SymbolizerStopped)?
-            .send((window, reply))
+            .send(Request::Profiles(window, reply))
             .map_err(|_| SymbolizerStopped)?;
         answer.recv().map_err(|_| SymbolizerStopped)
     }
@@ -227,9 +274,10 @@ impl Symbolizer {
         })
     }
 
-    /// Builds the off-CPU profile of a window. Must run while the target
-    /// processes are still alive for their user frames to get names.
-    pub fn profile(&mut self, window: &Window) -> Profile {
+    /// Looks up the frames of a window and keeps them, so that a later
+    /// [`Symbolizer::profiles`] names them even if their process has exited
+    /// by then. A long capture calls this on each window it cuts.
+    pub fn learn(&mut self, window: &Window) {
         self.symbolize_kernel(
             window
                 .stacks
@@ -264,7 +312,13 @@ impl Symbolizer {
         for (pid, ips) in by_process {
             self.symbolize_process(pid, ips);
         }
+    }
 
+    /// Builds the off-CPU profile of a window. Its user frames get names if
+    /// their process is still alive, or was when [`Symbolizer::learn`] saw
+    /// them.
+    pub fn profile(&mut self, window: &Window) -> Profile {
+        self.learn(window);
         let mut mappings = Vec::new();
         let mut mapping_index: HashMap<(u32, usize), usize> = HashMap::new();
         let samples = window
@@ -313,6 +367,7 @@ impl Symbolizer {
                     .cloned()
                     .unwrap_or_else(|| unknown_kernel_frame(*ip))
             })
+            .skip_while(is_tracing_machinery)
             .collect();
         frames.extend(self.user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index));
         if user_stack_truncated(&stack.user_ips, &frames) {
@@ -458,7 +513,7 @@ impl Symbolizer {
         wanted.sort_unstable();
         // Regions are re-read for every batch: a new library may have been
         // loaded since the last one.
-        symbols.regions = read_regions(pid);
+        symbols.learn_regions(read_regions(pid));
         let build_ids = build_ids(&self.normalizer, pid, &wanted);
         for region in &mut symbols.regions {
             if let Some(build_id) = build_ids.get(&region.path) {
@@ -472,10 +527,7 @@ impl Symbolizer {
             .blazesym
             .symbolize(&source, Input::AbsAddr(&call_sites));
         for (index, &ip) in wanted.iter().enumerate() {
-            let region = symbols
-                .regions
-                .iter()
-                .position(|region| (region.start..region.end).contains(&ip));
+            let region = symbols.region_of(ip);
             let lines = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
                 Some(Symbolized::Sym(sym)) => lines_of(sym),
                 _ => vec![unknown_line(
@@ -486,6 +538,17 @@ impl Symbolizer {
             symbols.frames.insert(ip, UserFrame { lines, region });
         }
     }
+}
+
+/// The kernel's tracepoint plumbing above a stack taken from a BPF program
+/// (how many frames it adds depends on the hook): never part of a profile.
+fn is_tracing_machinery(frame: &Frame) -> bool {
+    const PREFIXES: [&str; 4] = ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"];
+    frame.lines.first().is_some_and(|line| {
+        PREFIXES
+            .iter()
+            .any(|prefix| line.function.starts_with(prefix))
+    })
 }
 
 /// GNU build ids of the files the addresses fall in, by path.

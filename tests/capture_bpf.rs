@@ -16,13 +16,24 @@ const WINDOW: &str = "3s";
 /// Runs `freezeframe capture` on `pid`; once it has attached, calls
 /// `after_attach`. Returns the command's output.
 fn capture(pid: u32, extra: &[&str], output: &Path, after_attach: impl FnOnce()) -> Output {
+    capture_for(WINDOW, pid, extra, output, after_attach)
+}
+
+/// [`capture`] for `duration` (`3s`, ...).
+fn capture_for(
+    duration: &str,
+    pid: u32,
+    extra: &[&str],
+    output: &Path,
+    after_attach: impl FnOnce(),
+) -> Output {
     let mut child = freezeframe()
         .args([
             "capture",
             "--pid",
             &pid.to_string(),
             "--duration",
-            WINDOW,
+            duration,
             "--output",
         ])
         .arg(output)
@@ -590,4 +601,144 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("capture-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Threads the churn starts and ends: enough to fill every map many times
+/// over had dead threads kept their entries.
+const CHURN_THREADS: usize = 40_000;
+
+/// What a capture of the churn must show: each short-lived thread with its
+/// own 2 ms sleeps and nothing more (its last switch-out is not a block),
+/// nothing dropped, and the known 2 s block that follows with its kernel and
+/// user frames named, although the process has exited by then.
+fn assert_churn_profile(profile: &Profile, churner_blocked_since: std::time::SystemTime) {
+    assert!(
+        !profile
+            .comments
+            .iter()
+            .any(|comment| comment.starts_with("bpf drops")),
+        "drops: {:?}",
+        profile.comments
+    );
+    let churn = samples_of(profile, "ff-churn");
+    let mut by_thread: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for sample in &churn {
+        *by_thread.entry(sample.labels.thread_id).or_default() += sample.value;
+        let kernel = functions(&[sample], FrameKind::Kernel);
+        assert!(
+            !kernel
+                .iter()
+                .any(|function| function.contains("do_task_dead")),
+            "a thread's exit counted as a block: {kernel:?}"
+        );
+    }
+    assert!(
+        by_thread.len() * 2 > CHURN_THREADS,
+        "only {} of {CHURN_THREADS} churn threads were seen",
+        by_thread.len()
+    );
+    // A 2 ms sleep, preempted perhaps: never the rest of the window.
+    let longest = by_thread.values().max().copied().unwrap_or(0);
+    assert!(
+        longest < 50_000_000,
+        "a short-lived thread was blocked {longest} ns"
+    );
+    let total: u64 = by_thread.values().sum();
+    assert!(
+        total < CHURN_THREADS as u64 * 10_000_000,
+        "{total} ns blocked in {CHURN_THREADS} threads of 2 ms"
+    );
+    assert!(
+        churn
+            .iter()
+            .any(|sample| functions(&[sample], FrameKind::User)
+                .iter()
+                .any(|function| function == "workload::ff_churn_sleep")),
+        "the churn threads' own frame is named"
+    );
+
+    let churner: Vec<&Sample> = samples_of(profile, "ff-churner")
+        .into_iter()
+        .filter(|sample| {
+            functions(&[sample], FrameKind::User)
+                .iter()
+                .any(|function| function == "workload::ff_block_after_churn")
+        })
+        .collect();
+    assert!(
+        !churner.is_empty(),
+        "the 2 s block after the churn is in the profile, named: {:?}",
+        samples_of(profile, "ff-churner")
+            .iter()
+            .map(|sample| functions(&[sample], FrameKind::User))
+            .collect::<Vec<_>>()
+    );
+    let blocked = Duration::from_nanos(churner.iter().map(|sample| sample.value).sum());
+    assert_close("ff-churner", blocked, Duration::from_secs(2), 0.10);
+    assert!(functions(&churner, FrameKind::Kernel)
+        .iter()
+        .any(|function| function.contains("nanosleep")));
+    // It began after the churn, inside the window.
+    assert!(profile.start <= churner_blocked_since);
+}
+
+#[test]
+fn thread_churn_leaves_no_trace_in_a_one_shot_capture() {
+    require_root();
+    let dir = tempdir("churn");
+    let mut workload = Workload::start();
+    let output = dir.join("churn.pb.gz");
+    let mut since = None;
+    capture_for("40s", workload.pid, &[], &output, || {
+        let announced = workload.command(&format!("churn {CHURN_THREADS}"), 1);
+        since = Some(announced[0].since);
+    });
+    let profile = load(&output);
+    assert_churn_profile(&profile, since.unwrap());
+}
+
+#[test]
+fn thread_churn_leaves_no_trace_in_the_flight_recorder() {
+    use freezeframe::capture::recorder::{
+        CaptureRequest, Recorder, RecorderConfig, RecorderMode, WindowObserver,
+    };
+    use freezeframe::capture::CaptureConfig;
+    use freezeframe::symbolize::SymbolizerThread;
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    require_root();
+    let mut workload = Workload::start();
+    let symbolizer = Arc::new(SymbolizerThread::start().unwrap());
+    let learner = Arc::clone(&symbolizer);
+    let recorder = Recorder::start(RecorderConfig {
+        mode: RecorderMode::Armed,
+        history: Duration::from_secs(60),
+        tick: Duration::from_millis(250),
+        capture: CaptureConfig::default(),
+        observer: Some(WindowObserver(Arc::new(move |window| {
+            learner.learn(window.clone())
+        }))),
+    })
+    .expect("the recorder loads BPF programs: run as root");
+    recorder.add_target(workload.pid).unwrap();
+    let from = SystemTime::now();
+    let announced = workload.command(&format!("churn {CHURN_THREADS}"), 1);
+    let answer = recorder
+        .capture(CaptureRequest {
+            target: workload.pid,
+            from,
+            until: announced[0].since + Duration::from_secs(4),
+        })
+        .unwrap();
+    let window = answer
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the capture is answered")
+        .expect("the capture succeeds");
+    assert!(
+        workload.child.try_wait().unwrap().is_some(),
+        "the workload has exited before the capture is symbolized"
+    );
+    let profile = symbolizer.profiles(window).unwrap().off_cpu;
+    assert_churn_profile(&profile, announced[0].since);
 }

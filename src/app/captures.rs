@@ -31,7 +31,7 @@ struct Inner {
     sink: FileSink,
     history: Duration,
     targets: Tracker,
-    symbolizer: SymbolizerThread,
+    symbolizer: Arc<SymbolizerThread>,
     exports: Exports,
     /// Targets being captured now.
     busy: Mutex<HashSet<u32>>,
@@ -44,24 +44,25 @@ struct Inner {
 impl Captures {
     pub fn new(
         recorder: Arc<Recorder>,
+        symbolizer: Arc<SymbolizerThread>,
         sink: FileSink,
         history: Duration,
         targets: Tracker,
         exports: Exports,
-    ) -> std::io::Result<Self> {
-        Ok(Captures {
+    ) -> Self {
+        Captures {
             inner: Arc::new(Inner {
                 recorder,
                 sink,
                 history,
                 targets,
-                symbolizer: SymbolizerThread::start()?,
+                symbolizer,
                 exports,
                 busy: Mutex::new(HashSet::new()),
                 blocked_ns: AtomicU64::new(0),
             }),
             running: Arc::new(Mutex::new(JoinSet::new())),
-        })
+        }
     }
 
     /// Starts a capture for a firing, or records why there is none.

@@ -20,7 +20,8 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::recorder::{Recorder, RecorderConfig};
+use crate::capture::recorder::{Recorder, RecorderConfig, WindowObserver};
+use crate::capture::Window;
 use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
 use crate::export::delivery::Delivery;
@@ -29,6 +30,7 @@ use crate::export::otlp::Exporter;
 use crate::export::retry::Backoff;
 use crate::ingest::{self, SpanStore};
 use crate::signals::MetricBatch;
+use crate::symbolize::SymbolizerThread;
 use crate::telemetry::{self, Readiness};
 use crate::trigger::{Condition, Engine};
 use captures::Captures;
@@ -108,6 +110,11 @@ pub async fn run_until(
     .await?;
 
     let sink = FileSink::new(&config.export.directory)?;
+    // One symbolizer for the whole sidecar: it sees every window as it is
+    // cut, and so names the frames of processes gone by capture time.
+    let symbolizer =
+        Arc::new(SymbolizerThread::start().context("cannot start the symbolizer thread")?);
+    let learner = Arc::clone(&symbolizer);
     let recorder_config = RecorderConfig {
         mode: config.recorder.mode,
         history: config.recorder.history,
@@ -117,6 +124,9 @@ pub async fn run_until(
             min_address_change: config.recorder.min_allocation,
             ..CaptureConfig::default()
         },
+        observer: Some(WindowObserver(Arc::new(move |window: &Window| {
+            learner.learn(window.clone())
+        }))),
     };
     let recorder = Arc::new(
         tokio::task::spawn_blocking(move || Recorder::start(recorder_config))
@@ -187,12 +197,12 @@ pub async fn run_until(
 
     let captures = Captures::new(
         Arc::clone(&recorder),
+        symbolizer,
         sink,
         config.recorder.history,
         targets.clone(),
         exports.clone(),
-    )
-    .context("cannot start the symbolizer thread")?;
+    );
     let (probe_sender, mut probe_results) = mpsc::channel(64);
     for rule in &config.rules {
         if let Condition::Probe(condition) = &rule.condition {

@@ -221,7 +221,7 @@ unsafe trait Pod: Copy + Default {}
 unsafe impl Pod for types::thread {}
 unsafe impl Pod for types::block_key {}
 unsafe impl Pod for types::block_total {}
-unsafe impl Pod for types::task_stack {}
+unsafe impl Pod for types::stack {}
 unsafe impl Pod for types::target {}
 unsafe impl Pod for types::lock_wait {}
 unsafe impl Pod for types::lock_wait_stack {}
@@ -261,18 +261,12 @@ fn state_bit(state: ThreadState) -> u32 {
     1 << class.0
 }
 
-fn stack_ref(id: i32) -> StackRef {
-    match id as u32 {
-        id if id == types::stack_id_special::STACK_ID_SAVED_REGS.0 => StackRef::SavedRegs,
-        _ if id < 0 => StackRef::Missing,
-        _ => StackRef::Id(id as u32),
-    }
-}
-
-fn task_stack_ref(hash: u64) -> StackRef {
-    match hash {
-        0 => StackRef::Missing,
-        hash => StackRef::Task(hash),
+fn stack_ref(key: u64) -> StackRef {
+    use types::stack_special as special;
+    match key {
+        key if key == u64::from(special::STACK_NONE.0) => StackRef::Missing,
+        key if key == u64::from(special::STACK_SAVED_REGS.0) => StackRef::SavedRegs,
+        key => StackRef::Id(key),
     }
 }
 
@@ -280,8 +274,8 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
     BlockKey {
         tgid: key.tgid,
         tid: key.tid,
-        kernel_stack: task_stack_ref(key.kernel_stack),
-        user_stack: stack_ref(key.user_stack_id),
+        kernel_stack: stack_ref(key.kernel_stack),
+        user_stack: stack_ref(key.user_stack),
         state: state_from_kernel(key.state),
         lock: lock_from_kernel(&key.lock),
     }
@@ -702,8 +696,8 @@ impl<'obj> Probe<'obj> {
                 duration_ns: hold.duration_ns,
                 write: hold.flags & flags::HOLD_WRITE.0 != 0,
                 downgraded: hold.flags & flags::HOLD_DOWNGRADED.0 != 0,
-                user_stack: stack_ref(hold.user_stack_id),
-                kernel_stack: stack_ref(hold.kernel_stack_id),
+                user_stack: stack_ref(hold.user_stack),
+                kernel_stack: stack_ref(hold.kernel_stack),
             });
         }
         Ok(holds)
@@ -744,82 +738,44 @@ impl<'obj> Probe<'obj> {
                 populate_pending: change.flags
                     & types::address_change_flags::CHANGE_POPULATE_PENDING.0
                     != 0,
-                user_stack: stack_ref(change.user_stack_id),
+                user_stack: stack_ref(change.user_stack),
             });
         }
         Ok(changes)
     }
 
-    /// The addresses of a recorded stack, innermost first.
-    pub fn stack(&self, id: u32) -> Result<Vec<u64>, CaptureError> {
+    /// A stack's frames, innermost first; empty if it is no longer kept.
+    pub fn stack(&self, key: u64) -> Result<Vec<u64>, CaptureError> {
         let bytes = self
             .skel
             .maps
             .stacks
-            .lookup(&id.to_ne_bytes(), MapFlags::ANY)
+            .lookup(&key.to_ne_bytes(), MapFlags::ANY)
             .map_err(|source| CaptureError::Map {
                 map: "stacks",
-                source,
-            })?
-            .unwrap_or_default();
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|word| u64::from_ne_bytes(word.try_into().expect("chunks of 8")))
-            .take_while(|&ip| ip != 0)
-            .collect())
-    }
-
-    /// How many stacks the kernel-side stack map holds.
-    pub fn stack_capacity(&self) -> u32 {
-        self.skel.maps.stacks.max_entries()
-    }
-
-    /// Frees a stack map slot. A block recorded with this stack later simply
-    /// records it again, under the same id (ids are hash buckets).
-    pub fn forget_stack(&self, id: u32) -> Result<(), CaptureError> {
-        match self.skel.maps.stacks.delete(&id.to_ne_bytes()) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(CaptureError::Map {
-                map: "stacks",
-                source,
-            }),
-        }
-    }
-
-    /// A sleeping thread's kernel stack, innermost first; empty if it is
-    /// no longer kept.
-    pub fn task_stack(&self, hash: u64) -> Result<Vec<u64>, CaptureError> {
-        let bytes = self
-            .skel
-            .maps
-            .task_stacks
-            .lookup(&hash.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "task_stacks",
                 source,
             })?;
         let Some(bytes) = bytes else {
             return Ok(Vec::new());
         };
-        let stack: types::task_stack = from_bytes(&bytes)?;
+        let stack: types::stack = from_bytes(&bytes)?;
         let depth = (stack.depth as usize).min(stack.ips.len());
         Ok(stack.ips[..depth].to_vec())
     }
 
-    /// How many kernel stacks of sleeping threads the kernel side holds.
-    pub fn task_stack_capacity(&self) -> u32 {
-        self.skel.maps.task_stacks.max_entries()
+    /// How many stacks the kernel side holds.
+    pub fn stack_capacity(&self) -> u32 {
+        self.skel.maps.stacks.max_entries()
     }
 
-    /// Frees a kernel stack slot; a later block with the same stack stores
-    /// it again under the same hash.
-    pub fn forget_task_stack(&self, hash: u64) -> Result<(), CaptureError> {
-        match self.skel.maps.task_stacks.delete(&hash.to_ne_bytes()) {
+    /// Frees a stack's slot; a later event with the same stack stores it
+    /// again under the same key.
+    pub fn forget_stack(&self, key: u64) -> Result<(), CaptureError> {
+        match self.skel.maps.stacks.delete(&key.to_ne_bytes()) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(CaptureError::Map {
-                map: "task_stacks",
+                map: "stacks",
                 source,
             }),
         }
@@ -861,10 +817,12 @@ mod tests {
 
     #[test]
     fn special_stack_ids_are_recognised() {
-        assert_eq!(stack_ref(-2), StackRef::SavedRegs);
-        assert_eq!(stack_ref(-1), StackRef::Missing);
-        assert_eq!(stack_ref(-14), StackRef::Missing);
-        assert_eq!(stack_ref(7), StackRef::Id(7));
+        assert_eq!(stack_ref(2), StackRef::SavedRegs);
+        assert_eq!(stack_ref(0), StackRef::Missing);
+        assert_eq!(
+            stack_ref(0x9e37_79b9_7f4a_7c15),
+            StackRef::Id(0x9e37_79b9_7f4a_7c15)
+        );
     }
 
     #[test]

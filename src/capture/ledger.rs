@@ -190,8 +190,8 @@ mod tests {
         BlockKey {
             tgid: 100,
             tid,
-            kernel_stack: StackRef::Id(tid),
-            user_stack: StackRef::Id(tid + 1000),
+            kernel_stack: StackRef::Id(u64::from(tid)),
+            user_stack: StackRef::Id(u64::from(tid) + 1000),
             state: ThreadState::Sleeping,
             lock: None,
         }

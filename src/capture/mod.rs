@@ -96,11 +96,8 @@ impl Default for CaptureConfig {
 /// Where a block's stack is to be found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StackRef {
-    /// An id in the probe's stack map (stacks taken in the thread's own
-    /// context: user stacks, and the stacks of mmap_lock holders).
-    Id(u32),
-    /// A sleeping thread's kernel stack, by the hash it is kept under.
-    Task(u64),
+    /// A stack the probe keeps, by the hash of its frames.
+    Id(u64),
     /// A block in progress, seen from outside: its user stack is walked
     /// from the registers the thread entered the kernel with.
     SavedRegs,
@@ -305,7 +302,7 @@ pub const DROP_MAPS: [&str; 7] = [
     "blocked",
     "stacks_kernel",
     "stacks_user",
-    "task_stacks",
+    "stacks",
     "lock_holds",
     "address_changes",
 ];
@@ -390,10 +387,8 @@ pub struct Tracer<'obj> {
     threads: threads::Threads,
     window_start_ns: u64,
     window_start_wall: SystemTime,
-    /// Frames of the stack map's ids (user stacks, mmap_lock holders).
-    stack_cache: HashMap<u32, Stack>,
-    /// Frames of sleeping threads' kernel stacks, by hash.
-    task_stack_cache: HashMap<u64, Stack>,
+    /// Frames of the probe's stacks, by hash.
+    stack_cache: HashMap<u64, Stack>,
     /// User stacks walked from saved registers, per block in progress
     /// (host tid, start): walked once, however many cuts the block spans.
     walked: HashMap<(u32, u64), Stack>,
@@ -467,7 +462,6 @@ impl<'obj> Loaded<'obj> {
             window_start_ns,
             window_start_wall,
             stack_cache: HashMap::new(),
-            task_stack_cache: HashMap::new(),
             walked: HashMap::new(),
             calls: calls::Calls::default(),
             drops_so_far: DropCounts::default(),
@@ -637,37 +631,26 @@ impl<'obj> Tracer<'obj> {
         )
     }
 
-    /// An armed tracer runs for days and the kernel's stack maps would fill
-    /// up; once one is half full, slots no block in progress refers to are
-    /// freed (their frames stay cached here until then).
+    /// An armed tracer runs for days and the kernel's stack map would fill
+    /// up; once half full, slots no block in progress refers to are freed
+    /// (their frames stay cached here until then).
     fn reclaim_stacks(&mut self, in_flight: &[InFlight]) -> Result<(), CaptureError> {
+        if self.stack_cache.len() * 2 < self.probe.stack_capacity() as usize {
+            return Ok(());
+        }
         let in_use: std::collections::HashSet<StackRef> = in_flight
             .iter()
             .flat_map(|block| [block.key.kernel_stack, block.key.user_stack])
             .collect();
-        if self.stack_cache.len() * 2 >= self.probe.stack_capacity() as usize {
-            let unused: Vec<u32> = self
-                .stack_cache
-                .keys()
-                .copied()
-                .filter(|id| !in_use.contains(&StackRef::Id(*id)))
-                .collect();
-            for id in unused {
-                self.probe.forget_stack(id)?;
-                self.stack_cache.remove(&id);
-            }
-        }
-        if self.task_stack_cache.len() * 2 >= self.probe.task_stack_capacity() as usize {
-            let unused: Vec<u64> = self
-                .task_stack_cache
-                .keys()
-                .copied()
-                .filter(|hash| !in_use.contains(&StackRef::Task(*hash)))
-                .collect();
-            for hash in unused {
-                self.probe.forget_task_stack(hash)?;
-                self.task_stack_cache.remove(&hash);
-            }
+        let unused: Vec<u64> = self
+            .stack_cache
+            .keys()
+            .copied()
+            .filter(|hash| !in_use.contains(&StackRef::Id(*hash)))
+            .collect();
+        for hash in unused {
+            self.probe.forget_stack(hash)?;
+            self.stack_cache.remove(&hash);
         }
         Ok(())
     }
@@ -681,20 +664,12 @@ impl<'obj> Tracer<'obj> {
     /// The frames of a stack the kernel side keeps.
     fn stack_of(&mut self, stack: StackRef) -> Result<Stack, CaptureError> {
         match stack {
-            StackRef::Id(id) => {
-                if let Some(stack) = self.stack_cache.get(&id) {
+            StackRef::Id(hash) => {
+                if let Some(stack) = self.stack_cache.get(&hash) {
                     return Ok(Arc::clone(stack));
                 }
-                let stack: Stack = self.probe.stack(id)?.into();
-                self.stack_cache.insert(id, Arc::clone(&stack));
-                Ok(stack)
-            }
-            StackRef::Task(hash) => {
-                if let Some(stack) = self.task_stack_cache.get(&hash) {
-                    return Ok(Arc::clone(stack));
-                }
-                let stack: Stack = self.probe.task_stack(hash)?.into();
-                self.task_stack_cache.insert(hash, Arc::clone(&stack));
+                let stack: Stack = self.probe.stack(hash)?.into();
+                self.stack_cache.insert(hash, Arc::clone(&stack));
                 Ok(stack)
             }
             StackRef::SavedRegs | StackRef::Missing => Ok(Stack::from([])),

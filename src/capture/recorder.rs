@@ -35,6 +35,20 @@ pub struct RecorderConfig {
     /// How often a window is cut: the time resolution of a capture's start.
     pub tick: Duration,
     pub capture: CaptureConfig,
+    /// Shown every window as it is cut, while the threads in it still live.
+    pub observer: Option<WindowObserver>,
+}
+
+/// Something that wants each window as it is cut: the symbolizer looks its
+/// frames up while their processes live, so that a process that exits
+/// before a capture is answered still has named frames.
+#[derive(Clone)]
+pub struct WindowObserver(pub std::sync::Arc<dyn Fn(&Window) + Send + Sync>);
+
+impl std::fmt::Debug for WindowObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WindowObserver")
+    }
 }
 
 /// A capture asked of the recorder: the off-CPU time of `target` in
@@ -187,7 +201,8 @@ impl History {
 }
 
 /// Sums consecutive windows into one, keeping only `target`'s threads.
-fn merge(windows: &[&Window], target: u32) -> Window {
+/// `windows` must not be empty.
+pub fn merge(windows: &[&Window], target: u32) -> Window {
     type Identity = (u32, ThreadState, Stack, Stack, Option<LockWait>);
     let mut totals: HashMap<Identity, BlockedStack> = HashMap::new();
     for window in windows {
@@ -471,9 +486,13 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
     /// when the recorder is ending: they get what was recorded so far).
     fn tick(&mut self, ending: bool) {
         match self.tracer.collect() {
-            Ok(window) => self
-                .history
-                .push(window, SystemTime::now() - self.config.history),
+            Ok(window) => {
+                if let Some(observer) = &self.config.observer {
+                    (observer.0)(&window);
+                }
+                self.history
+                    .push(window, SystemTime::now() - self.config.history)
+            }
             Err(err) => {
                 let reason = err.to_string();
                 for waiting in self.pending.drain(..) {
