@@ -742,3 +742,113 @@ fn thread_churn_leaves_no_trace_in_the_flight_recorder() {
     let profile = symbolizer.profiles(window).unwrap().off_cpu;
     assert_churn_profile(&profile, announced[0].since);
 }
+
+/// The ids of the BPF programs a process holds, through its fds and links.
+fn program_ids(pid: u32) -> std::collections::HashSet<u64> {
+    let mut ids = std::collections::HashSet::new();
+    for fdinfo in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(text) = std::fs::read_to_string(fdinfo.unwrap().path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(id) = line.strip_prefix("prog_id:") {
+                ids.insert(id.trim().parse().unwrap());
+            }
+        }
+    }
+    ids
+}
+
+/// How often the kernel has run each of these programs (`run_cnt`, counted
+/// while `kernel.bpf_stats_enabled` is on), by name.
+fn program_runs(ids: &std::collections::HashSet<u64>) -> std::collections::HashMap<String, u64> {
+    let shown = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("bpftool (Debian's bpftool package)");
+    assert!(shown.status.success());
+    let programs: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    programs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|program| ids.contains(&program["id"].as_u64().unwrap()))
+        .map(|program| {
+            (
+                program["name"].as_str().unwrap_or("?").to_string(),
+                program["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Switches `kernel.bpf_stats_enabled` on while it lives.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> Self {
+        const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+        let was = std::fs::read_to_string(SYSCTL).unwrap();
+        std::fs::write(SYSCTL, "1").unwrap();
+        BpfStats(was)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", self.0.trim());
+    }
+}
+
+#[test]
+fn a_process_nobody_targets_runs_no_program_on_its_system_calls() {
+    require_root();
+    let dir = tempdir("neighbour");
+    let idle = Workload::start();
+    let output = dir.join("idle.pb.gz");
+    const CALLS: u64 = 1_000_000;
+    let _stats = BpfStats::enable();
+    let mut child = freezeframe()
+        .args([
+            "capture",
+            "--pid",
+            &idle.pid.to_string(),
+            "--duration",
+            "20s",
+        ])
+        .arg("--output")
+        .arg(&output)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.contains("capturing off-CPU stacks"), "{first}");
+    let ids = program_ids(child.id());
+    assert!(ids.len() >= 5, "the capture's programs: {ids:?}");
+    let before = program_runs(&ids);
+    // This test's own thread is the neighbour: a system call that never
+    // blocks, over and over.
+    for _ in 0..CALLS {
+        // SAFETY: getppid has no preconditions.
+        std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+    }
+    let runs: Vec<(String, u64)> = program_runs(&ids)
+        .into_iter()
+        .map(|(name, count)| {
+            let earlier = before.get(&name).copied().unwrap_or(0);
+            (name, count - earlier)
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    let total: u64 = runs.iter().map(|(_, count)| count).sum();
+    // The machine's context switches, wake-ups and mmap_lock use still run
+    // programs meanwhile; a hook on system calls would run one per call.
+    assert!(
+        total < CALLS / 100,
+        "{total} program runs during {CALLS} system calls of a process nobody targets: {runs:?}"
+    );
+}
