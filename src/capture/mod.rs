@@ -4,8 +4,33 @@
 //! [`Tracer::start`] loads and attaches the probe for a set of target
 //! processes; every [`Tracer::collect`] returns the off-CPU time of the period
 //! since the previous one. Blocks that span a boundary are split exactly at
-//! it (see [`ledger`]), so a one-shot capture is one `collect` at the end, and
-//! an armed flight recorder is a `collect` every tick.
+//! it (see [`ledger`]), so a capture is the merge of the windows it spans
+//! ([`recorder::merge`]), whether one-shot or from the armed flight recorder.
+//!
+//! ## What a block learns, and when
+//!
+//! The probe's cost is in its stack walks, so a block learns its identity
+//! in stages, and only a block that reaches `min_block` is walked at all:
+//! - at switch-out: its start, state and any contended kernel lock (and,
+//!   for such a lock, its kernel stack: see `on_switch_out`);
+//! - at switch-in: its kernel stack, taken from the still-sleeping thread,
+//!   its futex word and the thread that woke it;
+//! - on the thread's way back to user space: its user stack. Only then is
+//!   the block added to the kernel's totals.
+//!
+//! A block still in progress at a cut is completed from outside by the
+//! survey iterator (kernel stack, futex word, the user registers it entered
+//! the kernel with), and its user stack is walked here from those
+//! registers. The parts credited while it was in progress and the total
+//! that arrives at its end are matched on what both know
+//! ([`BlockKey::settled_identity`]); a later stage that unwinds user stacks
+//! without frame pointers plugs in where the saved registers are walked.
+//!
+//! Every kernel-side structure is per thread and owned by this tracer: the
+//! thread map is read, the totals are drained, and stacks are freed only
+//! when no block in progress refers to them. A probe shared between
+//! several tracers needs one owner per target's entries for the same
+//! reasons.
 
 mod bpf;
 mod calls;
