@@ -206,48 +206,55 @@ def kernel_side(binaries: dict, pingpong: Path, round_trips: int, calls: int):
         print_programs(f"{label}, neighbour getppid()", call_programs, calls, "call")
 
 
-def wall_clock(binaries: dict, pingpong: Path, rounds: int, round_trips: int, calls: int):
-    modes = ["none", *binaries, "offcputime"]
-    storm = {mode: [] for mode in modes}
+def interleaved(modes: list, rounds: int, measure) -> dict:
+    """`measure(mode)` for every mode, `rounds` times, the order rotating
+    each round so that machine noise hits all modes alike."""
+    results = {mode: [] for mode in modes}
     for index in range(rounds):
-        order = modes[index % len(modes):] + modes[:index % len(modes)]
-        for mode in order:
-            workload = PingPong(pingpong)
-            workload.run(10_000)
-            tracer = None
-            if mode == "offcputime":
-                tracer = offcputime(workload.pid)
-            elif mode != "none":
-                tracer = freezeframe_capture(binaries[mode], workload.pid)
-            storm[mode].append(workload.run(round_trips))
-            if tracer:
-                tracer.stop()
-            workload.stop()
-    base = statistics.median(storm["none"])
-    print(f"wall clock, the storm traced ({rounds} interleaved rounds, medians)")
-    for mode in modes:
-        median = statistics.median(storm[mode])
-        print(f"  {mode:14} {median:8.1f} ns/round trip  x{median / base:.3f}")
+        for mode in modes[index % len(modes):] + modes[:index % len(modes)]:
+            results[mode].append(measure(mode))
+    return results
 
-    neighbour_modes = ["none", *binaries]
-    per_call = {mode: [] for mode in neighbour_modes}
-    for index in range(rounds):
-        order = neighbour_modes[index % len(neighbour_modes):] + neighbour_modes[:index % len(neighbour_modes)]
-        for mode in order:
-            idle = PingPong(pingpong)
-            neighbour = PingPong(pingpong)
-            neighbour.calls(100_000)
-            tracer = None if mode == "none" else freezeframe_capture(binaries[mode], idle.pid)
-            per_call[mode].append(neighbour.calls(calls))
-            if tracer:
-                tracer.stop()
-            idle.stop()
-            neighbour.stop()
-    base = statistics.median(per_call["none"])
-    print(f"wall clock, a neighbour's getppid() ({rounds} interleaved rounds, medians)")
-    for mode in neighbour_modes:
-        median = statistics.median(per_call[mode])
-        print(f"  {mode:14} {median:8.1f} ns/call  x{median / base:.3f}")
+
+def print_medians(title: str, results: dict, unit: str):
+    base = statistics.median(results["none"])
+    print(title)
+    for mode, values in results.items():
+        median = statistics.median(values)
+        print(f"  {mode:14} {median:8.1f} ns/{unit}  x{median / base:.3f}")
+
+
+def wall_clock(binaries: dict, pingpong: Path, rounds: int, round_trips: int, calls: int):
+    def traced_storm(mode):
+        workload = PingPong(pingpong)
+        workload.run(10_000)
+        tracer = None
+        if mode == "offcputime":
+            tracer = offcputime(workload.pid)
+        elif mode != "none":
+            tracer = freezeframe_capture(binaries[mode], workload.pid)
+        result = workload.run(round_trips)
+        if tracer:
+            tracer.stop()
+        workload.stop()
+        return result
+
+    def neighbour_calls(mode):
+        idle = PingPong(pingpong)
+        neighbour = PingPong(pingpong)
+        neighbour.calls(100_000)
+        tracer = None if mode == "none" else freezeframe_capture(binaries[mode], idle.pid)
+        result = neighbour.calls(calls)
+        if tracer:
+            tracer.stop()
+        idle.stop()
+        neighbour.stop()
+        return result
+
+    print_medians(f"wall clock, the storm traced ({rounds} interleaved rounds, medians)",
+                  interleaved(["none", *binaries, "offcputime"], rounds, traced_storm), "round trip")
+    print_medians(f"wall clock, a neighbour's getppid() ({rounds} interleaved rounds, medians)",
+                  interleaved(["none", *binaries], rounds, neighbour_calls), "call")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,17 +1,24 @@
 # Sourced by scripts/test and scripts/demo: installs, on Debian, what building
 # and testing freezeframe needs. Safe to run again; it only adds what is missing.
 
-FREEZEFRAME_DEBIAN_PACKAGES=(
+# What building and running freezeframe needs: scripts/demo installs only these.
+FREEZEFRAME_BUILD_PACKAGES=(
     clang llvm make pkg-config libelf-dev zlib1g-dev  # BPF programs, vendored libbpf
     bpftool                                            # vmlinux.h from the running kernel's BTF
+    curl ca-certificates                               # rustup, where there is no Rust toolchain
+)
+
+# What the test suite adds: scripts/test installs these too.
+FREEZEFRAME_TEST_PACKAGES=(
     golang-go                                          # `go tool pprof`, the independent pprof decoder
-    libbpf-tools                                       # offcputime, the benchmark's baseline
     util-linux procps                                  # unshare, setpriv, pgrep for the tests
     python3 python3-venv                               # the OpenTelemetry SDK clients of the end-to-end tests
     prometheus                                         # prometheus and promtool: scraping, alert rules, dashboards' PromQL
-    curl ca-certificates
     openssl                                            # a private CA for the export TLS tests
 )
+
+# The benchmarks' baselines (bench/probe_cost.py): install by hand with
+# `apt-get install libbpf-tools` (offcputime).
 
 # A virtualenv with the Python clients (tests/e2e/requirements.txt), in target/.
 ensure_python_clients() {
@@ -35,9 +42,18 @@ ensure_root() {
     fi
 }
 
+# Installs the Debian packages of the named groups (build, test) that are
+# missing, then a Rust toolchain if there is none.
 install_prerequisites() {
-    local missing=()
-    for package in "${FREEZEFRAME_DEBIAN_PACKAGES[@]}"; do
+    local wanted=() missing=()
+    for group in "$@"; do
+        case "$group" in
+            build) wanted+=("${FREEZEFRAME_BUILD_PACKAGES[@]}") ;;
+            test) wanted+=("${FREEZEFRAME_TEST_PACKAGES[@]}") ;;
+            *) echo "freezeframe: unknown prerequisite group $group" >&2; return 1 ;;
+        esac
+    done
+    for package in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
