@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::capture::recorder::RecorderMode;
 use crate::export::otlp::{Compression, Protocol};
+use crate::logging::LogFormat;
 use crate::profile::ThreadState;
 
 #[derive(Debug, Parser)]
@@ -110,6 +111,9 @@ pub struct RunOverrides {
     /// Address for /metrics, /healthz and /readyz ([telemetry] listen).
     #[arg(long = "telemetry-listen", env = "FREEZEFRAME_TELEMETRY_LISTEN")]
     pub telemetry_listen: Option<SocketAddr>,
+    /// How log lines are written on stderr ([telemetry] log_format).
+    #[arg(long = "log-format", env = "FREEZEFRAME_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Where captures are written, and the delivery spool kept ([export] directory).
     #[arg(long = "export-directory", env = "FREEZEFRAME_EXPORT_DIRECTORY")]
     pub directory: Option<PathBuf>,

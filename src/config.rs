@@ -13,6 +13,7 @@ use crate::capture::recorder::RecorderMode;
 use crate::cli::{OtlpOverrides, RunOverrides};
 use crate::export::otlp::settings::{self as otlp_settings, Compression, OtlpSettings, Protocol};
 use crate::ingest::ReceiverConfig;
+use crate::logging::LogFormat;
 use crate::trigger::{Rule, RuleConfig, RuleError};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub struct Recorder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Telemetry {
     pub listen: SocketAddr,
+    /// How log lines are written (default: text).
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +150,7 @@ enum SizeFile {
 #[serde(deny_unknown_fields, default)]
 struct TelemetryFile {
     listen: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,7 +240,11 @@ impl std::fmt::Display for Config {
                     crate::report::human_bytes(bytes)
                 )),
         )?;
-        writeln!(f, "telemetry: http://{}/metrics", self.telemetry.listen)?;
+        writeln!(
+            f,
+            "telemetry: http://{}/metrics, logs as {}",
+            self.telemetry.listen, self.telemetry.log_format
+        )?;
         writeln!(f, "export:   {}", self.export.directory.display())?;
         match &self.export.otlp {
             Some(otlp) => writeln!(
@@ -380,6 +388,10 @@ impl Config {
                     .telemetry_listen
                     .or(file.telemetry.listen)
                     .unwrap_or_else(|| parse_default(defaults::TELEMETRY)),
+                log_format: overrides
+                    .log_format
+                    .or(file.telemetry.log_format)
+                    .unwrap_or_default(),
             },
             export: resolve_export(file.export, overrides, env)?,
         })

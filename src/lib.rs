@@ -16,6 +16,7 @@ pub mod demo;
 pub mod encode;
 pub mod export;
 pub mod ingest;
+pub mod logging;
 pub mod preflight;
 pub mod profile;
 pub mod report;

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use freezeframe::capture::recorder::merge;
 use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
 use freezeframe::cli::{
-    CaptureArgs, CheckConfigArgs, Cli, Command, ExportArgs, ReportArgs, RunArgs, RunOverrides,
-    Views,
+    CaptureArgs, CheckConfigArgs, Cli, Command, ExportArgs, ReportArgs, RunOverrides, Views,
 };
 use freezeframe::config::Config;
 use freezeframe::encode::{flamegraph, folded, pprof};
@@ -19,6 +18,7 @@ use freezeframe::export::delivery::{deliver, Delivered};
 use freezeframe::export::otlp::Exporter;
 use freezeframe::export::retry::Backoff;
 use freezeframe::export::{host_name, random_id, saved};
+use freezeframe::logging::LogFormat;
 use freezeframe::preflight;
 use freezeframe::profile::Profile;
 use freezeframe::report;
@@ -32,17 +32,24 @@ fn main() {
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FREEZEFRAME_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The sidecar's config is read first: its log format can come from
+    // the file too. Everything else takes the flag's environment variable.
+    let sidecar_config = match &cli.command {
+        Command::Run(args) => Some(Config::load(args.config.as_deref(), &args.overrides)),
+        _ => None,
+    };
+    let log_format = match &sidecar_config {
+        Some(Ok(config)) => config.telemetry.log_format,
+        _ => std::env::var("FREEZEFRAME_LOG_FORMAT")
+            .ok()
+            .and_then(|format| LogFormat::from_str(&format, true).ok())
+            .unwrap_or_default(),
+    };
+    freezeframe::logging::init(log_format, default_level);
     let outcome = match cli.command {
         Command::Capture(args) => capture(args),
         Command::Report(args) => report(args),
-        Command::Run(args) => run(args),
+        Command::Run(_) => run(sidecar_config.expect("read above for `run`")),
         Command::CheckConfig(args) => check_config(args),
         Command::Export(args) => export(args),
         Command::Demo(args) => freezeframe::demo::run(&args),
@@ -139,8 +146,8 @@ fn capture(args: CaptureArgs) -> Result<()> {
     Ok(())
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    let config = Config::load(args.config.as_deref(), &args.overrides)?;
+fn run(config: Result<Config, freezeframe::config::ConfigError>) -> Result<()> {
+    let config = config?;
     preflight::check_can_trace()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

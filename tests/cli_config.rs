@@ -87,6 +87,39 @@ fn the_allocation_threshold_takes_sizes_and_zero_turns_it_off() {
 }
 
 #[test]
+fn the_log_format_takes_the_flag_then_the_environment_then_the_file() {
+    let shown = |text: &str, env: &[(&str, &str)], flags: &[&str]| {
+        let output = check(&config_file("log-format.toml", text), env, flags);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert!(shown("", &[], &[]).contains("logs as text"));
+    let json_file = "[telemetry]\nlog_format = \"json\"\n";
+    assert!(shown(json_file, &[], &[]).contains("logs as json"));
+    let env = [("FREEZEFRAME_LOG_FORMAT", "text")];
+    assert!(shown(json_file, &env, &[]).contains("logs as text"));
+    assert!(shown(json_file, &env, &["--log-format", "json"]).contains("logs as json"));
+    let wrong = check(
+        &config_file(
+            "log-format-wrong.toml",
+            "[telemetry]\nlog_format = \"xml\"\n",
+        ),
+        &[],
+        &[],
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("log_format"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+}
+
+#[test]
 fn mistakes_are_named() {
     let cases = [
         (

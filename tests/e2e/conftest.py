@@ -43,7 +43,6 @@ cooldown = "1m"
 """
 
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RUNNING = re.compile(
     r"freezeframe is running grpc=127\.0\.0\.1:(\d+) http=127\.0\.0\.1:(\d+) telemetry=127\.0\.0\.1:(\d+)"
 )
@@ -104,12 +103,26 @@ directory = "{self.directory}"
         sidecar could be taken in between, by any process's connection.)"""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            running = RUNNING.search(ANSI.sub("", self.log_text()))
+            running = RUNNING.search(self.log_text()) or self._running_in_json()
             if running:
                 return tuple(int(port) for port in running.groups())
             assert self.proc.poll() is None, f"freezeframe exited: {self.log_text()}"
             time.sleep(0.05)
         raise AssertionError(f"freezeframe did not start in {timeout}s: {self.log_text()}")
+
+    def _running_in_json(self):
+        """The start-up line of a sidecar that logs JSON, in text form."""
+        for line in self.log_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            fields = event.get("fields", {}) if isinstance(event, dict) else {}
+            if fields.get("message") == "freezeframe is running":
+                return RUNNING.search(
+                    f"freezeframe is running grpc={fields['grpc']} http={fields['http']} telemetry={fields['telemetry']}"
+                )
+        return None
 
     def wait_listening(self, port: int, timeout: float = 30):
         deadline = time.monotonic() + timeout

@@ -256,6 +256,25 @@ class Prometheus:
         self.log.close()
 
 
+def test_logs_carry_no_escape_codes_off_a_terminal_and_json_logs_parse(sidecar_factory):
+    text = sidecar_factory(RULES)
+    text.wait_listening(text.telemetry)
+    assert "freezeframe is running" in text.log_text()
+    assert "\x1b" not in text.log_text(), "colour codes in a log written to a file"
+
+    logged = sidecar_factory(RULES, env={"FREEZEFRAME_LOG_FORMAT": "json"})
+    logged.wait_listening(logged.telemetry)
+    lines = [line for line in logged.log_text().splitlines() if line.strip()]
+    # libbpf's own warnings are written as they come, outside the log.
+    events = [json.loads(line) for line in lines if not line.startswith("libbpf: ")]
+    assert events, logged.log_text()
+    for event in events:
+        assert event["level"] in ("TRACE", "DEBUG", "INFO", "WARN", "ERROR"), event
+        assert "timestamp" in event and "message" in event["fields"], event
+    running = [event for event in events if event["fields"]["message"] == "freezeframe is running"]
+    assert running and running[0]["fields"]["grpc"] == f"127.0.0.1:{logged.grpc}", events
+
+
 def test_prometheus_scrapes_the_sidecar_and_evaluates_the_alerts_on_it(fresh_sidecar, tmp_path):
     prometheus = Prometheus(tmp_path, f"127.0.0.1:{fresh_sidecar.telemetry}", [ALERTS])
     try:
