@@ -96,6 +96,7 @@ fn main() {
             let sinks = Sinks {
                 metrics,
                 spans: Arc::new(SpanStore::new(1000, Duration::from_secs(60))),
+                forward: None,
             };
             let running = ingest::serve(config, sinks, server_stop.clone())
                 .await

@@ -139,7 +139,7 @@ impl fmt::Display for OtlpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "OTLP profiles over {} to {}, timeout {}, compression {}",
+            "{} to {}, timeout {}, compression {}",
             self.protocol.name(),
             self.endpoint,
             humantime::format_duration(self.timeout),
