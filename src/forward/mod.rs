@@ -170,6 +170,8 @@ struct State {
     failing: bool,
     /// The upstream refused a request for good and took none since.
     rejecting: bool,
+    /// Requests given up on at shutdown.
+    unsent: u64,
     /// Requests dropped since the queue last ran empty; the first drop of
     /// a run is logged, the total once the queue catches up.
     dropped_since_empty: u64,
@@ -196,6 +198,7 @@ impl Forwarding {
                 queue: Queue::new(config.queue_max_bytes),
                 failing: false,
                 rejecting: false,
+                unsent: 0,
                 dropped_since_empty: 0,
             }),
             wake: Notify::new(),
@@ -243,15 +246,14 @@ impl Forwarding {
             while self.workers.join_next().await.is_some() {}
         }
         let mut state = self.shared.lock();
-        let left = state.queue.drain();
-        for request in &left {
+        for request in state.queue.drain() {
             count(request.signal, outcome::UNSENT);
+            state.unsent += 1;
         }
         self.shared.publish(&state);
-        drop(state);
-        if !left.is_empty() || drained.is_err() {
+        if state.unsent > 0 {
             tracing::warn!(
-                left = left.len(),
+                unsent = state.unsent,
                 endpoint = %self.shared.endpoint,
                 "forwarding stopped after {} with requests not yet sent; they are lost",
                 humantime::format_duration(grace)
@@ -358,7 +360,10 @@ impl Shared {
                 }
                 outcome::REJECTED
             }
-            None => outcome::UNSENT,
+            None => {
+                state.unsent += 1;
+                outcome::UNSENT
+            }
         };
         count(request.signal, outcome);
         self.publish(&state);

@@ -10,6 +10,7 @@ as they arrived (`otlp_upstream.py`)."""
 import collections
 import gzip
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +23,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
-from conftest import LATENCY_RULE
+from conftest import ANSI, LATENCY_RULE
 from otlp_receiver import reserve_port
 from otlp_upstream import GrpcUpstream, HttpUpstream
 
@@ -246,3 +247,107 @@ def test_without_an_endpoint_nothing_is_forwarded_and_logs_are_not_accepted(side
         post(sidecar.http, "/v1/logs", b"", "application/x-protobuf")
     assert refused.value.code == 404
     assert "freezeframe_forward_total" not in urllib.request.urlopen(f"http://127.0.0.1:{sidecar.telemetry}/metrics").read().decode()
+
+
+def rfc3339_seconds(text: str) -> float:
+    from datetime import datetime, timezone
+
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def freeze_is_caught_on_time(sidecar, app):
+    """Freezes the app and checks the latency rule fires as it does without
+    forwarding: the breach dated to the freeze, the firing `for` later."""
+    freeze_start_ns, _ = app.freeze(4)
+    event = sidecar.wait_for_event(lambda e: e["rule"] == "feed-latency" and e["outcome"] == "captured", timeout=30)
+    freeze_start = freeze_start_ns / 1e9
+    breach_start = rfc3339_seconds(event["breach_start"])
+    assert freeze_start - 1.0 <= breach_start <= freeze_start + 1.5, (event, freeze_start)
+    assert rfc3339_seconds(event["fired_at"]) - freeze_start <= 3.5, (event, freeze_start)
+
+
+def exports_were_prompt(record: Path):
+    calls = exports(record)
+    assert len(calls) >= 10, calls
+    assert all(call["result"] == "SUCCESS" for call in calls), [c for c in calls if c["result"] != "SUCCESS"]
+    slowest = max(call["seconds"] for call in calls)
+    # An export to a local freezeframe takes milliseconds; waiting on the
+    # upstream would take its timeout (or the 10 s a slow one needs).
+    assert slowest < 0.5, f"an export call took {slowest:.3f} s"
+
+
+def test_a_dead_upstream_costs_the_app_nothing_and_gets_the_rest_when_it_comes_back(
+    sidecar_factory, app_factory, tmp_path
+):
+    port = reserve_port()
+    sidecar = sidecar_factory(
+        LATENCY_RULE, forward=forward_config(port, "grpc", f"queue_max_bytes = {QUEUE_BUDGET}\ntimeout = \"2s\"")
+    )
+    record = tmp_path / "app"
+    app = app_factory("grpc", sidecar.grpc, "--record", str(record))
+    time.sleep(3)
+    freeze_is_caught_on_time(sidecar, app)
+    held = []
+    for _ in range(10):
+        held.append(sidecar.metric("freezeframe_forward_queue_bytes"))
+        time.sleep(0.2)
+    assert 0 < max(held) <= QUEUE_BUDGET, held
+    dropped = sidecar.metric("freezeframe_forward_total", signal="traces", outcome="dropped")
+    dropped += sidecar.metric("freezeframe_forward_total", signal="metrics", outcome="dropped")
+    assert dropped > 0, "the budget was reached and the oldest dropped"
+    assert sidecar.metric("freezeframe_forward_total", outcome="delivered") == 0
+    exports_were_prompt(record)
+    log = sidecar.log_text()
+    assert log.count("cannot forward the app's telemetry") == 1, "one warning per outage, not per request"
+    assert log.count("the forward queue is full") == 1, log
+
+    upstream = GrpcUpstream(port)
+    try:
+        app.shutdown()
+        counts = lambda outcome: sum(  # noqa: E731
+            sidecar.metric("freezeframe_forward_total", signal=signal, outcome=outcome) for signal in ("metrics", "traces")
+        )
+        wait_until(
+            lambda: counts("delivered") + counts("dropped") == counts("queued") > 0,
+            timeout=20,
+            message=lambda: f"queued {counts('queued')}, delivered {counts('delivered')}, dropped {counts('dropped')}",
+        )
+        assert sidecar.metric("freezeframe_forward_queue_bytes") == 0
+        arrived = upstream.requests()
+        assert len(arrived) == counts("delivered") > 0
+        sent_requests = set(sent(record))
+        assert all((a.signal, a.raw) in sent_requests for a in arrived), "what was kept arrives as the app sent it"
+        newest_sent = sent(record)[-1]
+        assert (newest_sent[0], newest_sent[1]) in {(a.signal, a.raw) for a in arrived}, "the newest are kept"
+        assert "the forward queue has caught up" in sidecar.log_text()
+    finally:
+        upstream.stop()
+
+
+def test_a_slow_upstream_changes_neither_the_apps_exports_nor_the_trigger(sidecar_factory, app_factory, tmp_path):
+    upstream = GrpcUpstream(delay=10)
+    try:
+        sidecar = sidecar_factory(
+            LATENCY_RULE, forward=forward_config(upstream.port, "grpc", f"queue_max_bytes = {QUEUE_BUDGET}\ntimeout = \"30s\"")
+        )
+        record = tmp_path / "app"
+        app = app_factory("grpc", sidecar.grpc, "--record", str(record))
+        time.sleep(3)
+        freeze_is_caught_on_time(sidecar, app)
+        exports_were_prompt(record)
+        assert sidecar.metric("freezeframe_forward_queue_bytes") <= QUEUE_BUDGET
+        # Each answer takes 10 s; the first were sent at start-up.
+        upstream.wait_for(1, timeout=5)
+        sidecar.wait_for_metric("freezeframe_forward_total", 1, timeout=15, signal="metrics", outcome="delivered")
+
+        # Shutdown: the grace runs out with requests still at the upstream.
+        app.stop()
+        started = time.monotonic()
+        sidecar.stop()
+        assert sidecar.proc.returncode == 0
+        assert time.monotonic() - started < 15, "the forward grace is bounded"
+        log = ANSI.sub("", Path(sidecar.log.name).read_text())
+        unsent = re.search(r"forwarding stopped after 5s with requests not yet sent; they are lost unsent=(\d+)", log)
+        assert unsent and int(unsent.group(1)) >= 1, log
+    finally:
+        upstream.stop()
