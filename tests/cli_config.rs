@@ -133,8 +133,8 @@ fn mistakes_are_named() {
     }
 }
 
-/// The `otlp:` line `check-config` prints.
-fn otlp_line(output: &Output) -> String {
+/// The line `check-config` prints that starts with `label`.
+fn settings_line(output: &Output, label: &str) -> String {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -142,9 +142,14 @@ fn otlp_line(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     text.lines()
-        .find(|line| line.starts_with("otlp:"))
-        .unwrap_or_else(|| panic!("no otlp line in {text}"))
+        .find(|line| line.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} line in {text}"))
         .to_string()
+}
+
+/// The `otlp:` line `check-config` prints.
+fn otlp_line(output: &Output) -> String {
+    settings_line(output, "otlp:")
 }
 
 #[test]
@@ -254,16 +259,7 @@ fn exporter_mistakes_are_named() {
 
 /// The `forward:` line `check-config` prints.
 fn forward_line(output: &Output) -> String {
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    text.lines()
-        .find(|line| line.starts_with("forward:"))
-        .unwrap_or_else(|| panic!("no forward line in {text}"))
-        .to_string()
+    settings_line(output, "forward:")
 }
 
 #[test]

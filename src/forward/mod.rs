@@ -55,14 +55,12 @@ const BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(5),
 };
 
-/// Outcome labels of `freezeframe_forward_total`.
+/// Outcome labels of `freezeframe_forward_total`: the profile exports'
+/// own, and `unsent`.
 pub mod outcome {
-    pub const QUEUED: &str = "queued";
-    pub const DELIVERED: &str = "delivered";
-    pub const PARTIAL: &str = "partial";
-    pub const RETRIED: &str = "retried";
-    pub const REJECTED: &str = "rejected";
-    pub const DROPPED: &str = "dropped";
+    pub use crate::export::delivery::outcome::{
+        DELIVERED, DROPPED, PARTIAL, QUEUED, REJECTED, RETRIED,
+    };
     pub const UNSENT: &str = "unsent";
     pub const ALL: [&str; 7] = [
         QUEUED, DELIVERED, PARTIAL, RETRIED, REJECTED, DROPPED, UNSENT,

@@ -117,19 +117,24 @@ def test_every_request_the_app_sends_arrives_upstream_byte_for_byte(
         upstream.stop()
 
 
-def metrics_request_with_what_we_do_not_read() -> bytes:
-    """A metrics request with a schema URL, an exemplar and, at the top and
-    deep inside, fields no OTLP version defines: a re-encoding by any
-    decoder that knows only OTLP would lose them."""
-    point = metrics_pb2.HistogramDataPoint(
+def histogram_point(trace_id: bytes, span_id: bytes):
+    """A latency point with one exemplar of the request `trace_id`/`span_id`."""
+    return metrics_pb2.HistogramDataPoint(
         start_time_unix_nano=1,
         time_unix_nano=2,
         count=3,
         sum=0.5,
         bucket_counts=[1, 2],
         explicit_bounds=[0.1],
-        exemplars=[metrics_pb2.Exemplar(time_unix_nano=2, as_double=0.3, trace_id=b"\x01" * 16, span_id=b"\x02" * 8)],
+        exemplars=[metrics_pb2.Exemplar(time_unix_nano=2, as_double=0.3, trace_id=trace_id, span_id=span_id)],
     )
+
+
+def metrics_request_with_what_we_do_not_read() -> bytes:
+    """A metrics request with a schema URL, an exemplar and, at the top and
+    deep inside, fields no OTLP version defines: a re-encoding by any
+    decoder that knows only OTLP would lose them."""
+    point = histogram_point(b"\x01" * 16, b"\x02" * 8)
     # Field 99, varint 7: unknown to every OTLP data point.
     point_bytes = point.SerializeToString() + bytes([0x98, 0x06, 0x07])
     metric = metrics_pb2.Metric(name="db.client.operation.duration", unit="s")
@@ -222,19 +227,7 @@ def test_unknown_fields_logs_and_json_are_forwarded_as_received(sidecar_factory)
         scope.scope.name = "feed-db"
         metric = scope.metrics.add(name="db.client.operation.duration", unit="s")
         metric.histogram.aggregation_temporality = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
-        metric.histogram.data_points.add(
-            start_time_unix_nano=1,
-            time_unix_nano=2,
-            count=3,
-            sum=0.5,
-            bucket_counts=[1, 2],
-            explicit_bounds=[0.1],
-            exemplars=[
-                metrics_pb2.Exemplar(
-                    time_unix_nano=2, as_double=0.3, trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(span_id)
-                )
-            ],
-        )
+        metric.histogram.data_points.append(histogram_point(bytes.fromhex(trace_id), bytes.fromhex(span_id)))
         assert metrics[2].message == expected, "the JSON request arrives as the equivalent protobuf"
         assert sidecar.metric("freezeframe_forward_total", signal="logs", outcome="delivered") == 2
     finally:
