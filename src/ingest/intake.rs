@@ -366,6 +366,50 @@ mod tests {
         assert!(batches.try_recv().is_err());
     }
 
+    #[tokio::test]
+    async fn requests_taken_are_forwarded_and_refused_ones_are_not() {
+        use crate::export::otlp::settings::{self, Explicit};
+        use crate::forward::{ForwardConfig, Forwarding};
+
+        // Nothing listens there, and the workers do not get to run: the
+        // requests stay queued, and the counts say which were handed on.
+        let explicit = Explicit {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..Explicit::default()
+        };
+        let config = ForwardConfig {
+            otlp: settings::resolve_in(forward::SECTION, explicit, |_| None)
+                .expect("valid")
+                .expect("an endpoint"),
+            queue_max_bytes: 1 << 20,
+        };
+        let forwarding = Forwarding::start(&config).expect("starts");
+        let (sender, mut batches) = mpsc::channel(1);
+        let spans = Arc::new(SpanStore::new(10, Duration::from_secs(60)));
+        let intake = Intake::new(sender, spans, Some(forwarding.forwarder()));
+        let tally = Tally::default();
+        metrics::with_local_recorder(&tally, || {
+            let request = gauges(&[1.0]);
+            let wire = Wire::Protobuf(Bytes::from(request.encode_to_vec()));
+            intake.metrics(request, wire).expect("room for one");
+            intake
+                .metrics(gauges(&[2.0]), Wire::Json)
+                .expect_err("the channel is full");
+            intake.traces(ExportTraceServiceRequest::default(), Wire::Json);
+            intake.logs(ExportLogsServiceRequest::default(), Wire::Json);
+        });
+        let queued = |signal: &str| {
+            tally.get(&format!(
+                "freezeframe_forward_total{{signal={signal},outcome=queued}}"
+            ))
+        };
+        assert_eq!(
+            (queued("metrics"), queued("traces"), queued("logs")),
+            (1, 1, 1)
+        );
+        assert!(batches.try_recv().is_ok());
+    }
+
     #[test]
     fn spans_are_stored_and_counted() {
         let tally = Tally::default();
