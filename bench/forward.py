@@ -168,12 +168,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20, help="how long each export-latency run lasts")
     parser.add_argument("--part", choices=["latency", "memory", "all"], default="all")
+    parser.add_argument("--protocol", choices=["grpc", "http"], action="append", help="the app's (default: both)")
     args = parser.parse_args()
     assert FREEZEFRAME.exists(), "cargo build --release first"
     with tempfile.TemporaryDirectory() as directory:
         work = Path(directory)
         if args.part in ("latency", "all"):
-            export_latencies(work, args.seconds)
+            export_latencies(work, args.seconds, args.protocol or ["grpc", "http"])
         if args.part in ("memory", "all"):
             for forwarding in (False, True):
                 idle, peak, highest_queue, queued, dropped, size = flood_memory(work, 20, forwarding)
@@ -182,11 +183,11 @@ def main():
                       f"forward queue up to {highest_queue / 2**20:.1f} MiB, {queued:.0f} queued, {dropped:.0f} dropped")
 
 
-def export_latencies(work: Path, seconds: float):
+def export_latencies(work: Path, seconds: float, protocols: list):
     upstream = Freezeframe(work, "upstream")
     try:
         print("export call latency of the SDK app (ms, steady state):")
-        for protocol in ("grpc", "http"):
+        for protocol in protocols:
             live_port = upstream.grpc if protocol == "grpc" else upstream.http
             upstream_protocol = "grpc" if protocol == "grpc" else "http/protobuf"
             scenarios = {
