@@ -1,13 +1,17 @@
 //! OTLP/HTTP receiver throughput: histogram data points accepted per second
 //! with the receiver on a single-threaded runtime (one core), fed by a
 //! client on another thread, and the converted batches drained as the
-//! trigger loop would. `cargo bench --bench receiver`.
+//! trigger loop would. Then the same with forwarding to a second receiver
+//! over gRPC and over HTTP: what the first receiver still accepts, and what
+//! reaches the upstream. `cargo bench --bench receiver`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use freezeframe::export::otlp::settings::{self, Protocol};
+use freezeframe::forward::{self, ForwardConfig, Forwarding};
 use freezeframe::ingest::{self, ReceiverConfig, Sinks, SpanStore};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
@@ -75,60 +79,93 @@ fn request_body() -> Vec<u8> {
     .encode_to_vec()
 }
 
-fn main() {
-    let accepted = Arc::new(AtomicU64::new(0));
-    let (address_tx, address_rx) = std::sync::mpsc::channel();
-    let stop = CancellationToken::new();
-    let server_stop = stop.clone();
-    let counted = Arc::clone(&accepted);
-    let server = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let (metrics, mut batches) = tokio::sync::mpsc::channel(256);
-            let config = ReceiverConfig {
-                grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
-                http: SocketAddr::from(([127, 0, 0, 1], 0)),
-                max_request_bytes: 4 << 20,
-            };
-            let sinks = Sinks {
-                metrics,
-                spans: Arc::new(SpanStore::new(1000, Duration::from_secs(60))),
-            };
-            let running = ingest::serve(config, sinks, server_stop.clone())
-                .await
-                .unwrap();
-            address_tx.send(running.http_addr()).unwrap();
-            let drain = tokio::spawn(async move {
-                while let Some(batch) = batches.recv().await {
-                    counted.fetch_add(batch.points.len() as u64, Ordering::Relaxed);
-                }
-            });
-            running.stopped().await.unwrap();
-            drain.abort();
-        });
-    });
-    let address = address_rx.recv().unwrap();
-    let body = request_body();
-    println!(
-        "request: {POINTS_PER_REQUEST} histogram points, {} bytes of protobuf",
-        body.len()
-    );
+/// A receiver on a single-threaded runtime of its own (one core), its
+/// converted batches drained as the trigger loop would, optionally
+/// forwarding everything it accepts.
+struct Receiver {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    points: Arc<AtomicU64>,
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+}
 
+impl Receiver {
+    fn start(forward: Option<ForwardConfig>) -> Self {
+        let points = Arc::new(AtomicU64::new(0));
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        let stop = CancellationToken::new();
+        let (server_stop, counted) = (stop.clone(), Arc::clone(&points));
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let forwarding = forward.map(|config| Forwarding::start(&config).unwrap());
+                let (metrics, mut batches) = tokio::sync::mpsc::channel(256);
+                let config = ReceiverConfig {
+                    grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    http: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    max_request_bytes: 4 << 20,
+                };
+                let sinks = Sinks {
+                    metrics,
+                    spans: Arc::new(SpanStore::new(1000, Duration::from_secs(60))),
+                    forward: forwarding.as_ref().map(Forwarding::forwarder),
+                };
+                let running = ingest::serve(config, sinks, server_stop.clone())
+                    .await
+                    .unwrap();
+                address_tx
+                    .send((running.grpc_addr(), running.http_addr()))
+                    .unwrap();
+                let drain = tokio::spawn(async move {
+                    while let Some(batch) = batches.recv().await {
+                        counted.fetch_add(batch.points.len() as u64, Ordering::Relaxed);
+                    }
+                });
+                running.stopped().await.unwrap();
+                if let Some(forwarding) = forwarding {
+                    forwarding.finish(Duration::from_secs(5)).await;
+                }
+                drain.abort();
+            });
+        });
+        let (grpc, http) = address_rx.recv().unwrap();
+        Receiver {
+            grpc,
+            http,
+            points,
+            stop,
+            thread,
+        }
+    }
+
+    fn points(&self) -> u64 {
+        self.points.load(Ordering::Relaxed)
+    }
+
+    fn stop(self) {
+        self.stop.cancel();
+        self.thread.join().unwrap();
+    }
+}
+
+/// Sends `body` to `address` from `CLIENTS` connections for `RUN`.
+fn load(address: SocketAddr, body: &[u8]) -> Duration {
     let client_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let elapsed = client_runtime.block_on(async {
+    client_runtime.block_on(async {
         let client = reqwest::Client::new();
         let url = format!("http://{address}/v1/metrics");
         let started = Instant::now();
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
-            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            let (client, url, body) = (client.clone(), url.clone(), body.to_vec());
             clients.push(tokio::spawn(async move {
                 while started.elapsed() < RUN {
                     let response = client
@@ -147,13 +184,75 @@ fn main() {
             client.await.unwrap();
         }
         started.elapsed()
-    });
-    stop.cancel();
-    server.join().unwrap();
-    let points = accepted.load(Ordering::Relaxed);
+    })
+}
+
+fn forward_to(endpoint: String, protocol: Protocol) -> ForwardConfig {
+    let explicit = settings::Explicit {
+        endpoint: Some(endpoint),
+        protocol: Some(protocol),
+        ..settings::Explicit::default()
+    };
+    ForwardConfig {
+        otlp: settings::resolve_in(forward::SECTION, explicit, |_| None)
+            .unwrap()
+            .unwrap(),
+        queue_max_bytes: ForwardConfig::DEFAULT_QUEUE_MAX_BYTES,
+    }
+}
+
+fn main() {
+    let body = request_body();
+    println!(
+        "request: {POINTS_PER_REQUEST} histogram points, {} bytes of protobuf",
+        body.len()
+    );
+
+    let receiver = Receiver::start(None);
+    let elapsed = load(receiver.http, &body);
+    let points = receiver.points();
+    receiver.stop();
     println!(
         "accepted {points} points in {:.2} s: {:.0} points/s with the receiver on one core",
         elapsed.as_secs_f64(),
         points as f64 / elapsed.as_secs_f64()
     );
+
+    // The upstream is a second receiver, on a core of its own; forwarding
+    // shares the first receiver's core.
+    for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
+        let upstream = Receiver::start(None);
+        let endpoint = match protocol {
+            Protocol::Grpc => format!("http://{}", upstream.grpc),
+            Protocol::HttpProtobuf => format!("http://{}", upstream.http),
+        };
+        let receiver = Receiver::start(Some(forward_to(endpoint, protocol)));
+        let elapsed = load(receiver.http, &body);
+        let (accepted, during) = (receiver.points(), upstream.points());
+        // Let what is still queued go out: until nothing more arrives for a
+        // second. What never arrives was dropped by the full queue.
+        let settle = Instant::now();
+        let mut last = (upstream.points(), Instant::now());
+        while last.1.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(50));
+            if upstream.points() != last.0 {
+                last = (upstream.points(), Instant::now());
+            }
+        }
+        let drained = last.1 - settle;
+        let delivered = upstream.points();
+        receiver.stop();
+        upstream.stop();
+        let seconds = elapsed.as_secs_f64();
+        println!(
+            "forwarding over {}: accepted {:.0} points/s; forwarded {:.0} points/s under load, \
+             {:.0} points/s over load and drain ({:.1} s); {} of {accepted} points dropped by the full queue",
+            protocol.name(),
+            accepted as f64 / seconds,
+            during as f64 / seconds,
+            delivered as f64 / (seconds + drained.as_secs_f64()),
+            drained.as_secs_f64(),
+            accepted - delivered.min(accepted),
+        );
+    }
 }

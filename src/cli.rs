@@ -129,6 +129,80 @@ pub struct RunOverrides {
     pub spool_max_bytes: Option<u64>,
     #[command(flatten)]
     pub otlp: OtlpOverrides,
+    #[command(flatten)]
+    pub forward: ForwardOverrides,
+}
+
+/// `[forward]` from flags and the environment: where the app's telemetry
+/// goes on to. The `OTEL_*` variables play no part: they configure the
+/// profiles exporter.
+#[derive(Debug, Args, Default, Clone)]
+pub struct ForwardOverrides {
+    /// Upstream for the app's metrics, traces and logs, e.g.
+    /// http://otel-collector:4317 ([forward] endpoint).
+    #[arg(
+        id = "forward-endpoint",
+        long = "forward-endpoint",
+        env = "FREEZEFRAME_FORWARD_ENDPOINT"
+    )]
+    pub endpoint: Option<String>,
+    /// grpc or http/protobuf ([forward] protocol).
+    #[arg(
+        id = "forward-protocol",
+        long = "forward-protocol",
+        env = "FREEZEFRAME_FORWARD_PROTOCOL"
+    )]
+    pub protocol: Option<Protocol>,
+    /// A header sent with every forwarded request, KEY=VALUE; repeat it, or
+    /// separate with commas in the variable ([forward] headers).
+    #[arg(
+        id = "forward-header",
+        long = "forward-header",
+        env = "FREEZEFRAME_FORWARD_HEADERS",
+        value_delimiter = ','
+    )]
+    pub headers: Vec<String>,
+    /// How long one forwarding attempt may take ([forward] timeout).
+    #[arg(id = "forward-timeout", long = "forward-timeout", env = "FREEZEFRAME_FORWARD_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// gzip or none ([forward] compression).
+    #[arg(
+        id = "forward-compression",
+        long = "forward-compression",
+        env = "FREEZEFRAME_FORWARD_COMPRESSION"
+    )]
+    pub compression: Option<Compression>,
+    /// PEM CA certificate to trust for an https upstream ([forward] certificate).
+    #[arg(
+        id = "forward-certificate",
+        long = "forward-certificate",
+        env = "FREEZEFRAME_FORWARD_CERTIFICATE"
+    )]
+    pub certificate: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS ([forward] client_certificate).
+    #[arg(
+        id = "forward-client-certificate",
+        long = "forward-client-certificate",
+        env = "FREEZEFRAME_FORWARD_CLIENT_CERTIFICATE"
+    )]
+    pub client_certificate: Option<PathBuf>,
+    /// PEM private key of the client certificate ([forward] client_key).
+    #[arg(
+        id = "forward-client-key",
+        long = "forward-client-key",
+        env = "FREEZEFRAME_FORWARD_CLIENT_KEY"
+    )]
+    pub client_key: Option<PathBuf>,
+    /// For a gRPC upstream given without a scheme: plain text instead of TLS ([forward] insecure).
+    #[arg(id = "forward-insecure", long = "forward-insecure", env = "FREEZEFRAME_FORWARD_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+    /// Bytes of requests held for the upstream at most; beyond, the oldest
+    /// are dropped ([forward] queue_max_bytes).
+    #[arg(id = "forward-queue-max-bytes", long = "forward-queue-max-bytes",
+        env = "FREEZEFRAME_FORWARD_QUEUE_MAX_BYTES",
+        value_parser = parse_bytes
+    )]
+    pub queue_max_bytes: Option<u64>,
 }
 
 /// The OTLP exporter's `[export]` settings from flags and the environment.

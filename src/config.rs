@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::capture::recorder::RecorderMode;
-use crate::cli::{OtlpOverrides, RunOverrides};
+use crate::cli::{ForwardOverrides, OtlpOverrides, RunOverrides};
 use crate::export::otlp::settings::{self as otlp_settings, Compression, OtlpSettings, Protocol};
+use crate::forward::{self, ForwardConfig};
 use crate::ingest::ReceiverConfig;
 use crate::logging::LogFormat;
 use crate::trigger::{Rule, RuleConfig, RuleError};
@@ -43,6 +44,12 @@ pub enum ConfigError {
     SpoolTooSmall(u64),
     #[error("[export] headers: {0}")]
     Header(String),
+    #[error("[forward] headers: {0}")]
+    ForwardHeader(String),
+    #[error("[forward] queue_max_bytes = {0}: must be between 64 KiB and 16 GiB; the queue holds whole requests of up to [receiver] max_request_bytes")]
+    ForwardQueue(u64),
+    #[error("[forward] queue_max_bytes: {0}")]
+    ForwardQueueSize(String),
     #[error(transparent)]
     Otlp(#[from] otlp_settings::SettingsError),
 }
@@ -56,6 +63,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     pub telemetry: Telemetry,
     pub export: Export,
+    /// Where the app's telemetry goes on to; `None` forwards nothing.
+    pub forward: Option<ForwardConfig>,
 }
 
 /// Which process captures are taken of.
@@ -110,6 +119,7 @@ struct File {
     trigger: Vec<RuleConfig>,
     telemetry: TelemetryFile,
     export: ExportFile,
+    forward: ForwardFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +183,22 @@ struct ExportFile {
     spool_max_bytes: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ForwardFile {
+    endpoint: Option<String>,
+    protocol: Option<Protocol>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(with = "duration_text")]
+    timeout: Option<Duration>,
+    compression: Option<Compression>,
+    certificate: Option<PathBuf>,
+    client_certificate: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    insecure: Option<bool>,
+    queue_max_bytes: Option<SizeFile>,
+}
+
 /// Defaults, as documented in the README.
 pub mod defaults {
     use std::time::Duration;
@@ -191,6 +217,8 @@ pub mod defaults {
     pub const MAX_LINK_GRACE: Duration = Duration::from_secs(60);
     pub const SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
     pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
+    pub const MIN_FORWARD_QUEUE_BYTES: u64 = 64 * 1024;
+    pub const MAX_FORWARD_QUEUE_BYTES: u64 = 16 << 30;
 }
 
 /// Durations written as text ("30s", "500ms").
@@ -249,11 +277,18 @@ impl std::fmt::Display for Config {
         match &self.export.otlp {
             Some(otlp) => writeln!(
                 f,
-                "otlp:     {otlp}; linked after {}, spool up to {} bytes",
+                "otlp:     profiles over {otlp}; linked after {}, spool up to {} bytes",
                 humantime::format_duration(self.export.link_grace),
                 self.export.spool_max_bytes
             )?,
             None => writeln!(f, "otlp:     off (no endpoint configured)")?,
+        }
+        match &self.forward {
+            Some(forward) => writeln!(f, "forward:  {forward}")?,
+            None => writeln!(
+                f,
+                "forward:  off (no [forward] endpoint: the app's telemetry stops here)"
+            )?,
         }
         writeln!(f, "rules:    {}", self.rules.len())?;
         for rule in &self.rules {
@@ -394,6 +429,7 @@ impl Config {
                     .unwrap_or_default(),
             },
             export: resolve_export(file.export, overrides, env)?,
+            forward: resolve_forward(file.forward, &overrides.forward)?,
         })
     }
 }
@@ -407,23 +443,7 @@ fn resolve_export(
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Export, ConfigError> {
     let overrides: &OtlpOverrides = &run.otlp;
-    let headers = if overrides.headers.is_empty() {
-        file.headers.map(|table| {
-            table
-                .into_iter()
-                .map(|(key, value)| (key.to_ascii_lowercase(), value))
-                .collect()
-        })
-    } else {
-        Some(
-            overrides
-                .headers
-                .iter()
-                .map(|pair| otlp_settings::parse_header(pair))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(ConfigError::Header)?,
-        )
-    };
+    let headers = headers(&overrides.headers, file.headers).map_err(ConfigError::Header)?;
     let explicit = otlp_settings::Explicit {
         endpoint: overrides.otlp_endpoint.clone().or(file.otlp_endpoint),
         protocol: overrides.protocol.or(file.protocol),
@@ -462,4 +482,67 @@ fn resolve_export(
         link_grace,
         spool_max_bytes,
     })
+}
+
+/// Headers from flags (`KEY=VALUE`), which replace the file's table whole.
+fn headers(
+    flags: &[String],
+    file: Option<std::collections::BTreeMap<String, String>>,
+) -> Result<Option<Vec<(String, String)>>, String> {
+    if flags.is_empty() {
+        return Ok(file.map(|table| {
+            table
+                .into_iter()
+                .map(|(key, value)| (key.to_ascii_lowercase(), value))
+                .collect()
+        }));
+    }
+    flags
+        .iter()
+        .map(|pair| otlp_settings::parse_header(pair))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// `[forward]`: flag, `FREEZEFRAME_FORWARD_*`, file, default. No endpoint
+/// means nothing is forwarded.
+fn resolve_forward(
+    file: ForwardFile,
+    overrides: &ForwardOverrides,
+) -> Result<Option<ForwardConfig>, ConfigError> {
+    let explicit = otlp_settings::Explicit {
+        endpoint: overrides.endpoint.clone().or(file.endpoint),
+        protocol: overrides.protocol.or(file.protocol),
+        headers: headers(&overrides.headers, file.headers).map_err(ConfigError::ForwardHeader)?,
+        timeout: overrides.timeout.or(file.timeout),
+        compression: overrides.compression.or(file.compression),
+        certificate: overrides.certificate.clone().or(file.certificate),
+        client_certificate: overrides
+            .client_certificate
+            .clone()
+            .or(file.client_certificate),
+        client_key: overrides.client_key.clone().or(file.client_key),
+        insecure: overrides.insecure.or(file.insecure),
+    };
+    // The `OTEL_*` variables configure the profiles exporter, not this.
+    let Some(otlp) = otlp_settings::resolve_in(forward::SECTION, explicit, |_| None)? else {
+        return Ok(None);
+    };
+    let queue_max_bytes = match (overrides.queue_max_bytes, file.queue_max_bytes) {
+        (Some(bytes), _) | (None, Some(SizeFile::Bytes(bytes))) => bytes,
+        (None, Some(SizeFile::Text(text))) => {
+            crate::cli::parse_bytes(&text).map_err(ConfigError::ForwardQueueSize)?
+        }
+        (None, None) => ForwardConfig::DEFAULT_QUEUE_MAX_BYTES as u64,
+    };
+    if !(defaults::MIN_FORWARD_QUEUE_BYTES..=defaults::MAX_FORWARD_QUEUE_BYTES)
+        .contains(&queue_max_bytes)
+    {
+        return Err(ConfigError::ForwardQueue(queue_max_bytes));
+    }
+    Ok(Some(ForwardConfig {
+        otlp,
+        queue_max_bytes: usize::try_from(queue_max_bytes)
+            .map_err(|_| ConfigError::ForwardQueue(queue_max_bytes))?,
+    }))
 }

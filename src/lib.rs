@@ -5,7 +5,8 @@
 //! takes off-CPU stacks out of the kernel and keeps the flight recorder;
 //! [`symbolize`] names their frames; [`profile`] is the model every encoder
 //! in [`encode`] reads; [`export`] writes captures out, and [`report`]
-//! summarises them for people. [`app`] wires the sidecar together, and
+//! summarises them for people. [`forward`] sends the app's telemetry on to
+//! its backends, as received. [`app`] wires the sidecar together, and
 //! [`demo`] runs it against the bundled reproducer of the seed incident.
 
 pub mod app;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod encode;
 pub mod export;
+pub mod forward;
 pub mod ingest;
 pub mod logging;
 pub mod preflight;

@@ -75,6 +75,8 @@ pub const EXPORTS: &str = "freezeframe_export_total";
 pub const SPOOL_BYTES: &str = "freezeframe_spool_bytes";
 pub const SPOOL_FILES: &str = "freezeframe_spool_files";
 pub const LINKED_REQUESTS: &str = "freezeframe_capture_linked_requests";
+pub const FORWARDS: &str = "freezeframe_forward_total";
+pub const FORWARD_QUEUE_BYTES: &str = "freezeframe_forward_queue_bytes";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -191,6 +193,15 @@ fn describe() {
         LINKED_REQUESTS,
         "Requests (spans) each exported capture's samples were linked to."
     );
+    describe_counter!(
+        FORWARDS,
+        "OTLP requests forwarded upstream, by signal and outcome (queued, delivered, partial, retried, rejected, dropped, unsent)."
+    );
+    describe_gauge!(
+        FORWARD_QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes of received requests held for the upstream, waiting or being sent."
+    );
 }
 
 /// Label values that only the configuration or other stages know.
@@ -204,6 +215,9 @@ pub struct StartupLabels<'a> {
     /// The OTLP exporter's label and every delivery outcome (`EXPORTS`),
     /// when one is configured.
     pub exporter: Option<(&'static str, &'a [&'static str])>,
+    /// Every forwarded signal and every forward outcome (`FORWARDS`), when
+    /// forwarding is configured.
+    pub forward: Option<(&'a [&'static str], &'a [&'static str])>,
 }
 
 /// Registers every series whose labels are known now, at zero (or NaN for
@@ -260,6 +274,14 @@ pub fn register_startup_series(labels: &StartupLabels) {
         }
         gauge!(SPOOL_BYTES).set(0.0);
         gauge!(SPOOL_FILES).set(0.0);
+    }
+    if let Some((signals, outcomes)) = labels.forward {
+        for &signal in signals {
+            for &outcome in outcomes {
+                counter!(FORWARDS, "signal" => signal, "outcome" => outcome).absolute(0);
+            }
+        }
+        gauge!(FORWARD_QUEUE_BYTES).set(0.0);
     }
 }
 
@@ -348,6 +370,7 @@ mod tests {
                 capture_outcomes: &["captured", "failed"],
                 bpf_maps: &["threads"],
                 exporter: Some(("otlp_grpc", &["queued", "delivered"])),
+                forward: Some((&["logs"], &["dropped"])),
             });
         });
         handle.render()
@@ -372,6 +395,8 @@ mod tests {
             (SERIES_REFUSED, "counter"),
             (SYMBOLIZE_FRAMES, "counter"),
             (BUILD_INFO, "gauge"),
+            (FORWARDS, "counter"),
+            (FORWARD_QUEUE_BYTES, "gauge"),
         ] {
             // The threshold is set by whoever knows the rules' units.
             if name == TRIGGER_THRESHOLD {
@@ -395,6 +420,8 @@ mod tests {
             r#"freezeframe_trigger_suppressed_total{rule="slow",reason="max_per_hour"} 0"#,
             r#"freezeframe_symbolize_frames_total{kind="user",outcome="unknown"} 0"#,
             r#"freezeframe_capture_duration_seconds_bucket{le="+Inf"} 0"#,
+            r#"freezeframe_forward_total{signal="logs",outcome="dropped"} 0"#,
+            r#"freezeframe_forward_queue_bytes 0"#,
         ] {
             assert!(page.lines().any(|l| l == line), "{line} missing: {page}");
         }

@@ -166,8 +166,8 @@ fn mistakes_are_named() {
     }
 }
 
-/// The `otlp:` line `check-config` prints.
-fn otlp_line(output: &Output) -> String {
+/// The line `check-config` prints that starts with `label`.
+fn settings_line(output: &Output, label: &str) -> String {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -175,9 +175,14 @@ fn otlp_line(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     text.lines()
-        .find(|line| line.starts_with("otlp:"))
-        .unwrap_or_else(|| panic!("no otlp line in {text}"))
+        .find(|line| line.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} line in {text}"))
         .to_string()
+}
+
+/// The `otlp:` line `check-config` prints.
+fn otlp_line(output: &Output) -> String {
+    settings_line(output, "otlp:")
 }
 
 #[test]
@@ -283,4 +288,102 @@ fn exporter_mistakes_are_named() {
         message.contains("OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION = \"brotli\": use gzip or none"),
         "{message}"
     );
+}
+
+/// The `forward:` line `check-config` prints.
+fn forward_line(output: &Output) -> String {
+    settings_line(output, "forward:")
+}
+
+#[test]
+fn forward_settings_take_flags_then_freezeframe_then_file_and_never_otel_variables() {
+    let bare = config_file("forward-bare.toml", "");
+    let otel = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4317")];
+    assert!(
+        forward_line(&check(&bare, &otel, &[])).contains("off"),
+        "the OTEL variables are the profiles exporter's"
+    );
+
+    let file = config_file(
+        "forward-file.toml",
+        "[forward]\nendpoint = \"http://file:4318\"\nprotocol = \"http/protobuf\"\n\
+         timeout = \"4s\"\nheaders = { \"x-scope-orgid\" = \"file\" }\nqueue_max_bytes = \"8MiB\"\n",
+    );
+    let line = forward_line(&check(&file, &[], &[]));
+    assert!(
+        line.contains("metrics, traces and logs over http/protobuf to http://file:4318,"),
+        "an HTTP upstream stays a base URL: {line}"
+    );
+    assert!(line.contains("timeout 4s"), "{line}");
+    assert!(
+        line.contains("headers x-scope-orgid (values hidden)"),
+        "{line}"
+    );
+    assert!(line.contains("queue up to 8388608 bytes"), "{line}");
+
+    let env = [
+        ("FREEZEFRAME_FORWARD_ENDPOINT", "collector:4317"),
+        ("FREEZEFRAME_FORWARD_PROTOCOL", "grpc"),
+        ("FREEZEFRAME_FORWARD_INSECURE", "true"),
+        ("FREEZEFRAME_FORWARD_COMPRESSION", "gzip"),
+        ("FREEZEFRAME_FORWARD_QUEUE_MAX_BYTES", "1MiB"),
+    ];
+    let line = forward_line(&check(&file, &env, &[]));
+    assert!(
+        line.contains("over grpc to http://collector:4317,"),
+        "{line}"
+    );
+    assert!(line.contains("compression gzip"), "{line}");
+    assert!(
+        line.contains("timeout 4s"),
+        "the file still sets the rest: {line}"
+    );
+    assert!(line.contains("queue up to 1048576 bytes"), "{line}");
+
+    let line = forward_line(&check(
+        &file,
+        &env,
+        &[
+            "--forward-endpoint",
+            "https://flag:4317",
+            "--forward-timeout",
+            "9s",
+            "--forward-queue-max-bytes",
+            "65536",
+        ],
+    ));
+    assert!(line.contains("over grpc to https://flag:4317,"), "{line}");
+    assert!(line.contains("timeout 9s"), "{line}");
+    assert!(line.contains("queue up to 65536 bytes"), "{line}");
+}
+
+#[test]
+fn forward_mistakes_are_named() {
+    for (name, text, expected) in [
+        (
+            "forward-bare-http.toml",
+            "[forward]\nendpoint = \"collector:4318\"\nprotocol = \"http/protobuf\"\n",
+            "[forward] endpoint = \"collector:4318\": an HTTP endpoint is a URL",
+        ),
+        (
+            "forward-small-queue.toml",
+            "[forward]\nendpoint = \"http://c:4317\"\nqueue_max_bytes = 1024\n",
+            "[forward] queue_max_bytes = 1024: must be between 64 KiB",
+        ),
+        (
+            "forward-half-mtls.toml",
+            "[forward]\nendpoint = \"https://c:4317\"\nclient_key = \"/k.pem\"\n",
+            "mutual TLS needs both",
+        ),
+        (
+            "forward-typo.toml",
+            "[forward]\nendpiont = \"http://c:4317\"\n",
+            "unknown field `endpiont`",
+        ),
+    ] {
+        let output = check(&config_file(name, text), &[], &[]);
+        assert!(!output.status.success(), "{name} was accepted");
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(message.contains(expected), "{name}: {message}");
+    }
 }

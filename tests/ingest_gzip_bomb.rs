@@ -86,6 +86,7 @@ async fn a_gzip_bomb_is_refused_without_inflating_it() {
     let sinks = Sinks {
         metrics,
         spans: Arc::new(SpanStore::new(16, Duration::from_secs(60))),
+        forward: None,
     };
     let stop = CancellationToken::new();
     let running = ingest::serve(config, sinks, stop.clone())

@@ -62,6 +62,7 @@ impl Receivers {
         let sinks = Sinks {
             metrics,
             spans: Arc::clone(&spans),
+            forward: None,
         };
         let running = ingest::serve(config, sinks, stop.clone())
             .await
@@ -888,6 +889,7 @@ async fn a_taken_port_is_reported_with_the_key_to_change() {
     let sinks = Sinks {
         metrics,
         spans: Arc::new(SpanStore::new(1, Duration::from_secs(1))),
+        forward: None,
     };
     let error = ingest::serve(config, sinks, CancellationToken::new())
         .await

@@ -3,8 +3,8 @@
 //!
 //! Shutdown goes in the order data flows: the receivers stop first, the
 //! trigger loop ends, captures in flight are cut short and written, held
-//! captures are linked and spooled, delivery gets a last few seconds, and
-//! the probe is detached last.
+//! captures are linked and spooled, delivery and forwarding get a last few
+//! seconds, and the probe is detached last.
 
 pub mod captures;
 pub mod evidence;
@@ -28,6 +28,7 @@ use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
 use crate::export::otlp::Exporter;
 use crate::export::retry::Backoff;
+use crate::forward::{self, Forwarding};
 use crate::ingest::{self, SpanStore};
 use crate::signals::MetricBatch;
 use crate::symbolize::SymbolizerThread;
@@ -57,6 +58,9 @@ const EXEMPLAR_POINTS: usize = 20_000;
 /// At shutdown, how long delivery may go on once every capture is spooled;
 /// what is not delivered by then is sent at the next start.
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+/// At shutdown, how long the app's telemetry held for the upstream may
+/// take to go out once the receivers have stopped; what is left is lost.
+const FORWARD_GRACE: Duration = Duration::from_secs(5);
 /// Processes learned from `process.pid` resource attributes, at most.
 const MAX_LEARNED_TARGETS: usize = 64;
 
@@ -84,6 +88,7 @@ pub async fn run_until(
     let handle = telemetry::install()?;
     ingest::describe_metrics();
     let rule_names: Vec<String> = config.rules.iter().map(|rule| rule.name.clone()).collect();
+    let forward_signals = forward::Signal::ALL.map(forward::Signal::label);
     telemetry::register_startup_series(&telemetry::StartupLabels {
         rules: &rule_names,
         capture_outcomes: &captures::CAPTURE_OUTCOMES.map(captures::outcome_label),
@@ -94,6 +99,10 @@ pub async fn run_until(
                 crate::export::delivery::outcome::ALL.as_slice(),
             )
         }),
+        forward: config
+            .forward
+            .as_ref()
+            .map(|_| (forward_signals.as_slice(), forward::outcome::ALL.as_slice())),
     });
     for rule in &config.rules {
         metrics::gauge!(telemetry::TRIGGER_THRESHOLD, "rule" => rule.name.clone())
@@ -142,7 +151,7 @@ pub async fn run_until(
         Some(otlp) => {
             let exporter = Exporter::new(otlp).context("cannot set up the OTLP exporter")?;
             let spool = config.export.directory.join("spool");
-            tracing::info!(spool = %spool.display(), "exporting {otlp}");
+            tracing::info!(spool = %spool.display(), "exporting profiles over {otlp}");
             Some(
                 Delivery::open(
                     &spool,
@@ -153,6 +162,14 @@ pub async fn run_until(
                 )
                 .context("cannot start OTLP delivery")?,
             )
+        }
+        None => None,
+    };
+
+    let forwarding = match &config.forward {
+        Some(forward) => {
+            tracing::info!("forwarding the app's {forward}");
+            Some(Forwarding::start(forward).context("cannot set up forwarding")?)
         }
         None => None,
     };
@@ -173,6 +190,7 @@ pub async fn run_until(
         ingest::Sinks {
             metrics: metric_sender,
             spans,
+            forward: forwarding.as_ref().map(Forwarding::forwarder),
         },
         receivers_stop.clone(),
     )
@@ -278,8 +296,17 @@ pub async fn run_until(
     if let Err(err) = receivers.stopped().await {
         tracing::warn!("receivers stopped with an error: {err}");
     }
-    captures.finish().await;
-    exports.finish(DELIVERY_GRACE).await;
+    // Forwarding drains while captures finish: neither waits for the other.
+    let forwarded = async {
+        if let Some(forwarding) = forwarding {
+            forwarding.finish(FORWARD_GRACE).await;
+        }
+    };
+    let finished = async {
+        captures.finish().await;
+        exports.finish(DELIVERY_GRACE).await;
+    };
+    tokio::join!(forwarded, finished);
     shutdown.cancel();
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! OTLP/gRPC: `MetricsService/Export` and `TraceService/Export` on tonic.
+//! OTLP/gRPC: `MetricsService/Export` and `TraceService/Export` (and
+//! `LogsService/Export` when forwarding) on tonic.
 //!
 //! The two services are written here instead of taken from the generated
 //! servers, to give the answers the Collector gives where tonic's defaults
@@ -6,6 +7,9 @@
 //! says `INTERNAL`), and a message whose length prefix is past the size limit
 //! is `RESOURCE_EXHAUSTED` (tonic says `OUT_OF_RANGE`). Tonic still does the
 //! framing, the gzip decompression under the same limit, and HTTP/2.
+//!
+//! When forwarding, the codec keeps each message's bytes as they arrived,
+//! to send on unchanged.
 
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
@@ -15,6 +19,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::http;
+use bytes::{Buf, Bytes};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
@@ -32,10 +40,11 @@ use tonic::{Code, Request, Response, Status};
 use tower_service::Service;
 
 use super::counters::{count_request, RequestOutcome, Transport};
-use super::intake::Intake;
+use super::intake::{Intake, Wire};
 
 const METRICS_EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 const TRACES_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+const LOGS_EXPORT: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 
 /// Serves OTLP/gRPC on `listener` until `stop` is cancelled, then lets
 /// requests in flight finish.
@@ -72,7 +81,7 @@ impl OtlpGrpc {
         Resp: Message + Send + 'static,
     {
         // The limit applies to the message as sent and again as it inflates.
-        Grpc::new(Protobuf::default())
+        Grpc::new(Protobuf::keeping_bytes(self.intake.forwards()))
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(self.max_request_bytes)
@@ -86,6 +95,10 @@ impl OtlpGrpc {
             }
             TRACES_EXPORT => {
                 let export = ExportTraces(Arc::clone(&self.intake));
+                self.grpc().unary(export, request).await
+            }
+            LOGS_EXPORT if self.intake.forwards() => {
+                let export = ExportLogs(Arc::clone(&self.intake));
                 self.grpc().unary(export, request).await
             }
             path => Status::unimplemented(format!(
@@ -139,12 +152,13 @@ fn classify(response: http::Response<Body>) -> (RequestOutcome, http::Response<B
 
 struct ExportMetrics(Arc<Intake>);
 
-impl UnaryService<ExportMetricsServiceRequest> for ExportMetrics {
+impl UnaryService<Received<ExportMetricsServiceRequest>> for ExportMetrics {
     type Response = ExportMetricsServiceResponse;
     type Future = Ready<Result<Response<Self::Response>, Status>>;
 
-    fn call(&mut self, request: Request<ExportMetricsServiceRequest>) -> Self::Future {
-        ready(match self.0.metrics(request.into_inner()) {
+    fn call(&mut self, request: Request<Received<ExportMetricsServiceRequest>>) -> Self::Future {
+        let Received { message, wire } = request.into_inner();
+        ready(match self.0.metrics(message, wire) {
             Ok(accepted) => Ok(Response::new(accepted.metrics_response())),
             Err(refused) => Err(Status::unavailable(refused.to_string())),
         })
@@ -153,22 +167,49 @@ impl UnaryService<ExportMetricsServiceRequest> for ExportMetrics {
 
 struct ExportTraces(Arc<Intake>);
 
-impl UnaryService<ExportTraceServiceRequest> for ExportTraces {
+impl UnaryService<Received<ExportTraceServiceRequest>> for ExportTraces {
     type Response = ExportTraceServiceResponse;
     type Future = Ready<Result<Response<Self::Response>, Status>>;
 
-    fn call(&mut self, request: Request<ExportTraceServiceRequest>) -> Self::Future {
-        let accepted = self.0.traces(request.into_inner());
+    fn call(&mut self, request: Request<Received<ExportTraceServiceRequest>>) -> Self::Future {
+        let Received { message, wire } = request.into_inner();
+        let accepted = self.0.traces(message, wire);
         ready(Ok(Response::new(accepted.traces_response())))
     }
 }
 
-/// Protobuf for one RPC: decodes `Req`, encodes `Resp`.
-struct Protobuf<Req, Resp>(PhantomData<fn(Req) -> Resp>);
+struct ExportLogs(Arc<Intake>);
 
-impl<Req, Resp> Default for Protobuf<Req, Resp> {
-    fn default() -> Self {
-        Self(PhantomData)
+impl UnaryService<Received<ExportLogsServiceRequest>> for ExportLogs {
+    type Response = ExportLogsServiceResponse;
+    type Future = Ready<Result<Response<Self::Response>, Status>>;
+
+    fn call(&mut self, request: Request<Received<ExportLogsServiceRequest>>) -> Self::Future {
+        let Received { message, wire } = request.into_inner();
+        self.0.logs(message, wire);
+        ready(Ok(Response::new(ExportLogsServiceResponse::default())))
+    }
+}
+
+/// A decoded request, and its bytes when they are kept for forwarding.
+struct Received<Req> {
+    message: Req,
+    wire: Wire,
+}
+
+/// Protobuf for one RPC: decodes `Req`, encodes `Resp`; keeps the request's
+/// bytes if asked to.
+struct Protobuf<Req, Resp> {
+    keep_bytes: bool,
+    types: PhantomData<fn(Req) -> Resp>,
+}
+
+impl<Req, Resp> Protobuf<Req, Resp> {
+    fn keeping_bytes(keep_bytes: bool) -> Self {
+        Self {
+            keep_bytes,
+            types: PhantomData,
+        }
     }
 }
 
@@ -178,16 +219,16 @@ where
     Resp: Message + Send + 'static,
 {
     type Encode = Resp;
-    type Decode = Req;
+    type Decode = Received<Req>;
     type Encoder = Self;
     type Decoder = Self;
 
     fn encoder(&mut self) -> Self {
-        Self::default()
+        Self::keeping_bytes(self.keep_bytes)
     }
 
     fn decoder(&mut self) -> Self {
-        Self::default()
+        Self::keeping_bytes(self.keep_bytes)
     }
 }
 
@@ -202,12 +243,25 @@ impl<Req, Resp: Message> Encoder for Protobuf<Req, Resp> {
 }
 
 impl<Req: Message + Default, Resp> Decoder for Protobuf<Req, Resp> {
-    type Item = Req;
+    type Item = Received<Req>;
     type Error = Status;
 
-    fn decode(&mut self, buffer: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
-        Req::decode(buffer)
-            .map(Some)
-            .map_err(|error| Status::invalid_argument(format!("invalid OTLP protobuf: {error}")))
+    fn decode(&mut self, buffer: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        let invalid = |error: prost::DecodeError| {
+            Status::invalid_argument(format!("invalid OTLP protobuf: {error}"))
+        };
+        if !self.keep_bytes {
+            let message = Req::decode(buffer).map_err(invalid)?;
+            return Ok(Some(Received {
+                message,
+                wire: Wire::Dropped,
+            }));
+        }
+        let bytes: Bytes = buffer.copy_to_bytes(buffer.remaining());
+        let message = Req::decode(bytes.clone()).map_err(invalid)?;
+        Ok(Some(Received {
+            message,
+            wire: Wire::Protobuf(bytes),
+        }))
     }
 }

@@ -1,6 +1,7 @@
-//! OTLP/HTTP: `POST /v1/metrics` and `POST /v1/traces` with protobuf or JSON
-//! bodies, optionally gzip, answered the way the Collector's receiver
-//! answers (OTLP specification, "OTLP/HTTP").
+//! OTLP/HTTP: `POST /v1/metrics` and `POST /v1/traces` (and `/v1/logs`
+//! when forwarding) with protobuf or JSON bodies, optionally gzip,
+//! answered the way the Collector's receiver answers (OTLP specification,
+//! "OTLP/HTTP").
 
 use std::io;
 use std::sync::Arc;
@@ -12,7 +13,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use bytes::Bytes;
 use http_body_util::BodyExt;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -23,7 +28,7 @@ use tonic::Code;
 
 use super::body::{BodyError, Compression, LimitedBody};
 use super::counters::{count_request, RequestOutcome, Transport};
-use super::intake::{Accepted, Intake, Refused};
+use super::intake::{Accepted, Intake, Refused, Wire};
 
 const PROTOBUF: &str = "application/x-protobuf";
 const JSON: &str = "application/json";
@@ -52,13 +57,16 @@ pub(crate) async fn serve(
     max_request_bytes: usize,
     stop: CancellationToken,
 ) -> io::Result<()> {
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/v1/metrics", post(export_metrics))
-        .route("/v1/traces", post(export_traces))
-        .with_state(HttpState {
-            intake,
-            max_request_bytes,
-        });
+        .route("/v1/traces", post(export_traces));
+    if intake.forwards() {
+        router = router.route("/v1/logs", post(export_logs));
+    }
+    let router = router.with_state(HttpState {
+        intake,
+        max_request_bytes,
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -74,7 +82,7 @@ fn counted((outcome, response): Reply) -> Response {
 
 async fn export_metrics(State(state): State<HttpState>, request: Request) -> Response {
     let reply = match receive::<ExportMetricsServiceRequest>(&state, request).await {
-        Ok((request, format)) => match state.intake.metrics(request) {
+        Ok((request, format, wire)) => match state.intake.metrics(request, wire) {
             Ok(accepted) => success(format, accepted.metrics_response(), || {
                 partial_success_json("rejectedDataPoints", &accepted)
             }),
@@ -87,8 +95,8 @@ async fn export_metrics(State(state): State<HttpState>, request: Request) -> Res
 
 async fn export_traces(State(state): State<HttpState>, request: Request) -> Response {
     let reply = match receive::<ExportTraceServiceRequest>(&state, request).await {
-        Ok((request, format)) => {
-            let accepted = state.intake.traces(request);
+        Ok((request, format, wire)) => {
+            let accepted = state.intake.traces(request, wire);
             success(format, accepted.traces_response(), || {
                 partial_success_json("rejectedSpans", &accepted)
             })
@@ -98,22 +106,23 @@ async fn export_traces(State(state): State<HttpState>, request: Request) -> Resp
     counted(reply)
 }
 
+async fn export_logs(State(state): State<HttpState>, request: Request) -> Response {
+    let reply = match receive::<ExportLogsServiceRequest>(&state, request).await {
+        Ok((request, format, wire)) => {
+            state.intake.logs(request, wire);
+            success(format, ExportLogsServiceResponse::default(), || {
+                Json::Object(Map::new())
+            })
+        }
+        Err(reply) => reply,
+    };
+    counted(reply)
+}
+
 /// An OTLP request message, in either of its HTTP encodings.
-trait OtlpRequest: Message + Default + Sized {
-    fn from_json(bytes: &[u8]) -> serde_json::Result<Self>;
-}
+trait OtlpRequest: Message + Default + serde::de::DeserializeOwned {}
 
-impl OtlpRequest for ExportMetricsServiceRequest {
-    fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
-        serde_json::from_slice(bytes)
-    }
-}
-
-impl OtlpRequest for ExportTraceServiceRequest {
-    fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
-        serde_json::from_slice(bytes)
-    }
-}
+impl<T: Message + Default + serde::de::DeserializeOwned> OtlpRequest for T {}
 
 /// The two OTLP/HTTP body encodings; the response uses the request's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +161,8 @@ impl Format {
                 if bytes.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
                     return Err("invalid OTLP/JSON: the body is not a JSON object".to_owned());
                 }
-                T::from_json(bytes).map_err(|error| format!("invalid OTLP/JSON: {error}"))
+                serde_json::from_slice::<T>(bytes)
+                    .map_err(|error| format!("invalid OTLP/JSON: {error}"))
             }
         }
     }
@@ -192,7 +202,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 async fn receive<T: OtlpRequest>(
     state: &HttpState,
     request: Request,
-) -> Result<(T, Format), Reply> {
+) -> Result<(T, Format, Wire), Reply> {
     let (parts, mut body) = request.into_parts();
     let Some(format) = Format::of(&parts.headers) else {
         let message = match parts.headers.get(header::CONTENT_TYPE) {
@@ -237,7 +247,11 @@ async fn receive<T: OtlpRequest>(
     let request = format
         .decode(&bytes)
         .map_err(|message| bad_request(RequestOutcome::Invalid, format, message))?;
-    Ok((request, format))
+    let wire = match format {
+        Format::Protobuf => Wire::Protobuf(Bytes::from(bytes)),
+        Format::Json => Wire::Json,
+    };
+    Ok((request, format, wire))
 }
 
 async fn discard_rest(body: &mut Body) {

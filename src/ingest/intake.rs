@@ -1,27 +1,43 @@
 //! What both transports do with a decoded request: convert it, hand it on,
-//! count it, and say what to answer.
+//! forward it, count it, and say what to answer.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use prost::Message;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::convert::{self, Rejections};
 use super::counters::{count_points, PointOutcome, Signal};
 use super::spans::SpanStore;
+use crate::forward::{self, Forwarder};
 use crate::signals::MetricBatch;
 
-/// The stage's two outputs, shared by both transports.
+/// The stage's outputs, shared by both transports.
 #[derive(Debug)]
 pub(crate) struct Intake {
     metrics: mpsc::Sender<MetricBatch>,
     spans: Arc<SpanStore>,
+    forward: Option<Forwarder>,
+}
+
+/// How a request arrived, for forwarding it as it was.
+#[derive(Debug)]
+pub(crate) enum Wire {
+    /// The protobuf bytes, decompressed.
+    Protobuf(Bytes),
+    /// OTLP/JSON: forwarded as the protobuf encoding of what was decoded.
+    Json,
+    /// Not kept, because nothing is forwarded.
+    Dropped,
 }
 
 /// A request was taken; `rejected` of its items were invalid and skipped.
@@ -74,16 +90,56 @@ pub(crate) enum Refused {
 }
 
 impl Intake {
-    pub fn new(metrics: mpsc::Sender<MetricBatch>, spans: Arc<SpanStore>) -> Self {
-        Self { metrics, spans }
+    pub fn new(
+        metrics: mpsc::Sender<MetricBatch>,
+        spans: Arc<SpanStore>,
+        forward: Option<Forwarder>,
+    ) -> Self {
+        Self {
+            metrics,
+            spans,
+            forward,
+        }
+    }
+
+    /// Whether accepted requests go on upstream: then the transports keep
+    /// their bytes, and logs are accepted.
+    pub fn forwards(&self) -> bool {
+        self.forward.is_some()
+    }
+
+    /// Hands an accepted request to the forwarder, as it arrived.
+    fn forward(&self, signal: forward::Signal, request: &impl Message, wire: Wire) {
+        let Some(forwarder) = &self.forward else {
+            return;
+        };
+        let body = match wire {
+            Wire::Protobuf(bytes) => bytes,
+            Wire::Json => Bytes::from(request.encode_to_vec()),
+            Wire::Dropped => {
+                tracing::error!(
+                    signal = signal.label(),
+                    "a request to forward arrived without its bytes; not forwarded"
+                );
+                return;
+            }
+        };
+        forwarder.submit(signal, body);
     }
 
     /// Converts a metrics request and queues its valid points as one batch.
     /// Never waits: when the queue is full the request is refused at once, so
-    /// a slow consumer cannot stall the receivers or the senders.
-    pub fn metrics(&self, request: ExportMetricsServiceRequest) -> Result<Accepted, Refused> {
+    /// a slow consumer cannot stall the receivers or the senders. A request
+    /// that is taken is forwarded whole; one refused is not, as the sender
+    /// will send it again.
+    pub fn metrics(
+        &self,
+        request: ExportMetricsServiceRequest,
+        wire: Wire,
+    ) -> Result<Accepted, Refused> {
         let offered = convert::count_metric_points(&request);
         if offered == 0 {
+            self.forward(forward::Signal::Metrics, &request, wire);
             return Ok(Accepted {
                 rejected: 0,
                 error_message: String::new(),
@@ -100,6 +156,7 @@ impl Intake {
                 });
             }
         };
+        self.forward(forward::Signal::Metrics, &request, wire);
         let converted = convert::metric_points(request);
         let accepted = converted.items.len() as u64 + converted.without_value;
         count_points(Signal::Metrics, PointOutcome::Accepted, accepted);
@@ -117,9 +174,11 @@ impl Intake {
         Ok(Accepted::from_rejections(&converted.rejections))
     }
 
-    /// Converts a traces request and keeps its valid spans. The span store
-    /// makes room by evicting, so spans are never refused.
-    pub fn traces(&self, request: ExportTraceServiceRequest) -> Accepted {
+    /// Converts a traces request and keeps its valid spans, and forwards
+    /// the request. The span store makes room by evicting, so spans are
+    /// never refused.
+    pub fn traces(&self, request: ExportTraceServiceRequest, wire: Wire) -> Accepted {
+        self.forward(forward::Signal::Traces, &request, wire);
         let converted = convert::spans(request);
         count_points(
             Signal::Traces,
@@ -135,6 +194,12 @@ impl Intake {
             self.spans.insert(converted.items);
         }
         Accepted::from_rejections(&converted.rejections)
+    }
+
+    /// Forwards a logs request: freezeframe reads no logs, it only passes
+    /// them on. The transports route logs only when forwarding.
+    pub fn logs(&self, request: ExportLogsServiceRequest, wire: Wire) {
+        self.forward(forward::Signal::Logs, &request, wire);
     }
 }
 
@@ -220,7 +285,11 @@ mod tests {
     fn intake(capacity: usize) -> (Intake, mpsc::Receiver<MetricBatch>, Arc<SpanStore>) {
         let (sender, receiver) = mpsc::channel(capacity);
         let spans = Arc::new(SpanStore::new(10, Duration::from_secs(60)));
-        (Intake::new(sender, Arc::clone(&spans)), receiver, spans)
+        (
+            Intake::new(sender, Arc::clone(&spans), None),
+            receiver,
+            spans,
+        )
     }
 
     const ACCEPTED: &str = "freezeframe_ingest_points_total{signal=metrics,outcome=accepted}";
@@ -231,9 +300,10 @@ mod tests {
     fn valid_points_are_queued_and_every_point_is_counted() {
         let tally = Tally::default();
         let (intake, mut batches, _) = intake(4);
-        let accepted =
-            metrics::with_local_recorder(&tally, || intake.metrics(gauges(&[1.0, f64::NAN, 2.0])))
-                .expect("room in the channel");
+        let accepted = metrics::with_local_recorder(&tally, || {
+            intake.metrics(gauges(&[1.0, f64::NAN, 2.0]), Wire::Dropped)
+        })
+        .expect("room in the channel");
         assert_eq!(accepted.rejected, 1);
         assert_eq!(
             accepted
@@ -254,9 +324,11 @@ mod tests {
         let tally = Tally::default();
         let (intake, mut batches, _) = intake(1);
         metrics::with_local_recorder(&tally, || {
-            intake.metrics(gauges(&[1.0])).expect("room for one");
+            intake
+                .metrics(gauges(&[1.0]), Wire::Dropped)
+                .expect("room for one");
             let refused = intake
-                .metrics(gauges(&[2.0, 3.0, f64::NAN]))
+                .metrics(gauges(&[2.0, 3.0, f64::NAN]), Wire::Dropped)
                 .expect_err("no room");
             assert!(matches!(refused, Refused::Full));
         });
@@ -269,7 +341,7 @@ mod tests {
 
         drop(batches);
         assert!(matches!(
-            intake.metrics(gauges(&[4.0])),
+            intake.metrics(gauges(&[4.0]), Wire::Dropped),
             Err(Refused::ShuttingDown)
         ));
     }
@@ -279,16 +351,63 @@ mod tests {
         let (intake, mut batches, _) = intake(1);
         assert_eq!(
             intake
-                .metrics(ExportMetricsServiceRequest::default())
+                .metrics(ExportMetricsServiceRequest::default(), Wire::Dropped)
                 .expect("empty is fine")
                 .rejected,
             0
         );
         assert_eq!(
-            intake.metrics(gauges(&[f64::NAN])).expect("taken").rejected,
+            intake
+                .metrics(gauges(&[f64::NAN]), Wire::Dropped)
+                .expect("taken")
+                .rejected,
             1
         );
         assert!(batches.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn requests_taken_are_forwarded_and_refused_ones_are_not() {
+        use crate::export::otlp::settings::{self, Explicit};
+        use crate::forward::{ForwardConfig, Forwarding};
+
+        // Nothing listens there, and the workers do not get to run: the
+        // requests stay queued, and the counts say which were handed on.
+        let explicit = Explicit {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..Explicit::default()
+        };
+        let config = ForwardConfig {
+            otlp: settings::resolve_in(forward::SECTION, explicit, |_| None)
+                .expect("valid")
+                .expect("an endpoint"),
+            queue_max_bytes: 1 << 20,
+        };
+        let forwarding = Forwarding::start(&config).expect("starts");
+        let (sender, mut batches) = mpsc::channel(1);
+        let spans = Arc::new(SpanStore::new(10, Duration::from_secs(60)));
+        let intake = Intake::new(sender, spans, Some(forwarding.forwarder()));
+        let tally = Tally::default();
+        metrics::with_local_recorder(&tally, || {
+            let request = gauges(&[1.0]);
+            let wire = Wire::Protobuf(Bytes::from(request.encode_to_vec()));
+            intake.metrics(request, wire).expect("room for one");
+            intake
+                .metrics(gauges(&[2.0]), Wire::Json)
+                .expect_err("the channel is full");
+            intake.traces(ExportTraceServiceRequest::default(), Wire::Json);
+            intake.logs(ExportLogsServiceRequest::default(), Wire::Json);
+        });
+        let queued = |signal: &str| {
+            tally.get(&format!(
+                "freezeframe_forward_total{{signal={signal},outcome=queued}}"
+            ))
+        };
+        assert_eq!(
+            (queued("metrics"), queued("traces"), queued("logs")),
+            (1, 1, 1)
+        );
+        assert!(batches.try_recv().is_ok());
     }
 
     #[test]
@@ -311,7 +430,8 @@ mod tests {
                 ..Default::default()
             }],
         };
-        let accepted = metrics::with_local_recorder(&tally, || intake.traces(request));
+        let accepted =
+            metrics::with_local_recorder(&tally, || intake.traces(request, Wire::Dropped));
         assert_eq!(
             accepted
                 .traces_response()

@@ -1,4 +1,5 @@
-//! The ingest stage: OTLP receivers for the application's metrics and traces.
+//! The ingest stage: OTLP receivers for the application's metrics and
+//! traces (and its logs, when they are forwarded).
 //!
 //! Applications export to freezeframe as they would to an OpenTelemetry
 //! Collector: gRPC on `127.0.0.1:4317`, HTTP on `127.0.0.1:4318` (protobuf or
@@ -7,7 +8,9 @@
 //! [`signals`](crate::signals) values (`convert`); invalid points are
 //! skipped and reported back as a partial success. Metric batches go to the
 //! trigger stage through a bounded channel, spans into a bounded
-//! [`SpanStore`] (`intake`).
+//! [`SpanStore`] (`intake`). With `[forward]` configured, every request
+//! taken is also handed, as received, to the [`forward`](crate::forward)
+//! stage.
 //!
 //! The answers are the Collector's, so SDK exporters retry when retrying can
 //! help (HTTP 503 / gRPC `UNAVAILABLE` while the channel is full) and drop
@@ -36,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 pub use counters::{describe_metrics, Transport};
 pub use spans::SpanStore;
 
+use crate::forward::Forwarder;
 use crate::signals::MetricBatch;
 use intake::Intake;
 
@@ -80,6 +84,9 @@ pub struct Sinks {
     pub metrics: mpsc::Sender<MetricBatch>,
     /// Finished spans, for linking captures to the requests they froze.
     pub spans: Arc<SpanStore>,
+    /// Where every accepted request goes on, as received; `None` forwards
+    /// nothing (and logs are not accepted).
+    pub forward: Option<Forwarder>,
 }
 
 /// Receivers that are listening. Dropping this does not stop them: cancel
@@ -178,7 +185,7 @@ pub async fn serve(
     }
     let (grpc_listener, grpc_addr) = bind(Transport::Grpc, config.grpc).await?;
     let (http_listener, http_addr) = bind(Transport::Http, config.http).await?;
-    let intake = Arc::new(Intake::new(sinks.metrics, sinks.spans));
+    let intake = Arc::new(Intake::new(sinks.metrics, sinks.spans, sinks.forward));
     // A child token, so that a receiver that fails can stop its sibling
     // without cancelling anything else of the caller's.
     let stop = shutdown.child_token();

@@ -63,10 +63,11 @@ def require_root():
 
 class Sidecar:
     """`freezeframe run` with a config written for the test. `export` adds
-    lines to its [export] section; `env` adds environment variables. Another
-    Sidecar on the same `tmp_path` shares the export directory (and spool)."""
+    lines to its [export] section, `forward` makes a [forward] section of
+    its lines; `env` adds environment variables. Another Sidecar on the
+    same `tmp_path` shares the export directory (and spool)."""
 
-    def __init__(self, tmp_path: Path, rules: str, mode: str = "armed", export: str = "", env=None):
+    def __init__(self, tmp_path: Path, rules: str, mode: str = "armed", export: str = "", env=None, forward: str = ""):
         self.directory = tmp_path / "captures"
         runs = len(list(tmp_path.glob("freezeframe*.toml")))
         self.config = tmp_path / f"freezeframe{runs or ''}.toml"
@@ -86,6 +87,8 @@ listen = "127.0.0.1:0"
 [export]
 directory = "{self.directory}"
 {export}
+{"[forward]" if forward else ""}
+{forward}
 {rules}
 """
         )
@@ -223,6 +226,13 @@ class App:
         assert words[0] == "threads", words
         return {int(word) for word in words[1:]}
 
+    def shutdown(self):
+        """Shuts the SDK down: its last exports are sent and no more follow."""
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+        words = self.proc.stdout.readline().split()
+        assert words == ["stopped"], words
+
     def requests(self, start_ns: int, end_ns: int) -> set:
         """Hex trace ids of the finished requests that overlapped the interval."""
         self.proc.stdin.write(f"requests {start_ns} {end_ns}\n")
@@ -240,8 +250,8 @@ class App:
 def sidecar_factory(tmp_path):
     started = []
 
-    def start(rules: str, mode: str = "armed", export: str = "", env=None) -> Sidecar:
-        sidecar = Sidecar(tmp_path, rules, mode, export, env)
+    def start(rules: str, mode: str = "armed", export: str = "", env=None, forward: str = "") -> Sidecar:
+        sidecar = Sidecar(tmp_path, rules, mode, export, env, forward)
         started.append(sidecar)
         return sidecar
 

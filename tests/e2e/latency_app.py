@@ -14,11 +14,18 @@ Prints `ready PID` once exporting, and `frozen START_NS END_NS` (wall clock)
 after each freeze. A line `requests START_NS END_NS` prints `requests` and
 the hex trace ids of the finished requests that overlapped that interval:
 the requests a freeze held up. A line `threads` prints `threads` and the OS
-thread ids of the request threads.
+thread ids of the request threads. A line `stop` shuts the SDK down (its
+last exports flushed) and prints `stopped`.
+
+With `--record DIR`, every request body the exporters send is appended to
+DIR/sent.jsonl (signal and hex bytes), taken where the SDK hands it to
+the transport: the serialized message gRPC writes, the bytes HTTP posts.
+Every export call's duration and result go to DIR/exports.jsonl.
 """
 
 import argparse
 import collections
+import json
 import os
 import sys
 import threading
@@ -47,6 +54,58 @@ def exporters(protocol: str, endpoint: str):
     )
 
 
+class Recorder:
+    """What the exporters sent, and how long each export call took."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self.lock = threading.Lock()
+        self.sent = open(os.path.join(directory, "sent.jsonl"), "a")
+        self.exports = open(os.path.join(directory, "exports.jsonl"), "a")
+
+    def _write(self, file, record):
+        with self.lock:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+
+    def body(self, signal: str, body: bytes):
+        self._write(self.sent, {"signal": signal, "body": body.hex()})
+
+    def wrap(self, protocol: str, signal: str, exporter):
+        if protocol == "grpc":
+            # The stub serializes the request with SerializeToString: the
+            # bytes on the wire are these.
+            translate = exporter._translate_data
+
+            def translated(*args, **kwargs):
+                request = translate(*args, **kwargs)
+                self.body(signal, request.SerializeToString())
+                return request
+
+            exporter._translate_data = translated
+        else:
+            client = exporter._client
+            post = client.export
+
+            def posted(body, *args, **kwargs):
+                self.body(signal, body)
+                return post(body, *args, **kwargs)
+
+            client.export = posted
+        export = exporter.export
+
+        def timed(*args, **kwargs):
+            started = time.monotonic()
+            result = export(*args, **kwargs)
+            self._write(
+                self.exports,
+                {"signal": signal, "at": started, "seconds": time.monotonic() - started, "result": result.name},
+            )
+            return result
+
+        exporter.export = timed
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
@@ -54,12 +113,18 @@ def main():
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--no-thread-ids", action="store_true", help="spans do not say which thread ran them")
     parser.add_argument("--no-traces", action="store_true", help="export metrics only (exemplars still name the spans)")
+    parser.add_argument("--record", metavar="DIR", help="record what the exporters send and how long exports take")
     args = parser.parse_args()
 
     resource = Resource.create({"service.name": "feed", "process.pid": os.getpid()})
     metric_exporter, span_exporter = exporters(args.protocol, args.endpoint)
+    if args.record:
+        recorder = Recorder(args.record)
+        recorder.wrap(args.protocol, "metrics", metric_exporter)
+        recorder.wrap(args.protocol, "traces", span_exporter)
     reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=500)
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    metrics.set_meter_provider(meter_provider)
     tracer_provider = TracerProvider(resource=resource)
     if not args.no_traces:
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=500))
@@ -113,6 +178,10 @@ def main():
             print(" ".join(["requests", *held_up]), flush=True)
         elif words == ["threads"]:
             print(" ".join(["threads", *map(str, request_threads)]), flush=True)
+        elif words == ["stop"]:
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+            print("stopped", flush=True)
     # stdin closed: keep serving until killed.
     threading.Event().wait()
 

@@ -60,6 +60,8 @@ EXPECTED_TYPES = {
     "freezeframe_export_total": "counter",
     "freezeframe_spool_bytes": "gauge",
     "freezeframe_spool_files": "gauge",
+    "freezeframe_forward_total": "counter",
+    "freezeframe_forward_queue_bytes": "gauge",
 }
 
 
@@ -127,9 +129,14 @@ def scrape(sidecar) -> Exposition:
 
 @pytest.fixture
 def fresh_sidecar(sidecar_factory):
-    # With an exporter configured (at a port nobody listens on: nothing is
-    # sent before a capture), so that its series are served as well.
-    sidecar = sidecar_factory(RULES, export=f'otlp_endpoint = "http://127.0.0.1:{free_port()}"')
+    # With an exporter and forwarding configured (at ports nobody listens
+    # on: nothing is sent before a capture or a request), so that their
+    # series are served as well.
+    sidecar = sidecar_factory(
+        RULES,
+        export=f'otlp_endpoint = "http://127.0.0.1:{free_port()}"',
+        forward=f'endpoint = "http://127.0.0.1:{free_port()}"',
+    )
     sidecar.wait_listening(sidecar.telemetry)
     return sidecar
 
@@ -514,6 +521,14 @@ def test_kubernetes_objects_fit_together(tmp_path):
     assert ports["ff-telemetry"] == int(port)
     for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/readyz")]:
         assert sidecar[probe]["httpGet"] == {"path": path, "port": "ff-telemetry"}, probe
+    # The app's telemetry goes on to the gateway that takes the profiles:
+    # deploying the manifest loses none of it.
+    forward = tomllib.loads(config_text)["forward"]
+    assert forward["endpoint"].rsplit(":", 1)[0] == env["OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT"]["value"].rsplit(":", 1)[0]
+    assert f"forward:  metrics, traces and logs over {forward['protocol']} to {forward['endpoint']}," in checked.stdout
+    app = next(c for c in pod["containers"] if c["name"] == "app")
+    app_endpoint = {e["name"]: e.get("value") for e in app["env"]}["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert app_endpoint.endswith(":" + tomllib.loads(config_text)["receiver"]["grpc"].rsplit(":", 1)[1])
     mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
     assert mounts["/var/lib/freezeframe"]["name"] == "captures", "captures need a writable place"
     assert tomllib.loads(config_text)["export"]["directory"] == "/var/lib/freezeframe"
@@ -669,6 +684,8 @@ def test_collector_configs_are_consistent():
     assert f"FREEZEFRAME_RECEIVER_GRPC={freezeframe_endpoint}" in readme
     profiles = configs["collector-profiles.yaml"]["service"]["pipelines"]
     assert profiles["profiles"]["exporters"] == ["otlp/pyroscope"]
+    for signal in ("metrics", "traces", "logs"):
+        assert profiles[signal]["receivers"] == ["otlp"], f"the gateway takes the forwarded {signal}"
     deployment = manifests(KUBERNETES_DIR / "deployment.yaml")[0]
     env = {e["name"]: e.get("value") for e in sidecar_container(deployment)["env"]}
     receiver_port = configs["collector-profiles.yaml"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].rsplit(":", 1)[1]

@@ -1,12 +1,13 @@
 //! OTLP/gRPC: `ProfilesService/Export` on a tonic channel.
 //!
-//! Requests are sent as the bytes the spool holds, without decoding them
-//! again: a pass-through codec writes them as the message.
+//! Requests are sent as the bytes the spool (or the forward queue) holds,
+//! without decoding them again: a pass-through codec writes them as the
+//! message.
 
 use std::str::FromStr;
 
 use bytes::{BufMut, Bytes};
-use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceResponse;
+use http::uri::PathAndQuery;
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
@@ -15,7 +16,7 @@ use tonic::{Code, Status};
 
 use super::settings::{Compression, OtlpSettings};
 use super::tls::TlsFiles;
-use super::Attempt;
+use super::{Attempt, ExportResponse};
 use crate::export::retry::{classify_grpc, grpc_retry_delay};
 use crate::export::ExportError;
 
@@ -28,6 +29,8 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 #[derive(Clone)]
 pub struct GrpcExporter {
     channel: Channel,
+    /// The export method called.
+    path: PathAndQuery,
     metadata: MetadataMap,
     compression: Compression,
     timeout: std::time::Duration,
@@ -70,10 +73,20 @@ impl GrpcExporter {
         }
         Ok(GrpcExporter {
             channel: endpoint.connect_lazy(),
+            path: PathAndQuery::from_static(EXPORT_PATH),
             metadata,
             compression: settings.compression,
             timeout: settings.timeout,
         })
+    }
+
+    /// This exporter calling the export method `path` instead; the channel,
+    /// and so the connection, is shared.
+    pub fn calling(&self, path: &'static str) -> Self {
+        GrpcExporter {
+            path: PathAndQuery::from_static(path),
+            ..self.clone()
+        }
     }
 
     pub async fn send(&self, body: Bytes) -> Attempt {
@@ -90,15 +103,8 @@ impl GrpcExporter {
         *request.metadata_mut() = self.metadata.clone();
         // Tells the server how long we wait (grpc-timeout).
         request.set_timeout(self.timeout);
-        let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
-        match grpc.unary(request, path, PassThrough).await {
-            Ok(response) => {
-                let partial = response.into_inner().partial_success.unwrap_or_default();
-                Attempt::Accepted {
-                    rejected: partial.rejected_profiles,
-                    message: partial.error_message,
-                }
-            }
+        match grpc.unary(request, self.path.clone(), PassThrough).await {
+            Ok(response) => response.into_inner().accepted(),
             Err(status) => failed(&status),
         }
     }
@@ -120,12 +126,12 @@ fn failed(status: &Status) -> Attempt {
     }
 }
 
-/// Encodes the spooled request bytes as they are; decodes the response.
+/// Encodes the request bytes as they are; decodes the response.
 struct PassThrough;
 
 impl Codec for PassThrough {
     type Encode = Bytes;
-    type Decode = ExportProfilesServiceResponse;
+    type Decode = ExportResponse;
     type Encoder = PassThrough;
     type Decoder = PassThrough;
 
@@ -149,11 +155,11 @@ impl Encoder for PassThrough {
 }
 
 impl Decoder for PassThrough {
-    type Item = ExportProfilesServiceResponse;
+    type Item = ExportResponse;
     type Error = Status;
 
     fn decode(&mut self, buffer: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        ExportProfilesServiceResponse::decode(buffer)
+        ExportResponse::decode(buffer)
             .map(Some)
             .map_err(|err| Status::internal(format!("the backend's answer is not OTLP: {err}")))
     }

@@ -12,12 +12,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceResponse;
 use prost::Message;
 
 use super::settings::{Compression, OtlpSettings};
 use super::tls::TlsFiles;
-use super::Attempt;
+use super::{Attempt, ExportResponse};
 use crate::export::retry::{classify_http, Verdict};
 use crate::export::ExportError;
 
@@ -85,6 +84,20 @@ impl HttpExporter {
         })
     }
 
+    /// This exporter posting to `url` instead; the connection pool is shared.
+    pub fn calling(&self, url: &str) -> Result<Self, ExportError> {
+        let endpoint = url
+            .parse()
+            .map_err(|err: http::uri::InvalidUri| ExportError::Endpoint {
+                endpoint: url.to_string(),
+                problem: err.to_string(),
+            })?;
+        Ok(HttpExporter {
+            endpoint,
+            ..self.clone()
+        })
+    }
+
     pub async fn send(&self, body: Bytes) -> Attempt {
         match tokio::time::timeout(self.timeout, self.exchange(body)).await {
             Ok(attempt) => attempt,
@@ -126,14 +139,7 @@ impl HttpExporter {
             .unwrap_or_default();
         if status.is_success() {
             // An empty body is a full success; OTLP allows it.
-            let partial = ExportProfilesServiceResponse::decode(body)
-                .ok()
-                .and_then(|answer| answer.partial_success)
-                .unwrap_or_default();
-            return Attempt::Accepted {
-                rejected: partial.rejected_profiles,
-                message: partial.error_message,
-            };
+            return ExportResponse::decode(body).unwrap_or_default().accepted();
         }
         Attempt::Failed {
             verdict: classify_http(status.as_u16(), retry_after.as_deref(), SystemTime::now()),

@@ -3,7 +3,9 @@
 //! by [`settings`] the way OpenTelemetry SDKs are.
 //!
 //! An exporter makes one attempt per call and says what came of it; when
-//! to try again is [`delivery`](super::delivery)'s business.
+//! to try again is [`delivery`](super::delivery)'s business. The same
+//! exporter can call the other signals' exports too ([`Exporter::calling`]),
+//! which is how [`forward`](crate::forward) sends the app's telemetry on.
 
 mod grpc;
 mod http;
@@ -44,11 +46,49 @@ impl Exporter {
         })
     }
 
-    /// One attempt at exporting an encoded `ExportProfilesServiceRequest`.
+    /// The same exporter, over the same connections and with the same
+    /// headers, TLS and timeout, calling another OTLP export: the gRPC
+    /// method `grpc_path`, or the HTTP URL `http_url`.
+    pub fn calling(&self, grpc_path: &'static str, http_url: &str) -> Result<Self, ExportError> {
+        Ok(match self {
+            Exporter::Grpc(exporter) => Exporter::Grpc(exporter.calling(grpc_path)),
+            Exporter::Http(exporter) => Exporter::Http(Box::new(exporter.calling(http_url)?)),
+        })
+    }
+
+    /// One attempt at exporting an encoded `ExportProfilesServiceRequest`
+    /// (or the request of whichever export [`Exporter::calling`] chose).
     pub async fn send(&self, request: Bytes) -> Attempt {
         match self {
             Exporter::Grpc(exporter) => exporter.send(request).await,
             Exporter::Http(exporter) => exporter.send(request).await,
+        }
+    }
+}
+
+/// Every OTLP `Export*ServiceResponse` has this shape (`partial_success = 1`
+/// holding `rejected_<items> = 1` and `error_message = 2`): decoding it by
+/// shape lets one client serve every signal.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ExportResponse {
+    #[prost(message, optional, tag = "1")]
+    partial_success: Option<PartialSuccess>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PartialSuccess {
+    #[prost(int64, tag = "1")]
+    rejected: i64,
+    #[prost(string, tag = "2")]
+    error_message: String,
+}
+
+impl ExportResponse {
+    fn accepted(self) -> Attempt {
+        let partial = self.partial_success.unwrap_or_default();
+        Attempt::Accepted {
+            rejected: partial.rejected,
+            message: partial.error_message,
         }
     }
 }

@@ -15,6 +15,26 @@ use serde::Deserialize;
 /// The HTTP path of the profiles export, appended to a base endpoint.
 pub const HTTP_PATH: &str = "/v1development/profiles";
 
+/// The config section a set of settings comes from: named in error
+/// messages, and saying what an HTTP endpoint without a path means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section {
+    /// As written in the file, e.g. `[export]`.
+    pub name: &'static str,
+    /// The key of the endpoint in it.
+    pub endpoint_key: &'static str,
+    /// Appended to an HTTP endpoint given without a path. `None`: the
+    /// endpoint is a base URL that each signal appends its own path to.
+    pub http_path: Option<&'static str>,
+}
+
+/// `[export]`, the profiles exporter.
+pub const EXPORT: Section = Section {
+    name: "[export]",
+    endpoint_key: "otlp_endpoint",
+    http_path: Some(HTTP_PATH),
+};
+
 /// The OTLP specification's default export timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,7 +139,7 @@ impl fmt::Display for OtlpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "OTLP profiles over {} to {}, timeout {}, compression {}",
+            "{} to {}, timeout {}, compression {}",
             self.protocol.name(),
             self.endpoint,
             humantime::format_duration(self.timeout),
@@ -191,6 +211,15 @@ pub fn resolve(
     explicit: Explicit,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<OtlpSettings>, SettingsError> {
+    resolve_in(EXPORT, explicit, env)
+}
+
+/// [`resolve`] for the settings of another `section`.
+pub fn resolve_in(
+    section: Section,
+    explicit: Explicit,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpSettings>, SettingsError> {
     let protocol = match explicit.protocol {
         Some(protocol) => protocol,
         None => match from_env(&env, "PROTOCOL") {
@@ -223,14 +252,14 @@ pub fn resolve(
 
     let endpoint = if let Some(endpoint) = explicit.endpoint.filter(|e| !e.trim().is_empty()) {
         let found = Found {
-            source_name: "[export] otlp_endpoint".to_string(),
+            source_name: format!("{} {}", section.name, section.endpoint_key),
             value: endpoint.trim().to_string(),
         };
         let url = with_scheme(&found, protocol, insecure)?;
-        match protocol {
+        match (protocol, section.http_path) {
             // Given without a path, the export path is the only sensible one.
-            Protocol::HttpProtobuf if path_of(&url).is_empty() => {
-                format!("{}{HTTP_PATH}", url.trim_end_matches('/'))
+            (Protocol::HttpProtobuf, Some(http_path)) if path_of(&url).is_empty() => {
+                format!("{}{http_path}", url.trim_end_matches('/'))
             }
             _ => url,
         }
@@ -274,7 +303,7 @@ pub fn resolve(
     };
     for (key, value) in &headers {
         check_header(key, value).map_err(|problem| SettingsError::Invalid {
-            source_name: "export header".to_string(),
+            source_name: format!("{} headers", section.name),
             value: key.clone(),
             problem,
         })?;
@@ -297,7 +326,7 @@ pub fn resolve(
     };
     if timeout.is_zero() {
         return Err(SettingsError::Invalid {
-            source_name: "[export] timeout".to_string(),
+            source_name: format!("{} timeout", section.name),
             value: "0s".to_string(),
             problem: "an export needs some time: set at least 1ms".to_string(),
         });
@@ -653,6 +682,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(http_bare.contains("[export] otlp_endpoint"), "{http_bare}");
+    }
+
+    #[test]
+    fn another_section_keeps_a_base_url_and_names_itself_in_errors() {
+        const FORWARD: Section = Section {
+            name: "[forward]",
+            endpoint_key: "endpoint",
+            http_path: None,
+        };
+        let http = |endpoint: &str| {
+            resolve_in(
+                FORWARD,
+                Explicit {
+                    endpoint: Some(endpoint.into()),
+                    protocol: Some(Protocol::HttpProtobuf),
+                    ..Explicit::default()
+                },
+                env(&[]),
+            )
+        };
+        assert_eq!(
+            http("http://collector:4318").unwrap().unwrap().endpoint,
+            "http://collector:4318"
+        );
+        let bare = http("collector:4318").unwrap_err().to_string();
+        assert!(bare.starts_with("[forward] endpoint = "), "{bare}");
     }
 
     #[test]
