@@ -80,6 +80,8 @@ pub enum CaptureError {
     NoSuchProcess(u32),
     #[error("cannot read the monotonic clock: {0}")]
     Clock(std::io::Error),
+    #[error("cannot start the stack walker thread: {0}")]
+    Walker(std::io::Error),
 }
 
 /// What to capture. Pids are as seen from freezeframe's own pid namespace.
@@ -417,6 +419,7 @@ pub struct Tracer<'obj> {
     /// User stacks walked from saved registers, per block in progress
     /// (host tid, start): walked once, however many cuts the block spans.
     walked: HashMap<(u32, u64), Stack>,
+    walker: threads::StackWalker,
     calls: calls::Calls,
     /// The kernel's drop counters at the last cut.
     drops_so_far: DropCounts,
@@ -488,6 +491,7 @@ impl<'obj> Loaded<'obj> {
             window_start_wall,
             stack_cache: HashMap::new(),
             walked: HashMap::new(),
+            walker: threads::StackWalker::start().map_err(CaptureError::Walker)?,
             calls: calls::Calls::default(),
             drops_so_far: DropCounts::default(),
         })
@@ -619,11 +623,11 @@ impl<'obj> Tracer<'obj> {
         address_changes.sort_by_key(|change| change.start);
         // Only now that every stack of this window is read may slots be freed.
         self.reclaim_stacks(&in_flight)?;
-        self.walked.retain(|block, _| {
-            in_flight
-                .iter()
-                .any(|flying| (flying.host_tid, flying.start_ns) == *block)
-        });
+        let flying: std::collections::HashSet<(u32, u64)> = in_flight
+            .iter()
+            .map(|block| (block.host_tid, block.start_ns))
+            .collect();
+        self.walked.retain(|block, _| flying.contains(block));
         self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
@@ -641,19 +645,24 @@ impl<'obj> Tracer<'obj> {
 
     /// The user stack of a block in progress, walked once from the
     /// registers the survey saved: the thread sleeps, so its stack holds
-    /// the frames it blocked in.
+    /// the frames it blocked in. Empty for this cut if its memory could not
+    /// be read in time.
     fn walked_stack(&mut self, block: &InFlight) -> Stack {
+        let id = (block.host_tid, block.start_ns);
+        if let Some(stack) = self.walked.get(&id) {
+            return Arc::clone(stack);
+        }
         let Some(regs) = block.regs else {
             return Stack::from([]);
         };
-        let tgid = block.key.tgid;
-        Arc::clone(
-            self.walked
-                .entry((block.host_tid, block.start_ns))
-                .or_insert_with(|| {
-                    threads::walk_user_stack(tgid, regs.ip, regs.fp, bpf::MAX_STACK_DEPTH).into()
-                }),
-        )
+        match self.walker.walk(block.key.tgid, regs.ip, regs.fp) {
+            Some(stack) => {
+                let stack: Stack = stack.into();
+                self.walked.insert(id, Arc::clone(&stack));
+                stack
+            }
+            None => Stack::from([]),
+        }
     }
 
     /// An armed tracer runs for days and the kernel's stack map would fill

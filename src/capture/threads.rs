@@ -4,6 +4,10 @@
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::bpf::MAX_STACK_DEPTH;
 
 /// Thread names by tid, kept for the threads of this window and the last
 /// one only: an armed tracer runs for days while threads come and go.
@@ -73,6 +77,78 @@ pub(super) fn walk_user_stack(tgid: u32, ip: u64, fp: u64, max_depth: usize) -> 
     stack
 }
 
+/// Walks the user stacks of blocked threads on a thread of its own, each
+/// within a deadline. Reading a target's memory takes its `mmap_lock`, and
+/// a process frozen behind an `mmap_lock` writer (the freeze freezeframe
+/// exists for) holds up whoever reads it until the freeze ends: the tracer
+/// must not wait with it. One walk is outstanding at most; while it is
+/// stuck, further walks are declined at once.
+pub(super) struct StackWalker {
+    requests: mpsc::Sender<Walk>,
+    stuck: Option<mpsc::Receiver<Vec<u64>>>,
+}
+
+struct Walk {
+    tgid: u32,
+    ip: u64,
+    fp: u64,
+    reply: mpsc::Sender<Vec<u64>>,
+}
+
+/// How long a walk may take before the tracer goes on without it.
+const WALK_DEADLINE: Duration = Duration::from_millis(20);
+
+impl StackWalker {
+    pub fn start() -> std::io::Result<Self> {
+        let (requests, inbox) = mpsc::channel::<Walk>();
+        std::thread::Builder::new()
+            .name("ff-stackwalk".into())
+            .spawn(move || {
+                for walk in inbox {
+                    let stack = walk_user_stack(walk.tgid, walk.ip, walk.fp, MAX_STACK_DEPTH);
+                    let _ = walk.reply.send(stack);
+                }
+            })?;
+        Ok(StackWalker {
+            requests,
+            stuck: None,
+        })
+    }
+
+    /// The user stack from `ip` and `fp`, or `None` if it could not be
+    /// read in time (the caller tries again at its next cut).
+    pub fn walk(&mut self, tgid: u32, ip: u64, fp: u64) -> Option<Vec<u64>> {
+        if let Some(stuck) = &self.stuck {
+            match stuck.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => return None,
+                // Done at last (its block has been read since), or gone.
+                _ => self.stuck = None,
+            }
+        }
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .send(Walk {
+                tgid,
+                ip,
+                fp,
+                reply,
+            })
+            .ok()?;
+        match answer.recv_timeout(WALK_DEADLINE) {
+            Ok(stack) => Some(stack),
+            Err(_) => {
+                tracing::debug!(
+                    pid = tgid,
+                    "a blocked thread's user stack could not be read in time (its process's \
+                     mmap_lock is taken); trying again at the next cut"
+                );
+                self.stuck = Some(answer);
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +196,22 @@ mod tests {
     #[test]
     fn an_unreadable_process_gives_just_the_pc() {
         assert_eq!(walk_user_stack(0, 0x42, 0x1000, 127), vec![0x42]);
+    }
+}
+
+#[cfg(test)]
+mod walker_tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_walk_within_its_deadline_gives_the_stack() {
+        let fp: u64;
+        // SAFETY: copies the frame pointer register, nothing else.
+        unsafe { std::arch::asm!("mov {}, rbp", out(reg) fp) };
+        let mut walker = StackWalker::start().unwrap();
+        let stack = walker.walk(std::process::id(), 0x1, fp).unwrap();
+        assert_eq!(stack[0], 0x1);
+        assert!(stack.len() > 3, "{stack:x?}");
     }
 }
