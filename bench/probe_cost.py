@@ -16,7 +16,10 @@ stretch of work, and prints:
   3. wall clock, interleaved round by round, medians: the storm untraced,
      under freezeframe and under offcputime; the neighbour's getppid()
      untraced and next to freezeframe;
-  4. the armed sidecar's own CPU and RSS, idle and with a busy target.
+  4. the armed sidecar's own CPU and RSS, idle and with a busy target;
+  5. K armed sidecars (0, 1, 4, 8) on the machine, each watching its own
+     idle process: the storm and getppid() of a process none of them
+     watches, interleaved, medians, and each sidecar's RSS.
 
 The statistics' own bookkeeping (two clock reads per run, about 20 ns) is
 part of every figure. Statistics are switched off again at the end.
@@ -269,52 +272,96 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def sidecar(binaries: dict, pingpong: Path, seconds: int):
-    print(f"the armed sidecar itself, over {seconds} s")
-    for label, binary in binaries.items():
-        for busy in (False, True):
-            app = PingPong(pingpong)
-            with tempfile.TemporaryDirectory() as directory:
-                config = Path(directory) / "freezeframe.toml"
-                config.write_text(f"""
+class ArmedSidecar:
+    """`freezeframe run`, armed, watching `pid`, with nothing to export."""
+
+    def __init__(self, binary: Path, pid: int):
+        self.directory = tempfile.TemporaryDirectory()
+        config = Path(self.directory.name) / "freezeframe.toml"
+        config.write_text(f"""
 [receiver]
 grpc = "127.0.0.1:0"
 http = "127.0.0.1:0"
 [target]
-pid = {app.pid}
+pid = {pid}
 [recorder]
 mode = "armed"
 history = "30s"
 [telemetry]
 listen = "127.0.0.1:0"
 [export]
-directory = "{directory}/captures"
+directory = "{self.directory.name}/captures"
 [[trigger]]
 name = "quiet"
 silence = "1h"
 """)
-                proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    started = time.monotonic()
-                    while not has_bpf_link(proc.pid):
-                        if proc.poll() is not None or time.monotonic() - started > 30:
-                            raise RuntimeError("the sidecar did not attach")
-                        time.sleep(0.01)
-                    time.sleep(2)
-                    if busy:
-                        app.proc.stdin.write(f"run {10**10}\n")
-                        app.proc.stdin.flush()
-                        time.sleep(1)
-                    cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
-                    time.sleep(seconds)
-                    cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - wall0)
-                    print(f"  {label:14} {'busy' if busy else 'idle'} target: "
-                          f"{cpu * 100:5.2f} % of a core, RSS {rss_mib(proc.pid):6.1f} MiB")
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=60)
-                    app.stop()
+        self.proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.monotonic()
+        while not has_bpf_link(self.proc.pid):
+            if self.proc.poll() is not None or time.monotonic() - started > 30:
+                raise RuntimeError("the sidecar did not attach")
+            time.sleep(0.01)
+        time.sleep(2)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.directory.cleanup()
+
+
+def sidecar(binaries: dict, pingpong: Path, seconds: int):
+    print(f"the armed sidecar itself, over {seconds} s")
+    for label, binary in binaries.items():
+        for busy in (False, True):
+            app = PingPong(pingpong)
+            armed = ArmedSidecar(binary, app.pid)
+            try:
+                if busy:
+                    app.proc.stdin.write(f"run {10**10}\n")
+                    app.proc.stdin.flush()
+                    time.sleep(1)
+                cpu0, wall0 = cpu_seconds(armed.proc.pid), time.monotonic()
+                time.sleep(seconds)
+                cpu = (cpu_seconds(armed.proc.pid) - cpu0) / (time.monotonic() - wall0)
+                print(f"  {label:14} {'busy' if busy else 'idle'} target: "
+                      f"{cpu * 100:5.2f} % of a core, RSS {rss_mib(armed.proc.pid):6.1f} MiB")
+            finally:
+                armed.stop()
+                app.stop()
+
+
+def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, calls: int, counts: list):
+    """K armed sidecars on the machine, each watching an idle process of its
+    own, and a process none of them watches running the storm and the
+    getppid() loop: what every sidecar on a node costs everyone else."""
+    def measure(count):
+        apps = [PingPong(pingpong) for _ in range(count)]
+        sidecars = [ArmedSidecar(binary, app.pid) for app in apps]
+        neighbour = PingPong(pingpong)
+        neighbour.run(10_000)
+        try:
+            return neighbour.run(round_trips), neighbour.calls(calls), [
+                rss_mib(armed.proc.pid) for armed in sidecars]
+        finally:
+            neighbour.stop()
+            for armed in sidecars:
+                armed.stop()
+            for app in apps:
+                app.stop()
+
+    results = interleaved(counts, rounds, measure)
+    storm = {f"K={count}": [result[0] for result in results[count]] for count in counts}
+    getppid = {f"K={count}": [result[1] for result in results[count]] for count in counts}
+    for series in (storm, getppid):
+        series["none"] = series.pop("K=0")
+    print_medians(f"K sidecars beside a neighbour's storm ({rounds} interleaved rounds, medians; none: K=0)",
+                  storm, "round trip")
+    print_medians(f"K sidecars beside a neighbour's getppid() ({rounds} interleaved rounds, medians; none: K=0)",
+                  getppid, "call")
+    for count in counts[1:]:
+        rss = [mib for result in results[count] for mib in result[2]]
+        print(f"  K={count}: per-sidecar RSS median {statistics.median(rss):.1f} MiB")
 
 
 def main():
@@ -325,8 +372,10 @@ def main():
     parser.add_argument("--round-trips", type=int, default=200_000)
     parser.add_argument("--calls", type=int, default=5_000_000)
     parser.add_argument("--sidecar-seconds", type=int, default=10)
-    parser.add_argument("--skip", action="append", default=[], choices=["wall", "sidecar"],
+    parser.add_argument("--skip", action="append", default=[], choices=["kernel", "wall", "sidecar", "node"],
                         help="leave out a part (repeatable)")
+    parser.add_argument("--sidecars", type=int, nargs="+", default=[0, 1, 4, 8],
+                        help="sidecar counts for the node-scale part (0 must come first)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("probe_cost.py loads BPF programs: run it as root")
@@ -340,16 +389,19 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     pingpong = build_pingpong(out_dir)
 
-    was = STATS.read_text().strip()
-    STATS.write_text("1")
-    try:
-        kernel_side(binaries, pingpong, args.round_trips, args.calls)
-    finally:
-        STATS.write_text(was)
+    if "kernel" not in args.skip:
+        was = STATS.read_text().strip()
+        STATS.write_text("1")
+        try:
+            kernel_side(binaries, pingpong, args.round_trips, args.calls)
+        finally:
+            STATS.write_text(was)
     if "wall" not in args.skip:
         wall_clock(binaries, pingpong, args.rounds, args.round_trips, args.calls)
     if "sidecar" not in args.skip:
         sidecar(binaries, pingpong, args.sidecar_seconds)
+    if "node" not in args.skip:
+        node_scale(args.freezeframe, pingpong, args.rounds, args.round_trips, args.calls, args.sidecars)
 
 
 if __name__ == "__main__":

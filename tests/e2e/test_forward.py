@@ -23,7 +23,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
-from conftest import ANSI, LATENCY_RULE
+from conftest import LATENCY_RULE
 from otlp_receiver import reserve_port
 from otlp_upstream import GrpcUpstream, HttpUpstream
 
@@ -339,7 +339,7 @@ def test_a_slow_upstream_changes_neither_the_apps_exports_nor_the_trigger(sideca
         sidecar.stop()
         assert sidecar.proc.returncode == 0
         assert time.monotonic() - started < 15, "the forward grace is bounded"
-        log = ANSI.sub("", Path(sidecar.log.name).read_text())
+        log = sidecar.log_text()
         unsent = re.search(r"forwarding stopped after 5s with requests not yet sent; they are lost unsent=(\d+)", log)
         assert unsent and int(unsent.group(1)) >= 1, log
     finally:
