@@ -266,7 +266,7 @@ fn frame_lookups(profile: &Profile) -> Vec<((&'static str, &'static str), u64)> 
         let kind = match frame.kind {
             FrameKind::Kernel => "kernel",
             FrameKind::User => "user",
-            FrameKind::Truncated => continue,
+            FrameKind::Truncated | FrameKind::Detail => continue,
         };
         if !seen.insert((kind, frame.address)) {
             continue;
