@@ -7,7 +7,8 @@
 //! `queued` (into the spool), `delivered`, `partial` (accepted, but the
 //! backend rejected some profiles), `retried` (an attempt that will be
 //! repeated), `rejected` (refused for good: dropped) and `dropped` (pushed
-//! out of the spool by its size budget, or unreadable). The spool's size is
+//! out of the spool by its size budget, unreadable, or spooled for another
+//! exporter than the one configured now). The spool's size is
 //! in `freezeframe_spool_bytes` and `freezeframe_spool_files`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +20,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::otlp::{Attempt, Exporter};
 use super::retry::{jitter, Backoff, Verdict};
 use super::spool::{Entry, Spool};
+use super::{Attempt, Exporter, Format};
 use crate::telemetry;
 
 /// Outcome labels of `freezeframe_export_total`.
@@ -48,6 +49,8 @@ pub struct Delivery {
 
 struct Shared {
     spool: Spool,
+    /// What the exporter sends, and so what is spooled.
+    format: Format,
     exporter_label: &'static str,
     wake: Notify,
     /// Set at shutdown: the worker ends once the spool is empty.
@@ -69,7 +72,7 @@ impl Delivery {
     pub fn open(
         directory: &std::path::Path,
         max_bytes: u64,
-        exporter: Exporter,
+        exporter: impl Into<Exporter>,
         exporter_label: &'static str,
         backoff: Backoff,
     ) -> Result<Self, super::ExportError> {
@@ -87,12 +90,14 @@ impl Delivery {
     /// spool by an earlier run are delivered first.
     pub fn start(
         spool: Spool,
-        exporter: Exporter,
+        exporter: impl Into<Exporter>,
         exporter_label: &'static str,
         backoff: Backoff,
     ) -> Self {
+        let exporter = exporter.into();
         let shared = Arc::new(Shared {
             spool,
+            format: exporter.format(),
             exporter_label,
             wake: Notify::new(),
             draining: AtomicBool::new(false),
@@ -111,10 +116,15 @@ impl Delivery {
         }
     }
 
-    /// Queues an encoded export request. Writes it to the spool and returns:
-    /// never waits for the backend.
+    /// Queues an encoded export request, of [`Self::format`]. Writes it to
+    /// the spool and returns: never waits for the backend.
     pub fn submit(&self, capture_id: &str, request: &[u8]) {
         self.shared.submit(capture_id, request);
+    }
+
+    /// The format of the requests this delivery's exporter sends.
+    pub fn format(&self) -> Format {
+        self.shared.format
     }
 
     /// Keeps delivering for up to `within`, then stops; whatever was not
@@ -138,7 +148,7 @@ impl Delivery {
 
 impl Shared {
     fn submit(&self, capture_id: &str, request: &[u8]) {
-        let put = self.spool.put(capture_id, request);
+        let put = self.spool.put(capture_id, self.format, request);
         // The spool's gauges first: whoever sees the profile counted as
         // queued sees it in the spool too.
         self.publish_usage();
@@ -190,6 +200,13 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
                 () = stop.cancelled() => return,
             }
         };
+        if entry.format != shared.format {
+            tracing::error!(spooled = %entry.name, "dropping a spooled {} request: the exporter now sends {}", entry.format.tag(), shared.format.tag());
+            shared.spool.remove(&entry);
+            shared.count(outcome::DROPPED);
+            shared.publish_usage();
+            continue;
+        }
         let request = match shared.spool.read(&entry) {
             Ok(Some(request)) => Bytes::from(request),
             // Pushed out of the spool meanwhile (already counted).

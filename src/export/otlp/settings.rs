@@ -47,12 +47,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    None,
-    Gzip,
-}
+pub use crate::export::http::{Compression, Tls};
 
 /// Settings freezeframe was given itself, highest precedence first already
 /// applied (flag, then `FREEZEFRAME_*`, then file). `None` lets the `OTEL_*`
@@ -81,15 +76,6 @@ pub struct OtlpSettings {
     pub timeout: Duration,
     pub compression: Compression,
     pub tls: Tls,
-}
-
-/// TLS for `https` endpoints: the system's roots, plus a CA of one's own,
-/// and a client certificate for mutual TLS.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tls {
-    pub certificate: Option<PathBuf>,
-    pub client_certificate: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
 }
 
 impl OtlpSettings {
