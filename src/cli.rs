@@ -171,6 +171,14 @@ pub struct OtlpOverrides {
     /// For a gRPC endpoint given without a scheme: plain text instead of TLS ([export] insecure).
     #[arg(long = "export-insecure", env = "FREEZEFRAME_EXPORT_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
+    /// Resource attributes a profile carries at most, 1 to 23 (default 20):
+    /// each is a Pyroscope series label, and a series may have 30
+    /// ([export] max_resource_attributes).
+    #[arg(
+        long = "export-max-resource-attributes",
+        env = "FREEZEFRAME_EXPORT_MAX_RESOURCE_ATTRIBUTES"
+    )]
+    pub max_resource_attributes: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,15 @@ pub enum ConfigError {
     SpoolTooSmall(u64),
     #[error("[export] headers: {0}")]
     Header(String),
+    #[error(
+        "[export] max_resource_attributes = {0}: must be between 1 and {max}; Pyroscope \
+         refuses a series with more than {names} label names, and {others} of them are \
+         not the resource's",
+        max = crate::export::resource::MAX_ATTRIBUTES,
+        names = crate::export::resource::MAX_LABEL_NAMES,
+        others = crate::export::resource::OTHER_SERIES_LABELS
+    )]
+    ResourceAttributes(usize),
     #[error(transparent)]
     Otlp(#[from] otlp_settings::SettingsError),
 }
@@ -94,6 +103,8 @@ pub struct Export {
     pub link_grace: Duration,
     /// The delivery spool's size budget; the oldest go first beyond it.
     pub spool_max_bytes: u64,
+    /// Resource attributes an exported profile carries at most.
+    pub max_resource_attributes: usize,
 }
 
 /// The file's shape. Every section and key is optional; unknown keys are
@@ -167,6 +178,7 @@ struct ExportFile {
     #[serde(with = "duration_text")]
     link_grace: Option<Duration>,
     spool_max_bytes: Option<u64>,
+    max_resource_attributes: Option<usize>,
 }
 
 /// Defaults, as documented in the README.
@@ -241,9 +253,10 @@ impl std::fmt::Display for Config {
         match &self.export.otlp {
             Some(otlp) => writeln!(
                 f,
-                "otlp:     {otlp}; linked after {}, spool up to {} bytes",
+                "otlp:     {otlp}; linked after {}, spool up to {} bytes, at most {} resource attributes",
                 humantime::format_duration(self.export.link_grace),
-                self.export.spool_max_bytes
+                self.export.spool_max_bytes,
+                self.export.max_resource_attributes
             )?,
             None => writeln!(f, "otlp:     off (no endpoint configured)")?,
         }
@@ -440,6 +453,13 @@ fn resolve_export(
     if spool_max_bytes < defaults::MIN_SPOOL_BYTES {
         return Err(ConfigError::SpoolTooSmall(spool_max_bytes));
     }
+    let max_resource_attributes = overrides
+        .max_resource_attributes
+        .or(file.max_resource_attributes)
+        .unwrap_or(crate::export::resource::DEFAULT_MAX_ATTRIBUTES);
+    if !(1..=crate::export::resource::MAX_ATTRIBUTES).contains(&max_resource_attributes) {
+        return Err(ConfigError::ResourceAttributes(max_resource_attributes));
+    }
     Ok(Export {
         directory: run
             .directory
@@ -449,5 +469,6 @@ fn resolve_export(
         otlp: otlp_settings::resolve(explicit, env)?,
         link_grace,
         spool_max_bytes,
+        max_resource_attributes,
     })
 }

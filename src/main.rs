@@ -165,6 +165,7 @@ fn export(args: ExportArgs) -> Result<()> {
                 |name| std::env::var(name).ok(),
                 host.as_deref(),
                 random_id(),
+                config.export.max_resource_attributes,
             ) {
                 Ok(saved) => saved,
                 Err(err) => {

@@ -251,3 +251,41 @@ fn exporter_mistakes_are_named() {
         "{message}"
     );
 }
+
+#[test]
+fn the_resource_budget_takes_the_flag_then_freezeframe_then_the_file() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+    let bare = config_file("resource-bare.toml", "");
+    assert!(
+        otlp_line(&check(&bare, &[endpoint], &[])).contains("at most 20 resource attributes"),
+        "the default"
+    );
+    let file = config_file(
+        "resource-file.toml",
+        "[export]\nmax_resource_attributes = 12\n",
+    );
+    assert!(otlp_line(&check(&file, &[endpoint], &[])).contains("at most 12 resource"));
+    let ours = [
+        endpoint,
+        ("FREEZEFRAME_EXPORT_MAX_RESOURCE_ATTRIBUTES", "15"),
+    ];
+    assert!(otlp_line(&check(&file, &ours, &[])).contains("at most 15 resource"));
+    let line = otlp_line(&check(
+        &file,
+        &ours,
+        &["--export-max-resource-attributes", "9"],
+    ));
+    assert!(line.contains("at most 9 resource"), "{line}");
+
+    let too_many = check(
+        &bare,
+        &[endpoint],
+        &["--export-max-resource-attributes", "24"],
+    );
+    let message = String::from_utf8_lossy(&too_many.stderr);
+    assert!(
+        !too_many.status.success()
+            && message.contains("max_resource_attributes = 24: must be between 1 and 23"),
+        "{message}"
+    );
+}

@@ -56,6 +56,7 @@ struct Inner {
     spans: Arc<SpanStore>,
     exemplars: Arc<ExemplarStore>,
     link_grace: Duration,
+    max_resource_attributes: usize,
     /// Whether an OTLP exporter is configured at all.
     exporting: bool,
     /// Taken out at shutdown, to be drained.
@@ -70,6 +71,7 @@ impl Exports {
         spans: Arc<SpanStore>,
         exemplars: Arc<ExemplarStore>,
         link_grace: Duration,
+        max_resource_attributes: usize,
         delivery: Option<Delivery>,
     ) -> Self {
         Exports {
@@ -78,6 +80,7 @@ impl Exports {
                 spans,
                 exemplars,
                 link_grace,
+                max_resource_attributes,
                 exporting: delivery.is_some(),
                 delivery: Mutex::new(delivery),
                 host_name: host_name(),
@@ -160,13 +163,26 @@ impl Inner {
             tracing::info!(capture = %capture_id, candidates = requests.len(), "no request to link the capture to");
         }
 
-        let envelope = Envelope {
-            resource: resource::resource(
+        let bounded = resource::bound(
+            resource::resource(
                 firing.series.as_ref().map(|series| &series.resource),
                 Some(&process),
                 |name| std::env::var(name).ok(),
                 self.host_name.as_deref(),
             ),
+            self.max_resource_attributes,
+        );
+        if bounded.dropped > 0 {
+            tracing::warn!(
+                capture = %capture_id,
+                dropped = bounded.dropped,
+                kept = bounded.attributes.len(),
+                "resource attributes left out of the export: too long for a Pyroscope label, or past [export] max_resource_attributes"
+            );
+        }
+        let envelope = Envelope {
+            resource: bounded.attributes,
+            dropped_resource_attributes: bounded.dropped,
             attributes: resource::capture_attributes(&CaptureFacts {
                 capture_id: capture_id.clone(),
                 rule: firing.rule.clone(),

@@ -155,6 +155,7 @@ pub async fn run_until(
         Arc::clone(&spans),
         Arc::clone(&exemplars),
         config.export.link_grace,
+        config.export.max_resource_attributes,
         delivery,
     );
     let receivers_stop = shutdown.child_token();

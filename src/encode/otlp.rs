@@ -54,6 +54,9 @@ pub const PPROF_FORMAT: &str = "pprof";
 pub struct Envelope {
     /// Resource attributes, in order; the first of a key wins.
     pub resource: Vec<Attribute>,
+    /// Resource attributes left out before these, for the resource's
+    /// `dropped_attributes_count`.
+    pub dropped_resource_attributes: u32,
     /// Profile attributes: what the capture was for.
     pub attributes: Vec<Attribute>,
     /// Unique per capture, never all zero (OTLP calls that invalid).
@@ -148,15 +151,18 @@ pub fn request(profile: &model::Profile, envelope: &Envelope) -> ExportProfilesS
 /// profiles keep the order given.
 pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProfilesServiceRequest {
     let mut dictionary = Dictionary::default();
-    let mut by_resource: Vec<(&[Attribute], Vec<Profile>)> = Vec::new();
+    // A resource is its attributes and the count of those left out.
+    type ResourceKey<'a> = (&'a [Attribute], u32);
+    let mut by_resource: Vec<(ResourceKey, Vec<Profile>)> = Vec::new();
     for &(profile, envelope) in profiles {
         let otlp_profile = encode_profile(profile, envelope, &mut dictionary);
-        match by_resource
-            .iter_mut()
-            .find(|(resource, _)| *resource == envelope.resource.as_slice())
-        {
+        let resource = (
+            envelope.resource.as_slice(),
+            envelope.dropped_resource_attributes,
+        );
+        match by_resource.iter_mut().find(|(seen, _)| *seen == resource) {
             Some((_, group)) => group.push(otlp_profile),
-            None => by_resource.push((&envelope.resource, vec![otlp_profile])),
+            None => by_resource.push((resource, vec![otlp_profile])),
         }
     }
     let scope = InstrumentationScope {
@@ -166,7 +172,7 @@ pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProf
     };
     let resource_profiles = by_resource
         .into_iter()
-        .map(|(resource, profiles)| ResourceProfiles {
+        .map(|((resource, dropped), profiles)| ResourceProfiles {
             resource: Some(Resource {
                 attributes: first_of_each_key(resource)
                     .map(|attribute| KeyValue {
@@ -175,6 +181,7 @@ pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProf
                         ..KeyValue::default()
                     })
                     .collect(),
+                dropped_attributes_count: dropped,
                 ..Resource::default()
             }),
             scope_profiles: vec![ScopeProfiles {
@@ -749,6 +756,7 @@ mod tests {
                 Attribute::int("process.pid", 100),
                 Attribute::str("service.name", "shadowed"),
             ],
+            dropped_resource_attributes: 4,
             attributes: vec![
                 Attribute::str("freezeframe.rule.name", "feed-latency"),
                 Attribute::new("freezeframe.rule.value", Value::Double(0.75)).with_unit("s"),
@@ -1286,6 +1294,10 @@ mod tests {
             .map(|kv| kv.key.as_str())
             .collect();
         assert_eq!(keys, ["service.name", "process.pid"]);
+        assert_eq!(
+            resource.dropped_attributes_count, 4,
+            "what was left out is counted"
+        );
         assert_eq!(
             resource.attributes[0].value,
             Some(AnyValue {

@@ -49,12 +49,14 @@ struct RecordedSeries {
 }
 
 /// Builds the export request for a saved pprof. `env` and `host_name` give
-/// the resource attributes of the environment, as for a live capture.
+/// the resource attributes of the environment, as for a live capture, and
+/// at most `max_resource_attributes` of them are sent.
 pub fn request_from_file(
     path: &Path,
     env: impl Fn(&str) -> Option<String>,
     host_name: Option<&str>,
     profile_id: [u8; 16],
+    max_resource_attributes: usize,
 ) -> Result<Saved, ExportError> {
     let bytes = std::fs::read(path).map_err(|source| ExportError::Read {
         path: path.to_path_buf(),
@@ -92,8 +94,13 @@ pub fn request_from_file(
         .as_ref()
         .and_then(|recorded| recorded.series.as_ref())
         .map(|series| &series.resource);
+    let bounded = resource::bound(
+        resource::resource(application, process.as_ref(), env, host_name),
+        max_resource_attributes,
+    );
     let envelope = Envelope {
-        resource: resource::resource(application, process.as_ref(), env, host_name),
+        resource: bounded.attributes,
+        dropped_resource_attributes: bounded.dropped,
         attributes: recorded
             .as_ref()
             .map(|recorded| {
