@@ -17,6 +17,7 @@ from pathlib import Path
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2
 
 from conftest import ROOT
+from pyroscope_rules import assert_pyroscope_accepts
 from test_export import attributes, check_dictionary, check_indices, function_names, pprof_samples
 
 RELEASE = ROOT / "target/release"
@@ -104,6 +105,12 @@ def test_the_resize_freeze_is_caught_and_attributed(sidecar_factory, tmp_path):
     assert set(kinds) == {"off_cpu", "alloc_space"}, kinds.keys()
     for profile in profiles:
         check_indices(dictionary, profile)
+    # Pyroscope would take both profiles of the request, with few series.
+    converted = assert_pyroscope_accepts(request, time.time_ns())
+    assert {profile.profile_type for profile in converted} == {
+        "off_cpu:off_cpu:nanoseconds::",
+        "address_space:alloc_space:bytes:address_space:bytes",
+    }
 
     # The lock's kind is a series label; who held it, for how long and in
     # which call are frames at the leaf, where a flame graph shows them.
