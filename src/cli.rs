@@ -133,13 +133,14 @@ pub struct RunOverrides {
 /// variables do.
 #[derive(Debug, Args, Default, Clone)]
 pub struct OtlpOverrides {
-    /// OTLP profiles endpoint, e.g. http://pyroscope:4040 ([export] otlp_endpoint).
+    /// Profiles endpoint, e.g. http://pyroscope:4040: OTLP, or with protocol
+    /// pyroscope the Pyroscope server ([export] otlp_endpoint).
     #[arg(
         long = "export-otlp-endpoint",
         env = "FREEZEFRAME_EXPORT_OTLP_ENDPOINT"
     )]
     pub otlp_endpoint: Option<String>,
-    /// grpc or http/protobuf ([export] protocol).
+    /// grpc, http/protobuf or pyroscope, Pyroscope's own push API ([export] protocol).
     #[arg(long = "export-protocol", env = "FREEZEFRAME_EXPORT_PROTOCOL")]
     pub protocol: Option<Protocol>,
     /// A header sent with every export, KEY=VALUE; repeat it, or separate
@@ -179,6 +180,16 @@ pub struct OtlpOverrides {
         env = "FREEZEFRAME_EXPORT_MAX_RESOURCE_ATTRIBUTES"
     )]
     pub max_resource_attributes: Option<usize>,
+    /// USER:PASSWORD for HTTP basic auth, e.g. Grafana Cloud's instance id
+    /// and token ([export] basic_auth).
+    #[arg(long = "export-basic-auth", env = "FREEZEFRAME_EXPORT_BASIC_AUTH")]
+    pub basic_auth: Option<String>,
+    /// A token sent as `Authorization: Bearer` ([export] bearer_token).
+    #[arg(long = "export-bearer-token", env = "FREEZEFRAME_EXPORT_BEARER_TOKEN")]
+    pub bearer_token: Option<String>,
+    /// The tenant, sent as `X-Scope-OrgID` ([export] tenant_id).
+    #[arg(long = "export-tenant-id", env = "FREEZEFRAME_EXPORT_TENANT_ID")]
+    pub tenant_id: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -179,6 +179,9 @@ struct ExportFile {
     link_grace: Option<Duration>,
     spool_max_bytes: Option<u64>,
     max_resource_attributes: Option<usize>,
+    basic_auth: Option<String>,
+    bearer_token: Option<String>,
+    tenant_id: Option<String>,
 }
 
 /// Defaults, as documented in the README.
@@ -438,6 +441,9 @@ fn resolve_export(
             .or(file.client_certificate),
         client_key: overrides.client_key.clone().or(file.client_key),
         insecure: overrides.insecure.or(file.insecure),
+        basic_auth: overrides.basic_auth.clone().or(file.basic_auth),
+        bearer_token: overrides.bearer_token.clone().or(file.bearer_token),
+        tenant_id: overrides.tenant_id.clone().or(file.tenant_id),
     };
     let link_grace = run
         .link_grace

@@ -16,7 +16,7 @@ use freezeframe::config::Config;
 use freezeframe::encode::{flamegraph, folded, pprof};
 use freezeframe::export::delivery::{deliver, Delivered};
 use freezeframe::export::retry::Backoff;
-use freezeframe::export::{host_name, otlp, random_id, saved, Exporter};
+use freezeframe::export::{host_name, random_id, saved, Exporter};
 use freezeframe::preflight;
 use freezeframe::profile::Profile;
 use freezeframe::report;
@@ -157,11 +157,12 @@ fn export(args: ExportArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let host = host_name();
     let failures = runtime.block_on(async {
-        let exporter = Exporter::from(otlp::Exporter::new(&otlp)?);
+        let exporter = Exporter::new(&otlp)?;
         let mut failures = 0usize;
         for file in &args.files {
             let saved = match saved::request_from_file(
                 file,
+                exporter.format(),
                 |name| std::env::var(name).ok(),
                 host.as_deref(),
                 random_id(),

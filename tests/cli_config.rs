@@ -289,3 +289,52 @@ fn the_resource_budget_takes_the_flag_then_freezeframe_then_the_file() {
         "{message}"
     );
 }
+
+#[test]
+fn pyroscope_push_and_its_credentials_come_from_flags_the_environment_and_the_file() {
+    let file = config_file(
+        "pyroscope-file.toml",
+        "[export]\notlp_endpoint = \"http://file:4040\"\nprotocol = \"pyroscope\"\ntenant_id = \"from-file\"\n",
+    );
+    let line = otlp_line(&check(&file, &[], &[]));
+    assert!(
+        line.contains("Pyroscope push pyroscope to http://file:4040/push.v1.PusherService/Push"),
+        "{line}"
+    );
+    assert!(line.contains("compression gzip"), "{line}");
+    assert!(
+        line.contains("headers x-scope-orgid (values hidden)"),
+        "{line}"
+    );
+    let ours = [
+        ("FREEZEFRAME_EXPORT_BASIC_AUTH", "user:secret-password"),
+        ("FREEZEFRAME_EXPORT_TENANT_ID", "from-env"),
+    ];
+    let output = check(&file, &ours, &[]);
+    let line = otlp_line(&output);
+    assert!(
+        line.contains("headers authorization, x-scope-orgid (values hidden)"),
+        "{line}"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("secret-password"));
+    let both = check(&file, &ours, &["--export-bearer-token", "tok"]);
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("set one"),
+        "{both:?}"
+    );
+    let line = otlp_line(&check(
+        &file,
+        &[],
+        &[
+            "--export-bearer-token",
+            "tok",
+            "--export-protocol",
+            "http/protobuf",
+        ],
+    ));
+    assert!(line.contains("OTLP profiles over http/protobuf"), "{line}");
+    assert!(
+        line.contains("headers authorization, x-scope-orgid"),
+        "{line}"
+    );
+}

@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 use super::captures::describe;
 use super::evidence::{self, ExemplarStore};
 use crate::encode::otlp::{self, Envelope};
-use crate::encode::pprof;
+use crate::encode::{pprof, pyroscope};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
 use crate::export::resource::{self, CaptureFacts, ProcessFacts};
-use crate::export::{host_name, links, random_id};
+use crate::export::{host_name, links, random_id, Format};
 use crate::ingest::SpanStore;
 use crate::profile::Profile;
 use crate::telemetry;
@@ -211,21 +211,25 @@ impl Inner {
         if let Some((address_space, envelope)) = &address_space {
             profiles.push((address_space, envelope));
         }
-        let request = otlp::combined_request(&profiles).encode_to_vec();
+        let otlp_request = otlp::combined_request(&profiles).encode_to_vec();
         // Written whether or not there is a backend: what was (or would
-        // have been) sent, for any OTLP tool to read.
-        if let Err(err) = self.sink.write_otlp(&capture_id, &request) {
+        // have been) sent over OTLP, for any OTLP tool to read.
+        if let Err(err) = self.sink.write_otlp(&capture_id, &otlp_request) {
             tracing::error!(capture = %capture_id, "cannot write the OTLP request file: {err}");
         }
         if !self.exporting {
             return;
         }
-        match self.delivery.lock().expect("delivery").as_ref() {
-            Some(delivery) => delivery.submit(&capture_id, &request),
-            None => {
-                tracing::error!(capture = %capture_id, "not exported: delivery has already stopped")
-            }
-        }
+        let delivery = self.delivery.lock().expect("delivery");
+        let Some(delivery) = delivery.as_ref() else {
+            tracing::error!(capture = %capture_id, "not exported: delivery has already stopped");
+            return;
+        };
+        let request = match delivery.format() {
+            Format::OtlpProfiles => otlp_request,
+            Format::PyroscopePush => pyroscope::push_request(&profiles).encode_to_vec(),
+        };
+        delivery.submit(&capture_id, &request);
     }
 }
 

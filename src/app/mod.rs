@@ -25,8 +25,8 @@ use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
-use crate::export::otlp::Exporter;
 use crate::export::retry::Backoff;
+use crate::export::Exporter;
 use crate::ingest::{self, SpanStore};
 use crate::signals::MetricBatch;
 use crate::telemetry::{self, Readiness};
@@ -130,7 +130,7 @@ pub async fn run_until(
 
     let delivery = match &config.export.otlp {
         Some(otlp) => {
-            let exporter = Exporter::new(otlp).context("cannot set up the OTLP exporter")?;
+            let exporter = Exporter::new(otlp).context("cannot set up the exporter")?;
             let spool = config.export.directory.join("spool");
             tracing::info!(spool = %spool.display(), "exporting {otlp}");
             Some(
@@ -141,7 +141,7 @@ pub async fn run_until(
                     otlp.protocol.exporter_label(),
                     Backoff::default(),
                 )
-                .context("cannot start OTLP delivery")?,
+                .context("cannot start delivery")?,
             )
         }
         None => None,

@@ -6,6 +6,7 @@
 //! - [`flamegraph`]: an interactive SVG drawn from the folded stacks.
 //! - [`otlp`]: an OTLP profiles export request, for Pyroscope and the
 //!   OpenTelemetry Collector.
+//! - [`pyroscope`]: a Pyroscope push request, series of pprofs.
 //!
 //! [`Profile`]: crate::profile::Profile
 
@@ -17,6 +18,7 @@ pub mod flamegraph;
 pub mod folded;
 pub mod otlp;
 pub mod pprof;
+pub mod pyroscope;
 
 /// Why a profile could not be encoded, or a saved pprof could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -5,13 +5,15 @@
 //! [`resource`] says whose profile it is, the encoder builds the request
 //! in the [`Format`] the [`Exporter`] speaks, and [`delivery`] sends it
 //! through the on-disk [`spool`], retrying as [`retry`] decides. The
-//! exporters ([`otlp`]) post over the shared [`http`] client.
+//! exporters ([`otlp`], [`pyroscope`]) post over the shared [`http`]
+//! client.
 
 pub mod delivery;
 pub mod files;
 pub mod http;
 pub mod links;
 pub mod otlp;
+pub mod pyroscope;
 pub mod resource;
 pub mod retry;
 pub mod saved;
@@ -51,15 +53,18 @@ impl Attempt {
 pub enum Format {
     /// An OTLP `ExportProfilesServiceRequest`.
     OtlpProfiles,
+    /// A Pyroscope `push.v1.PushRequest`.
+    PyroscopePush,
 }
 
 impl Format {
-    pub const ALL: [Format; 1] = [Format::OtlpProfiles];
+    pub const ALL: [Format; 2] = [Format::OtlpProfiles, Format::PyroscopePush];
 
     /// The name spool files carry.
     pub fn tag(self) -> &'static str {
         match self {
             Format::OtlpProfiles => "otlp",
+            Format::PyroscopePush => "pyroscope",
         }
     }
 
@@ -72,13 +77,29 @@ impl Format {
 #[derive(Clone)]
 pub enum Exporter {
     Otlp(otlp::Exporter),
+    Pyroscope(Box<pyroscope::PyroscopeExporter>),
 }
 
 impl Exporter {
+    /// The exporter `settings` name. Reads TLS files, but connects only
+    /// when first used, so a backend that is down does not stop the
+    /// sidecar. Must run inside a tokio runtime.
+    pub fn new(settings: &otlp::OtlpSettings) -> Result<Self, ExportError> {
+        Ok(match settings.protocol {
+            otlp::Protocol::Pyroscope => {
+                Exporter::Pyroscope(Box::new(pyroscope::PyroscopeExporter::new(settings)?))
+            }
+            otlp::Protocol::Grpc | otlp::Protocol::HttpProtobuf => {
+                Exporter::Otlp(otlp::Exporter::new(settings)?)
+            }
+        })
+    }
+
     /// The format of the requests it sends.
     pub fn format(&self) -> Format {
         match self {
             Exporter::Otlp(_) => Format::OtlpProfiles,
+            Exporter::Pyroscope(_) => Format::PyroscopePush,
         }
     }
 
@@ -86,6 +107,7 @@ impl Exporter {
     pub async fn send(&self, request: Bytes) -> Attempt {
         match self {
             Exporter::Otlp(exporter) => exporter.send(request).await,
+            Exporter::Pyroscope(exporter) => exporter.send(request).await,
         }
     }
 }

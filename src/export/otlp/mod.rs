@@ -31,6 +31,14 @@ impl Exporter {
         Ok(match settings.protocol {
             Protocol::Grpc => Exporter::Grpc(grpc::GrpcExporter::new(settings)?),
             Protocol::HttpProtobuf => Exporter::Http(Box::new(http::HttpExporter::new(settings)?)),
+            Protocol::Pyroscope => {
+                return Err(ExportError::Endpoint {
+                    endpoint: settings.endpoint.clone(),
+                    problem: "pyroscope is Pyroscope's push API, not an OTLP transport; \
+                              build it with export::Exporter::new"
+                        .to_string(),
+                })
+            }
         })
     }
 

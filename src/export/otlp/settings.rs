@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// The HTTP path of the profiles export, appended to a base endpoint.
 pub const HTTP_PATH: &str = "/v1development/profiles";
 
+/// The path of Pyroscope's push API, appended to a base endpoint.
+pub const PYROSCOPE_PATH: &str = "/push.v1.PusherService/Push";
+
 /// The OTLP specification's default export timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -28,6 +31,13 @@ pub enum Protocol {
     #[serde(rename = "http/protobuf")]
     #[value(name = "http/protobuf")]
     HttpProtobuf,
+    /// Not OTLP: Pyroscope's own push API (`POST
+    /// /push.v1.PusherService/Push`, connect protocol), which every
+    /// Pyroscope 1.x and 2.x takes. Only the endpoint freezeframe is given
+    /// is used, never an `OTEL_EXPORTER_OTLP_*ENDPOINT`.
+    #[serde(rename = "pyroscope")]
+    #[value(name = "pyroscope")]
+    Pyroscope,
 }
 
 impl Protocol {
@@ -35,6 +45,7 @@ impl Protocol {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::HttpProtobuf => "http/protobuf",
+            Protocol::Pyroscope => "pyroscope",
         }
     }
 
@@ -43,6 +54,7 @@ impl Protocol {
         match self {
             Protocol::Grpc => "otlp_grpc",
             Protocol::HttpProtobuf => "otlp_http",
+            Protocol::Pyroscope => "pyroscope",
         }
     }
 }
@@ -63,6 +75,12 @@ pub struct Explicit {
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub insecure: Option<bool>,
+    /// `user:password` for HTTP basic auth.
+    pub basic_auth: Option<String>,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+    /// Sent as `X-Scope-OrgID`, the tenant of Pyroscope, Mimir or Tempo.
+    pub tenant_id: Option<String>,
 }
 
 /// The resolved OTLP exporter.
@@ -103,9 +121,13 @@ impl fmt::Debug for OtlpSettings {
 
 impl fmt::Display for OtlpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.protocol {
+            Protocol::Pyroscope => "Pyroscope push",
+            Protocol::Grpc | Protocol::HttpProtobuf => "OTLP profiles over",
+        };
         write!(
             f,
-            "OTLP profiles over {} to {}, timeout {}, compression {}",
+            "{what} {} to {}, timeout {}, compression {}",
             self.protocol.name(),
             self.endpoint,
             humantime::format_duration(self.timeout),
@@ -218,8 +240,14 @@ pub fn resolve(
             Protocol::HttpProtobuf if path_of(&url).is_empty() => {
                 format!("{}{HTTP_PATH}", url.trim_end_matches('/'))
             }
+            Protocol::Pyroscope if path_of(&url).is_empty() => {
+                format!("{}{PYROSCOPE_PATH}", url.trim_end_matches('/'))
+            }
             _ => url,
         }
+    } else if protocol == Protocol::Pyroscope {
+        // The OTEL variables name OTLP receivers, never Pyroscope's push API.
+        return Ok(None);
     } else if let Some(found) = env("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT")
         .map(|value| value.trim().to_string())
         .filter(|value| !value.is_empty())
@@ -243,13 +271,13 @@ pub fn resolve(
             // The generic endpoint is a base URL that each signal appends
             // its path to.
             Protocol::HttpProtobuf => format!("{}{HTTP_PATH}", url.trim_end_matches('/')),
-            Protocol::Grpc => url,
+            Protocol::Grpc | Protocol::Pyroscope => url,
         }
     } else {
         return Ok(None);
     };
 
-    let headers = match explicit.headers {
+    let mut headers = match explicit.headers {
         Some(headers) => headers,
         None => match from_env(&env, "HEADERS") {
             Some(found) => {
@@ -258,6 +286,12 @@ pub fn resolve(
             None => Vec::new(),
         },
     };
+    add_credentials(
+        &mut headers,
+        explicit.basic_auth.as_deref(),
+        explicit.bearer_token.as_deref(),
+        explicit.tenant_id.as_deref(),
+    )?;
     for (key, value) in &headers {
         check_header(key, value).map_err(|problem| SettingsError::Invalid {
             source_name: "export header".to_string(),
@@ -297,6 +331,8 @@ pub fn resolve(
                 "none" => Compression::None,
                 _ => return Err(invalid(&found, "use gzip or none")),
             },
+            // Pyroscope's own clients always compress.
+            None if protocol == Protocol::Pyroscope => Compression::Gzip,
             None => Compression::None,
         },
     };
@@ -325,6 +361,84 @@ pub fn resolve(
         compression,
         tls,
     }))
+}
+
+/// The basic-auth, bearer-token and tenant settings as the headers they
+/// stand for. They replace a header of the same name: a dedicated setting
+/// is the more deliberate of the two.
+fn add_credentials(
+    headers: &mut Vec<(String, String)>,
+    basic_auth: Option<&str>,
+    bearer_token: Option<&str>,
+    tenant_id: Option<&str>,
+) -> Result<(), SettingsError> {
+    let problem = |source_name: &str, problem: &str| SettingsError::Invalid {
+        source_name: source_name.to_string(),
+        value: "(hidden)".to_string(),
+        problem: problem.to_string(),
+    };
+    if basic_auth.is_some() && bearer_token.is_some() {
+        return Err(problem(
+            "[export] basic_auth and bearer_token",
+            "both set the Authorization header; set one",
+        ));
+    }
+    let mut set = |name: &str, value: String, source_name: &str| {
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(problem(source_name, "not valid in an HTTP header"));
+        }
+        headers.retain(|(key, _)| key != name);
+        headers.push((name.to_string(), value));
+        Ok(())
+    };
+    if let Some(pair) = basic_auth {
+        if !pair.contains(':') {
+            return Err(problem(
+                "[export] basic_auth",
+                "write user:password (the password may be empty)",
+            ));
+        }
+        set(
+            "authorization",
+            format!("Basic {}", base64(pair.as_bytes())),
+            "[export] basic_auth",
+        )?;
+    }
+    if let Some(token) = bearer_token {
+        set(
+            "authorization",
+            format!("Bearer {}", token.trim()),
+            "[export] bearer_token",
+        )?;
+    }
+    if let Some(tenant) = tenant_id {
+        set(
+            "x-scope-orgid",
+            tenant.trim().to_string(),
+            "[export] tenant_id",
+        )?;
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding, as basic auth wants it.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let word = chunk.iter().enumerate().fold(0u32, |word, (index, &byte)| {
+            word | u32::from(byte) << (16 - 8 * index)
+        });
+        for position in 0..4 {
+            if position <= chunk.len() {
+                let sextet = (word >> (18 - 6 * position)) & 0x3f;
+                text.push(char::from(ALPHABET[sextet as usize]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
 }
 
 /// The endpoint with its scheme. gRPC endpoints may be given as bare
@@ -655,6 +769,88 @@ mod tests {
         assert!(parse_headers("grpc-timeout=1S")
             .unwrap_err()
             .contains("set by the exporter"));
+    }
+
+    #[test]
+    fn pyroscope_takes_its_push_path_gzip_and_only_an_endpoint_it_was_given() {
+        let pyroscope = |endpoint: Option<&str>| {
+            resolve(
+                Explicit {
+                    endpoint: endpoint.map(str::to_string),
+                    protocol: Some(Protocol::Pyroscope),
+                    ..Explicit::default()
+                },
+                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]),
+            )
+            .unwrap()
+        };
+        assert_eq!(pyroscope(None), None, "an OTLP endpoint is no Pyroscope");
+        let settings = pyroscope(Some("http://pyroscope:4040/")).unwrap();
+        assert_eq!(
+            settings.endpoint,
+            "http://pyroscope:4040/push.v1.PusherService/Push"
+        );
+        assert_eq!(settings.compression, Compression::Gzip);
+        assert_eq!(
+            pyroscope(Some("https://gw/custom/push")).unwrap().endpoint,
+            "https://gw/custom/push"
+        );
+        assert!(format!("{settings}").starts_with("Pyroscope push pyroscope to"));
+    }
+
+    #[test]
+    fn credentials_become_headers_and_replace_their_namesakes() {
+        let settings = resolved(
+            Explicit {
+                endpoint: Some("http://p:4040".into()),
+                headers: Some(vec![
+                    ("authorization".into(), "Bearer old".into()),
+                    ("x-other".into(), "1".into()),
+                ]),
+                basic_auth: Some("Aladdin:open sesame".into()),
+                tenant_id: Some(" ops ".into()),
+                ..Explicit::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            settings.headers,
+            [
+                ("x-other".to_string(), "1".to_string()),
+                (
+                    "authorization".to_string(),
+                    "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==".to_string()
+                ),
+                ("x-scope-orgid".to_string(), "ops".to_string()),
+            ]
+        );
+        assert!(!format!("{settings}").contains("QWxh"));
+        let bearer = resolved(
+            Explicit {
+                endpoint: Some("http://p:4040".into()),
+                bearer_token: Some("glc_abc".into()),
+                ..Explicit::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            bearer.headers,
+            [("authorization".to_string(), "Bearer glc_abc".to_string())]
+        );
+        let both = resolve(
+            Explicit {
+                endpoint: Some("http://p:4040".into()),
+                bearer_token: Some("t".into()),
+                basic_auth: Some("u:p".into()),
+                ..Explicit::default()
+            },
+            env(&[]),
+        );
+        assert!(both.unwrap_err().to_string().contains("set one"));
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
     }
 
     #[test]
