@@ -180,6 +180,11 @@ pub struct OtlpOverrides {
         env = "FREEZEFRAME_EXPORT_MAX_RESOURCE_ATTRIBUTES"
     )]
     pub max_resource_attributes: Option<usize>,
+    /// Drop a spooled capture that started longer ago than this instead of
+    /// sending it; 0s keeps every one (default 1h, Pyroscope's ingestion
+    /// window) ([export] max_age).
+    #[arg(long = "export-max-age", env = "FREEZEFRAME_EXPORT_MAX_AGE", value_parser = parse_duration)]
+    pub max_age: Option<Duration>,
     /// USER:PASSWORD for HTTP basic auth, e.g. Grafana Cloud's instance id
     /// and token ([export] basic_auth).
     #[arg(long = "export-basic-auth", env = "FREEZEFRAME_EXPORT_BASIC_AUTH")]

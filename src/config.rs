@@ -105,6 +105,9 @@ pub struct Export {
     pub spool_max_bytes: u64,
     /// Resource attributes an exported profile carries at most.
     pub max_resource_attributes: usize,
+    /// A spooled capture that started longer ago is dropped, not sent;
+    /// `None` ("0s" in the file) keeps every one.
+    pub max_age: Option<Duration>,
 }
 
 /// The file's shape. Every section and key is optional; unknown keys are
@@ -179,6 +182,8 @@ struct ExportFile {
     link_grace: Option<Duration>,
     spool_max_bytes: Option<u64>,
     max_resource_attributes: Option<usize>,
+    #[serde(with = "duration_text")]
+    max_age: Option<Duration>,
     basic_auth: Option<String>,
     bearer_token: Option<String>,
     tenant_id: Option<String>,
@@ -202,6 +207,9 @@ pub mod defaults {
     pub const MAX_LINK_GRACE: Duration = Duration::from_secs(60);
     pub const SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
     pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
+    /// Pyroscope's ingestion window: it refuses a profile that started
+    /// more than an hour ago.
+    pub const MAX_AGE: Duration = Duration::from_secs(3600);
 }
 
 /// Durations written as text ("30s", "500ms").
@@ -256,10 +264,14 @@ impl std::fmt::Display for Config {
         match &self.export.otlp {
             Some(otlp) => writeln!(
                 f,
-                "otlp:     {otlp}; linked after {}, spool up to {} bytes, at most {} resource attributes",
+                "otlp:     {otlp}; linked after {}, spool up to {} bytes, at most {} resource attributes, {}",
                 humantime::format_duration(self.export.link_grace),
                 self.export.spool_max_bytes,
-                self.export.max_resource_attributes
+                self.export.max_resource_attributes,
+                self.export.max_age.map_or(
+                    "spooled captures kept until delivered".to_string(),
+                    |age| format!("dropped after {}", humantime::format_duration(age))
+                ),
             )?,
             None => writeln!(f, "otlp:     off (no endpoint configured)")?,
         }
@@ -466,6 +478,13 @@ fn resolve_export(
     if !(1..=crate::export::resource::MAX_ATTRIBUTES).contains(&max_resource_attributes) {
         return Err(ConfigError::ResourceAttributes(max_resource_attributes));
     }
+    let max_age = Some(
+        overrides
+            .max_age
+            .or(file.max_age)
+            .unwrap_or(defaults::MAX_AGE),
+    )
+    .filter(|age| !age.is_zero());
     Ok(Export {
         directory: run
             .directory
@@ -476,5 +495,6 @@ fn resolve_export(
         link_grace,
         spool_max_bytes,
         max_resource_attributes,
+        max_age,
     })
 }

@@ -338,3 +338,16 @@ fn pyroscope_push_and_its_credentials_come_from_flags_the_environment_and_the_fi
         "{line}"
     );
 }
+
+#[test]
+fn the_spool_age_limit_takes_the_flag_then_freezeframe_then_the_file() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+    let bare = config_file("age-bare.toml", "");
+    assert!(otlp_line(&check(&bare, &[endpoint], &[])).contains("dropped after 1h"));
+    let file = config_file("age-file.toml", "[export]\nmax_age = \"30m\"\n");
+    assert!(otlp_line(&check(&file, &[endpoint], &[])).contains("dropped after 30m"));
+    let ours = [endpoint, ("FREEZEFRAME_EXPORT_MAX_AGE", "0s")];
+    assert!(otlp_line(&check(&file, &ours, &[])).contains("kept until delivered"));
+    let line = otlp_line(&check(&file, &ours, &["--export-max-age", "2h"]));
+    assert!(line.contains("dropped after 2h"), "{line}");
+}

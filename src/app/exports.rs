@@ -229,7 +229,7 @@ impl Inner {
             Format::OtlpProfiles => otlp_request,
             Format::PyroscopePush => pyroscope::push_request(&profiles).encode_to_vec(),
         };
-        delivery.submit(&capture_id, &request);
+        delivery.submit(&capture_id, profile.start, &request);
     }
 }
 

@@ -140,6 +140,7 @@ pub async fn run_until(
                     exporter,
                     otlp.protocol.exporter_label(),
                     Backoff::default(),
+                    config.export.max_age,
                 )
                 .context("cannot start delivery")?,
             )

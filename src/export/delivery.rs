@@ -8,12 +8,15 @@
 //! backend rejected some profiles), `retried` (an attempt that will be
 //! repeated), `rejected` (refused for good: dropped) and `dropped` (pushed
 //! out of the spool by its size budget, unreadable, or spooled for another
-//! exporter than the one configured now). The spool's size is
+//! exporter than the one configured now) and `expired` (older than the
+//! backend takes: Pyroscope refuses a profile that started more than an
+//! hour ago, so one spooled through a longer outage is dropped rather than
+//! sent only to be refused). The spool's size is
 //! in `freezeframe_spool_bytes` and `freezeframe_spool_files`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -33,7 +36,10 @@ pub mod outcome {
     pub const RETRIED: &str = "retried";
     pub const REJECTED: &str = "rejected";
     pub const DROPPED: &str = "dropped";
-    pub const ALL: [&str; 6] = [QUEUED, DELIVERED, PARTIAL, RETRIED, REJECTED, DROPPED];
+    pub const EXPIRED: &str = "expired";
+    pub const ALL: [&str; 7] = [
+        QUEUED, DELIVERED, PARTIAL, RETRIED, REJECTED, DROPPED, EXPIRED,
+    ];
 }
 
 /// Files the spool holds at most, whatever their size: each is a capture,
@@ -51,6 +57,8 @@ struct Shared {
     spool: Spool,
     /// What the exporter sends, and so what is spooled.
     format: Format,
+    /// How old a capture the backend still takes; `None`: any.
+    max_age: Option<Duration>,
     exporter_label: &'static str,
     wake: Notify,
     /// Set at shutdown: the worker ends once the spool is empty.
@@ -75,9 +83,10 @@ impl Delivery {
         exporter: impl Into<Exporter>,
         exporter_label: &'static str,
         backoff: Backoff,
+        max_age: Option<Duration>,
     ) -> Result<Self, super::ExportError> {
         let (spool, evicted) = Spool::open(directory, max_bytes, MAX_SPOOL_FILES)?;
-        let delivery = Self::start(spool, exporter, exporter_label, backoff);
+        let delivery = Self::start(spool, exporter, exporter_label, backoff, max_age);
         for entry in evicted {
             tracing::warn!(spooled = %entry.name, "the spool is over its budget: dropped its oldest profile");
             delivery.shared.count(outcome::DROPPED);
@@ -87,17 +96,20 @@ impl Delivery {
     }
 
     /// Starts the worker on the current tokio runtime. Requests left in the
-    /// spool by an earlier run are delivered first.
+    /// spool by an earlier run are delivered first. A capture that started
+    /// more than `max_age` ago is dropped, and counted as `expired`.
     pub fn start(
         spool: Spool,
         exporter: impl Into<Exporter>,
         exporter_label: &'static str,
         backoff: Backoff,
+        max_age: Option<Duration>,
     ) -> Self {
         let exporter = exporter.into();
         let shared = Arc::new(Shared {
             spool,
             format: exporter.format(),
+            max_age,
             exporter_label,
             wake: Notify::new(),
             draining: AtomicBool::new(false),
@@ -116,10 +128,11 @@ impl Delivery {
         }
     }
 
-    /// Queues an encoded export request, of [`Self::format`]. Writes it to
-    /// the spool and returns: never waits for the backend.
-    pub fn submit(&self, capture_id: &str, request: &[u8]) {
-        self.shared.submit(capture_id, request);
+    /// Queues an encoded export request, of [`Self::format`], for a
+    /// capture that `started` then. Writes it to the spool and returns:
+    /// never waits for the backend.
+    pub fn submit(&self, capture_id: &str, started: SystemTime, request: &[u8]) {
+        self.shared.submit(capture_id, started, request);
     }
 
     /// The format of the requests this delivery's exporter sends.
@@ -147,8 +160,8 @@ impl Delivery {
 }
 
 impl Shared {
-    fn submit(&self, capture_id: &str, request: &[u8]) {
-        let put = self.spool.put(capture_id, self.format, request);
+    fn submit(&self, capture_id: &str, started: SystemTime, request: &[u8]) {
+        let put = self.spool.put(capture_id, self.format, started, request);
         // The spool's gauges first: whoever sees the profile counted as
         // queued sees it in the spool too.
         self.publish_usage();
@@ -177,6 +190,30 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// How long the backend still takes the entry's capture; `Some(ZERO)`
+    /// once it no longer does, `None` without a limit.
+    fn time_left(&self, entry: &Entry) -> Option<Duration> {
+        let max_age = self.max_age?;
+        let age = SystemTime::now()
+            .duration_since(entry.started)
+            .unwrap_or_default();
+        Some(max_age.saturating_sub(age))
+    }
+
+    fn expire(&self, entry: &Entry) {
+        let age = SystemTime::now()
+            .duration_since(entry.started)
+            .unwrap_or_default();
+        tracing::warn!(
+            spooled = %entry.name,
+            age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+            "dropping a spooled profile older than the backend takes ([export] max_age; Pyroscope refuses profiles older than 1h)"
+        );
+        self.spool.remove(entry);
+        self.count(outcome::EXPIRED);
+        self.publish_usage();
+    }
+
     fn count(&self, outcome: &'static str) {
         metrics::counter!(telemetry::EXPORTS, "exporter" => self.exporter_label, "outcome" => outcome)
             .increment(1);
@@ -200,6 +237,10 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
                 () = stop.cancelled() => return,
             }
         };
+        if shared.time_left(&entry) == Some(Duration::ZERO) {
+            shared.expire(&entry);
+            continue;
+        }
         if entry.format != shared.format {
             tracing::error!(spooled = %entry.name, "dropping a spooled {} request: the exporter now sends {}", entry.format.tag(), shared.format.tag());
             shared.spool.remove(&entry);
@@ -223,7 +264,22 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
             shared.count(outcome::RETRIED);
             log_retry(&entry, reason, delay, attempt);
         };
-        let Some(delivered) = deliver(&exporter, request, backoff, &stop, on_retry).await else {
+        // Retrying stops when the backend would refuse the profile anyway.
+        let left = shared.time_left(&entry);
+        let expiry = async {
+            match left {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        let delivered = tokio::select! {
+            delivered = deliver(&exporter, request, backoff, &stop, on_retry) => delivered,
+            () = expiry => {
+                shared.expire(&entry);
+                continue;
+            }
+        };
+        let Some(delivered) = delivered else {
             // Stopped: the request stays in the spool.
             return;
         };

@@ -12,13 +12,17 @@
 //! A file's name says its request's [`Format`]
 //! (`<sequence>-<capture>.<format>.pb`), so that a run whose exporter
 //! changed knows what an earlier run left. Files of releases that knew
-//! only OTLP (`<sequence>-<capture>.pb`) are OTLP requests.
+//! only OTLP (`<sequence>-<capture>.pb`) are OTLP requests. A file's
+//! modification time is set to when its capture started, so that a later
+//! run still knows how old the profile is, and whether the backend would
+//! still take it.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
 use super::{ExportError, Format};
 
@@ -34,6 +38,8 @@ pub struct Entry {
     pub name: String,
     pub bytes: u64,
     pub format: Format,
+    /// When the capture in it started.
+    pub started: SystemTime,
 }
 
 /// What [`Spool::put`] did.
@@ -99,7 +105,9 @@ impl Spool {
                     let Some(format) = parse_format(name) else {
                         continue;
                     };
-                    let bytes = dir_entry.metadata().map_err(spool_error)?.len();
+                    let metadata = dir_entry.metadata().map_err(spool_error)?;
+                    let bytes = metadata.len();
+                    let started = metadata.modified().unwrap_or_else(|_| SystemTime::now());
                     state.bytes += bytes;
                     state.entries.insert(
                         sequence,
@@ -108,6 +116,7 @@ impl Spool {
                             name: name.to_string(),
                             bytes,
                             format,
+                            started,
                         },
                     );
                 }
@@ -127,10 +136,16 @@ impl Spool {
         Ok((spool, evicted))
     }
 
-    /// Adds a request of `format`, labelled for people with `label` (the
-    /// capture id). Never blocks on the network; drops the oldest entries
-    /// if needed.
-    pub fn put(&self, label: &str, format: Format, request: &[u8]) -> Result<Put, ExportError> {
+    /// Adds a request of `format` for a capture that `started` then,
+    /// labelled for people with `label` (the capture id). Never blocks on
+    /// the network; drops the oldest entries if needed.
+    pub fn put(
+        &self,
+        label: &str,
+        format: Format,
+        started: SystemTime,
+        request: &[u8],
+    ) -> Result<Put, ExportError> {
         let bytes = request.len() as u64;
         let mut state = self.lock();
         if bytes > self.max_bytes {
@@ -146,7 +161,7 @@ impl Spool {
             format.tag()
         );
         let path = self.directory.join(&name);
-        write_whole(&path, request).map_err(|source| ExportError::Spool {
+        write_whole(&path, request, started).map_err(|source| ExportError::Spool {
             path: path.clone(),
             source,
         })?;
@@ -155,6 +170,7 @@ impl Spool {
             name,
             bytes,
             format,
+            started,
         };
         state.bytes += bytes;
         state.entries.insert(sequence, entry.clone());
@@ -233,12 +249,14 @@ impl Spool {
     }
 }
 
-/// Writes to a temporary name, syncs, and renames: the file appears whole.
-fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes to a temporary name, syncs, and renames: the file appears whole,
+/// modified at `modified`.
+fn write_whole(path: &Path, bytes: &[u8], modified: SystemTime) -> std::io::Result<()> {
     let temporary = path.with_extension(TEMPORARY_EXTENSION);
     let result = (|| {
         let mut file = fs::File::create(&temporary)?;
         file.write_all(bytes)?;
+        file.set_modified(modified)?;
         file.sync_all()?;
         fs::rename(&temporary, path)
     })();
@@ -307,11 +325,18 @@ mod tests {
         let (spool, evicted) = Spool::open(&dir.0, 1000, 10).unwrap();
         assert!(evicted.is_empty());
         let first = spool
-            .put("capture/one", Format::OtlpProfiles, b"first")
+            .put(
+                "capture/one",
+                Format::OtlpProfiles,
+                SystemTime::now(),
+                b"first",
+            )
             .unwrap()
             .stored
             .unwrap();
-        spool.put("two", Format::OtlpProfiles, b"second!").unwrap();
+        spool
+            .put("two", Format::OtlpProfiles, SystemTime::now(), b"second!")
+            .unwrap();
         assert_eq!(first.name, "00000000000000000000-capture_one.otlp.pb");
         assert_eq!(spool.usage(), (12, 2));
         drop(spool);
@@ -328,7 +353,7 @@ mod tests {
         let next = spool.oldest().unwrap();
         assert_eq!(spool.read(&next).unwrap().unwrap(), b"second!");
         let third = spool
-            .put("three", Format::OtlpProfiles, b"3")
+            .put("three", Format::OtlpProfiles, SystemTime::now(), b"3")
             .unwrap()
             .stored
             .unwrap();
@@ -340,14 +365,22 @@ mod tests {
     fn the_oldest_make_room_for_the_newest() {
         let dir = TempDir::new("budget");
         let (spool, _) = Spool::open(&dir.0, 10, 3).unwrap();
-        spool.put("a", Format::OtlpProfiles, b"aaaa").unwrap();
-        spool.put("b", Format::OtlpProfiles, b"bbbb").unwrap();
-        let put = spool.put("c", Format::OtlpProfiles, b"cccc").unwrap();
+        spool
+            .put("a", Format::OtlpProfiles, SystemTime::now(), b"aaaa")
+            .unwrap();
+        spool
+            .put("b", Format::OtlpProfiles, SystemTime::now(), b"bbbb")
+            .unwrap();
+        let put = spool
+            .put("c", Format::OtlpProfiles, SystemTime::now(), b"cccc")
+            .unwrap();
         assert_eq!(names(&put.evicted), ["00000000000000000000-a.otlp.pb"]);
         assert!(!dir.0.join("00000000000000000000-a.otlp.pb").exists());
         assert_eq!(spool.usage(), (8, 2));
 
-        let too_big = spool.put("huge", Format::OtlpProfiles, &[0; 11]).unwrap();
+        let too_big = spool
+            .put("huge", Format::OtlpProfiles, SystemTime::now(), &[0; 11])
+            .unwrap();
         assert_eq!(
             too_big,
             Put::default(),
@@ -355,8 +388,12 @@ mod tests {
         );
         assert_eq!(spool.usage(), (8, 2));
 
-        spool.put("d", Format::OtlpProfiles, b"d").unwrap();
-        let put = spool.put("e", Format::OtlpProfiles, b"e").unwrap();
+        spool
+            .put("d", Format::OtlpProfiles, SystemTime::now(), b"d")
+            .unwrap();
+        let put = spool
+            .put("e", Format::OtlpProfiles, SystemTime::now(), b"e")
+            .unwrap();
         assert_eq!(
             names(&put.evicted),
             ["00000000000000000001-b.otlp.pb"],
@@ -370,7 +407,9 @@ mod tests {
         let dir = TempDir::new("lowered");
         let (spool, _) = Spool::open(&dir.0, 100, 10).unwrap();
         for label in ["a", "b", "c"] {
-            spool.put(label, Format::OtlpProfiles, b"12345").unwrap();
+            spool
+                .put(label, Format::OtlpProfiles, SystemTime::now(), b"12345")
+                .unwrap();
         }
         drop(spool);
         let (spool, evicted) = Spool::open(&dir.0, 10, 10).unwrap();
@@ -389,8 +428,9 @@ mod tests {
         assert_eq!(spool.usage(), (3, 1), "an unknown format is left alone");
         let old = spool.oldest().unwrap();
         assert_eq!((old.sequence, old.format), (4, Format::OtlpProfiles));
+        let started = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         let new = spool
-            .put("new", Format::OtlpProfiles, b"new")
+            .put("new", Format::OtlpProfiles, started, b"new")
             .unwrap()
             .stored
             .unwrap();
@@ -398,7 +438,7 @@ mod tests {
         drop(spool);
         let (spool, _) = Spool::open(&dir.0, 1000, 10).unwrap();
         spool.remove(&old);
-        assert_eq!(spool.oldest().unwrap(), new);
+        assert_eq!(spool.oldest().unwrap(), new, "its capture's start too");
     }
 
     #[test]
@@ -406,12 +446,16 @@ mod tests {
         let dir = TempDir::new("gone");
         let (spool, _) = Spool::open(&dir.0, 8, 10).unwrap();
         let first = spool
-            .put("a", Format::OtlpProfiles, b"aaaa")
+            .put("a", Format::OtlpProfiles, SystemTime::now(), b"aaaa")
             .unwrap()
             .stored
             .unwrap();
-        spool.put("b", Format::OtlpProfiles, b"bbbb").unwrap();
-        spool.put("c", Format::OtlpProfiles, b"cccc").unwrap();
+        spool
+            .put("b", Format::OtlpProfiles, SystemTime::now(), b"bbbb")
+            .unwrap();
+        spool
+            .put("c", Format::OtlpProfiles, SystemTime::now(), b"cccc")
+            .unwrap();
         assert_eq!(spool.read(&first).unwrap(), None);
         spool.remove(&first);
         assert_eq!(spool.usage(), (8, 2));

@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from pyroscope_receiver import ConnectAnswer, PushReceiver
+from pyroscope_receiver import ConnectAnswer, PushReceiver, push_pb2
 from test_export import DOWNWARD_API, LATENCY_RULE, freeze_and_capture, pprof_samples
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -112,3 +112,30 @@ def test_a_refused_push_is_not_retried(sidecar_factory, app_factory):
     assert len(receiver.received) == 1
     assert sidecar.metric("freezeframe_export_total", exporter="pyroscope", outcome="retried") == 0
     assert "invalid_argument scripted failure" in sidecar.log_text()
+
+
+def test_a_spooled_capture_older_than_pyroscope_takes_is_dropped_and_counted(sidecar_factory, tmp_path):
+    # What a long outage leaves: a push spooled two hours ago, and one
+    # spooled a minute ago, by a run that has since stopped.
+    spool = tmp_path / "captures" / "spool"
+    spool.mkdir(parents=True)
+    request = push_pb2.PushRequest()
+    request.series.add().labels.add(name="__name__", value="off_cpu")
+    now = time.time()
+    for sequence, (label, age) in enumerate([("stale", 2 * 3600), ("recent", 60)]):
+        path = spool / f"{sequence:020}-{label}.pyroscope.pb"
+        path.write_bytes(request.SerializeToString())
+        os.utime(path, (now - age, now - age))
+    receiver = PushReceiver()
+    try:
+        sidecar = sidecar_factory(LATENCY_RULE, export=push_config(receiver.port))
+        receiver.wait_for(1, timeout=20)
+        assert sidecar.wait_for_metric("freezeframe_export_total", 1, timeout=10, exporter="pyroscope", outcome="expired") == 1
+        time.sleep(1)
+    finally:
+        receiver.stop()
+    assert len(receiver.received) == 1, "the stale one is never sent"
+    assert sidecar.metric("freezeframe_export_total", exporter="pyroscope", outcome="delivered") == 1
+    assert "dropping a spooled profile older than the backend takes" in sidecar.log_text()
+    assert "stale" in sidecar.log_text()
+    assert not list(spool.iterdir())
