@@ -23,6 +23,7 @@ pub const CAPTURES: &str = "freezeframe_captures_total";
 pub const CAPTURE_DURATION: &str = "freezeframe_capture_duration_seconds";
 pub const CAPTURE_BLOCKED: &str = "freezeframe_capture_blocked_seconds_total";
 pub const CAPTURE_SAMPLES: &str = "freezeframe_capture_samples";
+pub const CAPTURE_START: &str = "freezeframe_capture_start_timestamp_seconds";
 pub const BPF_DROPS: &str = "freezeframe_bpf_drops_total";
 pub const TRIGGER_VALUE: &str = "freezeframe_trigger_value";
 pub const TRIGGER_FIRING: &str = "freezeframe_trigger_firing";
@@ -121,6 +122,12 @@ fn builder() -> Result<PrometheusBuilder, TelemetryError> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        CAPTURE_START,
+        Unit::Seconds,
+        "Start of each rule's latest capture window, in seconds since the epoch (NaN before the first): \
+         where Pyroscope indexes the profile, and where dashboards annotate the capture."
+    );
     describe_counter!(
         CAPTURES,
         "Trigger firings by rule and what became of them (captured, coalesced, no_target, failed)."
@@ -240,6 +247,7 @@ pub fn register_startup_series(labels: &StartupLabels) {
         for &outcome in labels.capture_outcomes {
             counter!(CAPTURES, "rule" => rule.clone(), "outcome" => outcome).absolute(0);
         }
+        gauge!(CAPTURE_START, "rule" => rule.clone()).set(f64::NAN);
     }
     // Registering a histogram makes it render, with empty buckets.
     drop(histogram!(CAPTURE_DURATION));
@@ -361,6 +369,7 @@ mod tests {
             (CAPTURE_DURATION, "histogram"),
             (CAPTURE_BLOCKED, "counter"),
             (CAPTURE_SAMPLES, "histogram"),
+            (CAPTURE_START, "gauge"),
             (BPF_DROPS, "counter"),
             (TRIGGER_VALUE, "gauge"),
             (TRIGGER_THRESHOLD, "gauge"),

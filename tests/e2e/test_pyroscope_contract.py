@@ -6,7 +6,9 @@ classes. Every profile must be accepted and make few series. The demo's
 request is held to the same rules in test_reproducer.py."""
 
 import time
+from datetime import datetime
 
+import pytest
 from opentelemetry.proto.common.v1 import common_pb2
 
 from otlp_receiver import GrpcReceiver
@@ -24,12 +26,16 @@ POD = {
 }
 
 
+def off_cpu_start_s(request) -> float:
+    return request.resource_profiles[0].scope_profiles[0].profiles[0].time_unix_nano / 1e9
+
+
 def test_a_capture_in_a_pod_is_accepted_and_makes_few_series(sidecar_factory, app_factory):
     receiver = GrpcReceiver()
     try:
         sidecar = sidecar_factory(LATENCY_RULE, export=export_config(receiver.port), env=POD)
         app = app_factory("grpc", sidecar.grpc)
-        freeze_and_capture(sidecar, app)
+        _, _, event = freeze_and_capture(sidecar, app)
         received = receiver.wait_for(1, timeout=30)[0]
     finally:
         receiver.stop()
@@ -52,6 +58,10 @@ def test_a_capture_in_a_pod_is_accepted_and_makes_few_series(sidecar_factory, ap
         labels = dict(series)
         assert not {"thread.id", "lock_holder_tid", "lock_hold_ns", "lock"} & set(labels), labels
         assert not any("@0x" in value for value in labels.values()), labels
+    # Dashboards mark the capture where Pyroscope files it: at its start.
+    start = datetime.fromisoformat(event["window"]["start"].replace("Z", "+00:00")).timestamp()
+    assert sidecar.metric("freezeframe_capture_start_timestamp_seconds", rule="feed-latency") == pytest.approx(start, abs=0.001)
+    assert off_cpu_start_s(request) == pytest.approx(start, abs=0.001)
     print(f"Pyroscope {PYROSCOPE_VERSION} rules: {len(off_cpu.series)} series, widest {widest} label names")
 
     # The rules do refuse what Pyroscope refuses: too many resource
