@@ -185,6 +185,14 @@ pub struct OtlpOverrides {
     /// window) ([export] max_age).
     #[arg(long = "export-max-age", env = "FREEZEFRAME_EXPORT_MAX_AGE", value_parser = parse_duration)]
     pub max_age: Option<Duration>,
+    /// OTLP/HTTP traces endpoint for each capture's `freezeframe.capture`
+    /// span, e.g. http://tempo:4318 (`/v1/traces` is appended); unset, the
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable, else no span ([export] traces_endpoint).
+    #[arg(
+        long = "export-traces-endpoint",
+        env = "FREEZEFRAME_EXPORT_TRACES_ENDPOINT"
+    )]
+    pub traces_endpoint: Option<String>,
     /// USER:PASSWORD for HTTP basic auth, e.g. Grafana Cloud's instance id
     /// and token ([export] basic_auth).
     #[arg(long = "export-basic-auth", env = "FREEZEFRAME_EXPORT_BASIC_AUTH")]

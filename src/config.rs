@@ -108,6 +108,8 @@ pub struct Export {
     /// A spooled capture that started longer ago is dropped, not sent;
     /// `None` ("0s" in the file) keeps every one.
     pub max_age: Option<Duration>,
+    /// Where each capture's span goes; `None`: nowhere.
+    pub traces: Option<OtlpSettings>,
 }
 
 /// The file's shape. Every section and key is optional; unknown keys are
@@ -184,6 +186,7 @@ struct ExportFile {
     max_resource_attributes: Option<usize>,
     #[serde(with = "duration_text")]
     max_age: Option<Duration>,
+    traces_endpoint: Option<String>,
     basic_auth: Option<String>,
     bearer_token: Option<String>,
     tenant_id: Option<String>,
@@ -274,6 +277,10 @@ impl std::fmt::Display for Config {
                 ),
             )?,
             None => writeln!(f, "otlp:     off (no endpoint configured)")?,
+        }
+        match &self.export.traces {
+            Some(traces) => writeln!(f, "traces:   capture spans as {traces}")?,
+            None => writeln!(f, "traces:   off (no traces endpoint configured)")?,
         }
         writeln!(f, "rules:    {}", self.rules.len())?;
         for rule in &self.rules {
@@ -478,6 +485,12 @@ fn resolve_export(
     if !(1..=crate::export::resource::MAX_ATTRIBUTES).contains(&max_resource_attributes) {
         return Err(ConfigError::ResourceAttributes(max_resource_attributes));
     }
+    let traces_endpoint = overrides.traces_endpoint.clone().or(file.traces_endpoint);
+    let otlp = otlp_settings::resolve(explicit, &env)?;
+    let traces = match &otlp {
+        Some(profiles) => otlp_settings::resolve_traces(traces_endpoint, profiles, &env)?,
+        None => None,
+    };
     let max_age = Some(
         overrides
             .max_age
@@ -491,10 +504,11 @@ fn resolve_export(
             .clone()
             .or(file.directory)
             .unwrap_or_else(|| PathBuf::from(defaults::DIRECTORY)),
-        otlp: otlp_settings::resolve(explicit, env)?,
+        otlp,
         link_grace,
         spool_max_bytes,
         max_resource_attributes,
         max_age,
+        traces,
     })
 }

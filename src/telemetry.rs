@@ -208,9 +208,10 @@ pub struct StartupLabels<'a> {
     pub capture_outcomes: &'a [&'static str],
     /// Every BPF map whose drops are counted (`BPF_DROPS`).
     pub bpf_maps: &'a [&'static str],
-    /// The OTLP exporter's label and every delivery outcome (`EXPORTS`),
-    /// when one is configured.
-    pub exporter: Option<(&'static str, &'a [&'static str])>,
+    /// The configured exporters' labels (none: no export) and every
+    /// delivery outcome (`EXPORTS`).
+    pub exporters: &'a [&'static str],
+    pub export_outcomes: &'a [&'static str],
 }
 
 /// Registers every series whose labels are known now, at zero (or NaN for
@@ -262,10 +263,12 @@ pub fn register_startup_series(labels: &StartupLabels) {
         }
     }
     drop(histogram!(LINKED_REQUESTS));
-    if let Some((exporter, outcomes)) = labels.exporter {
-        for &outcome in outcomes {
+    for &exporter in labels.exporters {
+        for &outcome in labels.export_outcomes {
             counter!(EXPORTS, "exporter" => exporter, "outcome" => outcome).absolute(0);
         }
+    }
+    if !labels.exporters.is_empty() {
         gauge!(SPOOL_BYTES).set(0.0);
         gauge!(SPOOL_FILES).set(0.0);
     }
@@ -355,7 +358,8 @@ mod tests {
                 rules: &["slow".to_string()],
                 capture_outcomes: &["captured", "failed"],
                 bpf_maps: &["starts"],
-                exporter: Some(("otlp_grpc", &["queued", "delivered"])),
+                exporters: &["otlp_grpc"],
+                export_outcomes: &["queued", "delivered"],
             });
         });
         handle.render()

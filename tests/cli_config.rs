@@ -351,3 +351,45 @@ fn the_spool_age_limit_takes_the_flag_then_freezeframe_then_the_file() {
     let line = otlp_line(&check(&file, &ours, &["--export-max-age", "2h"]));
     assert!(line.contains("dropped after 2h"), "{line}");
 }
+
+#[test]
+fn the_capture_spans_endpoint_takes_the_flag_then_freezeframe_then_the_file_then_otel() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+    let traces_line = |output: &Output| {
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        text.lines()
+            .find(|line| line.starts_with("traces:"))
+            .unwrap_or_else(|| panic!("no traces line in {text}"))
+            .to_string()
+    };
+    let bare = config_file("traces-bare.toml", "");
+    assert!(traces_line(&check(&bare, &[endpoint], &[])).contains("off"));
+    let otel = [
+        endpoint,
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://otel:4318/v1/traces",
+        ),
+    ];
+    assert!(traces_line(&check(&bare, &otel, &[])).contains("to http://otel:4318/v1/traces,"));
+    let file = config_file(
+        "traces-file.toml",
+        "[export]\ntraces_endpoint = \"http://file:4318\"\n",
+    );
+    assert!(traces_line(&check(&file, &otel, &[])).contains("to http://file:4318/v1/traces,"));
+    let ours = [
+        otel[0],
+        otel[1],
+        ("FREEZEFRAME_EXPORT_TRACES_ENDPOINT", "http://ours:4318"),
+    ];
+    assert!(traces_line(&check(&file, &ours, &[])).contains("to http://ours:4318/v1/traces,"));
+    let line = traces_line(&check(
+        &file,
+        &ours,
+        &["--export-traces-endpoint", "http://flag:4318/custom"],
+    ));
+    assert!(
+        line.contains("over http/protobuf to http://flag:4318/custom,"),
+        "{line}"
+    );
+}

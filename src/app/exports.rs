@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::captures::describe;
 use super::evidence::{self, ExemplarStore};
 use crate::encode::otlp::{self, Envelope};
+use crate::encode::trace::{self, CaptureSpan};
 use crate::encode::{pprof, pyroscope};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
@@ -62,6 +63,8 @@ struct Inner {
     /// Taken out at shutdown, to be drained.
     delivery: Mutex<Option<Delivery>>,
     host_name: Option<String>,
+    /// The sidecar's own resource, for its capture spans.
+    sidecar_resource: Vec<crate::encode::otlp::Attribute>,
 }
 
 impl Exports {
@@ -83,6 +86,10 @@ impl Exports {
                 max_resource_attributes,
                 exporting: delivery.is_some(),
                 delivery: Mutex::new(delivery),
+                sidecar_resource: resource::sidecar(
+                    |name| std::env::var(name).ok(),
+                    host_name().as_deref(),
+                ),
                 host_name: host_name(),
             }),
             held: Arc::new(Mutex::new(JoinSet::new())),
@@ -226,10 +233,27 @@ impl Inner {
             return;
         };
         let request = match delivery.format() {
-            Format::OtlpProfiles => otlp_request,
             Format::PyroscopePush => pyroscope::push_request(&profiles).encode_to_vec(),
+            // The profiles' exporter is never the traces one.
+            Format::OtlpProfiles | Format::OtlpTraces => otlp_request,
         };
         delivery.submit(&capture_id, profile.start, &request);
+        if delivery.sends(Format::OtlpTraces) {
+            let id = random_id();
+            let span = trace::request(&CaptureSpan {
+                profile: &profile,
+                resource: &self.sidecar_resource,
+                attributes: &envelope.attributes,
+                trace_id: random_id(),
+                span_id: id[..8].try_into().expect("8 of 16 bytes"),
+            });
+            delivery.submit_as(
+                Format::OtlpTraces,
+                &capture_id,
+                profile.start,
+                &span.encode_to_vec(),
+            );
+        }
     }
 }
 

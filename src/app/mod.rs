@@ -25,6 +25,7 @@ use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
+use crate::export::otlp::traces::TracesExporter;
 use crate::export::retry::Backoff;
 use crate::export::Exporter;
 use crate::ingest::{self, SpanStore};
@@ -55,6 +56,8 @@ const EXEMPLAR_POINTS: usize = 20_000;
 /// At shutdown, how long delivery may go on once every capture is spooled;
 /// what is not delivered by then is sent at the next start.
 const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+/// The `exporter` label of the capture spans' deliveries.
+const TRACES_EXPORTER: &str = "otlp_traces";
 /// Processes learned from `process.pid` resource attributes, at most.
 const MAX_LEARNED_TARGETS: usize = 64;
 
@@ -86,12 +89,14 @@ pub async fn run_until(
         rules: &rule_names,
         capture_outcomes: &captures::CAPTURE_OUTCOMES.map(captures::outcome_label),
         bpf_maps: &DropCounts::default().by_map().map(|(map, _)| map),
-        exporter: config.export.otlp.as_ref().map(|otlp| {
-            (
-                otlp.protocol.exporter_label(),
-                crate::export::delivery::outcome::ALL.as_slice(),
-            )
-        }),
+        exporters: &config
+            .export
+            .otlp
+            .iter()
+            .map(|otlp| otlp.protocol.exporter_label())
+            .chain(config.export.traces.iter().map(|_| TRACES_EXPORTER))
+            .collect::<Vec<_>>(),
+        export_outcomes: &crate::export::delivery::outcome::ALL,
     });
     for rule in &config.rules {
         metrics::gauge!(telemetry::TRIGGER_THRESHOLD, "rule" => rule.name.clone())
@@ -130,15 +135,23 @@ pub async fn run_until(
 
     let delivery = match &config.export.otlp {
         Some(otlp) => {
-            let exporter = Exporter::new(otlp).context("cannot set up the exporter")?;
+            let mut exporters = vec![(
+                Exporter::new(otlp).context("cannot set up the exporter")?,
+                otlp.protocol.exporter_label(),
+            )];
             let spool = config.export.directory.join("spool");
             tracing::info!(spool = %spool.display(), "exporting {otlp}");
+            if let Some(traces) = &config.export.traces {
+                let exporter = TracesExporter::new(traces)
+                    .context("cannot set up the capture spans' exporter")?;
+                exporters.push((Exporter::Traces(Box::new(exporter)), TRACES_EXPORTER));
+                tracing::info!("exporting capture spans as {traces}");
+            }
             Some(
                 Delivery::open(
                     &spool,
                     config.export.spool_max_bytes,
-                    exporter,
-                    otlp.protocol.exporter_label(),
+                    exporters,
                     Backoff::default(),
                     config.export.max_age,
                 )

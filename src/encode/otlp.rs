@@ -105,7 +105,7 @@ impl Attribute {
 }
 
 impl Value {
-    fn to_any(&self) -> AnyValue {
+    pub(crate) fn to_any(&self) -> AnyValue {
         let value = match self {
             Value::Str(text) => any_value::Value::StringValue(text.clone()),
             Value::Int(number) => any_value::Value::IntValue(*number),

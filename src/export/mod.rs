@@ -55,16 +55,23 @@ pub enum Format {
     OtlpProfiles,
     /// A Pyroscope `push.v1.PushRequest`.
     PyroscopePush,
+    /// An OTLP `ExportTraceServiceRequest`: the capture span.
+    OtlpTraces,
 }
 
 impl Format {
-    pub const ALL: [Format; 2] = [Format::OtlpProfiles, Format::PyroscopePush];
+    pub const ALL: [Format; 3] = [
+        Format::OtlpProfiles,
+        Format::PyroscopePush,
+        Format::OtlpTraces,
+    ];
 
     /// The name spool files carry.
     pub fn tag(self) -> &'static str {
         match self {
             Format::OtlpProfiles => "otlp",
             Format::PyroscopePush => "pyroscope",
+            Format::OtlpTraces => "traces",
         }
     }
 
@@ -78,6 +85,8 @@ impl Format {
 pub enum Exporter {
     Otlp(otlp::Exporter),
     Pyroscope(Box<pyroscope::PyroscopeExporter>),
+    /// The capture span's: OTLP/HTTP traces.
+    Traces(Box<otlp::traces::TracesExporter>),
 }
 
 impl Exporter {
@@ -100,6 +109,7 @@ impl Exporter {
         match self {
             Exporter::Otlp(_) => Format::OtlpProfiles,
             Exporter::Pyroscope(_) => Format::PyroscopePush,
+            Exporter::Traces(_) => Format::OtlpTraces,
         }
     }
 
@@ -108,6 +118,7 @@ impl Exporter {
         match self {
             Exporter::Otlp(exporter) => exporter.send(request).await,
             Exporter::Pyroscope(exporter) => exporter.send(request).await,
+            Exporter::Traces(exporter) => exporter.send(request).await,
         }
     }
 }

@@ -141,6 +141,25 @@ pub fn bound(attributes: Vec<Attribute>, max: usize) -> Bounded {
     }
 }
 
+/// The sidecar's own resource, for the spans it sends about its captures:
+/// the service `freezeframe` in the pod (downward API) and on the host
+/// where it runs.
+pub fn sidecar(env: impl Fn(&str) -> Option<String>, host_name: Option<&str>) -> Vec<Attribute> {
+    let mut attributes = vec![
+        Attribute::str("service.name", env!("CARGO_PKG_NAME")),
+        Attribute::str("service.version", env!("CARGO_PKG_VERSION")),
+    ];
+    for (variable, key) in DOWNWARD_API {
+        if let Some(value) = env(variable).filter(|value| !value.trim().is_empty()) {
+            attributes.push(Attribute::str(key, value.trim()));
+        }
+    }
+    if let Some(host) = host_name.map(str::trim).filter(|host| !host.is_empty()) {
+        attributes.push(Attribute::str("host.name", host));
+    }
+    attributes
+}
+
 /// Attribute values arrive as text; the well-known integer ones go back to
 /// integers, as the semantic conventions type them.
 fn typed(key: &str, value: &str) -> Attribute {

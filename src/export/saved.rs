@@ -129,7 +129,11 @@ pub fn request_from_file(
     Ok(Saved {
         label,
         request: match format {
-            Format::OtlpProfiles => otlp::request(&profile, &envelope).encode_to_vec(),
+            // A saved capture is a profile: a traces exporter never sends
+            // one, and OTLP is the profile's own format.
+            Format::OtlpProfiles | Format::OtlpTraces => {
+                otlp::request(&profile, &envelope).encode_to_vec()
+            }
             Format::PyroscopePush => {
                 pyroscope::push_request(&[(&profile, &envelope)]).encode_to_vec()
             }

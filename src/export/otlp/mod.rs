@@ -9,6 +9,7 @@
 mod grpc;
 mod http;
 pub mod settings;
+pub mod traces;
 
 use bytes::Bytes;
 

@@ -15,6 +15,9 @@ use serde::Deserialize;
 /// The HTTP path of the profiles export, appended to a base endpoint.
 pub const HTTP_PATH: &str = "/v1development/profiles";
 
+/// The path of the OTLP/HTTP traces export, appended to a base endpoint.
+pub const TRACES_PATH: &str = "/v1/traces";
+
 /// The path of Pyroscope's push API, appended to a base endpoint.
 pub const PYROSCOPE_PATH: &str = "/push.v1.PusherService/Push";
 
@@ -360,6 +363,51 @@ pub fn resolve(
         timeout,
         compression,
         tls,
+    }))
+}
+
+/// Where capture spans go: `explicit` (flag, `FREEZEFRAME_*`, file;
+/// `/v1/traces` appended to a URL without a path), else
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as given. Spans go over OTLP/HTTP
+/// with the profiles exporter's headers, TLS, timeout and compression.
+/// `Ok(None)`: no endpoint, no span.
+pub fn resolve_traces(
+    explicit: Option<String>,
+    profiles: &OtlpSettings,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpSettings>, SettingsError> {
+    let endpoint = match explicit.filter(|endpoint| !endpoint.trim().is_empty()) {
+        Some(endpoint) => {
+            let found = Found {
+                source_name: "[export] traces_endpoint".to_string(),
+                value: endpoint.trim().to_string(),
+            };
+            let url = with_scheme(&found, Protocol::HttpProtobuf, false)?;
+            if path_of(&url).is_empty() {
+                format!("{}{TRACES_PATH}", url.trim_end_matches('/'))
+            } else {
+                url
+            }
+        }
+        None => match env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .map(|value| value.trim().to_string())
+            .filter(|value| !value.is_empty())
+        {
+            Some(value) => with_scheme(
+                &Found {
+                    source_name: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".to_string(),
+                    value,
+                },
+                Protocol::HttpProtobuf,
+                false,
+            )?,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(OtlpSettings {
+        endpoint,
+        protocol: Protocol::HttpProtobuf,
+        ..profiles.clone()
     }))
 }
 
@@ -851,6 +899,40 @@ mod tests {
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
+    }
+
+    #[test]
+    fn capture_spans_go_where_they_are_told_with_the_profiles_credentials() {
+        let profiles = resolved(
+            Explicit {
+                endpoint: Some("http://pyroscope:4040".into()),
+                protocol: Some(Protocol::Pyroscope),
+                tenant_id: Some("ops".into()),
+                ..Explicit::default()
+            },
+            &[],
+        );
+        let traces_env = [(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://tempo:4318/v1/traces",
+        )];
+        assert_eq!(resolve_traces(None, &profiles, env(&[])), Ok(None));
+        let from_env = resolve_traces(None, &profiles, env(&traces_env))
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_env.endpoint, "http://tempo:4318/v1/traces");
+        assert_eq!(from_env.protocol, Protocol::HttpProtobuf);
+        assert_eq!(from_env.headers, profiles.headers);
+        let explicit = resolve_traces(Some("https://gw:443".into()), &profiles, env(&traces_env))
+            .unwrap()
+            .unwrap();
+        assert_eq!(explicit.endpoint, "https://gw:443/v1/traces");
+        assert!(
+            resolve_traces(Some("tempo:4318".into()), &profiles, env(&[]))
+                .unwrap_err()
+                .to_string()
+                .contains("[export] traces_endpoint")
+        );
     }
 
     #[test]
