@@ -214,6 +214,12 @@ async fn send(exporter: &Exporter, body: Vec<u8>) -> (Option<Delivered>, usize) 
     (delivered, retries)
 }
 
+/// A port nobody listens on (yet).
+fn unused_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
 struct TempDir(std::path::PathBuf);
 
 impl TempDir {
@@ -451,11 +457,8 @@ async fn grpc_throttling_with_retry_info_waits_as_asked() {
 
 #[tokio::test]
 async fn a_backend_that_comes_back_gets_every_spooled_request_exactly_once() {
-    // A port nobody listens on yet: the backend is down.
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    // The backend is down.
+    let address = unused_address();
     let dir = TempDir::new("delivery-outage");
     let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
     let delivery = Delivery::start(
@@ -498,10 +501,7 @@ async fn a_backend_that_comes_back_gets_every_spooled_request_exactly_once() {
 
 #[tokio::test]
 async fn shutdown_leaves_undelivered_requests_in_the_spool() {
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let address = unused_address();
     let dir = TempDir::new("delivery-shutdown");
     let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
     let delivery = Delivery::start(
@@ -554,11 +554,8 @@ async fn a_capture_older_than_the_backend_takes_is_dropped_not_sent() {
 
 #[tokio::test]
 async fn retrying_stops_when_the_capture_grows_too_old() {
-    // A port nobody listens on: every attempt fails and is retried.
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    // Every attempt fails and is retried.
+    let address = unused_address();
     let dir = TempDir::new("delivery-expiring");
     let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
     let max_age = Duration::from_secs(60);

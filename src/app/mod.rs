@@ -25,7 +25,7 @@ use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
-use crate::export::otlp::traces::TracesExporter;
+use crate::export::otlp::http::HttpExporter;
 use crate::export::retry::Backoff;
 use crate::export::Exporter;
 use crate::ingest::{self, SpanStore};
@@ -142,7 +142,7 @@ pub async fn run_until(
             let spool = config.export.directory.join("spool");
             tracing::info!(spool = %spool.display(), "exporting {otlp}");
             if let Some(traces) = &config.export.traces {
-                let exporter = TracesExporter::new(traces)
+                let exporter = HttpExporter::traces(traces)
                     .context("cannot set up the capture spans' exporter")?;
                 exporters.push((Exporter::Traces(Box::new(exporter)), TRACES_EXPORTER));
                 tracing::info!("exporting capture spans as {traces}");

@@ -86,7 +86,7 @@ pub enum Exporter {
     Otlp(otlp::Exporter),
     Pyroscope(Box<pyroscope::PyroscopeExporter>),
     /// The capture span's: OTLP/HTTP traces.
-    Traces(Box<otlp::traces::TracesExporter>),
+    Traces(Box<otlp::http::HttpExporter>),
 }
 
 impl Exporter {

@@ -7,14 +7,11 @@
 //! `resource_exhausted`, 503 for `unavailable`, 400 for `invalid_argument`)
 //! and a JSON body naming the error, so retrying is decided as for OTLP/HTTP.
 
-use std::time::SystemTime;
-
 use bytes::Bytes;
 use serde::Deserialize;
 
 use super::http::{self as client, HttpClient};
 use super::otlp::settings::OtlpSettings;
-use super::retry::classify_http;
 use super::{Attempt, ExportError};
 
 const PROTO: &str = "application/proto";
@@ -30,14 +27,7 @@ impl PyroscopeExporter {
     pub fn new(settings: &OtlpSettings) -> Result<Self, ExportError> {
         let mut headers = settings.headers.clone();
         headers.push((CONNECT_VERSION.0.to_string(), CONNECT_VERSION.1.to_string()));
-        let client = HttpClient::new(&client::Target {
-            endpoint: &settings.endpoint,
-            tls: &settings.tls,
-            headers: &headers,
-            content_type: PROTO,
-            compression: settings.compression,
-            timeout: settings.timeout,
-        })?;
+        let client = HttpClient::new(&settings.http_target(PROTO, &headers))?;
         Ok(PyroscopeExporter { client })
     }
 
@@ -53,14 +43,8 @@ impl PyroscopeExporter {
                 message: String::new(),
             };
         }
-        Attempt::Failed {
-            verdict: classify_http(
-                reply.status.as_u16(),
-                reply.retry_after.as_deref(),
-                SystemTime::now(),
-            ),
-            reason: format!("HTTP {}{}", reply.status, explain(&reply.body)),
-        }
+        let explained = explain(&reply.body);
+        reply.failure(&explained)
     }
 }
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
+from otlp_receiver import Receiver
+
 PUSH_PATH = "/push.v1.PusherService/Push"
 PROTO = Path(__file__).with_name("proto") / "pyroscope_push.proto"
 
@@ -51,11 +53,9 @@ class ConnectAnswer:
     headers: dict = field(default_factory=dict)
 
 
-class PushReceiver:
+class PushReceiver(Receiver):
     def __init__(self, answers=None):
-        self.answers = list(answers or [None])
-        self.received: list[Pushed] = []
-        self.lock = threading.Lock()
+        super().__init__(answers)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,9 +74,7 @@ class PushReceiver:
                     headers={k.lower(): v for k, v in self.headers.items()},
                     compressed=compressed,
                 )
-                with receiver.lock:
-                    receiver.received.append(pushed)
-                    answer = receiver.answers[min(len(receiver.received) - 1, len(receiver.answers) - 1)]
+                answer = receiver._next_answer(pushed)
                 if answer is None:
                     pushed.answered = True
                     self.send_response(200)
@@ -99,17 +97,6 @@ class PushReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, count: int, timeout: float, accepted: bool = True) -> list[Pushed]:
-        deadline = time.monotonic() + timeout
-        got = []
-        while time.monotonic() < deadline:
-            with self.lock:
-                got = [r for r in self.received if r.answered or not accepted]
-            if len(got) >= count:
-                return got
-            time.sleep(0.1)
-        raise AssertionError(f"{len(got)} of {count} pushes in {timeout}s")
 
     def stop(self):
         self.server.shutdown()

@@ -65,23 +65,24 @@ def series_name(type_name, unit, period_type, period_unit, period):
     return period_type
 
 
+def _labels(attributes) -> dict:
+    labels = {}
+    for kv in attributes:
+        value = _label_value(kv.value)
+        if value is not None:
+            labels[kv.key] = value
+    return labels
+
+
 def series_of(request, now_ns):
     dictionary = request.dictionary
     strings = dictionary.string_table
     converted = []
     for resource_profiles in request.resource_profiles:
-        resource = {}
-        for kv in resource_profiles.resource.attributes:
-            value = _label_value(kv.value)
-            if value is not None:
-                resource[kv.key] = value
+        resource = _labels(resource_profiles.resource.attributes)
         service = resource.get("service.name") or f"unknown_service:{resource.get('process.executable.name', '')}"
         for scope_profiles in resource_profiles.scope_profiles:
-            scope = {}
-            for kv in scope_profiles.scope.attributes:
-                value = _label_value(kv.value)
-                if value is not None:
-                    scope[kv.key] = value
+            scope = _labels(scope_profiles.scope.attributes)
             for profile in scope_profiles.profiles:
                 converted.append(_convert(profile, dictionary, strings, resource, scope, service, now_ns))
     return converted

@@ -22,7 +22,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::ExportError;
+use super::retry::classify_http;
+use super::{Attempt, ExportError};
 use tls::TlsFiles;
 
 /// Answers are small; a backend sending more is not talking to us.
@@ -65,6 +66,21 @@ pub struct Reply {
     pub retry_after: Option<String>,
     /// At most 1 MiB of it.
     pub body: Bytes,
+}
+
+impl Reply {
+    /// The attempt a reply that is not a success makes, retried as its
+    /// status says; `explained` is the backend's reason, `": ..."` or empty.
+    pub fn failure(&self, explained: &str) -> Attempt {
+        Attempt::Failed {
+            verdict: classify_http(
+                self.status.as_u16(),
+                self.retry_after.as_deref(),
+                std::time::SystemTime::now(),
+            ),
+            reason: format!("HTTP {}{explained}", self.status),
+        }
+    }
 }
 
 /// A client for one endpoint; cheap to clone.

@@ -1,35 +1,53 @@
-//! OTLP/HTTP: `POST /v1development/profiles` with a protobuf body, over
-//! the shared [`HttpClient`].
-
-use std::time::SystemTime;
+//! OTLP/HTTP: a protobuf body posted over the shared [`HttpClient`], to
+//! `POST /v1development/profiles` for profiles or `POST /v1/traces` for the
+//! capture spans. The two differ only in the answer they decode.
 
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceResponse;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
 use super::settings::OtlpSettings;
 use crate::export::http::{self as client, HttpClient};
-use crate::export::retry::classify_http;
 use crate::export::{Attempt, ExportError};
 
 const PROTOBUF: &str = "application/x-protobuf";
 
+/// The partial success of a signal's answer: what it rejected, and why.
+type Partial = fn(Bytes) -> (i64, String);
+
 #[derive(Clone)]
 pub struct HttpExporter {
     client: HttpClient,
+    partial: Partial,
 }
 
 impl HttpExporter {
+    /// The profiles exporter.
     pub fn new(settings: &OtlpSettings) -> Result<Self, ExportError> {
-        let client = HttpClient::new(&client::Target {
-            endpoint: &settings.endpoint,
-            tls: &settings.tls,
-            headers: &settings.headers,
-            content_type: PROTOBUF,
-            compression: settings.compression,
-            timeout: settings.timeout,
-        })?;
-        Ok(HttpExporter { client })
+        Self::with(settings, |body| {
+            let partial = ExportProfilesServiceResponse::decode(body)
+                .ok()
+                .and_then(|answer| answer.partial_success)
+                .unwrap_or_default();
+            (partial.rejected_profiles, partial.error_message)
+        })
+    }
+
+    /// The capture spans' exporter; `settings.endpoint` is the traces URL.
+    pub fn traces(settings: &OtlpSettings) -> Result<Self, ExportError> {
+        Self::with(settings, |body| {
+            let partial = ExportTraceServiceResponse::decode(body)
+                .ok()
+                .and_then(|answer| answer.partial_success)
+                .unwrap_or_default();
+            (partial.rejected_spans, partial.error_message)
+        })
+    }
+
+    fn with(settings: &OtlpSettings, partial: Partial) -> Result<Self, ExportError> {
+        let client = HttpClient::new(&settings.http_target(PROTOBUF, &settings.headers))?;
+        Ok(HttpExporter { client, partial })
     }
 
     pub async fn send(&self, body: Bytes) -> Attempt {
@@ -39,23 +57,11 @@ impl HttpExporter {
         };
         if reply.status.is_success() {
             // An empty body is a full success; OTLP allows it.
-            let partial = ExportProfilesServiceResponse::decode(reply.body)
-                .ok()
-                .and_then(|answer| answer.partial_success)
-                .unwrap_or_default();
-            return Attempt::Accepted {
-                rejected: partial.rejected_profiles,
-                message: partial.error_message,
-            };
+            let (rejected, message) = (self.partial)(reply.body);
+            return Attempt::Accepted { rejected, message };
         }
-        Attempt::Failed {
-            verdict: classify_http(
-                reply.status.as_u16(),
-                reply.retry_after.as_deref(),
-                SystemTime::now(),
-            ),
-            reason: format!("HTTP {}{}", reply.status, explain(&reply.body)),
-        }
+        let explained = explain(&reply.body);
+        reply.failure(&explained)
     }
 }
 

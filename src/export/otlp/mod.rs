@@ -7,9 +7,8 @@
 //! transport posts through the shared [`http`](super::http) client.
 
 mod grpc;
-mod http;
+pub mod http;
 pub mod settings;
-pub mod traces;
 
 use bytes::Bytes;
 

@@ -103,6 +103,23 @@ impl OtlpSettings {
     pub fn uses_tls(&self) -> bool {
         self.endpoint.starts_with("https://")
     }
+
+    /// Where and how the shared HTTP client posts for these settings, with
+    /// `headers` (these settings' own, or more).
+    pub fn http_target<'a>(
+        &'a self,
+        content_type: &'static str,
+        headers: &'a [(String, String)],
+    ) -> crate::export::http::Target<'a> {
+        crate::export::http::Target {
+            endpoint: &self.endpoint,
+            tls: &self.tls,
+            headers,
+            content_type,
+            compression: self.compression,
+            timeout: self.timeout,
+        }
+    }
 }
 
 /// Header values are often credentials: never print them.
