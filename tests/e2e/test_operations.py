@@ -53,6 +53,7 @@ EXPECTED_TYPES = {
     "freezeframe_captures_total": "counter",
     "freezeframe_capture_duration_seconds": "histogram",
     "freezeframe_capture_samples": "histogram",
+    "freezeframe_capture_start_timestamp_seconds": "gauge",
     "freezeframe_capture_blocked_seconds_total": "counter",
     "freezeframe_bpf_drops_total": "counter",
     "freezeframe_symbolize_frames_total": "counter",
