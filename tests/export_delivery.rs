@@ -204,7 +204,7 @@ fn request(number: u8) -> Vec<u8> {
 async fn send(exporter: &Exporter, body: Vec<u8>) -> (Option<Delivered>, usize) {
     let mut retries = 0;
     let delivered = deliver(
-        &exporter.clone().into(),
+        exporter,
         body.into(),
         QUICK,
         &CancellationToken::new(),

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::{jitter, Backoff, Verdict};
 use super::spool::{Entry, Spool};
-use super::{Attempt, Exporter, Format};
+use super::{Attempt, Exporter, Format, OneAttempt};
 use crate::telemetry;
 
 /// Outcome labels of `freezeframe_export_total`.
@@ -367,7 +367,7 @@ async fn work(
 /// between attempts as the backend asks (`Retry-After`, `RetryInfo`) or
 /// with exponential backoff. `None` if `stop` came first.
 pub async fn deliver(
-    exporter: &Exporter,
+    exporter: &impl OneAttempt,
     request: Bytes,
     backoff: Backoff,
     stop: &CancellationToken,
@@ -376,7 +376,7 @@ pub async fn deliver(
     let mut attempt: u32 = 0;
     loop {
         let answer = tokio::select! {
-            answer = exporter.send(request.clone()) => answer,
+            answer = exporter.attempt(request.clone()) => answer,
             () = stop.cancelled() => return None,
         };
         let (after, reason) = match answer {

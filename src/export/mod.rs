@@ -47,6 +47,24 @@ impl Attempt {
     }
 }
 
+/// An exporter of any kind: one attempt at sending an encoded request
+/// per call, for [`delivery::deliver`] to repeat as needed.
+pub trait OneAttempt {
+    fn attempt(&self, request: Bytes) -> impl std::future::Future<Output = Attempt> + Send;
+}
+
+impl OneAttempt for Exporter {
+    fn attempt(&self, request: Bytes) -> impl std::future::Future<Output = Attempt> + Send {
+        self.send(request)
+    }
+}
+
+impl OneAttempt for otlp::Exporter {
+    fn attempt(&self, request: Bytes) -> impl std::future::Future<Output = Attempt> + Send {
+        self.send(request)
+    }
+}
+
 /// What an encoded export request is: which exporter can send it, and so
 /// what a spooled request left by an earlier run holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
