@@ -222,10 +222,12 @@ fn main() {
     // shares the first receiver's core.
     for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
         let upstream = Receiver::start(None);
-        let endpoint = match protocol {
-            Protocol::Grpc => format!("http://{}", upstream.grpc),
-            Protocol::HttpProtobuf => format!("http://{}", upstream.http),
+        let port = if protocol == Protocol::Grpc {
+            upstream.grpc
+        } else {
+            upstream.http
         };
+        let endpoint = format!("http://{port}");
         let receiver = Receiver::start(Some(forward_to(endpoint, protocol)));
         let elapsed = load(receiver.http, &body);
         let (accepted, during) = (receiver.points(), upstream.points());

@@ -211,13 +211,14 @@ pub struct ForwardOverrides {
 /// variables do.
 #[derive(Debug, Args, Default, Clone)]
 pub struct OtlpOverrides {
-    /// OTLP profiles endpoint, e.g. http://pyroscope:4040 ([export] otlp_endpoint).
+    /// Profiles endpoint, e.g. http://pyroscope:4040: OTLP, or with protocol
+    /// pyroscope the Pyroscope server ([export] otlp_endpoint).
     #[arg(
         long = "export-otlp-endpoint",
         env = "FREEZEFRAME_EXPORT_OTLP_ENDPOINT"
     )]
     pub otlp_endpoint: Option<String>,
-    /// grpc or http/protobuf ([export] protocol).
+    /// grpc, http/protobuf or pyroscope, Pyroscope's own push API ([export] protocol).
     #[arg(long = "export-protocol", env = "FREEZEFRAME_EXPORT_PROTOCOL")]
     pub protocol: Option<Protocol>,
     /// A header sent with every export, KEY=VALUE; repeat it, or separate
@@ -249,6 +250,37 @@ pub struct OtlpOverrides {
     /// For a gRPC endpoint given without a scheme: plain text instead of TLS ([export] insecure).
     #[arg(long = "export-insecure", env = "FREEZEFRAME_EXPORT_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
+    /// Resource attributes a profile carries at most, 1 to 23 (default 20):
+    /// each is a Pyroscope series label, and a series may have 30
+    /// ([export] max_resource_attributes).
+    #[arg(
+        long = "export-max-resource-attributes",
+        env = "FREEZEFRAME_EXPORT_MAX_RESOURCE_ATTRIBUTES"
+    )]
+    pub max_resource_attributes: Option<usize>,
+    /// Drop a spooled capture that started longer ago than this instead of
+    /// sending it; 0s keeps every one (default 1h, Pyroscope's ingestion
+    /// window) ([export] max_age).
+    #[arg(long = "export-max-age", env = "FREEZEFRAME_EXPORT_MAX_AGE", value_parser = parse_duration)]
+    pub max_age: Option<Duration>,
+    /// OTLP/HTTP traces endpoint for each capture's `freezeframe.capture`
+    /// span, e.g. http://tempo:4318 (`/v1/traces` is appended); unset, the
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variable, else no span ([export] traces_endpoint).
+    #[arg(
+        long = "export-traces-endpoint",
+        env = "FREEZEFRAME_EXPORT_TRACES_ENDPOINT"
+    )]
+    pub traces_endpoint: Option<String>,
+    /// USER:PASSWORD for HTTP basic auth, e.g. Grafana Cloud's instance id
+    /// and token ([export] basic_auth).
+    #[arg(long = "export-basic-auth", env = "FREEZEFRAME_EXPORT_BASIC_AUTH")]
+    pub basic_auth: Option<String>,
+    /// A token sent as `Authorization: Bearer` ([export] bearer_token).
+    #[arg(long = "export-bearer-token", env = "FREEZEFRAME_EXPORT_BEARER_TOKEN")]
+    pub bearer_token: Option<String>,
+    /// The tenant, sent as `X-Scope-OrgID` ([export] tenant_id).
+    #[arg(long = "export-tenant-id", env = "FREEZEFRAME_EXPORT_TENANT_ID")]
+    pub tenant_id: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -46,10 +46,21 @@ pub enum ConfigError {
     Header(String),
     #[error("[forward] headers: {0}")]
     ForwardHeader(String),
+    #[error("[forward] protocol = \"pyroscope\": the app's telemetry goes on as OTLP; use grpc or http/protobuf")]
+    ForwardProtocol,
     #[error("[forward] queue_max_bytes = {0}: must be between 64 KiB and 16 GiB; the queue holds whole requests of up to [receiver] max_request_bytes")]
     ForwardQueue(u64),
     #[error("[forward] queue_max_bytes: {0}")]
     ForwardQueueSize(String),
+    #[error(
+        "[export] max_resource_attributes = {0}: must be between 1 and {max}; Pyroscope \
+         refuses a series with more than {names} label names, and {others} of them are \
+         not the resource's",
+        max = crate::export::resource::MAX_ATTRIBUTES,
+        names = crate::export::resource::MAX_LABEL_NAMES,
+        others = crate::export::resource::OTHER_SERIES_LABELS
+    )]
+    ResourceAttributes(usize),
     #[error(transparent)]
     Otlp(#[from] otlp_settings::SettingsError),
 }
@@ -106,6 +117,13 @@ pub struct Export {
     pub link_grace: Duration,
     /// The delivery spool's size budget; the oldest go first beyond it.
     pub spool_max_bytes: u64,
+    /// Resource attributes an exported profile carries at most.
+    pub max_resource_attributes: usize,
+    /// A spooled capture that started longer ago is dropped, not sent;
+    /// `None` ("0s" in the file) keeps every one.
+    pub max_age: Option<Duration>,
+    /// Where each capture's span goes; `None`: nowhere.
+    pub traces: Option<OtlpSettings>,
 }
 
 /// The file's shape. Every section and key is optional; unknown keys are
@@ -181,6 +199,13 @@ struct ExportFile {
     #[serde(with = "duration_text")]
     link_grace: Option<Duration>,
     spool_max_bytes: Option<u64>,
+    max_resource_attributes: Option<usize>,
+    #[serde(with = "duration_text")]
+    max_age: Option<Duration>,
+    traces_endpoint: Option<String>,
+    basic_auth: Option<String>,
+    bearer_token: Option<String>,
+    tenant_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -219,6 +244,9 @@ pub mod defaults {
     pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
     pub const MIN_FORWARD_QUEUE_BYTES: u64 = 64 * 1024;
     pub const MAX_FORWARD_QUEUE_BYTES: u64 = 16 << 30;
+    /// Pyroscope's ingestion window: it refuses a profile that started
+    /// more than an hour ago.
+    pub const MAX_AGE: Duration = Duration::from_secs(3600);
 }
 
 /// Durations written as text ("30s", "500ms").
@@ -277,9 +305,18 @@ impl std::fmt::Display for Config {
         match &self.export.otlp {
             Some(otlp) => writeln!(
                 f,
-                "otlp:     profiles over {otlp}; linked after {}, spool up to {} bytes",
+                "otlp:     {} {otlp}; linked after {}, spool up to {} bytes, at most {} resource attributes, {}",
+                match otlp.protocol {
+                    crate::export::otlp::Protocol::Pyroscope => "Pyroscope push",
+                    _ => "OTLP profiles over",
+                },
                 humantime::format_duration(self.export.link_grace),
-                self.export.spool_max_bytes
+                self.export.spool_max_bytes,
+                self.export.max_resource_attributes,
+                self.export.max_age.map_or(
+                    "spooled captures kept until delivered".to_string(),
+                    |age| format!("dropped after {}", humantime::format_duration(age))
+                ),
             )?,
             None => writeln!(f, "otlp:     off (no endpoint configured)")?,
         }
@@ -289,6 +326,10 @@ impl std::fmt::Display for Config {
                 f,
                 "forward:  off (no [forward] endpoint: the app's telemetry stops here)"
             )?,
+        }
+        match &self.export.traces {
+            Some(traces) => writeln!(f, "traces:   capture spans as {traces}")?,
+            None => writeln!(f, "traces:   off (no traces endpoint configured)")?,
         }
         writeln!(f, "rules:    {}", self.rules.len())?;
         for rule in &self.rules {
@@ -457,6 +498,9 @@ fn resolve_export(
             .or(file.client_certificate),
         client_key: overrides.client_key.clone().or(file.client_key),
         insecure: overrides.insecure.or(file.insecure),
+        basic_auth: overrides.basic_auth.clone().or(file.basic_auth),
+        bearer_token: overrides.bearer_token.clone().or(file.bearer_token),
+        tenant_id: overrides.tenant_id.clone().or(file.tenant_id),
     };
     let link_grace = run
         .link_grace
@@ -472,15 +516,38 @@ fn resolve_export(
     if spool_max_bytes < defaults::MIN_SPOOL_BYTES {
         return Err(ConfigError::SpoolTooSmall(spool_max_bytes));
     }
+    let max_resource_attributes = overrides
+        .max_resource_attributes
+        .or(file.max_resource_attributes)
+        .unwrap_or(crate::export::resource::DEFAULT_MAX_ATTRIBUTES);
+    if !(1..=crate::export::resource::MAX_ATTRIBUTES).contains(&max_resource_attributes) {
+        return Err(ConfigError::ResourceAttributes(max_resource_attributes));
+    }
+    let traces_endpoint = overrides.traces_endpoint.clone().or(file.traces_endpoint);
+    let otlp = otlp_settings::resolve(explicit, &env)?;
+    let traces = match &otlp {
+        Some(profiles) => otlp_settings::resolve_traces(traces_endpoint, profiles, &env)?,
+        None => None,
+    };
+    let max_age = Some(
+        overrides
+            .max_age
+            .or(file.max_age)
+            .unwrap_or(defaults::MAX_AGE),
+    )
+    .filter(|age| !age.is_zero());
     Ok(Export {
         directory: run
             .directory
             .clone()
             .or(file.directory)
             .unwrap_or_else(|| PathBuf::from(defaults::DIRECTORY)),
-        otlp: otlp_settings::resolve(explicit, env)?,
+        otlp,
         link_grace,
         spool_max_bytes,
+        max_resource_attributes,
+        max_age,
+        traces,
     })
 }
 
@@ -523,7 +590,14 @@ fn resolve_forward(
             .or(file.client_certificate),
         client_key: overrides.client_key.clone().or(file.client_key),
         insecure: overrides.insecure.or(file.insecure),
+        // An upstream's credentials are headers, as the app's own are.
+        basic_auth: None,
+        bearer_token: None,
+        tenant_id: None,
     };
+    if explicit.protocol == Some(Protocol::Pyroscope) {
+        return Err(ConfigError::ForwardProtocol);
+    }
     // The `OTEL_*` variables configure the profiles exporter, not this.
     let Some(otlp) = otlp_settings::resolve_in(forward::SECTION, explicit, |_| None)? else {
         return Ok(None);

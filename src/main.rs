@@ -15,9 +15,8 @@ use freezeframe::cli::{
 use freezeframe::config::Config;
 use freezeframe::encode::{flamegraph, folded, pprof};
 use freezeframe::export::delivery::{deliver, Delivered};
-use freezeframe::export::otlp::Exporter;
 use freezeframe::export::retry::Backoff;
-use freezeframe::export::{host_name, random_id, saved};
+use freezeframe::export::{host_name, random_id, saved, Exporter};
 use freezeframe::logging::LogFormat;
 use freezeframe::preflight;
 use freezeframe::profile::Profile;
@@ -187,9 +186,11 @@ fn export(args: ExportArgs) -> Result<()> {
         for file in &args.files {
             let saved = match saved::request_from_file(
                 file,
+                exporter.format(),
                 |name| std::env::var(name).ok(),
                 host.as_deref(),
                 random_id(),
+                config.export.max_resource_attributes,
             ) {
                 Ok(saved) => saved,
                 Err(err) => {

@@ -11,6 +11,11 @@
 //! A sample may say *when* its time was spent ([`Sample::timeline`]) and
 //! which request it held up (the `trace_id`/`span_id` labels, see
 //! [`SampleLabels::span_link`]): OTLP profiles carry both, pprof the labels.
+//!
+//! What a sample's labels are, and what each target makes of them, is
+//! [`labels`]' one schema.
+
+pub mod labels;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -63,6 +68,19 @@ impl ProfileKind {
         match self {
             Self::OffCpu => ("off_cpu", "nanoseconds"),
             Self::AddressSpace => ("alloc_space", "bytes"),
+        }
+    }
+
+    /// The `(type, unit)` of the period, which Pyroscope names a profile's
+    /// series after unless the value type is one it knows: none for off-CPU
+    /// time (`off_cpu/nanoseconds` alone is the shape it recognises as
+    /// off-CPU, `__name__=off_cpu`), and `address_space/bytes` for the
+    /// address-space profile, so that its series is `address_space` rather
+    /// than nameless, which Pyroscope refuses.
+    pub fn period_type(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::OffCpu => None,
+            Self::AddressSpace => Some(("address_space", "bytes")),
         }
     }
 
@@ -125,11 +143,6 @@ impl TimeSlice {
     }
 }
 
-/// Label keys under which a sample names the span it held up: the labels
-/// Pyroscope's span profiles use, lowercase hex.
-pub const TRACE_ID_LABEL: &str = "trace_id";
-pub const SPAN_ID_LABEL: &str = "span_id";
-
 /// A span a sample is linked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpanLink {
@@ -143,8 +156,12 @@ pub struct SampleLabels {
     pub thread_id: u32,
     pub thread_name: String,
     pub state: ThreadState,
-    /// Further string labels (`lock`, `trace_id`, ...), in insertion order.
-    pub extra: Vec<(String, String)>,
+    /// Further labels of the schema (`lock`, `trace_id`, ...), in the order
+    /// they were set; see [`SampleLabels::set`].
+    pub extra: Vec<(labels::Key, String)>,
+    /// Labels of a read pprof that the schema does not know (another
+    /// tool's, a later version's): kept in the files, sent nowhere else.
+    pub foreign: Vec<(String, String)>,
 }
 
 /// How a thread left the CPU, as `ps` would print it.
@@ -207,6 +224,11 @@ pub enum FrameKind {
     /// Not a real frame: marks a user stack that the walk could not finish
     /// (no frame pointers), placed where the missing callers would be.
     Truncated,
+    /// Not a real frame: detail of the sample (the lock's holder, how long
+    /// it held it) that an encoder shows as a frame at the leaf, where a
+    /// flame graph shows it, rather than as a label; see
+    /// [`labels::Mapped::frames`].
+    Detail,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -228,6 +250,20 @@ impl Frame {
             mapping: None,
             lines: vec![Line {
                 function: TRUNCATED_FRAME.to_string(),
+                file: None,
+                line: None,
+            }],
+        }
+    }
+
+    /// A [`FrameKind::Detail`] frame named `text`.
+    pub fn detail(text: String) -> Self {
+        Frame {
+            kind: FrameKind::Detail,
+            address: 0,
+            mapping: None,
+            lines: vec![Line {
+                function: text,
                 file: None,
                 line: None,
             }],
@@ -261,35 +297,6 @@ impl Profile {
     }
 }
 
-impl SampleLabels {
-    /// The value of the first `extra` label named `key`.
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.extra
-            .iter()
-            .find(|(name, _)| name == key)
-            .map(|(_, value)| value.as_str())
-    }
-
-    /// The span this sample is linked to, when both id labels are present
-    /// and well formed.
-    pub fn span_link(&self) -> Option<SpanLink> {
-        Some(SpanLink {
-            trace_id: parse_hex(self.label(TRACE_ID_LABEL)?)?,
-            span_id: parse_hex(self.label(SPAN_ID_LABEL)?)?,
-        })
-    }
-
-    /// Links the sample to `link`, replacing any link it had.
-    pub fn set_span_link(&mut self, link: SpanLink) {
-        self.extra
-            .retain(|(key, _)| key != TRACE_ID_LABEL && key != SPAN_ID_LABEL);
-        self.extra
-            .push((TRACE_ID_LABEL.to_string(), hex(&link.trace_id)));
-        self.extra
-            .push((SPAN_ID_LABEL.to_string(), hex(&link.span_id)));
-    }
-}
-
 /// Lowercase hex, the way W3C trace context and Pyroscope write ids.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
@@ -310,17 +317,14 @@ pub fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
 
 #[cfg(test)]
 mod tests {
+    use super::labels::Key;
     use super::*;
 
     #[test]
     fn span_links_round_trip_through_labels() {
-        let mut labels = SampleLabels {
-            extra: vec![
-                ("lock".into(), "mmap_lock".into()),
-                (TRACE_ID_LABEL.into(), "stale".into()),
-            ],
-            ..SampleLabels::default()
-        };
+        let mut labels = SampleLabels::default();
+        labels.set(Key::Lock, "mmap_lock");
+        labels.set(Key::TraceId, "stale");
         assert_eq!(labels.span_link(), None);
         let link = SpanLink {
             trace_id: [0xab; 16],
@@ -328,9 +332,9 @@ mod tests {
         };
         labels.set_span_link(link);
         assert_eq!(labels.span_link(), Some(link));
-        assert_eq!(labels.extra[0].0, "lock");
+        assert_eq!(labels.extra[0].0, Key::Lock);
         assert_eq!(labels.extra.len(), 3);
-        assert_eq!(labels.extra[2].1, "0101010101010101");
+        assert_eq!(labels.label(Key::SpanId), Some("0101010101010101"));
     }
 
     #[test]

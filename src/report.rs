@@ -8,6 +8,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write};
 
+use crate::profile::labels::{Key, STACK_SEPARATOR};
 use crate::profile::{Frame, FrameKind, Profile, ProfileKind, Sample, SampleLabels, ThreadState};
 
 /// At most this many thread ids are listed under one stack; a thread pool
@@ -194,7 +195,7 @@ fn write_explanation(
     // for work on its own condition variable stops only itself.
     let mut by_lock: BTreeMap<&str, (BTreeSet<u32>, u64)> = BTreeMap::new();
     for sample in &off_cpu.samples {
-        if let Some(lock) = sample.labels.label("lock") {
+        if let Some(lock) = sample.labels.label(Key::Lock) {
             let (threads, waited) = by_lock.entry(lock).or_default();
             threads.insert(sample.labels.thread_id);
             *waited += sample.value;
@@ -208,7 +209,7 @@ fn write_explanation(
         let waits: Vec<_> = off_cpu
             .samples
             .iter()
-            .filter(|sample| sample.labels.label("lock") == Some(lock))
+            .filter(|sample| sample.labels.label(Key::Lock) == Some(lock))
             .collect();
         let mut waiters: BTreeMap<(&str, u32), u64> = BTreeMap::new();
         for sample in &waits {
@@ -240,7 +241,7 @@ fn write_explanation(
         if let Some(heaviest) = waits.iter().max_by_key(|sample| sample.value) {
             let mode = heaviest
                 .labels
-                .label("lock_mode")
+                .label(Key::LockMode)
                 .map_or(String::new(), |mode| format!(" for {mode}"));
             writeln!(out, "  They asked for it{mode} in:")?;
             let asked = heaviest
@@ -257,23 +258,23 @@ fn write_explanation(
         let hold = waits
             .iter()
             .filter_map(|sample| {
-                let ns: u64 = sample.labels.label("lock_hold_ns")?.parse().ok()?;
+                let ns: u64 = sample.labels.label(Key::LockHoldNs)?.parse().ok()?;
                 Some((ns, &sample.labels))
             })
             .max_by_key(|(ns, _)| *ns);
         match hold {
             Some((ns, labels)) => {
-                let tid = labels.label("lock_holder_tid").unwrap_or("?");
-                let name = labels.label("lock_holder").unwrap_or("");
-                let mode = labels.label("lock_holder_mode").unwrap_or("?");
-                let stack = labels.label("lock_holder_stack");
+                let tid = labels.label(Key::LockHolderTid).unwrap_or("?");
+                let name = labels.label(Key::LockHolder).unwrap_or("");
+                let mode = labels.label(Key::LockHolderMode).unwrap_or("?");
+                let stack = labels.label(Key::LockHolderStack);
                 // When the hold is the largest allocation's own call, its
                 // stack is quoted once, with the allocation.
                 let in_allocation = largest.is_some_and(|largest| {
                     largest.labels.thread_id.to_string() == tid
                         && stack.is_some_and(|stack| {
                             user_functions(largest)
-                                .zip(stack.split(" < "))
+                                .zip(stack.split(STACK_SEPARATOR))
                                 .all(|(a, b)| a == b)
                         })
                 });
@@ -289,17 +290,17 @@ fn write_explanation(
                     human_duration(ns),
                 )?;
                 if let (Some(stack), false) = (stack, in_allocation) {
-                    write_stack(out, stack.split(" < "))?;
+                    write_stack(out, stack.split(STACK_SEPARATOR))?;
                 }
             }
             None => {
                 if let Some(tid) = waits
                     .iter()
-                    .find_map(|sample| sample.labels.label("lock_holder_tid"))
+                    .find_map(|sample| sample.labels.label(Key::LockHolderTid))
                 {
                     let how = if waits
                         .iter()
-                        .any(|sample| sample.labels.label("lock_held_by") == Some("waker"))
+                        .any(|sample| sample.labels.label(Key::LockHeldBy) == Some("waker"))
                     {
                         "Tid {tid} woke them: it let go of the lock."
                     } else {
@@ -318,10 +319,10 @@ fn write_explanation(
 
     match largest {
         Some(largest) => {
-            let call = largest.labels.label("syscall").unwrap_or("system call");
+            let call = largest.labels.label(Key::Syscall).unwrap_or("system call");
             let took = largest
                 .labels
-                .label("syscall_ns")
+                .label(Key::SyscallNs)
                 .and_then(|ns| ns.parse().ok())
                 .map_or(String::new(), |ns: u64| {
                     format!(", taking {}", human_duration(ns))
@@ -437,13 +438,13 @@ fn display_name(name: &str, tid: u32) -> String {
 
 /// The kernel lock a sample waited for, in words, from its `lock*` labels.
 fn lock_wait(labels: &SampleLabels) -> Option<String> {
-    let label = |key: &str| labels.label(key);
-    let mut text = label("lock")?.to_string();
-    if let Some(mode) = label("lock_mode") {
+    let label = |key: Key| labels.label(key);
+    let mut text = label(Key::Lock)?.to_string();
+    if let Some(mode) = label(Key::LockMode) {
         text.push_str(&format!(" for {mode}"));
     }
-    if let Some(holder) = label("lock_holder_tid") {
-        let how = match label("lock_held_by") {
+    if let Some(holder) = label(Key::LockHolderTid) {
+        let how = match label(Key::LockHeldBy) {
             Some("readers") => " (last reader in)",
             Some("waker") => " (who woke it)",
             _ => "",
@@ -824,6 +825,7 @@ mod tests {
                 thread_name: name.to_string(),
                 state,
                 extra: Vec::new(),
+                foreign: Vec::new(),
             },
             timeline: Vec::new(),
         }
@@ -1086,12 +1088,10 @@ mod tests {
     fn lock_waits_are_put_in_words() {
         let mut labels = SampleLabels::default();
         assert_eq!(lock_wait(&labels), None);
-        labels.extra = vec![
-            ("lock".into(), "mmap_lock".into()),
-            ("lock_mode".into(), "write".into()),
-            ("lock_holder_tid".into(), "4242".into()),
-            ("lock_held_by".into(), "readers".into()),
-        ];
+        labels.set(Key::Lock, "mmap_lock");
+        labels.set(Key::LockMode, "write");
+        labels.set(Key::LockHolderTid, "4242");
+        labels.set(Key::LockHeldBy, "readers");
         assert_eq!(
             lock_wait(&labels).as_deref(),
             Some("mmap_lock for write, held by tid 4242 (last reader in)")
@@ -1101,7 +1101,10 @@ mod tests {
     fn labelled(mut sample: Sample, labels: &[(&str, &str)]) -> Sample {
         sample.labels.extra = labels
             .iter()
-            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .map(|(key, value)| {
+                let key = Key::from_name(key).expect("a label of the schema");
+                (key, value.to_string())
+            })
             .collect();
         sample
     }

@@ -16,6 +16,7 @@ use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
 use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, Window};
+use crate::profile::labels::{Key, STACK_SEPARATOR};
 use crate::profile::{
     Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels, TimeSlice,
 };
@@ -250,12 +251,10 @@ impl Symbolizer {
                     // its own account.
                     state: crate::profile::ThreadState::Runnable,
                     extra: vec![
-                        ("syscall".to_string(), change.call.name().to_string()),
-                        (
-                            "syscall_ns".to_string(),
-                            change.duration.as_nanos().to_string(),
-                        ),
+                        (Key::Syscall, change.call.name().to_string()),
+                        (Key::SyscallNs, change.duration.as_nanos().to_string()),
                     ],
+                    foreign: Vec::new(),
                 },
                 timeline: vec![slice],
             });
@@ -383,6 +382,7 @@ impl Symbolizer {
                 thread_name: stack.thread_name.clone(),
                 state: stack.state,
                 extra: stack.lock.map(lock_labels).unwrap_or_default(),
+                foreign: Vec::new(),
             },
             timeline: stack.timeline.clone(),
         }
@@ -428,25 +428,21 @@ impl Symbolizer {
     /// What the waiter's labels say about the hold it waited behind: who,
     /// how long, and in which call (the holder's user stack).
     fn label_hold(&self, labels: &mut SampleLabels, hold: &LockHold) {
-        let extra = &mut labels.extra;
-        extra.retain(|(key, _)| key != "lock_holder_tid" && key != "lock_held_by");
-        extra.push(("lock_holder_tid".to_string(), hold.tid.to_string()));
+        labels.remove(Key::LockHeldBy);
+        labels.set(Key::LockHolderTid, hold.tid.to_string());
         if !hold.thread_name.is_empty() {
-            extra.push(("lock_holder".to_string(), hold.thread_name.clone()));
+            labels.set(Key::LockHolder, hold.thread_name.clone());
         }
         let mode = match (hold.mode, hold.downgraded) {
             (LockMode::Write, false) => "write",
             (LockMode::Write, true) => "write, then read",
             (LockMode::Read, _) => "read",
         };
-        extra.push(("lock_holder_mode".to_string(), mode.to_string()));
-        extra.push((
-            "lock_hold_ns".to_string(),
-            hold.duration.as_nanos().to_string(),
-        ));
+        labels.set(Key::LockHolderMode, mode);
+        labels.set(Key::LockHoldNs, hold.duration.as_nanos().to_string());
         let stack = self.user_functions(hold.tgid, &hold.user_ips);
         if !stack.is_empty() {
-            extra.push(("lock_holder_stack".to_string(), stack.join(" < ")));
+            labels.set(Key::LockHolderStack, stack.join(STACK_SEPARATOR));
         }
     }
 
@@ -590,22 +586,22 @@ fn holder_of(wait: LockWait, holds: &[LockHold]) -> Option<&LockHold> {
 }
 
 /// The `lock`, `lock_mode` and `lock_holder_tid` labels of a lock wait.
-fn lock_labels(lock: LockWait) -> Vec<(String, String)> {
-    let mut labels = vec![("lock".to_string(), lock.name())];
+fn lock_labels(lock: LockWait) -> Vec<(Key, String)> {
+    let mut labels = vec![(Key::Lock, lock.name())];
     if let Some(mode) = lock.mode {
         let mode = match mode {
             LockMode::Read => "read",
             LockMode::Write => "write",
         };
-        labels.push(("lock_mode".to_string(), mode.to_string()));
+        labels.push((Key::LockMode, mode.to_string()));
     }
     if let Some(holder) = lock.holder_tid {
-        labels.push(("lock_holder_tid".to_string(), holder.to_string()));
+        labels.push((Key::LockHolderTid, holder.to_string()));
         if lock.held_by_readers {
-            labels.push(("lock_held_by".to_string(), "readers".to_string()));
+            labels.push((Key::LockHeldBy, "readers".to_string()));
         } else if lock.kind == LockKind::Futex {
             // Known from outside only as the thread that let go.
-            labels.push(("lock_held_by".to_string(), "waker".to_string()));
+            labels.push((Key::LockHeldBy, "waker".to_string()));
         }
     }
     labels

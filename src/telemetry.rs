@@ -23,6 +23,7 @@ pub const CAPTURES: &str = "freezeframe_captures_total";
 pub const CAPTURE_DURATION: &str = "freezeframe_capture_duration_seconds";
 pub const CAPTURE_BLOCKED: &str = "freezeframe_capture_blocked_seconds_total";
 pub const CAPTURE_SAMPLES: &str = "freezeframe_capture_samples";
+pub const CAPTURE_START: &str = "freezeframe_capture_start_timestamp_seconds";
 pub const BPF_DROPS: &str = "freezeframe_bpf_drops_total";
 pub const TRIGGER_VALUE: &str = "freezeframe_trigger_value";
 pub const TRIGGER_FIRING: &str = "freezeframe_trigger_firing";
@@ -123,6 +124,12 @@ fn builder() -> Result<PrometheusBuilder, TelemetryError> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        CAPTURE_START,
+        Unit::Seconds,
+        "Start of each rule's latest capture window, in seconds since the epoch (NaN before the first): \
+         where Pyroscope indexes the profile, and where dashboards annotate the capture."
+    );
     describe_counter!(
         CAPTURES,
         "Trigger firings by rule and what became of them (captured, coalesced, no_target, failed)."
@@ -212,9 +219,10 @@ pub struct StartupLabels<'a> {
     pub capture_outcomes: &'a [&'static str],
     /// Every BPF map whose drops are counted (`BPF_DROPS`).
     pub bpf_maps: &'a [&'static str],
-    /// The OTLP exporter's label and every delivery outcome (`EXPORTS`),
-    /// when one is configured.
-    pub exporter: Option<(&'static str, &'a [&'static str])>,
+    /// The configured exporters' labels (none: no export) and every
+    /// delivery outcome (`EXPORTS`).
+    pub exporters: &'a [&'static str],
+    pub export_outcomes: &'a [&'static str],
     /// Every forwarded signal and every forward outcome (`FORWARDS`), when
     /// forwarding is configured.
     pub forward: Option<(&'a [&'static str], &'a [&'static str])>,
@@ -254,6 +262,7 @@ pub fn register_startup_series(labels: &StartupLabels) {
         for &outcome in labels.capture_outcomes {
             counter!(CAPTURES, "rule" => rule.clone(), "outcome" => outcome).absolute(0);
         }
+        gauge!(CAPTURE_START, "rule" => rule.clone()).set(f64::NAN);
     }
     // Registering a histogram makes it render, with empty buckets.
     drop(histogram!(CAPTURE_DURATION));
@@ -268,10 +277,12 @@ pub fn register_startup_series(labels: &StartupLabels) {
         }
     }
     drop(histogram!(LINKED_REQUESTS));
-    if let Some((exporter, outcomes)) = labels.exporter {
-        for &outcome in outcomes {
+    for &exporter in labels.exporters {
+        for &outcome in labels.export_outcomes {
             counter!(EXPORTS, "exporter" => exporter, "outcome" => outcome).absolute(0);
         }
+    }
+    if !labels.exporters.is_empty() {
         gauge!(SPOOL_BYTES).set(0.0);
         gauge!(SPOOL_FILES).set(0.0);
     }
@@ -369,7 +380,8 @@ mod tests {
                 rules: &["slow".to_string()],
                 capture_outcomes: &["captured", "failed"],
                 bpf_maps: &["threads"],
-                exporter: Some(("otlp_grpc", &["queued", "delivered"])),
+                exporters: &["otlp_grpc"],
+                export_outcomes: &["queued", "delivered"],
                 forward: Some((&["logs"], &["dropped"])),
             });
         });
@@ -384,6 +396,7 @@ mod tests {
             (CAPTURE_DURATION, "histogram"),
             (CAPTURE_BLOCKED, "counter"),
             (CAPTURE_SAMPLES, "histogram"),
+            (CAPTURE_START, "gauge"),
             (BPF_DROPS, "counter"),
             (TRIGGER_VALUE, "gauge"),
             (TRIGGER_THRESHOLD, "gauge"),

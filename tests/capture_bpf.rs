@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{assert_close, freezeframe, require_root, Announced, Workload};
 use freezeframe::encode::pprof;
+use freezeframe::profile::labels::Key;
 use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample};
 
 const WINDOW: &str = "3s";
@@ -224,7 +225,7 @@ fn known_stacks_and_durations_are_captured() {
     std::fs::write(&address_space, pprof::encode(&as_bytes)).unwrap();
     let raw_text = go_pprof_raw(&address_space);
     assert!(
-        raw_text.contains("PeriodType: alloc_space bytes"),
+        raw_text.contains("PeriodType: address_space bytes"),
         "{raw_text}"
     );
     assert!(
@@ -278,7 +279,10 @@ fn kernel_lock_waits_name_the_lock_and_its_holder() {
         || {},
     );
     let profile = load(&output);
-    let label = |sample: &Sample, key: &str| sample.labels.label(key).map(str::to_string);
+    let label = |sample: &Sample, key: &str| {
+        let key = Key::from_name(key).expect("a label of the schema");
+        sample.labels.label(key).map(str::to_string)
+    };
 
     // The waiter maps and unmaps while the holder populates and frees 256 MiB
     // under the same mmap_lock: it waits in rwsem_down_write_slowpath.
@@ -390,7 +394,10 @@ fn user_space_lock_waits_name_the_futex_and_the_thread_that_let_go() {
     let output = dir.join("futex.pb.gz");
     capture(workload.pid, &["--state", "S"], &output, || {});
     let profile = load(&output);
-    let label = |sample: &Sample, key: &str| sample.labels.label(key).map(str::to_string);
+    let label = |sample: &Sample, key: &str| {
+        let key = Key::from_name(key).expect("a label of the schema");
+        sample.labels.label(key).map(str::to_string)
+    };
 
     // ff-lockwait spends nearly all its time in futex(), on one lock word,
     // and each wait ends when ff-locker lets go.
@@ -637,10 +644,11 @@ fn assert_churn_profile(profile: &Profile, churner_blocked_since: std::time::Sys
         "only {} of {CHURN_THREADS} churn threads were seen",
         by_thread.len()
     );
-    // A 2 ms sleep, preempted perhaps: never the rest of the window.
+    // A 2 ms sleep, and on a loaded machine a wait for the CPU: never the
+    // seconds to the window's end that a thread's death would add.
     let longest = by_thread.values().max().copied().unwrap_or(0);
     assert!(
-        longest < 50_000_000,
+        longest < 1_000_000_000,
         "a short-lived thread was blocked {longest} ns"
     );
     let total: u64 = by_thread.values().sum();

@@ -387,3 +387,145 @@ fn forward_mistakes_are_named() {
         assert!(message.contains(expected), "{name}: {message}");
     }
 }
+
+#[test]
+fn the_resource_budget_takes_the_flag_then_freezeframe_then_the_file() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+    let bare = config_file("resource-bare.toml", "");
+    assert!(
+        otlp_line(&check(&bare, &[endpoint], &[])).contains("at most 20 resource attributes"),
+        "the default"
+    );
+    let file = config_file(
+        "resource-file.toml",
+        "[export]\nmax_resource_attributes = 12\n",
+    );
+    assert!(otlp_line(&check(&file, &[endpoint], &[])).contains("at most 12 resource"));
+    let ours = [
+        endpoint,
+        ("FREEZEFRAME_EXPORT_MAX_RESOURCE_ATTRIBUTES", "15"),
+    ];
+    assert!(otlp_line(&check(&file, &ours, &[])).contains("at most 15 resource"));
+    let line = otlp_line(&check(
+        &file,
+        &ours,
+        &["--export-max-resource-attributes", "9"],
+    ));
+    assert!(line.contains("at most 9 resource"), "{line}");
+
+    let too_many = check(
+        &bare,
+        &[endpoint],
+        &["--export-max-resource-attributes", "24"],
+    );
+    let message = String::from_utf8_lossy(&too_many.stderr);
+    assert!(
+        !too_many.status.success()
+            && message.contains("max_resource_attributes = 24: must be between 1 and 23"),
+        "{message}"
+    );
+}
+
+#[test]
+fn pyroscope_push_and_its_credentials_come_from_flags_the_environment_and_the_file() {
+    let file = config_file(
+        "pyroscope-file.toml",
+        "[export]\notlp_endpoint = \"http://file:4040\"\nprotocol = \"pyroscope\"\ntenant_id = \"from-file\"\n",
+    );
+    let line = otlp_line(&check(&file, &[], &[]));
+    assert!(
+        line.contains("Pyroscope push pyroscope to http://file:4040/push.v1.PusherService/Push"),
+        "{line}"
+    );
+    assert!(line.contains("compression gzip"), "{line}");
+    assert!(
+        line.contains("headers x-scope-orgid (values hidden)"),
+        "{line}"
+    );
+    let ours = [
+        ("FREEZEFRAME_EXPORT_BASIC_AUTH", "user:secret-password"),
+        ("FREEZEFRAME_EXPORT_TENANT_ID", "from-env"),
+    ];
+    let output = check(&file, &ours, &[]);
+    let line = otlp_line(&output);
+    assert!(
+        line.contains("headers authorization, x-scope-orgid (values hidden)"),
+        "{line}"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("secret-password"));
+    let both = check(&file, &ours, &["--export-bearer-token", "tok"]);
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("set one"),
+        "{both:?}"
+    );
+    let line = otlp_line(&check(
+        &file,
+        &[],
+        &[
+            "--export-bearer-token",
+            "tok",
+            "--export-protocol",
+            "http/protobuf",
+        ],
+    ));
+    assert!(line.contains("OTLP profiles over http/protobuf"), "{line}");
+    assert!(
+        line.contains("headers authorization, x-scope-orgid"),
+        "{line}"
+    );
+}
+
+#[test]
+fn the_spool_age_limit_takes_the_flag_then_freezeframe_then_the_file() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+    let bare = config_file("age-bare.toml", "");
+    assert!(otlp_line(&check(&bare, &[endpoint], &[])).contains("dropped after 1h"));
+    let file = config_file("age-file.toml", "[export]\nmax_age = \"30m\"\n");
+    assert!(otlp_line(&check(&file, &[endpoint], &[])).contains("dropped after 30m"));
+    let ours = [endpoint, ("FREEZEFRAME_EXPORT_MAX_AGE", "0s")];
+    assert!(otlp_line(&check(&file, &ours, &[])).contains("kept until delivered"));
+    let line = otlp_line(&check(&file, &ours, &["--export-max-age", "2h"]));
+    assert!(line.contains("dropped after 2h"), "{line}");
+}
+
+#[test]
+fn the_capture_spans_endpoint_takes_the_flag_then_freezeframe_then_the_file_then_otel() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+    let traces_line = |output: &Output| {
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        text.lines()
+            .find(|line| line.starts_with("traces:"))
+            .unwrap_or_else(|| panic!("no traces line in {text}"))
+            .to_string()
+    };
+    let bare = config_file("traces-bare.toml", "");
+    assert!(traces_line(&check(&bare, &[endpoint], &[])).contains("off"));
+    let otel = [
+        endpoint,
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://otel:4318/v1/traces",
+        ),
+    ];
+    assert!(traces_line(&check(&bare, &otel, &[])).contains("to http://otel:4318/v1/traces,"));
+    let file = config_file(
+        "traces-file.toml",
+        "[export]\ntraces_endpoint = \"http://file:4318\"\n",
+    );
+    assert!(traces_line(&check(&file, &otel, &[])).contains("to http://file:4318/v1/traces,"));
+    let ours = [
+        otel[0],
+        otel[1],
+        ("FREEZEFRAME_EXPORT_TRACES_ENDPOINT", "http://ours:4318"),
+    ];
+    assert!(traces_line(&check(&file, &ours, &[])).contains("to http://ours:4318/v1/traces,"));
+    let line = traces_line(&check(
+        &file,
+        &ours,
+        &["--export-traces-endpoint", "http://flag:4318/custom"],
+    ));
+    assert!(
+        line.contains("over http/protobuf to http://flag:4318/custom,"),
+        "{line}"
+    );
+}

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -28,6 +28,7 @@ use freezeframe::export::otlp::settings::{self, Explicit};
 use freezeframe::export::otlp::{Compression, Exporter, Protocol};
 use freezeframe::export::retry::Backoff;
 use freezeframe::export::spool::Spool;
+use freezeframe::export::Format;
 
 const QUICK: Backoff = Backoff {
     initial: Duration::from_millis(50),
@@ -211,6 +212,12 @@ async fn send(exporter: &Exporter, body: Vec<u8>) -> (Option<Delivered>, usize) 
     )
     .await;
     (delivered, retries)
+}
+
+/// A port nobody listens on (yet).
+fn unused_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
 }
 
 struct TempDir(std::path::PathBuf);
@@ -450,11 +457,8 @@ async fn grpc_throttling_with_retry_info_waits_as_asked() {
 
 #[tokio::test]
 async fn a_backend_that_comes_back_gets_every_spooled_request_exactly_once() {
-    // A port nobody listens on yet: the backend is down.
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    // The backend is down.
+    let address = unused_address();
     let dir = TempDir::new("delivery-outage");
     let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
     let delivery = Delivery::start(
@@ -462,9 +466,14 @@ async fn a_backend_that_comes_back_gets_every_spooled_request_exactly_once() {
         exporter(Protocol::HttpProtobuf, address, Compression::None),
         "otlp_http",
         QUICK,
+        None,
     );
     for number in 1..=3 {
-        delivery.submit(&format!("capture-{number}"), &request(number));
+        delivery.submit(
+            &format!("capture-{number}"),
+            SystemTime::now(),
+            &request(number),
+        );
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let spooled = std::fs::read_dir(&dir.0).unwrap().count();
@@ -492,10 +501,7 @@ async fn a_backend_that_comes_back_gets_every_spooled_request_exactly_once() {
 
 #[tokio::test]
 async fn shutdown_leaves_undelivered_requests_in_the_spool() {
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    let address = unused_address();
     let dir = TempDir::new("delivery-shutdown");
     let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
     let delivery = Delivery::start(
@@ -503,8 +509,9 @@ async fn shutdown_leaves_undelivered_requests_in_the_spool() {
         exporter(Protocol::Grpc, address, Compression::None),
         "otlp_grpc",
         QUICK,
+        None,
     );
-    delivery.submit("capture", &request(1));
+    delivery.submit("capture", SystemTime::now(), &request(1));
     let started = Instant::now();
     delivery.finish(Duration::from_millis(300)).await;
     assert!(
@@ -514,4 +521,91 @@ async fn shutdown_leaves_undelivered_requests_in_the_spool() {
     let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
     let entry = spool.oldest().expect("still spooled for the next run");
     assert_eq!(spool.read(&entry).unwrap().unwrap(), request(1));
+}
+
+#[tokio::test]
+async fn a_capture_older_than_the_backend_takes_is_dropped_not_sent() {
+    let script = Script::new(Vec::new());
+    let address = http_backend(Arc::clone(&script)).await;
+    let dir = TempDir::new("delivery-expired");
+    let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
+    let hour = Duration::from_secs(3600);
+    let old = SystemTime::now() - 2 * hour;
+    spool
+        .put("old", Format::OtlpProfiles, old, &request(1))
+        .unwrap();
+    drop(spool);
+    // Its age survives a restart: the file says when its capture started.
+    let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
+    assert!(spool.oldest().unwrap().started <= old + Duration::from_secs(1));
+    let delivery = Delivery::start(
+        spool,
+        exporter(Protocol::HttpProtobuf, address, Compression::None),
+        "otlp_http",
+        QUICK,
+        Some(hour),
+    );
+    delivery.submit("fresh", SystemTime::now(), &request(2));
+    delivery.finish(Duration::from_secs(5)).await;
+    let bodies: Vec<Vec<u8>> = script.seen().into_iter().map(|seen| seen.body).collect();
+    assert_eq!(bodies, [request(2)], "the old one is never sent");
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn retrying_stops_when_the_capture_grows_too_old() {
+    // Every attempt fails and is retried.
+    let address = unused_address();
+    let dir = TempDir::new("delivery-expiring");
+    let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
+    let max_age = Duration::from_secs(60);
+    let delivery = Delivery::start(
+        spool,
+        exporter(Protocol::HttpProtobuf, address, Compression::None),
+        "otlp_http",
+        QUICK,
+        Some(max_age),
+    );
+    let nearly_too_old = SystemTime::now() - max_age + Duration::from_millis(600);
+    delivery.submit("expiring", nearly_too_old, &request(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "still retried"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&dir.0).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "never dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    delivery.finish(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_request_spooled_for_another_exporter_is_dropped() {
+    let script = Script::new(Vec::new());
+    let address = http_backend(Arc::clone(&script)).await;
+    let dir = TempDir::new("delivery-other-format");
+    let (spool, _) = Spool::open(&dir.0, 1 << 20, 100).unwrap();
+    spool
+        .put(
+            "pushed",
+            Format::PyroscopePush,
+            SystemTime::now(),
+            b"not OTLP",
+        )
+        .unwrap();
+    let delivery = Delivery::start(
+        spool,
+        exporter(Protocol::HttpProtobuf, address, Compression::None),
+        "otlp_http",
+        QUICK,
+        None,
+    );
+    delivery.submit("otlp", SystemTime::now(), &request(3));
+    delivery.finish(Duration::from_secs(5)).await;
+    let bodies: Vec<Vec<u8>> = script.seen().into_iter().map(|seen| seen.body).collect();
+    assert_eq!(bodies, [request(3)]);
+    assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0);
 }

@@ -197,6 +197,14 @@ impl Inner {
     fn record(&self, event: CaptureEvent) {
         metrics::counter!(telemetry::CAPTURES, "rule" => event.rule.clone(), "outcome" => outcome_label(event.outcome))
             .increment(1);
+        if let Some(window) = &event.window {
+            let start = window
+                .start
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            metrics::gauge!(telemetry::CAPTURE_START, "rule" => event.rule.clone())
+                .set(start.as_secs_f64());
+        }
         match event.outcome {
             Outcome::Captured => {
                 tracing::info!(capture = %event.capture_id, directory = ?event.directory, "capture written")
@@ -267,7 +275,7 @@ fn frame_lookups(profile: &Profile) -> Vec<((&'static str, &'static str), u64)> 
         let kind = match frame.kind {
             FrameKind::Kernel => "kernel",
             FrameKind::User => "user",
-            FrameKind::Truncated => continue,
+            FrameKind::Truncated | FrameKind::Detail => continue,
         };
         if !seen.insert((kind, frame.address)) {
             continue;

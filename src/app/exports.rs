@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use super::captures::describe;
 use super::evidence::{self, ExemplarStore};
 use crate::encode::otlp::{self, Envelope};
-use crate::encode::pprof;
+use crate::encode::trace::{self, CaptureSpan};
+use crate::encode::{pprof, pyroscope};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
 use crate::export::resource::{self, CaptureFacts, ProcessFacts};
-use crate::export::{host_name, links, random_id};
+use crate::export::{host_name, links, random_id, Format};
 use crate::ingest::SpanStore;
 use crate::profile::Profile;
 use crate::telemetry;
@@ -56,11 +57,14 @@ struct Inner {
     spans: Arc<SpanStore>,
     exemplars: Arc<ExemplarStore>,
     link_grace: Duration,
+    max_resource_attributes: usize,
     /// Whether an OTLP exporter is configured at all.
     exporting: bool,
     /// Taken out at shutdown, to be drained.
     delivery: Mutex<Option<Delivery>>,
     host_name: Option<String>,
+    /// The sidecar's own resource, for its capture spans.
+    sidecar_resource: Vec<crate::encode::otlp::Attribute>,
 }
 
 impl Exports {
@@ -70,6 +74,7 @@ impl Exports {
         spans: Arc<SpanStore>,
         exemplars: Arc<ExemplarStore>,
         link_grace: Duration,
+        max_resource_attributes: usize,
         delivery: Option<Delivery>,
     ) -> Self {
         Exports {
@@ -78,8 +83,13 @@ impl Exports {
                 spans,
                 exemplars,
                 link_grace,
+                max_resource_attributes,
                 exporting: delivery.is_some(),
                 delivery: Mutex::new(delivery),
+                sidecar_resource: resource::sidecar(
+                    |name| std::env::var(name).ok(),
+                    host_name().as_deref(),
+                ),
                 host_name: host_name(),
             }),
             held: Arc::new(Mutex::new(JoinSet::new())),
@@ -160,13 +170,26 @@ impl Inner {
             tracing::info!(capture = %capture_id, candidates = requests.len(), "no request to link the capture to");
         }
 
-        let envelope = Envelope {
-            resource: resource::resource(
+        let bounded = resource::bound(
+            resource::resource(
                 firing.series.as_ref().map(|series| &series.resource),
                 Some(&process),
                 |name| std::env::var(name).ok(),
                 self.host_name.as_deref(),
             ),
+            self.max_resource_attributes,
+        );
+        if bounded.dropped > 0 {
+            tracing::warn!(
+                capture = %capture_id,
+                dropped = bounded.dropped,
+                kept = bounded.attributes.len(),
+                "resource attributes left out of the export: too long for a Pyroscope label, or past [export] max_resource_attributes"
+            );
+        }
+        let envelope = Envelope {
+            resource: bounded.attributes,
+            dropped_resource_attributes: bounded.dropped,
             attributes: resource::capture_attributes(&CaptureFacts {
                 capture_id: capture_id.clone(),
                 rule: firing.rule.clone(),
@@ -195,20 +218,41 @@ impl Inner {
         if let Some((address_space, envelope)) = &address_space {
             profiles.push((address_space, envelope));
         }
-        let request = otlp::combined_request(&profiles).encode_to_vec();
+        let otlp_request = otlp::combined_request(&profiles).encode_to_vec();
         // Written whether or not there is a backend: what was (or would
-        // have been) sent, for any OTLP tool to read.
-        if let Err(err) = self.sink.write_otlp(&capture_id, &request) {
+        // have been) sent over OTLP, for any OTLP tool to read.
+        if let Err(err) = self.sink.write_otlp(&capture_id, &otlp_request) {
             tracing::error!(capture = %capture_id, "cannot write the OTLP request file: {err}");
         }
         if !self.exporting {
             return;
         }
-        match self.delivery.lock().expect("delivery").as_ref() {
-            Some(delivery) => delivery.submit(&capture_id, &request),
-            None => {
-                tracing::error!(capture = %capture_id, "not exported: delivery has already stopped")
-            }
+        let delivery = self.delivery.lock().expect("delivery");
+        let Some(delivery) = delivery.as_ref() else {
+            tracing::error!(capture = %capture_id, "not exported: delivery has already stopped");
+            return;
+        };
+        let request = match delivery.format() {
+            Format::PyroscopePush => pyroscope::push_request(&profiles).encode_to_vec(),
+            // The profiles' exporter is never the traces one.
+            Format::OtlpProfiles | Format::OtlpTraces => otlp_request,
+        };
+        delivery.submit(&capture_id, profile.start, &request);
+        if delivery.sends(Format::OtlpTraces) {
+            let id = random_id();
+            let span = trace::request(&CaptureSpan {
+                profile: &profile,
+                resource: &self.sidecar_resource,
+                attributes: &envelope.attributes,
+                trace_id: random_id(),
+                span_id: id[..8].try_into().expect("8 of 16 bytes"),
+            });
+            delivery.submit_as(
+                Format::OtlpTraces,
+                &capture_id,
+                profile.start,
+                &span.encode_to_vec(),
+            );
         }
     }
 }

@@ -26,8 +26,9 @@ use crate::capture::{CaptureConfig, DropCounts};
 use crate::config::{Config, Target};
 use crate::export::delivery::Delivery;
 use crate::export::files::FileSink;
-use crate::export::otlp::Exporter;
+use crate::export::otlp::http::HttpExporter;
 use crate::export::retry::Backoff;
+use crate::export::Exporter;
 use crate::forward::{self, Forwarding};
 use crate::ingest::{self, SpanStore};
 use crate::signals::MetricBatch;
@@ -61,6 +62,8 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(5);
 /// At shutdown, how long the app's telemetry held for the upstream may
 /// take to go out once the receivers have stopped; what is left is lost.
 const FORWARD_GRACE: Duration = Duration::from_secs(5);
+/// The `exporter` label of the capture spans' deliveries.
+const TRACES_EXPORTER: &str = "otlp_traces";
 /// Processes learned from `process.pid` resource attributes, at most.
 const MAX_LEARNED_TARGETS: usize = 64;
 
@@ -93,12 +96,14 @@ pub async fn run_until(
         rules: &rule_names,
         capture_outcomes: &captures::CAPTURE_OUTCOMES.map(captures::outcome_label),
         bpf_maps: &DropCounts::default().by_map().map(|(map, _)| map),
-        exporter: config.export.otlp.as_ref().map(|otlp| {
-            (
-                otlp.protocol.exporter_label(),
-                crate::export::delivery::outcome::ALL.as_slice(),
-            )
-        }),
+        exporters: &config
+            .export
+            .otlp
+            .iter()
+            .map(|otlp| otlp.protocol.exporter_label())
+            .chain(config.export.traces.iter().map(|_| TRACES_EXPORTER))
+            .collect::<Vec<_>>(),
+        export_outcomes: &crate::export::delivery::outcome::ALL,
         forward: config
             .forward
             .as_ref()
@@ -149,18 +154,27 @@ pub async fn run_until(
 
     let delivery = match &config.export.otlp {
         Some(otlp) => {
-            let exporter = Exporter::new(otlp).context("cannot set up the OTLP exporter")?;
+            let mut exporters = vec![(
+                Exporter::new(otlp).context("cannot set up the exporter")?,
+                otlp.protocol.exporter_label(),
+            )];
             let spool = config.export.directory.join("spool");
             tracing::info!(spool = %spool.display(), "exporting profiles over {otlp}");
+            if let Some(traces) = &config.export.traces {
+                let exporter = HttpExporter::new(traces)
+                    .context("cannot set up the capture spans' exporter")?;
+                exporters.push((Exporter::Traces(Box::new(exporter)), TRACES_EXPORTER));
+                tracing::info!("exporting capture spans as {traces}");
+            }
             Some(
                 Delivery::open(
                     &spool,
                     config.export.spool_max_bytes,
-                    exporter,
-                    otlp.protocol.exporter_label(),
+                    exporters,
                     Backoff::default(),
+                    config.export.max_age,
                 )
-                .context("cannot start OTLP delivery")?,
+                .context("cannot start delivery")?,
             )
         }
         None => None,
@@ -182,6 +196,7 @@ pub async fn run_until(
         Arc::clone(&spans),
         Arc::clone(&exemplars),
         config.export.link_grace,
+        config.export.max_resource_attributes,
         delivery,
     );
     let receivers_stop = shutdown.child_token();

@@ -6,6 +6,8 @@
 //! - [`flamegraph`]: an interactive SVG drawn from the folded stacks.
 //! - [`otlp`]: an OTLP profiles export request, for Pyroscope and the
 //!   OpenTelemetry Collector.
+//! - [`pyroscope`]: a Pyroscope push request, series of pprofs.
+//! - [`trace`]: the capture as an OTLP span, for a trace view.
 //!
 //! [`Profile`]: crate::profile::Profile
 
@@ -17,6 +19,8 @@ pub mod flamegraph;
 pub mod folded;
 pub mod otlp;
 pub mod pprof;
+pub mod pyroscope;
+pub mod trace;
 
 /// Why a profile could not be encoded, or a saved pprof could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -2,11 +2,18 @@
 //! request a profiles backend (Pyroscope, an OpenTelemetry Collector) takes
 //! at `ProfilesService/Export` or `POST /v1development/profiles`.
 //!
-//! A profile has one sample type, its kind's value type, and *no* period
-//! type. For off-CPU time that is `off_cpu/nanoseconds`, the shape Pyroscope
-//! recognises as off-CPU; an address-space profile is `alloc_space/bytes`. Each sample
-//! carries its value per slice of the capture window, with the slice's
-//! start as timestamp, so a backend can place it in time.
+//! A profile has one sample type, its kind's value type, and the kind's
+//! period type. For off-CPU time that is `off_cpu/nanoseconds` with no
+//! period type, the shape Pyroscope recognises as off-CPU; an address-space
+//! profile is `alloc_space/bytes` with period type `address_space/bytes`,
+//! which Pyroscope names its series after. Each sample carries its value
+//! per slice of the capture window, with the slice's start as timestamp,
+//! so a backend can place it in time.
+//!
+//! Sample attributes are what [`labels`](crate::profile::labels) maps for
+//! OTLP: the few a series is made of. The detail unique to a capture (who
+//! held the lock, for how long, in which call) is put at the leaf of each
+//! stack as frames; the original pprof keeps it all as labels.
 //!
 //! One request may carry several profiles (the off-CPU and address-space
 //! profiles of one capture, see [`combined_request`]). Everything they refer
@@ -28,17 +35,11 @@ use opentelemetry_proto::tonic::profiles::v1development::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use super::pprof::KERNEL_MAPPING;
-use crate::profile::{
-    self as model, Frame, FrameKind, SampleLabels, SPAN_ID_LABEL, TRACE_ID_LABEL,
-};
+use crate::profile::labels::{self as schema, Target};
+use crate::profile::{self as model, Frame, FrameKind};
 
 /// The semantic-convention attribute keys this encoder writes.
 pub mod keys {
-    pub const THREAD_ID: &str = "thread.id";
-    pub const THREAD_NAME: &str = "thread.name";
-    /// How the thread left the CPU: S, D, R or other, as in the pprof's
-    /// `state` label. Namespaced, as a bare `state` would clash.
-    pub const THREAD_STATE: &str = "thread.state";
     pub const BUILD_ID: &str = "process.executable.build_id.gnu";
     pub const FRAME_TYPE: &str = "profile.frame.type";
 }
@@ -53,6 +54,9 @@ pub const PPROF_FORMAT: &str = "pprof";
 pub struct Envelope {
     /// Resource attributes, in order; the first of a key wins.
     pub resource: Vec<Attribute>,
+    /// Resource attributes left out before these, for the resource's
+    /// `dropped_attributes_count`.
+    pub dropped_resource_attributes: u32,
     /// Profile attributes: what the capture was for.
     pub attributes: Vec<Attribute>,
     /// Unique per capture, never all zero (OTLP calls that invalid).
@@ -101,7 +105,7 @@ impl Attribute {
 }
 
 impl Value {
-    fn to_any(&self) -> AnyValue {
+    pub(crate) fn to_any(&self) -> AnyValue {
         let value = match self {
             Value::Str(text) => any_value::Value::StringValue(text.clone()),
             Value::Int(number) => any_value::Value::IntValue(*number),
@@ -147,15 +151,18 @@ pub fn request(profile: &model::Profile, envelope: &Envelope) -> ExportProfilesS
 /// profiles keep the order given.
 pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProfilesServiceRequest {
     let mut dictionary = Dictionary::default();
-    let mut by_resource: Vec<(&[Attribute], Vec<Profile>)> = Vec::new();
+    // A resource is its attributes and the count of those left out.
+    type ResourceKey<'a> = (&'a [Attribute], u32);
+    let mut by_resource: Vec<(ResourceKey, Vec<Profile>)> = Vec::new();
     for &(profile, envelope) in profiles {
         let otlp_profile = encode_profile(profile, envelope, &mut dictionary);
-        match by_resource
-            .iter_mut()
-            .find(|(resource, _)| *resource == envelope.resource.as_slice())
-        {
+        let resource = (
+            envelope.resource.as_slice(),
+            envelope.dropped_resource_attributes,
+        );
+        match by_resource.iter_mut().find(|(seen, _)| *seen == resource) {
             Some((_, group)) => group.push(otlp_profile),
-            None => by_resource.push((&envelope.resource, vec![otlp_profile])),
+            None => by_resource.push((resource, vec![otlp_profile])),
         }
     }
     let scope = InstrumentationScope {
@@ -165,7 +172,7 @@ pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProf
     };
     let resource_profiles = by_resource
         .into_iter()
-        .map(|(resource, profiles)| ResourceProfiles {
+        .map(|((resource, dropped), profiles)| ResourceProfiles {
             resource: Some(Resource {
                 attributes: first_of_each_key(resource)
                     .map(|attribute| KeyValue {
@@ -174,6 +181,7 @@ pub fn combined_request(profiles: &[(&model::Profile, &Envelope)]) -> ExportProf
                         ..KeyValue::default()
                     })
                     .collect(),
+                dropped_attributes_count: dropped,
                 ..Resource::default()
             }),
             scope_profiles: vec![ScopeProfiles {
@@ -201,6 +209,13 @@ fn encode_profile(
         type_strindex: dictionary.string(type_name),
         unit_strindex: dictionary.string(unit),
     });
+    let period_type = profile
+        .kind
+        .period_type()
+        .map(|(type_name, unit)| ValueType {
+            type_strindex: dictionary.string(type_name),
+            unit_strindex: dictionary.string(unit),
+        });
     let mapping_indices = dictionary.mappings(profile);
     let kernel_mapping = kernel_mapping(profile, dictionary);
 
@@ -209,13 +224,15 @@ fn encode_profile(
     let mut samples: Vec<Sample> = Vec::with_capacity(profile.samples.len());
     let mut by_identity: HashMap<(i32, Vec<i32>, i32), usize> = HashMap::new();
     for sample in &profile.samples {
-        let location_indices = sample
-            .stack
+        let mapped = sample.labels.mapped(Target::Otlp);
+        let details: Vec<Frame> = mapped.frames.iter().cloned().map(Frame::detail).collect();
+        let location_indices = details
             .iter()
+            .chain(&sample.stack)
             .map(|frame| {
                 let mapping_index = match frame.kind {
                     FrameKind::Kernel => kernel_mapping,
-                    FrameKind::Truncated => 0,
+                    FrameKind::Truncated | FrameKind::Detail => 0,
                     FrameKind::User => frame
                         .mapping
                         .and_then(|index| mapping_indices.get(index).copied())
@@ -225,7 +242,7 @@ fn encode_profile(
             })
             .collect();
         let stack_index = dictionary.stack(location_indices);
-        let mut attribute_indices = dictionary.sample_attributes(&sample.labels);
+        let mut attribute_indices = dictionary.sample_attributes(&mapped);
         attribute_indices.sort_unstable();
         let link_index = sample
             .labels
@@ -269,10 +286,10 @@ fn encode_profile(
         samples,
         time_unix_nano: unix_nanos(profile.start),
         duration_nano: u64::try_from(profile.duration.as_nanos()).unwrap_or(u64::MAX),
-        // No period type: for off_cpu it is how Pyroscope tells off-CPU from
-        // CPU, and no kind is sampled, so none has a period.
-        period_type: None,
-        period: 0,
+        // Nothing is sampled: every block and call is counted whole, so a
+        // period, where there is one, is 1.
+        period: i64::from(period_type.is_some()),
+        period_type,
         profile_id: envelope.profile_id.to_vec(),
         dropped_attributes_count: 0,
         original_payload_format,
@@ -476,7 +493,7 @@ impl Dictionary {
         let frame_type = match frame.kind {
             FrameKind::Kernel => Some("kernel"),
             FrameKind::User => Some("native"),
-            FrameKind::Truncated => None,
+            FrameKind::Truncated | FrameKind::Detail => None,
         };
         let attribute_indices: Vec<i32> = frame_type
             .iter()
@@ -526,23 +543,16 @@ impl Dictionary {
         })
     }
 
-    /// Thread, state and the further labels; the span link has a table of
-    /// its own.
-    fn sample_attributes(&mut self, labels: &SampleLabels) -> Vec<i32> {
-        let mut attributes = vec![
-            Attribute::int(keys::THREAD_ID, labels.thread_id.into()),
-            Attribute::str(keys::THREAD_STATE, labels.state.code()),
-        ];
-        if !labels.thread_name.is_empty() {
-            attributes.push(Attribute::str(keys::THREAD_NAME, &labels.thread_name));
-        }
-        let has_link = labels.span_link().is_some();
-        for (key, value) in &labels.extra {
-            let is_link = key == TRACE_ID_LABEL || key == SPAN_ID_LABEL;
-            if !(has_link && is_link) {
-                attributes.push(Attribute::str(key, value));
-            }
-        }
+    /// The series labels; the span link has a table of its own.
+    fn sample_attributes(&mut self, mapped: &schema::Mapped<'_>) -> Vec<i32> {
+        let attributes: Vec<Attribute> = mapped
+            .labels
+            .iter()
+            .map(|(key, value)| match value {
+                schema::Value::Str(text) => Attribute::str(key.as_ref(), text.as_ref()),
+                schema::Value::Int(number) => Attribute::int(key.as_ref(), *number),
+            })
+            .collect();
         first_of_each_key(&attributes)
             .map(|attribute| self.attribute(attribute))
             .collect()
@@ -582,7 +592,7 @@ mod tests {
 
     use super::*;
     use crate::profile::fixtures::{kernel, line, user};
-    use crate::profile::{Sample as ModelSample, SpanLink, ThreadState, TimeSlice};
+    use crate::profile::{Sample as ModelSample, SampleLabels, SpanLink, ThreadState, TimeSlice};
 
     const SHARED_ADDRESS: u64 = 0x5000;
     const KERNEL_ADDRESS: u64 = 0xffff_ffff_8100_1000;
@@ -598,6 +608,7 @@ mod tests {
             thread_name: "worker".to_string(),
             state,
             extra: Vec::new(),
+            foreign: Vec::new(),
         }
     }
 
@@ -642,7 +653,7 @@ mod tests {
         let mut locked = labels(103, ThreadState::Disk);
         locked
             .extra
-            .push(("lock".to_string(), "mmap_lock".to_string()));
+            .push((crate::profile::labels::Key::Lock, "mmap_lock".to_string()));
         model::Profile {
             kind: model::ProfileKind::OffCpu,
             start: at_ms(0),
@@ -745,6 +756,7 @@ mod tests {
                 Attribute::int("process.pid", 100),
                 Attribute::str("service.name", "shadowed"),
             ],
+            dropped_resource_attributes: 4,
             attributes: vec![
                 Attribute::str("freezeframe.rule.name", "feed-latency"),
                 Attribute::new("freezeframe.rule.value", Value::Double(0.75)).with_unit("s"),
@@ -877,11 +889,14 @@ mod tests {
             dictionary.stack_table.len()
         );
         // zero + schedule (at two addresses, one function), futex_wait,
-        // Mutex::lock, serve, main, read, [truncated].
-        assert_eq!(dictionary.function_table.len(), 8);
-        // zero + four frames of the sleep stack + three of the read stack.
-        assert_eq!(dictionary.location_table.len(), 8);
-        // zero + the sleep stack (shared by three samples) + the read stack.
+        // Mutex::lock, serve, main, read, [truncated], and the lock wait's
+        // detail frame.
+        assert_eq!(dictionary.function_table.len(), 9);
+        // zero + four frames of the sleep stack + three of the read stack +
+        // the detail frame.
+        assert_eq!(dictionary.location_table.len(), 9);
+        // zero + the sleep stack (shared by three samples) + the read stack
+        // under its detail frame.
         assert_eq!(dictionary.stack_table.len(), 3);
     }
 
@@ -986,7 +1001,7 @@ mod tests {
     }
 
     #[test]
-    fn an_address_space_profile_is_alloc_space_bytes_without_a_period() {
+    fn an_address_space_profile_is_alloc_space_bytes_named_by_its_period() {
         let request = request(&address_space_profile(), &envelope());
         let dictionary = request.dictionary.as_ref().unwrap();
         let profile = only_profile(&request);
@@ -998,7 +1013,16 @@ mod tests {
             ),
             ("alloc_space", "bytes")
         );
-        assert_eq!(profile.period_type, None);
+        let period_type = profile.period_type.as_ref().unwrap();
+        assert_eq!(
+            (
+                text(dictionary, period_type.type_strindex),
+                text(dictionary, period_type.unit_strindex)
+            ),
+            ("address_space", "bytes"),
+            "Pyroscope names the series `address_space`"
+        );
+        assert_eq!(profile.period, 1);
         assert_eq!(profile.samples[0].values, [3_500_000_000]);
         assert_eq!(
             profile.samples[0].timestamps_unix_nano,
@@ -1051,8 +1075,8 @@ mod tests {
             .filter(|m| text(dictionary, m.filename_strindex) == "/usr/bin/app")
             .count();
         assert_eq!(apps, 1);
-        // zero + the off-CPU profile's seven + reserve_rehash.
-        assert_eq!(dictionary.function_table.len(), 9);
+        // zero + the off-CPU profile's eight + reserve_rehash.
+        assert_eq!(dictionary.function_table.len(), 10);
         let main_locations: HashSet<i32> = [&profiles[0].samples[0], &profiles[1].samples[0]]
             .iter()
             .map(|sample| {
@@ -1138,14 +1162,13 @@ mod tests {
         assert_eq!(
             attributes,
             [
-                ("thread.id".to_string(), "101".to_string()),
                 ("thread.name".to_string(), "worker".to_string()),
                 ("thread.state".to_string(), "S".to_string()),
             ],
-            "the ids are a link, not attributes"
+            "the ids are a link, and the thread id no series label"
         );
         let locked = attribute_pairs(dictionary, &profile.samples[3].attribute_indices);
-        assert!(locked.contains(&("lock".to_string(), "mmap_lock".to_string())));
+        assert!(locked.contains(&("lock.kind".to_string(), "mmap_lock".to_string())));
         assert!(locked.contains(&("thread.state".to_string(), "D".to_string())));
     }
 
@@ -1206,7 +1229,17 @@ mod tests {
         let stack = &dictionary.stack_table[profile.samples[3].stack_index as usize];
         let location =
             |position: usize| &dictionary.location_table[stack.location_indices[position] as usize];
-        let (kernel, user, truncated) = (location(0), location(1), location(2));
+        let detail = location(0);
+        assert_eq!(
+            (
+                detail.mapping_index,
+                detail.address,
+                &detail.attribute_indices
+            ),
+            (0, 0, &Vec::new()),
+            "a detail frame is in no mapping, and of no frame type"
+        );
+        let (kernel, user, truncated) = (location(1), location(2), location(3));
         assert_eq!(
             (kernel.address, user.address),
             (SHARED_ADDRESS, SHARED_ADDRESS)
@@ -1262,6 +1295,10 @@ mod tests {
             .collect();
         assert_eq!(keys, ["service.name", "process.pid"]);
         assert_eq!(
+            resource.dropped_attributes_count, 4,
+            "what was left out is counted"
+        );
+        assert_eq!(
             resource.attributes[0].value,
             Some(AnyValue {
                 value: Some(any_value::Value::StringValue("feed".into()))
@@ -1275,17 +1312,17 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_link_label_stays_an_attribute() {
+    fn a_malformed_link_label_is_neither_a_link_nor_an_attribute() {
         let mut profile = sample_profile();
         profile.samples[2]
             .labels
-            .extra
-            .push((TRACE_ID_LABEL.to_string(), "not-hex".to_string()));
+            .set(crate::profile::labels::Key::TraceId, "not-hex");
         let request = request(&profile, &envelope());
         let dictionary = request.dictionary.as_ref().unwrap();
         let sample = &only_profile(&request).samples[2];
         assert_eq!(sample.link_index, 0);
         assert!(attribute_pairs(dictionary, &sample.attribute_indices)
-            .contains(&("trace_id".to_string(), "not-hex".to_string())));
+            .iter()
+            .all(|(key, _)| key != "trace_id"));
     }
 }

@@ -4,11 +4,16 @@
 //! Each model sample becomes one pprof sample with the values `[count,
 //! value]`, typed by the profile's kind: `[events/count, off_cpu/nanoseconds]`
 //! for off-CPU time, `[calls/count, alloc_space/bytes]` for address-space
-//! changes. The value type is also the default sample type and the period
-//! type, and it is how [`decode`] tells the kinds apart. Strings, functions
-//! and locations are deduplicated into pprof's id-referenced tables. Kernel frames point at one
-//! synthetic `[kernel.kallsyms]` mapping, so a kernel and a user frame at the
-//! same numeric address stay apart.
+//! changes. The value type is also the default sample type, and it is how
+//! [`decode`] tells the kinds apart; the period type is the kind's own (see
+//! [`ProfileKind::period_type`]). Strings, functions and locations are
+//! deduplicated into pprof's id-referenced tables. Kernel frames point at
+//! one synthetic `[kernel.kallsyms]` mapping, so a kernel and a user frame
+//! at the same numeric address stay apart.
+//!
+//! Labels are written as [`labels`](crate::profile::labels) maps them for
+//! the pprof's target: all of them in a file, the series labels and leaf
+//! frames of detail in a Pyroscope push.
 //!
 //! The messages are written out by hand (no protoc, no build script); their
 //! field numbers are those of `perftools.profiles` in google/pprof.
@@ -23,6 +28,7 @@ use flate2::Compression;
 use prost::Message;
 
 use super::EncodeError;
+use crate::profile::labels::{Key, Target, Value, PROCESS_ID, STATE, THREAD_ID, THREAD_NAME};
 use crate::profile::{
     self as model, Frame, FrameKind, ProfileKind, SampleLabels, ThreadState, TRUNCATED_FRAME,
 };
@@ -30,11 +36,6 @@ use crate::profile::{
 /// File name of the synthetic mapping every kernel frame points at; `perf`
 /// and pprof's own Linux tooling use the same name.
 pub const KERNEL_MAPPING: &str = "[kernel.kallsyms]";
-
-const THREAD_ID: &str = "thread_id";
-const PROCESS_ID: &str = "process_id";
-const THREAD_NAME: &str = "thread_name";
-const STATE: &str = "state";
 
 /// Decompressed pprofs larger than this are refused: the largest real
 /// capture is a few MiB, so anything bigger is corrupt or a gzip bomb.
@@ -202,14 +203,26 @@ pub struct Function {
 
 /// Encodes `profile` as a gzipped pprof, ready to be written to a `.pb.gz`.
 pub fn encode(profile: &model::Profile) -> Vec<u8> {
-    let raw = to_message(profile).encode_to_vec();
+    encode_for(profile, Target::Files)
+}
+
+/// Encodes `profile` as a gzipped pprof with its labels as `target` maps
+/// them: every label for the files, the few series labels (and the rest as
+/// leaf frames) for a Pyroscope push.
+pub fn encode_for(profile: &model::Profile, target: Target) -> Vec<u8> {
+    let raw = to_message_for(profile, target).encode_to_vec();
     let mut gzip = GzEncoder::new(Vec::with_capacity(raw.len() / 4), Compression::default());
     gzip.write_all(&raw).expect("gzip into a Vec cannot fail");
     gzip.finish().expect("gzip into a Vec cannot fail")
 }
 
-/// Builds the (unserialized) pprof message for `profile`.
+/// Builds the (unserialized) pprof message of a file for `profile`.
 pub fn to_message(profile: &model::Profile) -> Profile {
+    to_message_for(profile, Target::Files)
+}
+
+/// Builds the (unserialized) pprof message for `profile` and `target`.
+pub fn to_message_for(profile: &model::Profile, target: Target) -> Profile {
     let mut tables = Tables::default();
     let value_type = tables.value_type(profile.kind.value_type());
     let count_type = tables.value_type(profile.kind.count_type());
@@ -220,13 +233,15 @@ pub fn to_message(profile: &model::Profile) -> Profile {
         .samples
         .iter()
         .map(|sample| {
-            let location_id = sample
-                .stack
+            let mapped = sample.labels.mapped(target);
+            let details: Vec<Frame> = mapped.frames.into_iter().map(Frame::detail).collect();
+            let location_id = details
                 .iter()
+                .chain(&sample.stack)
                 .map(|frame| {
                     let mapping_id = match frame.kind {
                         FrameKind::Kernel => kernel_mapping_id.unwrap_or(0),
-                        FrameKind::Truncated => 0,
+                        FrameKind::Truncated | FrameKind::Detail => 0,
                         // An index past the mapping table is a capture bug;
                         // the frame is still worth showing without its file.
                         FrameKind::User => frame
@@ -240,7 +255,7 @@ pub fn to_message(profile: &model::Profile) -> Profile {
             Sample {
                 location_id,
                 value: vec![saturating_i64(sample.count), saturating_i64(sample.value)],
-                label: tables.labels(&sample.labels),
+                label: tables.labels(&mapped.labels),
             }
         })
         .collect();
@@ -251,6 +266,12 @@ pub fn to_message(profile: &model::Profile) -> Profile {
         .map(|comment| tables.string(comment))
         .collect();
     let default_sample_type = value_type.r#type;
+    // As in the OTLP profile, so that Pyroscope gives a capture pushed as
+    // pprof the profile type id it gives the same capture over OTLP.
+    let period_type = profile
+        .kind
+        .period_type()
+        .map(|period_type| tables.value_type(period_type));
     Profile {
         sample_type: vec![count_type, value_type.clone()],
         sample,
@@ -260,8 +281,8 @@ pub fn to_message(profile: &model::Profile) -> Profile {
         string_table: tables.string_table,
         time_nanos: unix_nanos(profile.start),
         duration_nanos: saturating_i64(profile.duration.as_nanos()),
-        period_type: Some(value_type),
-        period: 1,
+        period: i64::from(period_type.is_some()),
+        period_type,
         comment,
         default_sample_type,
         ..Profile::default()
@@ -293,7 +314,7 @@ fn mappings(profile: &model::Profile, tables: &mut Tables) -> (Vec<Mapping>, Opt
                 *low = (*low).min(frame.address);
                 *high = (*high).max(frame.address);
             }
-            FrameKind::Truncated => {}
+            FrameKind::Truncated | FrameKind::Detail => {}
         }
     }
 
@@ -459,33 +480,22 @@ impl Tables {
         })
     }
 
-    fn labels(&mut self, labels: &SampleLabels) -> Vec<Label> {
-        let mut label = vec![
-            self.num_label(THREAD_ID, labels.thread_id.into()),
-            self.num_label(PROCESS_ID, labels.process_id.into()),
-            self.str_label(THREAD_NAME, &labels.thread_name),
-            self.str_label(STATE, labels.state.code()),
-        ];
-        for (key, value) in &labels.extra {
-            label.push(self.str_label(key, value));
-        }
-        label
-    }
-
-    fn num_label(&mut self, key: &str, num: i64) -> Label {
-        Label {
-            key: self.string(key),
-            num,
-            ..Label::default()
-        }
-    }
-
-    fn str_label(&mut self, key: &str, value: &str) -> Label {
-        Label {
-            key: self.string(key),
-            str: self.string(value),
-            ..Label::default()
-        }
+    fn labels(&mut self, labels: &[(std::borrow::Cow<'_, str>, Value<'_>)]) -> Vec<Label> {
+        labels
+            .iter()
+            .map(|(key, value)| match value {
+                Value::Int(num) => Label {
+                    key: self.string(key),
+                    num: *num,
+                    ..Label::default()
+                },
+                Value::Str(text) => Label {
+                    key: self.string(key),
+                    str: self.string(text),
+                    ..Label::default()
+                },
+            })
+            .collect()
     }
 }
 
@@ -726,10 +736,17 @@ impl<'a> Decoder<'a> {
                 THREAD_NAME => decoded.thread_name = text.to_string(),
                 // A state this version does not know is kept, as the rare kind.
                 STATE => decoded.state = ThreadState::from_code(text).unwrap_or(ThreadState::Other),
-                _ if label.str == 0 && label.num != 0 => {
-                    decoded.extra.push((key.to_string(), label.num.to_string()));
+                _ => {
+                    let value = if label.str == 0 && label.num != 0 {
+                        label.num.to_string()
+                    } else {
+                        text.to_string()
+                    };
+                    match Key::from_name(key) {
+                        Some(known) => decoded.extra.push((known, value)),
+                        None => decoded.foreign.push((key.to_string(), value)),
+                    }
                 }
-                _ => decoded.extra.push((key.to_string(), text.to_string())),
             }
         }
         Ok(decoded)
@@ -866,9 +883,10 @@ mod tests {
                         thread_name: "worker".to_string(),
                         state: ThreadState::Sleeping,
                         extra: vec![
-                            ("trace_id".to_string(), "4bf92f3577b34da6".to_string()),
-                            ("span_id".to_string(), "00f067aa0ba902b7".to_string()),
+                            (Key::TraceId, "4bf92f3577b34da6".to_string()),
+                            (Key::SpanId, "00f067aa0ba902b7".to_string()),
                         ],
+                        foreign: Vec::new(),
                     },
                     timeline: Vec::new(),
                 },
@@ -882,6 +900,7 @@ mod tests {
                         thread_name: "worker".to_string(),
                         state: ThreadState::Runnable,
                         extra: Vec::new(),
+                        foreign: Vec::new(),
                     },
                     timeline: Vec::new(),
                 },
@@ -894,7 +913,8 @@ mod tests {
                         thread_id: 103,
                         thread_name: "reader".to_string(),
                         state: ThreadState::Disk,
-                        extra: vec![("lock".to_string(), "0xdead".to_string())],
+                        extra: vec![(Key::Lock, "0xdead".to_string())],
+                        foreign: Vec::new(),
                     },
                     timeline: Vec::new(),
                 },
@@ -947,6 +967,7 @@ mod tests {
             thread_name: "worker".to_string(),
             state: ThreadState::Runnable,
             extra: Vec::new(),
+            foreign: Vec::new(),
         };
         model::Profile {
             kind: ProfileKind::AddressSpace,
@@ -1020,7 +1041,7 @@ mod tests {
                 string(&message, period_type.r#type),
                 string(&message, period_type.unit)
             ),
-            ("alloc_space", "bytes")
+            ("address_space", "bytes")
         );
         assert_eq!(message.sample[0].value, [1, 3_500_000_000]);
     }
@@ -1146,6 +1167,11 @@ mod tests {
         assert_eq!(types, [("events", "count"), ("off_cpu", "nanoseconds")]);
         assert_eq!(string(&message, message.default_sample_type), "off_cpu");
         assert_eq!(message.sample[0].value, [12, 12_000_000_000]);
+        assert_eq!(
+            (message.period_type.as_ref(), message.period),
+            (None, 0),
+            "off_cpu:off_cpu:nanoseconds::, as over OTLP"
+        );
         assert_eq!(message.time_nanos, 1_700_000_000_123_456_789);
         assert_eq!(message.duration_nanos, 15_250_000_000);
         let comments: Vec<&str> = message
@@ -1185,6 +1211,57 @@ mod tests {
         assert_eq!(
             labels,
             expected.map(|(key, value)| (key, value.to_string()))
+        );
+    }
+
+    #[test]
+    fn a_pyroscope_pprof_has_string_series_labels_and_detail_frames() {
+        let mut profile = sample_profile();
+        profile.samples[2].labels.set(Key::LockHolderTid, "77");
+        profile.samples[0]
+            .labels
+            .set_span_link(crate::profile::SpanLink {
+                trace_id: [0x4b; 16],
+                span_id: [0x0f; 8],
+            });
+        let message = to_message_for(&profile, Target::Pyroscope);
+        let labels = |index: usize| -> Vec<(&str, &str)> {
+            message.sample[index]
+                .label
+                .iter()
+                .map(|label| {
+                    assert_ne!(label.str, 0, "Pyroscope drops numeric labels");
+                    (string(&message, label.key), string(&message, label.str))
+                })
+                .collect()
+        };
+        assert_eq!(
+            labels(0),
+            [
+                ("thread_name", "worker"),
+                ("thread_state", "S"),
+                ("span_id", "0f0f0f0f0f0f0f0f"),
+                ("trace_id", "4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b"),
+            ]
+        );
+        assert_eq!(
+            labels(2),
+            [
+                ("thread_name", "reader"),
+                ("thread_state", "D"),
+                ("lock_kind", "0xdead")
+            ]
+        );
+        let leaf = message.sample[2].location_id[0];
+        let location = &message.location[leaf as usize - 1];
+        let function = &message.function[location.line[0].function_id as usize - 1];
+        assert_eq!(
+            (location.mapping_id, string(&message, function.name)),
+            (0, "[waiting for 0xdead, held by tid 77]")
+        );
+        assert_eq!(
+            message.sample[2].location_id.len(),
+            profile.samples[2].stack.len() + 1
         );
     }
 

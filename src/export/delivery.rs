@@ -7,21 +7,25 @@
 //! `queued` (into the spool), `delivered`, `partial` (accepted, but the
 //! backend rejected some profiles), `retried` (an attempt that will be
 //! repeated), `rejected` (refused for good: dropped) and `dropped` (pushed
-//! out of the spool by its size budget, or unreadable). The spool's size is
+//! out of the spool by its size budget, unreadable, or spooled for another
+//! exporter than the one configured now) and `expired` (older than the
+//! backend takes: Pyroscope refuses a profile that started more than an
+//! hour ago, so one spooled through a longer outage is dropped rather than
+//! sent only to be refused). The spool's size is
 //! in `freezeframe_spool_bytes` and `freezeframe_spool_files`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::otlp::{Attempt, Exporter};
 use super::retry::{jitter, Backoff, Verdict};
 use super::spool::{Entry, Spool};
+use super::{Attempt, Exporter, Format, OneAttempt};
 use crate::telemetry;
 
 /// Outcome labels of `freezeframe_export_total`.
@@ -32,7 +36,10 @@ pub mod outcome {
     pub const RETRIED: &str = "retried";
     pub const REJECTED: &str = "rejected";
     pub const DROPPED: &str = "dropped";
-    pub const ALL: [&str; 6] = [QUEUED, DELIVERED, PARTIAL, RETRIED, REJECTED, DROPPED];
+    pub const EXPIRED: &str = "expired";
+    pub const ALL: [&str; 7] = [
+        QUEUED, DELIVERED, PARTIAL, RETRIED, REJECTED, DROPPED, EXPIRED,
+    ];
 }
 
 /// Files the spool holds at most, whatever their size: each is a capture,
@@ -48,7 +55,11 @@ pub struct Delivery {
 
 struct Shared {
     spool: Spool,
-    exporter_label: &'static str,
+    /// The format each exporter sends and its `exporter` label, in the
+    /// order of the worker's exporters; the first is the profiles'.
+    routes: Vec<(Format, &'static str)>,
+    /// How old a capture the backend still takes; `None`: any.
+    max_age: Option<Duration>,
     wake: Notify,
     /// Set at shutdown: the worker ends once the spool is empty.
     draining: AtomicBool,
@@ -69,31 +80,60 @@ impl Delivery {
     pub fn open(
         directory: &std::path::Path,
         max_bytes: u64,
-        exporter: Exporter,
-        exporter_label: &'static str,
+        exporters: Vec<(Exporter, &'static str)>,
         backoff: Backoff,
+        max_age: Option<Duration>,
     ) -> Result<Self, super::ExportError> {
         let (spool, evicted) = Spool::open(directory, max_bytes, MAX_SPOOL_FILES)?;
-        let delivery = Self::start(spool, exporter, exporter_label, backoff);
+        let delivery = Self::start_many(spool, exporters, backoff, max_age);
         for entry in evicted {
             tracing::warn!(spooled = %entry.name, "the spool is over its budget: dropped its oldest profile");
-            delivery.shared.count(outcome::DROPPED);
+            delivery.shared.count(entry.format, outcome::DROPPED);
         }
         delivery.shared.publish_usage();
         Ok(delivery)
     }
 
     /// Starts the worker on the current tokio runtime. Requests left in the
-    /// spool by an earlier run are delivered first.
+    /// spool by an earlier run are delivered first. A capture that started
+    /// more than `max_age` ago is dropped, and counted as `expired`.
     pub fn start(
         spool: Spool,
-        exporter: Exporter,
+        exporter: impl Into<Exporter>,
         exporter_label: &'static str,
         backoff: Backoff,
+        max_age: Option<Duration>,
     ) -> Self {
+        Self::start_many(
+            spool,
+            vec![(exporter.into(), exporter_label)],
+            backoff,
+            max_age,
+        )
+    }
+
+    /// [`Self::start`] with an exporter per format, each with its label:
+    /// the profiles' first, then others (the capture span's), which share
+    /// the spool and its order.
+    pub fn start_many(
+        spool: Spool,
+        exporters: Vec<(Exporter, &'static str)>,
+        backoff: Backoff,
+        max_age: Option<Duration>,
+    ) -> Self {
+        assert!(!exporters.is_empty(), "delivery needs an exporter");
+        let routes = exporters
+            .iter()
+            .map(|(exporter, label)| (exporter.format(), *label))
+            .collect();
+        let exporters = exporters
+            .into_iter()
+            .map(|(exporter, _)| exporter)
+            .collect();
         let shared = Arc::new(Shared {
             spool,
-            exporter_label,
+            routes,
+            max_age,
             wake: Notify::new(),
             draining: AtomicBool::new(false),
         });
@@ -103,7 +143,7 @@ impl Delivery {
             tracing::info!(files, bytes, spool = %shared.spool.directory().display(), "delivering profiles spooled by an earlier run");
         }
         let stop = CancellationToken::new();
-        let worker = tokio::spawn(work(Arc::clone(&shared), exporter, backoff, stop.clone()));
+        let worker = tokio::spawn(work(Arc::clone(&shared), exporters, backoff, stop.clone()));
         Delivery {
             shared,
             worker,
@@ -111,10 +151,28 @@ impl Delivery {
         }
     }
 
-    /// Queues an encoded export request. Writes it to the spool and returns:
+    /// Queues an encoded export request, of [`Self::format`], for a
+    /// capture that `started` then. Writes it to the spool and returns:
     /// never waits for the backend.
-    pub fn submit(&self, capture_id: &str, request: &[u8]) {
-        self.shared.submit(capture_id, request);
+    pub fn submit(&self, capture_id: &str, started: SystemTime, request: &[u8]) {
+        self.shared
+            .submit(self.format(), capture_id, started, request);
+    }
+
+    /// [`Self::submit`] for a request of another format this delivery has
+    /// an exporter for; a request no exporter takes is dropped and counted.
+    pub fn submit_as(&self, format: Format, capture_id: &str, started: SystemTime, request: &[u8]) {
+        self.shared.submit(format, capture_id, started, request);
+    }
+
+    /// The format of the requests this delivery's (first) exporter sends.
+    pub fn format(&self) -> Format {
+        self.shared.routes[0].0
+    }
+
+    /// Whether an exporter of this delivery sends `format`.
+    pub fn sends(&self, format: Format) -> bool {
+        self.shared.route(format).is_some()
     }
 
     /// Keeps delivering for up to `within`, then stops; whatever was not
@@ -137,8 +195,22 @@ impl Delivery {
 }
 
 impl Shared {
-    fn submit(&self, capture_id: &str, request: &[u8]) {
-        let put = self.spool.put(capture_id, request);
+    /// The position of the exporter of `format`.
+    fn route(&self, format: Format) -> Option<usize> {
+        self.routes.iter().position(|(sent, _)| *sent == format)
+    }
+
+    fn submit(&self, format: Format, capture_id: &str, started: SystemTime, request: &[u8]) {
+        if self.route(format).is_none() {
+            tracing::error!(
+                capture = capture_id,
+                "no exporter sends {} requests: not exported",
+                format.tag()
+            );
+            self.count(format, outcome::DROPPED);
+            return;
+        }
+        let put = self.spool.put(capture_id, format, started, request);
         // The spool's gauges first: whoever sees the profile counted as
         // queued sees it in the spool too.
         self.publish_usage();
@@ -146,13 +218,13 @@ impl Shared {
             Ok(put) => {
                 for evicted in &put.evicted {
                     tracing::warn!(spooled = %evicted.name, bytes = evicted.bytes, "the spool is full: dropped its oldest profile to make room");
-                    self.count(outcome::DROPPED);
+                    self.count(evicted.format, outcome::DROPPED);
                 }
                 match put.stored {
-                    Some(_) => self.count(outcome::QUEUED),
+                    Some(_) => self.count(format, outcome::QUEUED),
                     None => {
                         tracing::error!(capture = capture_id, bytes = request.len(), "the profile is larger than the whole spool budget ([export] spool_max_bytes): not exported");
-                        self.count(outcome::DROPPED);
+                        self.count(format, outcome::DROPPED);
                     }
                 }
             }
@@ -161,14 +233,41 @@ impl Shared {
                     capture = capture_id,
                     "cannot spool the profile, so it is not exported: {err}"
                 );
-                self.count(outcome::DROPPED);
+                self.count(format, outcome::DROPPED);
             }
         }
         self.wake.notify_one();
     }
 
-    fn count(&self, outcome: &'static str) {
-        metrics::counter!(telemetry::EXPORTS, "exporter" => self.exporter_label, "outcome" => outcome)
+    /// How long the backend still takes the entry's capture; `Some(ZERO)`
+    /// once it no longer does, `None` without a limit.
+    fn time_left(&self, entry: &Entry) -> Option<Duration> {
+        let max_age = self.max_age?;
+        let age = SystemTime::now()
+            .duration_since(entry.started)
+            .unwrap_or_default();
+        Some(max_age.saturating_sub(age))
+    }
+
+    fn expire(&self, entry: &Entry) {
+        let age = SystemTime::now()
+            .duration_since(entry.started)
+            .unwrap_or_default();
+        tracing::warn!(
+            spooled = %entry.name,
+            age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+            "dropping a spooled profile older than the backend takes ([export] max_age; Pyroscope refuses profiles older than 1h)"
+        );
+        self.spool.remove(entry);
+        self.count(entry.format, outcome::EXPIRED);
+        self.publish_usage();
+    }
+
+    /// Counts under the label of the exporter of `format`, or the first's
+    /// when none sends it.
+    fn count(&self, format: Format, outcome: &'static str) {
+        let label = self.routes[self.route(format).unwrap_or(0)].1;
+        metrics::counter!(telemetry::EXPORTS, "exporter" => label, "outcome" => outcome)
             .increment(1);
     }
 
@@ -179,7 +278,12 @@ impl Shared {
     }
 }
 
-async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: CancellationToken) {
+async fn work(
+    shared: Arc<Shared>,
+    exporters: Vec<Exporter>,
+    backoff: Backoff,
+    stop: CancellationToken,
+) {
     loop {
         let Some(entry) = shared.spool.oldest() else {
             if shared.draining.load(Ordering::Acquire) {
@@ -190,6 +294,18 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
                 () = stop.cancelled() => return,
             }
         };
+        if shared.time_left(&entry) == Some(Duration::ZERO) {
+            shared.expire(&entry);
+            continue;
+        }
+        let Some(route) = shared.route(entry.format) else {
+            tracing::error!(spooled = %entry.name, "dropping a spooled {} request: no exporter configured now sends it", entry.format.tag());
+            shared.spool.remove(&entry);
+            shared.count(entry.format, outcome::DROPPED);
+            shared.publish_usage();
+            continue;
+        };
+        let exporter = &exporters[route];
         let request = match shared.spool.read(&entry) {
             Ok(Some(request)) => Bytes::from(request),
             // Pushed out of the spool meanwhile (already counted).
@@ -197,16 +313,31 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
             Err(err) => {
                 tracing::error!("dropping a spooled profile that cannot be read: {err}");
                 shared.spool.remove(&entry);
-                shared.count(outcome::DROPPED);
+                shared.count(entry.format, outcome::DROPPED);
                 shared.publish_usage();
                 continue;
             }
         };
         let on_retry = |reason: &str, delay: Duration, attempt: u32| {
-            shared.count(outcome::RETRIED);
+            shared.count(entry.format, outcome::RETRIED);
             log_retry(&entry, reason, delay, attempt);
         };
-        let Some(delivered) = deliver(&exporter, request, backoff, &stop, on_retry).await else {
+        // Retrying stops when the backend would refuse the profile anyway.
+        let left = shared.time_left(&entry);
+        let expiry = async {
+            match left {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        let delivered = tokio::select! {
+            delivered = deliver(exporter, request, backoff, &stop, on_retry) => delivered,
+            () = expiry => {
+                shared.expire(&entry);
+                continue;
+            }
+        };
+        let Some(delivered) = delivered else {
             // Stopped: the request stays in the spool.
             return;
         };
@@ -214,18 +345,18 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
         match delivered {
             Delivered::Accepted { rejected, message } if rejected > 0 => {
                 tracing::warn!(spooled = %entry.name, rejected, "the backend accepted the profile only in part: {message}");
-                shared.count(outcome::PARTIAL);
+                shared.count(entry.format, outcome::PARTIAL);
             }
             Delivered::Accepted { message, .. } => {
                 if !message.is_empty() {
                     tracing::warn!(spooled = %entry.name, "the backend accepted the profile with a warning: {message}");
                 }
                 tracing::info!(spooled = %entry.name, bytes = entry.bytes, "profile delivered");
-                shared.count(outcome::DELIVERED);
+                shared.count(entry.format, outcome::DELIVERED);
             }
             Delivered::Rejected { reason } => {
                 tracing::error!(spooled = %entry.name, "the backend refused the profile for good, dropping it: {reason}");
-                shared.count(outcome::REJECTED);
+                shared.count(entry.format, outcome::REJECTED);
             }
         }
         shared.publish_usage();
@@ -236,7 +367,7 @@ async fn work(shared: Arc<Shared>, exporter: Exporter, backoff: Backoff, stop: C
 /// between attempts as the backend asks (`Retry-After`, `RetryInfo`) or
 /// with exponential backoff. `None` if `stop` came first.
 pub async fn deliver(
-    exporter: &Exporter,
+    exporter: &impl OneAttempt,
     request: Bytes,
     backoff: Backoff,
     stop: &CancellationToken,
@@ -245,7 +376,7 @@ pub async fn deliver(
     let mut attempt: u32 = 0;
     loop {
         let answer = tokio::select! {
-            answer = exporter.send(request.clone()) => answer,
+            answer = exporter.attempt(request.clone()) => answer,
             () = stop.cancelled() => return None,
         };
         let (after, reason) = match answer {

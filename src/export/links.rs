@@ -269,6 +269,7 @@ mod tests {
                 thread_name: format!("t{thread_id}"),
                 state: ThreadState::Sleeping,
                 extra: Vec::new(),
+                foreign: Vec::new(),
             },
             timeline,
         }

@@ -8,6 +8,11 @@
 //! `K8S_CONTAINER_NAME`, `K8S_NODE_NAME`, `K8S_POD_UID`) and the host name.
 //! In a pod, the two containers share those facts. Pure: the caller passes
 //! the environment and the host name in.
+//!
+//! Pyroscope makes every resource attribute a label of the profile's
+//! series and refuses a series with more than 30 label names or a value
+//! over 2048 bytes, so [`bound`] keeps a resource within a budget and
+//! counts what it leaves out.
 
 use std::time::SystemTime;
 
@@ -74,6 +79,84 @@ pub fn resource(
             |name| format!("unknown_service:{name}"),
         ),
     ));
+    attributes
+}
+
+/// Resource attributes a profile carries by default: Pyroscope's 30 label
+/// names less the [`OTHER_SERIES_LABELS`], with room to spare.
+pub const DEFAULT_MAX_ATTRIBUTES: usize = 20;
+
+/// The label names a series may have in Pyroscope (v2.2's default
+/// `max_label_names_per_series`).
+pub const MAX_LABEL_NAMES: usize = 30;
+
+/// Series labels besides the resource's: Pyroscope's own `__name__`,
+/// `__delta__`, `__otel__` and `service_name`, and at most three sample
+/// attributes (thread name, state, and lock kind or system call).
+pub const OTHER_SERIES_LABELS: usize = 7;
+
+/// The most resource attributes a profile may be configured to carry.
+pub const MAX_ATTRIBUTES: usize = MAX_LABEL_NAMES - OTHER_SERIES_LABELS;
+const _: () = assert!(DEFAULT_MAX_ATTRIBUTES <= MAX_ATTRIBUTES);
+
+/// Pyroscope's longest label value and name, in bytes.
+pub const MAX_VALUE_BYTES: usize = 2048;
+pub const MAX_NAME_BYTES: usize = 1024;
+
+/// A resource within its budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bounded {
+    pub attributes: Vec<Attribute>,
+    /// Attributes left out: too long for a label, or past the budget.
+    pub dropped: u32,
+}
+
+/// The first of each key of `attributes`, at most `max` of them, with
+/// `service.name` kept whatever its place (it names the series); a key or
+/// text value too long for a Pyroscope label is left out. What is left
+/// out is counted, for the resource's `dropped_attributes_count`.
+pub fn bound(attributes: Vec<Attribute>, max: usize) -> Bounded {
+    let mut unique: Vec<Attribute> = Vec::with_capacity(attributes.len());
+    for attribute in attributes {
+        if !unique.iter().any(|kept| kept.key == attribute.key) {
+            unique.push(attribute);
+        }
+    }
+    let before = unique.len();
+    unique.retain(|attribute| {
+        attribute.key.len() <= MAX_NAME_BYTES
+            && !matches!(&attribute.value, Value::Str(text) if text.len() > MAX_VALUE_BYTES)
+    });
+    if let Some(position) = unique
+        .iter()
+        .position(|attribute| attribute.key == "service.name")
+    {
+        let service = unique.remove(position);
+        unique.insert(0, service);
+    }
+    unique.truncate(max);
+    Bounded {
+        dropped: u32::try_from(before - unique.len()).unwrap_or(u32::MAX),
+        attributes: unique,
+    }
+}
+
+/// The sidecar's own resource, for the spans it sends about its captures:
+/// the service `freezeframe` in the pod (downward API) and on the host
+/// where it runs.
+pub fn sidecar(env: impl Fn(&str) -> Option<String>, host_name: Option<&str>) -> Vec<Attribute> {
+    let mut attributes = vec![
+        Attribute::str("service.name", env!("CARGO_PKG_NAME")),
+        Attribute::str("service.version", env!("CARGO_PKG_VERSION")),
+    ];
+    for (variable, key) in DOWNWARD_API {
+        if let Some(value) = env(variable).filter(|value| !value.trim().is_empty()) {
+            attributes.push(Attribute::str(key, value.trim()));
+        }
+    }
+    if let Some(host) = host_name.map(str::trim).filter(|host| !host.is_empty()) {
+        attributes.push(Attribute::str("host.name", host));
+    }
     attributes
 }
 
@@ -272,6 +355,34 @@ mod tests {
                 Value::Str("unknown_service".into())
             )]
         );
+    }
+
+    #[test]
+    fn a_resource_is_bounded_and_what_is_left_out_counted() {
+        let mut attributes: Vec<Attribute> = (0..30)
+            .map(|index| Attribute::str(format!("team.{index}"), "x"))
+            .collect();
+        attributes.insert(3, Attribute::str("team.0", "a second one"));
+        attributes.insert(5, Attribute::str("huge", "x".repeat(MAX_VALUE_BYTES + 1)));
+        attributes.insert(6, Attribute::str("k".repeat(MAX_NAME_BYTES + 1), "x"));
+        attributes.insert(7, Attribute::int("long.number", i64::MAX));
+        attributes.push(Attribute::str("service.name", "feed"));
+        let bounded = bound(attributes, DEFAULT_MAX_ATTRIBUTES);
+        assert_eq!(bounded.attributes.len(), DEFAULT_MAX_ATTRIBUTES);
+        assert_eq!(
+            bounded.attributes[0],
+            Attribute::str("service.name", "feed")
+        );
+        assert_eq!(
+            bounded.attributes[1],
+            Attribute::str("team.0", "x"),
+            "the first of a key"
+        );
+        assert!(bounded.attributes.iter().any(|a| a.key == "long.number"));
+        // 34 distinct keys: two too long, 12 past the budget.
+        assert_eq!(bounded.dropped, 14);
+        let roomy = bound(vec![Attribute::str("a", "1")], DEFAULT_MAX_ATTRIBUTES);
+        assert_eq!((roomy.attributes.len(), roomy.dropped), (1, 0));
     }
 
     #[test]

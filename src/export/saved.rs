@@ -12,15 +12,16 @@ use serde::Deserialize;
 use super::files::CAPTURE_LOG;
 use super::resource::{self, CaptureFacts, ProcessFacts};
 use super::ExportError;
+use super::Format;
 use crate::encode::otlp::{self, Envelope};
-use crate::encode::pprof;
+use crate::encode::{pprof, pyroscope};
 
 /// A saved capture, ready to send.
 #[derive(Debug)]
 pub struct Saved {
     /// For logs and the spool: the capture id, or the file name.
     pub label: String,
-    /// The encoded `ExportProfilesServiceRequest`.
+    /// The encoded request, of the format asked for.
     pub request: Vec<u8>,
     /// Whether the capture's record was found in `captures.jsonl`.
     pub recorded: bool,
@@ -48,13 +49,16 @@ struct RecordedSeries {
     resource: BTreeMap<String, String>,
 }
 
-/// Builds the export request for a saved pprof. `env` and `host_name` give
-/// the resource attributes of the environment, as for a live capture.
+/// Builds the export request, of `format`, for a saved pprof. `env` and
+/// `host_name` give the resource attributes of the environment, as for a
+/// live capture, and at most `max_resource_attributes` of them are sent.
 pub fn request_from_file(
     path: &Path,
+    format: Format,
     env: impl Fn(&str) -> Option<String>,
     host_name: Option<&str>,
     profile_id: [u8; 16],
+    max_resource_attributes: usize,
 ) -> Result<Saved, ExportError> {
     let bytes = std::fs::read(path).map_err(|source| ExportError::Read {
         path: path.to_path_buf(),
@@ -92,8 +96,13 @@ pub fn request_from_file(
         .as_ref()
         .and_then(|recorded| recorded.series.as_ref())
         .map(|series| &series.resource);
+    let bounded = resource::bound(
+        resource::resource(application, process.as_ref(), env, host_name),
+        max_resource_attributes,
+    );
     let envelope = Envelope {
-        resource: resource::resource(application, process.as_ref(), env, host_name),
+        resource: bounded.attributes,
+        dropped_resource_attributes: bounded.dropped,
         attributes: recorded
             .as_ref()
             .map(|recorded| {
@@ -119,7 +128,16 @@ pub fn request_from_file(
     };
     Ok(Saved {
         label,
-        request: otlp::request(&profile, &envelope).encode_to_vec(),
+        request: match format {
+            // A saved capture is a profile: a traces exporter never sends
+            // one, and OTLP is the profile's own format.
+            Format::OtlpProfiles | Format::OtlpTraces => {
+                otlp::request(&profile, &envelope).encode_to_vec()
+            }
+            Format::PyroscopePush => {
+                pyroscope::push_request(&[(&profile, &envelope)]).encode_to_vec()
+            }
+        },
         recorded: recorded.is_some(),
     })
 }

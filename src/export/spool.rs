@@ -8,14 +8,23 @@
 //! freeze is the one an operator is looking at. Requests are delivered
 //! oldest first. Files are written whole (to a temporary name, synced, then
 //! renamed), so a crash leaves either a complete request or none.
+//!
+//! A file's name says its request's [`Format`]
+//! (`<sequence>-<capture>.<format>.pb`), so that a run whose exporter
+//! changed knows what an earlier run left. Files of releases that knew
+//! only OTLP (`<sequence>-<capture>.pb`) are OTLP requests. A file's
+//! modification time is set to when its capture started, so that a later
+//! run still knows how old the profile is, and whether the backend would
+//! still take it.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
 
-use super::ExportError;
+use super::{ExportError, Format};
 
 const EXTENSION: &str = "pb";
 const TEMPORARY_EXTENSION: &str = "tmp";
@@ -28,6 +37,9 @@ pub struct Entry {
     /// File name within the spool directory.
     pub name: String,
     pub bytes: u64,
+    pub format: Format,
+    /// When the capture in it started.
+    pub started: SystemTime,
 }
 
 /// What [`Spool::put`] did.
@@ -87,15 +99,24 @@ impl Spool {
                     let Some(sequence) = parse_sequence(name) else {
                         continue;
                     };
-                    let bytes = dir_entry.metadata().map_err(spool_error)?.len();
-                    state.bytes += bytes;
+                    // A later release's format is kept for that release,
+                    // and its number is not reused.
                     state.next_sequence = state.next_sequence.max(sequence + 1);
+                    let Some(format) = parse_format(name) else {
+                        continue;
+                    };
+                    let metadata = dir_entry.metadata().map_err(spool_error)?;
+                    let bytes = metadata.len();
+                    let started = metadata.modified().unwrap_or_else(|_| SystemTime::now());
+                    state.bytes += bytes;
                     state.entries.insert(
                         sequence,
                         Entry {
                             sequence,
                             name: name.to_string(),
                             bytes,
+                            format,
+                            started,
                         },
                     );
                 }
@@ -115,9 +136,16 @@ impl Spool {
         Ok((spool, evicted))
     }
 
-    /// Adds a request, labelled for people with `label` (the capture id).
-    /// Never blocks on the network; drops the oldest entries if needed.
-    pub fn put(&self, label: &str, request: &[u8]) -> Result<Put, ExportError> {
+    /// Adds a request of `format` for a capture that `started` then,
+    /// labelled for people with `label` (the capture id). Never blocks on
+    /// the network; drops the oldest entries if needed.
+    pub fn put(
+        &self,
+        label: &str,
+        format: Format,
+        started: SystemTime,
+        request: &[u8],
+    ) -> Result<Put, ExportError> {
         let bytes = request.len() as u64;
         let mut state = self.lock();
         if bytes > self.max_bytes {
@@ -127,9 +155,13 @@ impl Spool {
         let evicted = self.make_room(&mut state, bytes, 1);
         let sequence = state.next_sequence;
         state.next_sequence += 1;
-        let name = format!("{sequence:020}-{}.{EXTENSION}", sanitize(label));
+        let name = format!(
+            "{sequence:020}-{}.{}.{EXTENSION}",
+            sanitize(label),
+            format.tag()
+        );
         let path = self.directory.join(&name);
-        write_whole(&path, request).map_err(|source| ExportError::Spool {
+        write_whole(&path, request, started).map_err(|source| ExportError::Spool {
             path: path.clone(),
             source,
         })?;
@@ -137,6 +169,8 @@ impl Spool {
             sequence,
             name,
             bytes,
+            format,
+            started,
         };
         state.bytes += bytes;
         state.entries.insert(sequence, entry.clone());
@@ -215,12 +249,14 @@ impl Spool {
     }
 }
 
-/// Writes to a temporary name, syncs, and renames: the file appears whole.
-fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes to a temporary name, syncs, and renames: the file appears whole,
+/// modified at `modified`.
+fn write_whole(path: &Path, bytes: &[u8], modified: SystemTime) -> std::io::Result<()> {
     let temporary = path.with_extension(TEMPORARY_EXTENSION);
     let result = (|| {
         let mut file = fs::File::create(&temporary)?;
         file.write_all(bytes)?;
+        file.set_modified(modified)?;
         file.sync_all()?;
         fs::rename(&temporary, path)
     })();
@@ -232,6 +268,16 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 fn parse_sequence(name: &str) -> Option<u64> {
     name.split_once('-')?.0.parse().ok()
+}
+
+/// The format a spool file's name says. Labels are sanitized to hold no
+/// dot, so a dot in the stem starts the format.
+fn parse_format(name: &str) -> Option<Format> {
+    let stem = name.strip_suffix(EXTENSION)?.strip_suffix('.')?;
+    match stem.rsplit_once('.') {
+        Some((_, tag)) => Format::from_tag(tag),
+        None => Some(Format::OtlpProfiles),
+    }
 }
 
 fn sanitize(label: &str) -> String {
@@ -278,9 +324,20 @@ mod tests {
         let dir = TempDir::new("reopen");
         let (spool, evicted) = Spool::open(&dir.0, 1000, 10).unwrap();
         assert!(evicted.is_empty());
-        let first = spool.put("capture/one", b"first").unwrap().stored.unwrap();
-        spool.put("two", b"second!").unwrap();
-        assert_eq!(first.name, "00000000000000000000-capture_one.pb");
+        let first = spool
+            .put(
+                "capture/one",
+                Format::OtlpProfiles,
+                SystemTime::now(),
+                b"first",
+            )
+            .unwrap()
+            .stored
+            .unwrap();
+        spool
+            .put("two", Format::OtlpProfiles, SystemTime::now(), b"second!")
+            .unwrap();
+        assert_eq!(first.name, "00000000000000000000-capture_one.otlp.pb");
         assert_eq!(spool.usage(), (12, 2));
         drop(spool);
 
@@ -295,7 +352,11 @@ mod tests {
         spool.remove(&oldest);
         let next = spool.oldest().unwrap();
         assert_eq!(spool.read(&next).unwrap().unwrap(), b"second!");
-        let third = spool.put("three", b"3").unwrap().stored.unwrap();
+        let third = spool
+            .put("three", Format::OtlpProfiles, SystemTime::now(), b"3")
+            .unwrap()
+            .stored
+            .unwrap();
         assert_eq!(third.sequence, 2, "numbering continues after a restart");
         assert_eq!(spool.usage(), (8, 2));
     }
@@ -304,14 +365,22 @@ mod tests {
     fn the_oldest_make_room_for_the_newest() {
         let dir = TempDir::new("budget");
         let (spool, _) = Spool::open(&dir.0, 10, 3).unwrap();
-        spool.put("a", b"aaaa").unwrap();
-        spool.put("b", b"bbbb").unwrap();
-        let put = spool.put("c", b"cccc").unwrap();
-        assert_eq!(names(&put.evicted), ["00000000000000000000-a.pb"]);
-        assert!(!dir.0.join("00000000000000000000-a.pb").exists());
+        spool
+            .put("a", Format::OtlpProfiles, SystemTime::now(), b"aaaa")
+            .unwrap();
+        spool
+            .put("b", Format::OtlpProfiles, SystemTime::now(), b"bbbb")
+            .unwrap();
+        let put = spool
+            .put("c", Format::OtlpProfiles, SystemTime::now(), b"cccc")
+            .unwrap();
+        assert_eq!(names(&put.evicted), ["00000000000000000000-a.otlp.pb"]);
+        assert!(!dir.0.join("00000000000000000000-a.otlp.pb").exists());
         assert_eq!(spool.usage(), (8, 2));
 
-        let too_big = spool.put("huge", &[0; 11]).unwrap();
+        let too_big = spool
+            .put("huge", Format::OtlpProfiles, SystemTime::now(), &[0; 11])
+            .unwrap();
         assert_eq!(
             too_big,
             Put::default(),
@@ -319,11 +388,15 @@ mod tests {
         );
         assert_eq!(spool.usage(), (8, 2));
 
-        spool.put("d", b"d").unwrap();
-        let put = spool.put("e", b"e").unwrap();
+        spool
+            .put("d", Format::OtlpProfiles, SystemTime::now(), b"d")
+            .unwrap();
+        let put = spool
+            .put("e", Format::OtlpProfiles, SystemTime::now(), b"e")
+            .unwrap();
         assert_eq!(
             names(&put.evicted),
-            ["00000000000000000001-b.pb"],
+            ["00000000000000000001-b.otlp.pb"],
             "the file limit holds too"
         );
         assert_eq!(spool.usage(), (6, 3));
@@ -334,21 +407,55 @@ mod tests {
         let dir = TempDir::new("lowered");
         let (spool, _) = Spool::open(&dir.0, 100, 10).unwrap();
         for label in ["a", "b", "c"] {
-            spool.put(label, b"12345").unwrap();
+            spool
+                .put(label, Format::OtlpProfiles, SystemTime::now(), b"12345")
+                .unwrap();
         }
         drop(spool);
         let (spool, evicted) = Spool::open(&dir.0, 10, 10).unwrap();
-        assert_eq!(names(&evicted), ["00000000000000000000-a.pb"]);
+        assert_eq!(names(&evicted), ["00000000000000000000-a.otlp.pb"]);
         assert_eq!(spool.usage(), (10, 2));
+    }
+
+    #[test]
+    fn entries_keep_their_format_and_old_entries_are_otlp() {
+        let dir = TempDir::new("formats");
+        fs::create_dir_all(&dir.0).unwrap();
+        // As releases before formats were tagged wrote them.
+        fs::write(dir.0.join("00000000000000000004-old.pb"), b"old").unwrap();
+        fs::write(dir.0.join("00000000000000000005-x.unknown.pb"), b"?").unwrap();
+        let (spool, _) = Spool::open(&dir.0, 1000, 10).unwrap();
+        assert_eq!(spool.usage(), (3, 1), "an unknown format is left alone");
+        let old = spool.oldest().unwrap();
+        assert_eq!((old.sequence, old.format), (4, Format::OtlpProfiles));
+        let started = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let new = spool
+            .put("new", Format::OtlpProfiles, started, b"new")
+            .unwrap()
+            .stored
+            .unwrap();
+        assert_eq!(new.name, "00000000000000000006-new.otlp.pb");
+        drop(spool);
+        let (spool, _) = Spool::open(&dir.0, 1000, 10).unwrap();
+        spool.remove(&old);
+        assert_eq!(spool.oldest().unwrap(), new, "its capture's start too");
     }
 
     #[test]
     fn an_entry_dropped_while_in_flight_reads_as_gone() {
         let dir = TempDir::new("gone");
         let (spool, _) = Spool::open(&dir.0, 8, 10).unwrap();
-        let first = spool.put("a", b"aaaa").unwrap().stored.unwrap();
-        spool.put("b", b"bbbb").unwrap();
-        spool.put("c", b"cccc").unwrap();
+        let first = spool
+            .put("a", Format::OtlpProfiles, SystemTime::now(), b"aaaa")
+            .unwrap()
+            .stored
+            .unwrap();
+        spool
+            .put("b", Format::OtlpProfiles, SystemTime::now(), b"bbbb")
+            .unwrap();
+        spool
+            .put("c", Format::OtlpProfiles, SystemTime::now(), b"cccc")
+            .unwrap();
         assert_eq!(spool.read(&first).unwrap(), None);
         spool.remove(&first);
         assert_eq!(spool.usage(), (8, 2));

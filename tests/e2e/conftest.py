@@ -139,7 +139,8 @@ directory = "{self.directory}"
         raise AssertionError(f"freezeframe did not listen on {port}: {self.log_text()}")
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text()
 
     def events(self):

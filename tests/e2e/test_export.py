@@ -7,6 +7,7 @@ sidecar killed with profiles spooled, throttling, refusal and slowness."""
 import collections
 import gzip
 import os
+import re
 import socket
 import subprocess
 import time
@@ -114,6 +115,37 @@ def function_names(dictionary, sample) -> list:
     return names
 
 
+def pprof_samples(path) -> list:
+    """`go tool pprof -raw` samples: (values, location texts leaf first, labels).
+
+    A location's text holds every function it stands for, inlined ones too."""
+    raw = subprocess.run(["go", "tool", "pprof", "-raw", str(path)], capture_output=True, text=True, check=True).stdout
+    locations = {}
+    section = None
+    current = None
+    samples = []
+    for line in raw.splitlines():
+        if line in ("Samples:", "Locations", "Mappings"):
+            section = line
+            continue
+        if section == "Locations":
+            start = re.match(r"\s+(\d+): 0x[0-9a-f]+ (.*)$", line)
+            if start:
+                current = start.group(1)
+                locations[current] = start.group(2)
+            elif current:
+                locations[current] += "\n" + line.strip()
+        elif section == "Samples:":
+            sample = re.match(r"\s+(\d+(?:\s+\d+)*):((?:\s+\d+)*)\s*$", line)
+            if sample:
+                samples.append([list(map(int, sample.group(1).split())), sample.group(2).split(), {}])
+            elif samples:
+                for key, value in re.findall(r"(\w+):\[([^\]]*)\]", line):
+                    samples[-1][2][key] = value
+    assert samples, f"no samples parsed from:\n{raw}"
+    return [(values, [locations[l] for l in ids], labels) for values, ids, labels in samples]
+
+
 def freeze_and_capture(sidecar, app, seconds: float = 4):
     time.sleep(3)  # a busy, healthy baseline
     start, end = app.freeze(seconds)
@@ -153,7 +185,7 @@ def test_the_exported_profile_decodes_and_links_the_frozen_requests(sidecar_fact
     # The shape Pyroscope reads as off-CPU.
     strings = dictionary.string_table
     assert (strings[profile.sample_type.type_strindex], strings[profile.sample_type.unit_strindex]) == ("off_cpu", "nanoseconds")
-    assert not profile.HasField("period_type")
+    assert not profile.HasField("period_type") and profile.period == 0
     assert len(profile.profile_id) == 16 and any(profile.profile_id)
     assert profile.original_payload_format == "pprof"
     assert gzip.decompress(profile.original_payload)
@@ -177,9 +209,10 @@ def test_the_exported_profile_decodes_and_links_the_frozen_requests(sidecar_fact
     # The request threads, blocked on the lock the freeze held.
     futex_samples = [s for s in profile.samples if any("futex" in name for name in function_names(dictionary, s))]
     assert futex_samples, "the blocked request threads are in the profile"
+    # Series labels are few and take few values; thread ids stay in the files.
     for sample in profile.samples:
         sample_attributes = attributes(dictionary, sample.attribute_indices)
-        assert isinstance(sample_attributes["thread.id"], int)
+        assert set(sample_attributes) <= {"thread.name", "thread.state", "lock.kind"}, sample_attributes
         assert sample_attributes["thread.state"] in {"S", "D", "R", "other"}
     assert any(
         attributes(dictionary, m.attribute_indices).get("process.executable.build_id.gnu") for m in dictionary.mapping_table
@@ -192,24 +225,28 @@ def test_the_exported_profile_decodes_and_links_the_frozen_requests(sidecar_fact
     assert linked, "some blocked time is linked to the requests it froze"
     link_traces = {dictionary.link_table[s.link_index].trace_id.hex() for s in linked}
     assert link_traces <= frozen, (link_traces - frozen, frozen)
-    # The SDK's own threads wait on futexes all along; the request threads
+
+    # Per thread, from the pprof on disk, which keeps the thread ids. The
+    # SDK's own threads wait on futexes all along; the request threads
     # waited on the frozen lock.
+    on_disk = pprof_samples(os.path.join(event["directory"], "profile.pb.gz"))
     request_threads = app.threads()
-    thread_of = lambda sample: attributes(dictionary, sample.attribute_indices)["thread.id"]  # noqa: E731
-    waiting = [s for s in futex_samples if thread_of(s) in request_threads]
+    thread_of = lambda sample: int(sample[2]["thread_id"])  # noqa: E731
+    waiting = [s for s in on_disk if any("futex" in name for name in s[1]) and thread_of(s) in request_threads]
     # Each nanosecond is counted once: no thread was off the CPU for longer
     # than the profile lasts (a wait counted both before and after it
     # learnt its waker would be).
     off_cpu = collections.Counter()
-    for sample in profile.samples:
-        off_cpu[thread_of(sample)] += sum(sample.values)
+    for sample in on_disk:
+        off_cpu[thread_of(sample)] += sample[0][1]
     assert max(off_cpu.values()) <= 1.01 * profile.duration_nano, (off_cpu, profile.duration_nano)
-    linked_ns = sum(sum(s.values) for s in waiting if s.link_index)
-    waiting_ns = sum(sum(s.values) for s in waiting)
+    linked_ns = sum(s[0][1] for s in waiting if "span_id" in s[2])
+    waiting_ns = sum(s[0][1] for s in waiting)
     assert waiting_ns > 0 and linked_ns >= 0.5 * waiting_ns, "most of the request threads' waiting is linked"
     if "--no-thread-ids" not in app_options and "--no-traces" not in app_options:
         # A span names its thread: only that thread's samples link to it.
-        assert {thread_of(sample) for sample in linked} <= request_threads
+        assert {thread_of(s) for s in on_disk if "span_id" in s[2]} <= request_threads
+    assert sum(sum(s.values) for s in profile.samples) == sum(s[0][1] for s in on_disk), "the same time, over OTLP and on disk"
 
     # The pprof on disk carries the same links, as Pyroscope's labels.
     raw = subprocess.run(

@@ -53,6 +53,7 @@ EXPECTED_TYPES = {
     "freezeframe_captures_total": "counter",
     "freezeframe_capture_duration_seconds": "histogram",
     "freezeframe_capture_samples": "histogram",
+    "freezeframe_capture_start_timestamp_seconds": "gauge",
     "freezeframe_capture_blocked_seconds_total": "counter",
     "freezeframe_bpf_drops_total": "counter",
     "freezeframe_symbolize_frames_total": "counter",
@@ -436,8 +437,17 @@ def test_dashboards_are_importable_with_no_fixed_datasource():
         collect(board["panels"])
         assert len(ids) == len(set(ids)), f"{board_file.name}: duplicate panel ids"
     freezes = json.loads((ROOT / "dashboards/freezes.json").read_text())
-    annotations = {a["name"] for a in freezes["annotations"]["list"]}
-    assert {"Captures", "Rule firing"} <= annotations
+    annotations = {a["name"]: a for a in freezes["annotations"]["list"]}
+    assert {"Captures", "Rule firing"} <= set(annotations)
+    # A capture is marked where Pyroscope files its profile: at its start.
+    captures = annotations["Captures"]
+    assert captures["useValueForTime"] and "1000 * freezeframe_capture_start_timestamp_seconds" in captures["expr"]
+    explore = [link["url"] for panel in freezes["panels"] for link in panel.get("links", []) if "grafana-pyroscope-app" in link["url"]]
+    assert explore, "a link to Explore Profiles"
+    for url in explore:
+        for part in ("explorationType=flame-graph", "var-serviceName=${service", "var-profileMetricId=off_cpu:off_cpu:nanoseconds::",
+                     "from=${__from}", "to=${__to}"):
+            assert part in url, (part, url)
     links = json.dumps(freezes)
     assert "off_cpu:off_cpu:nanoseconds::" in links, "the Pyroscope links ask for the off_cpu profile"
     assert "tempo" in links and "/explore?" in links

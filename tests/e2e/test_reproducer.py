@@ -17,7 +17,8 @@ from pathlib import Path
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2
 
 from conftest import ROOT
-from test_export import attributes, check_dictionary, check_indices, function_names
+from pyroscope_rules import assert_pyroscope_accepts
+from test_export import attributes, check_dictionary, check_indices, function_names, pprof_samples
 
 RELEASE = ROOT / "target/release"
 FEEDDB = RELEASE / "feeddb"
@@ -70,37 +71,6 @@ class Reproducer:
         return json.loads(self.report_path.read_text())
 
 
-def pprof_samples(path) -> list:
-    """`go tool pprof -raw` samples: (values, location texts leaf first, labels).
-
-    A location's text holds every function it stands for, inlined ones too."""
-    raw = subprocess.run(["go", "tool", "pprof", "-raw", str(path)], capture_output=True, text=True, check=True).stdout
-    locations = {}
-    section = None
-    current = None
-    samples = []
-    for line in raw.splitlines():
-        if line in ("Samples:", "Locations", "Mappings"):
-            section = line
-            continue
-        if section == "Locations":
-            start = re.match(r"\s+(\d+): 0x[0-9a-f]+ (.*)$", line)
-            if start:
-                current = start.group(1)
-                locations[current] = start.group(2)
-            elif current:
-                locations[current] += "\n" + line.strip()
-        elif section == "Samples:":
-            sample = re.match(r"\s+(\d+(?:\s+\d+)*):((?:\s+\d+)*)\s*$", line)
-            if sample:
-                samples.append([list(map(int, sample.group(1).split())), sample.group(2).split(), {}])
-            elif samples:
-                for key, value in re.findall(r"(\w+):\[([^\]]*)\]", line):
-                    samples[-1][2][key] = value
-    assert samples, f"no samples parsed from:\n{raw}"
-    return [(values, [locations[l] for l in ids], labels) for values, ids, labels in samples]
-
-
 def test_the_resize_freeze_is_caught_and_attributed(sidecar_factory, tmp_path):
     sidecar = sidecar_factory(REPRODUCER_RULE)
     # Serves until stopped: the capture is symbolized while it lives.
@@ -135,21 +105,39 @@ def test_the_resize_freeze_is_caught_and_attributed(sidecar_factory, tmp_path):
     assert set(kinds) == {"off_cpu", "alloc_space"}, kinds.keys()
     for profile in profiles:
         check_indices(dictionary, profile)
+    # Pyroscope would take both profiles of the request, with few series.
+    converted = assert_pyroscope_accepts(request, time.time_ns())
+    assert {profile.profile_type for profile in converted} == {
+        "off_cpu:off_cpu:nanoseconds::",
+        "address_space:alloc_space:bytes:address_space:bytes",
+    }
 
+    # The lock's kind is a series label; who held it, for how long and in
+    # which call are frames at the leaf, where a flame graph shows them.
     off_cpu = kinds["off_cpu"]
     waits = []
     for sample in off_cpu.samples:
         labels = attributes(dictionary, sample.attribute_indices)
-        if labels.get("lock") == "mmap_lock" and labels.get("thread.name", "").startswith("feeddb-req"):
+        assert set(labels) <= {"thread.name", "thread.state", "lock.kind"}, labels
+        if labels.get("lock.kind") == "mmap_lock" and labels.get("thread.name", "").startswith("feeddb-req"):
             waits.append((sum(sample.values), labels, function_names(dictionary, sample)))
     assert waits, "no request thread waited on mmap_lock"
     waited_ns = sum(ns for ns, _, _ in waits)
     assert waited_ns >= 100_000_000, f"only {waited_ns} ns on mmap_lock"
-    behind_writer = sum(ns for ns, labels, _ in waits if labels.get("lock_holder_tid") == str(writer))
-    assert behind_writer * 2 > waited_ns, (writer, [(ns, labels) for ns, labels, _ in waits])
+    behind_writer = sum(
+        ns for ns, _, names in waits
+        if any(name.startswith("[waiting for mmap_lock") and re.search(rf"\btid {writer}\b", name) for name in names)
+    )
+    assert behind_writer * 2 > waited_ns, (writer, [names[:3] for _, _, names in waits])
     assert any("rwsem_down_write_slowpath" in names for _, _, names in waits)
-    holder_stacks = [labels.get("lock_holder_stack", "") for _, labels, _ in waits]
-    assert any("reserve_rehash" in stack for stack in holder_stacks), holder_stacks
+    assert any(
+        name.startswith("[holder] ") and "reserve_rehash" in name for _, _, names in waits for name in names
+    ), [names[:8] for _, _, names in waits]
+
+    # The pprof on disk keeps it all as labels.
+    waits_on_disk = [labels for _, _, labels in pprof_samples(Path(event["directory"]) / "profile.pb.gz") if labels.get("lock") == "mmap_lock"]
+    assert any(labels.get("lock_holder_tid") == str(writer) for labels in waits_on_disk), waits_on_disk
+    assert any("reserve_rehash" in labels.get("lock_holder_stack", "") for labels in waits_on_disk), waits_on_disk
 
     # The address-space profile (pprof, read by go tool pprof) names the
     # resize and its size: the new table, as the reproducer computed it.

@@ -15,10 +15,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Status};
 
 use super::settings::{Compression, OtlpSettings};
-use super::tls::TlsFiles;
-use super::{Attempt, ExportResponse};
+use super::ExportResponse;
+use crate::export::http::tls::TlsFiles;
 use crate::export::retry::{classify_grpc, grpc_retry_delay};
-use crate::export::ExportError;
+use crate::export::{Attempt, ExportError};
 
 const EXPORT_PATH: &str =
     "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export";

@@ -3,30 +3,21 @@
 //! by [`settings`] the way OpenTelemetry SDKs are.
 //!
 //! An exporter makes one attempt per call and says what came of it; when
-//! to try again is [`delivery`](super::delivery)'s business. The same
-//! exporter can call the other signals' exports too ([`Exporter::calling`]),
-//! which is how [`forward`](crate::forward) sends the app's telemetry on.
+//! to try again is [`delivery`](super::delivery)'s business. The HTTP
+//! transport posts through the shared [`http`](super::http) client. The
+//! same exporter can call the other signals' exports too
+//! ([`Exporter::calling`]), which is how [`forward`](crate::forward) sends
+//! the app's telemetry on.
 
 mod grpc;
-mod http;
+pub mod http;
 pub mod settings;
-mod tls;
 
 use bytes::Bytes;
 
-use super::retry::Verdict;
+pub use super::Attempt;
 use super::ExportError;
 pub use settings::{Compression, OtlpSettings, Protocol};
-
-/// What came of one export attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attempt {
-    /// The backend took the request. `rejected > 0` or a message is a
-    /// partial success: the backend will not take those profiles, ever.
-    Accepted { rejected: i64, message: String },
-    /// No success; `verdict` says whether trying again can help.
-    Failed { verdict: Verdict, reason: String },
-}
 
 /// An exporter for the configured transport.
 #[derive(Clone)]
@@ -43,6 +34,14 @@ impl Exporter {
         Ok(match settings.protocol {
             Protocol::Grpc => Exporter::Grpc(grpc::GrpcExporter::new(settings)?),
             Protocol::HttpProtobuf => Exporter::Http(Box::new(http::HttpExporter::new(settings)?)),
+            Protocol::Pyroscope => {
+                return Err(ExportError::Endpoint {
+                    endpoint: settings.endpoint.clone(),
+                    problem: "pyroscope is Pyroscope's push API, not an OTLP transport; \
+                              build it with export::Exporter::new"
+                        .to_string(),
+                })
+            }
         })
     }
 

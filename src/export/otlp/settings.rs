@@ -34,6 +34,11 @@ pub const EXPORT: Section = Section {
     endpoint_key: "otlp_endpoint",
     http_path: Some(HTTP_PATH),
 };
+/// The path of the OTLP/HTTP traces export, appended to a base endpoint.
+pub const TRACES_PATH: &str = "/v1/traces";
+
+/// The path of Pyroscope's push API, appended to a base endpoint.
+pub const PYROSCOPE_PATH: &str = "/push.v1.PusherService/Push";
 
 /// The OTLP specification's default export timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +53,13 @@ pub enum Protocol {
     #[serde(rename = "http/protobuf")]
     #[value(name = "http/protobuf")]
     HttpProtobuf,
+    /// Not OTLP: Pyroscope's own push API (`POST
+    /// /push.v1.PusherService/Push`, connect protocol), which every
+    /// Pyroscope 1.x and 2.x takes. Only the endpoint freezeframe is given
+    /// is used, never an `OTEL_EXPORTER_OTLP_*ENDPOINT`.
+    #[serde(rename = "pyroscope")]
+    #[value(name = "pyroscope")]
+    Pyroscope,
 }
 
 impl Protocol {
@@ -55,6 +67,7 @@ impl Protocol {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::HttpProtobuf => "http/protobuf",
+            Protocol::Pyroscope => "pyroscope",
         }
     }
 
@@ -63,16 +76,12 @@ impl Protocol {
         match self {
             Protocol::Grpc => "otlp_grpc",
             Protocol::HttpProtobuf => "otlp_http",
+            Protocol::Pyroscope => "pyroscope",
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    None,
-    Gzip,
-}
+pub use crate::export::http::{Compression, Tls};
 
 /// Settings freezeframe was given itself, highest precedence first already
 /// applied (flag, then `FREEZEFRAME_*`, then file). `None` lets the `OTEL_*`
@@ -88,6 +97,12 @@ pub struct Explicit {
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub insecure: Option<bool>,
+    /// `user:password` for HTTP basic auth.
+    pub basic_auth: Option<String>,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub bearer_token: Option<String>,
+    /// Sent as `X-Scope-OrgID`, the tenant of Pyroscope, Mimir or Tempo.
+    pub tenant_id: Option<String>,
 }
 
 /// The resolved OTLP exporter.
@@ -103,18 +118,26 @@ pub struct OtlpSettings {
     pub tls: Tls,
 }
 
-/// TLS for `https` endpoints: the system's roots, plus a CA of one's own,
-/// and a client certificate for mutual TLS.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tls {
-    pub certificate: Option<PathBuf>,
-    pub client_certificate: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-}
-
 impl OtlpSettings {
     pub fn uses_tls(&self) -> bool {
         self.endpoint.starts_with("https://")
+    }
+
+    /// Where and how the shared HTTP client posts for these settings, with
+    /// `headers` (these settings' own, or more).
+    pub fn http_target<'a>(
+        &'a self,
+        content_type: &'static str,
+        headers: &'a [(String, String)],
+    ) -> crate::export::http::Target<'a> {
+        crate::export::http::Target {
+            endpoint: &self.endpoint,
+            tls: &self.tls,
+            headers,
+            content_type,
+            compression: self.compression,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -261,8 +284,14 @@ pub fn resolve_in(
             (Protocol::HttpProtobuf, Some(http_path)) if path_of(&url).is_empty() => {
                 format!("{}{http_path}", url.trim_end_matches('/'))
             }
+            (Protocol::Pyroscope, _) if path_of(&url).is_empty() => {
+                format!("{}{PYROSCOPE_PATH}", url.trim_end_matches('/'))
+            }
             _ => url,
         }
+    } else if protocol == Protocol::Pyroscope {
+        // The OTEL variables name OTLP receivers, never Pyroscope's push API.
+        return Ok(None);
     } else if let Some(found) = env("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT")
         .map(|value| value.trim().to_string())
         .filter(|value| !value.is_empty())
@@ -286,13 +315,13 @@ pub fn resolve_in(
             // The generic endpoint is a base URL that each signal appends
             // its path to.
             Protocol::HttpProtobuf => format!("{}{HTTP_PATH}", url.trim_end_matches('/')),
-            Protocol::Grpc => url,
+            Protocol::Grpc | Protocol::Pyroscope => url,
         }
     } else {
         return Ok(None);
     };
 
-    let headers = match explicit.headers {
+    let mut headers = match explicit.headers {
         Some(headers) => headers,
         None => match from_env(&env, "HEADERS") {
             Some(found) => {
@@ -301,6 +330,12 @@ pub fn resolve_in(
             None => Vec::new(),
         },
     };
+    add_credentials(
+        &mut headers,
+        explicit.basic_auth.as_deref(),
+        explicit.bearer_token.as_deref(),
+        explicit.tenant_id.as_deref(),
+    )?;
     for (key, value) in &headers {
         check_header(key, value).map_err(|problem| SettingsError::Invalid {
             source_name: format!("{} headers", section.name),
@@ -340,6 +375,8 @@ pub fn resolve_in(
                 "none" => Compression::None,
                 _ => return Err(invalid(&found, "use gzip or none")),
             },
+            // Pyroscope's own clients always compress.
+            None if protocol == Protocol::Pyroscope => Compression::Gzip,
             None => Compression::None,
         },
     };
@@ -368,6 +405,129 @@ pub fn resolve_in(
         compression,
         tls,
     }))
+}
+
+/// Where capture spans go: `explicit` (flag, `FREEZEFRAME_*`, file;
+/// `/v1/traces` appended to a URL without a path), else
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as given. Spans go over OTLP/HTTP
+/// with the profiles exporter's headers, TLS, timeout and compression.
+/// `Ok(None)`: no endpoint, no span.
+pub fn resolve_traces(
+    explicit: Option<String>,
+    profiles: &OtlpSettings,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpSettings>, SettingsError> {
+    let endpoint = match explicit.filter(|endpoint| !endpoint.trim().is_empty()) {
+        Some(endpoint) => {
+            let found = Found {
+                source_name: "[export] traces_endpoint".to_string(),
+                value: endpoint.trim().to_string(),
+            };
+            let url = with_scheme(&found, Protocol::HttpProtobuf, false)?;
+            if path_of(&url).is_empty() {
+                format!("{}{TRACES_PATH}", url.trim_end_matches('/'))
+            } else {
+                url
+            }
+        }
+        None => match env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .map(|value| value.trim().to_string())
+            .filter(|value| !value.is_empty())
+        {
+            Some(value) => with_scheme(
+                &Found {
+                    source_name: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".to_string(),
+                    value,
+                },
+                Protocol::HttpProtobuf,
+                false,
+            )?,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(OtlpSettings {
+        endpoint,
+        protocol: Protocol::HttpProtobuf,
+        ..profiles.clone()
+    }))
+}
+
+/// The basic-auth, bearer-token and tenant settings as the headers they
+/// stand for. They replace a header of the same name: a dedicated setting
+/// is the more deliberate of the two.
+fn add_credentials(
+    headers: &mut Vec<(String, String)>,
+    basic_auth: Option<&str>,
+    bearer_token: Option<&str>,
+    tenant_id: Option<&str>,
+) -> Result<(), SettingsError> {
+    let problem = |source_name: &str, problem: &str| SettingsError::Invalid {
+        source_name: source_name.to_string(),
+        value: "(hidden)".to_string(),
+        problem: problem.to_string(),
+    };
+    if basic_auth.is_some() && bearer_token.is_some() {
+        return Err(problem(
+            "[export] basic_auth and bearer_token",
+            "both set the Authorization header; set one",
+        ));
+    }
+    let mut set = |name: &str, value: String, source_name: &str| {
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(problem(source_name, "not valid in an HTTP header"));
+        }
+        headers.retain(|(key, _)| key != name);
+        headers.push((name.to_string(), value));
+        Ok(())
+    };
+    if let Some(pair) = basic_auth {
+        if !pair.contains(':') {
+            return Err(problem(
+                "[export] basic_auth",
+                "write user:password (the password may be empty)",
+            ));
+        }
+        set(
+            "authorization",
+            format!("Basic {}", base64(pair.as_bytes())),
+            "[export] basic_auth",
+        )?;
+    }
+    if let Some(token) = bearer_token {
+        set(
+            "authorization",
+            format!("Bearer {}", token.trim()),
+            "[export] bearer_token",
+        )?;
+    }
+    if let Some(tenant) = tenant_id {
+        set(
+            "x-scope-orgid",
+            tenant.trim().to_string(),
+            "[export] tenant_id",
+        )?;
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding, as basic auth wants it.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let word = chunk.iter().enumerate().fold(0u32, |word, (index, &byte)| {
+            word | u32::from(byte) << (16 - 8 * index)
+        });
+        for position in 0..4 {
+            if position <= chunk.len() {
+                let sextet = (word >> (18 - 6 * position)) & 0x3f;
+                text.push(char::from(ALPHABET[sextet as usize]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
 }
 
 /// The endpoint with its scheme. gRPC endpoints may be given as bare
@@ -724,6 +884,122 @@ mod tests {
         assert!(parse_headers("grpc-timeout=1S")
             .unwrap_err()
             .contains("set by the exporter"));
+    }
+
+    #[test]
+    fn pyroscope_takes_its_push_path_gzip_and_only_an_endpoint_it_was_given() {
+        let pyroscope = |endpoint: Option<&str>| {
+            resolve(
+                Explicit {
+                    endpoint: endpoint.map(str::to_string),
+                    protocol: Some(Protocol::Pyroscope),
+                    ..Explicit::default()
+                },
+                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")]),
+            )
+            .unwrap()
+        };
+        assert_eq!(pyroscope(None), None, "an OTLP endpoint is no Pyroscope");
+        let settings = pyroscope(Some("http://pyroscope:4040/")).unwrap();
+        assert_eq!(
+            settings.endpoint,
+            "http://pyroscope:4040/push.v1.PusherService/Push"
+        );
+        assert_eq!(settings.compression, Compression::Gzip);
+        assert_eq!(
+            pyroscope(Some("https://gw/custom/push")).unwrap().endpoint,
+            "https://gw/custom/push"
+        );
+        assert!(format!("{settings}").starts_with("pyroscope to"));
+    }
+
+    #[test]
+    fn credentials_become_headers_and_replace_their_namesakes() {
+        let settings = resolved(
+            Explicit {
+                endpoint: Some("http://p:4040".into()),
+                headers: Some(vec![
+                    ("authorization".into(), "Bearer old".into()),
+                    ("x-other".into(), "1".into()),
+                ]),
+                basic_auth: Some("Aladdin:open sesame".into()),
+                tenant_id: Some(" ops ".into()),
+                ..Explicit::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            settings.headers,
+            [
+                ("x-other".to_string(), "1".to_string()),
+                (
+                    "authorization".to_string(),
+                    "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==".to_string()
+                ),
+                ("x-scope-orgid".to_string(), "ops".to_string()),
+            ]
+        );
+        assert!(!format!("{settings}").contains("QWxh"));
+        let bearer = resolved(
+            Explicit {
+                endpoint: Some("http://p:4040".into()),
+                bearer_token: Some("glc_abc".into()),
+                ..Explicit::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            bearer.headers,
+            [("authorization".to_string(), "Bearer glc_abc".to_string())]
+        );
+        let both = resolve(
+            Explicit {
+                endpoint: Some("http://p:4040".into()),
+                bearer_token: Some("t".into()),
+                basic_auth: Some("u:p".into()),
+                ..Explicit::default()
+            },
+            env(&[]),
+        );
+        assert!(both.unwrap_err().to_string().contains("set one"));
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+    }
+
+    #[test]
+    fn capture_spans_go_where_they_are_told_with_the_profiles_credentials() {
+        let profiles = resolved(
+            Explicit {
+                endpoint: Some("http://pyroscope:4040".into()),
+                protocol: Some(Protocol::Pyroscope),
+                tenant_id: Some("ops".into()),
+                ..Explicit::default()
+            },
+            &[],
+        );
+        let traces_env = [(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://tempo:4318/v1/traces",
+        )];
+        assert_eq!(resolve_traces(None, &profiles, env(&[])), Ok(None));
+        let from_env = resolve_traces(None, &profiles, env(&traces_env))
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_env.endpoint, "http://tempo:4318/v1/traces");
+        assert_eq!(from_env.protocol, Protocol::HttpProtobuf);
+        assert_eq!(from_env.headers, profiles.headers);
+        let explicit = resolve_traces(Some("https://gw:443".into()), &profiles, env(&traces_env))
+            .unwrap()
+            .unwrap();
+        assert_eq!(explicit.endpoint, "https://gw:443/v1/traces");
+        assert!(
+            resolve_traces(Some("tempo:4318".into()), &profiles, env(&[]))
+                .unwrap_err()
+                .to_string()
+                .contains("[export] traces_endpoint")
+        );
     }
 
     #[test]

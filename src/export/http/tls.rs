@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::settings::Tls;
+use super::Tls;
 use crate::export::ExportError;
 
 /// The PEM files' contents.
