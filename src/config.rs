@@ -328,7 +328,7 @@ impl std::fmt::Display for Config {
             )?,
         }
         match &self.export.traces {
-            Some(traces) => writeln!(f, "traces:   capture spans as {traces}")?,
+            Some(traces) => writeln!(f, "traces:   capture spans over {traces}")?,
             None => writeln!(f, "traces:   off (no traces endpoint configured)")?,
         }
         writeln!(f, "rules:    {}", self.rules.len())?;

@@ -164,7 +164,7 @@ pub async fn run_until(
                 let exporter = HttpExporter::new(traces)
                     .context("cannot set up the capture spans' exporter")?;
                 exporters.push((Exporter::Traces(Box::new(exporter)), TRACES_EXPORTER));
-                tracing::info!("exporting capture spans as {traces}");
+                tracing::info!("exporting capture spans over {traces}");
             }
             Some(
                 Delivery::open(
