@@ -638,6 +638,7 @@ impl<'obj> Probe<'obj> {
                 host_tid,
                 start_ns: thread.start_ns,
                 owed: thread.owed_ns != 0,
+                surveyed: thread.flags & types::thread_flags::THREAD_SURVEYED.0 != 0,
                 regs: (key.user_stack == StackRef::SavedRegs).then_some(UserRegs {
                     ip: thread.user_ip,
                     sp: thread.user_sp,

@@ -118,8 +118,9 @@ impl Ledger {
         });
 
         for block in in_flight {
-            // Ended, its total on the way: the credit stays, and grows no more.
-            if block.owed {
+            // Ended, its total on the way, or not yet given its stacks: the
+            // credit (if any) stays, and grows no more.
+            if block.owed || !block.surveyed {
                 continue;
             }
             let age_ns = now_ns.saturating_sub(block.start_ns);
@@ -202,6 +203,7 @@ mod tests {
             host_tid: tid,
             start_ns,
             owed: false,
+            surveyed: true,
             regs: None,
             key: key(tid),
         }
@@ -321,6 +323,19 @@ mod tests {
         // The total arrives under the stack the kernel took: only the rest.
         let last = ledger.settle(5000 * MS, &[(key(1), 1500 * MS, 1)], &[]);
         assert_eq!(last, vec![(key(1), 500 * MS, 0)]);
+    }
+
+    #[test]
+    fn a_block_the_survey_has_not_completed_is_not_credited() {
+        let mut ledger = Ledger::new(MS, None);
+        let unsurveyed = InFlight {
+            surveyed: false,
+            ..in_flight(1, 0)
+        };
+        assert!(ledger.settle(1000 * MS, &[], &[unsurveyed]).is_empty());
+        // Its total arrives whole.
+        let window = totals(ledger.settle(2000 * MS, &[(key(1), 1500 * MS, 1)], &[]));
+        assert_eq!(window[&1], (1500 * MS, 1));
     }
 
     /// Thread 1 waiting on futex word 0x1000, woken by `waker` if known.

@@ -317,6 +317,10 @@ pub struct InFlight {
     /// The block has ended, but its total waits for the user stack the
     /// thread gives on its way back to user space: nothing more to credit.
     pub owed: bool,
+    /// The survey has given the block its stacks. One it has not (it woke
+    /// while the survey looked, or began after) is not credited: its parts
+    /// would stand under other stacks than its total.
+    pub surveyed: bool,
     /// For a [`StackRef::SavedRegs`] user stack: where to walk it from.
     pub regs: Option<UserRegs>,
     pub key: BlockKey,
