@@ -108,6 +108,10 @@ pub struct RunOverrides {
     /// Ignore shorter blocks ([recorder] min_block).
     #[arg(long = "recorder-min-block", env = "FREEZEFRAME_RECORDER_MIN_BLOCK", value_parser = parse_duration)]
     pub min_block: Option<Duration>,
+    /// The bpffs directory where the node's freezeframes share one probe;
+    /// `off` for a private probe ([recorder] shared_probe_dir).
+    #[arg(long = "shared-probe-dir", env = "FREEZEFRAME_SHARED_PROBE_DIR")]
+    pub shared_probe_dir: Option<PathBuf>,
     /// Address for /metrics, /healthz and /readyz ([telemetry] listen).
     #[arg(long = "telemetry-listen", env = "FREEZEFRAME_TELEMETRY_LISTEN")]
     pub telemetry_listen: Option<SocketAddr>,
@@ -324,6 +328,10 @@ pub struct CaptureArgs {
     /// much memory (e.g. 64MiB, 1GiB; 0 turns it off), with their callers' stacks.
     #[arg(long, env = "FREEZEFRAME_MIN_ALLOC", default_value = "64MiB", value_parser = parse_bytes)]
     pub min_alloc: u64,
+    /// The bpffs directory where the node's freezeframes share one probe;
+    /// `off` for a private probe.
+    #[arg(long, env = "FREEZEFRAME_SHARED_PROBE_DIR", default_value = crate::capture::DEFAULT_SHARED_PROBE_DIR)]
+    pub shared_probe_dir: PathBuf,
     /// Write the profile as gzipped pprof.
     #[arg(long, short, env = "FREEZEFRAME_OUTPUT")]
     pub output: Option<PathBuf>,

@@ -95,6 +95,9 @@ pub struct Recorder {
     /// mmap/munmap/mremap/brk/madvise calls moving at least this many
     /// bytes are recorded; `None` (0 in the file) records none.
     pub min_allocation: Option<u64>,
+    /// The bpffs directory of the node's shared probe; `None` (empty in
+    /// the file) runs a private one.
+    pub shared_probe_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +168,7 @@ struct RecorderFile {
     min_block: Option<Duration>,
     /// A size: bytes, or text such as "64MiB".
     min_allocation: Option<SizeFile>,
+    shared_probe_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,7 +289,7 @@ impl std::fmt::Display for Config {
         writeln!(f, "target:   {target}")?;
         writeln!(
             f,
-            "recorder: {:?}, history {}, blocks from {}, address-space changes {}",
+            "recorder: {:?}, history {}, blocks from {}, address-space changes {}, probe {}",
             self.recorder.mode,
             humantime::format_duration(self.recorder.history),
             humantime::format_duration(self.recorder.min_block),
@@ -294,6 +298,13 @@ impl std::fmt::Display for Config {
                 .map_or("off".to_string(), |bytes| format!(
                     "from {}",
                     crate::report::human_bytes(bytes)
+                )),
+            self.recorder
+                .shared_probe_dir
+                .as_ref()
+                .map_or("private".to_string(), |dir| format!(
+                    "shared in {} (private if that is not bpffs)",
+                    dir.display()
                 )),
         )?;
         writeln!(
@@ -437,6 +448,14 @@ impl Config {
                 }
             }
             .filter(|&bytes| bytes > 0),
+            shared_probe_dir: Some(
+                overrides
+                    .shared_probe_dir
+                    .clone()
+                    .or(file.recorder.shared_probe_dir)
+                    .unwrap_or_else(|| PathBuf::from(crate::capture::DEFAULT_SHARED_PROBE_DIR)),
+            )
+            .filter(|dir| crate::capture::shares_probe(dir)),
         };
         if recorder.history < Duration::from_secs(1) {
             return Err(ConfigError::HistoryTooShort(recorder.history));
