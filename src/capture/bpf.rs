@@ -1052,6 +1052,10 @@ impl<'obj> Probe<'obj> {
     /// Leaves the node's probe: our targets go, and the last instance out
     /// (or the last one capturing) takes the pins with it.
     fn leave(&mut self) -> Result<(), CaptureError> {
+        // A private probe's maps go with it.
+        if !self.is_shared() {
+            return Ok(());
+        }
         let tgids: Vec<u32> = self.targets.keys().copied().collect();
         for tgid in tgids {
             self.remove_target(tgid)?;

@@ -352,4 +352,80 @@ mod tests {
         assert!(refused.to_string().contains("mount -t bpf"), "{refused}");
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A bpffs of the test's own, unmounted when dropped. Needs root.
+    struct Bpffs(PathBuf);
+
+    impl Bpffs {
+        fn mount(name: &str) -> Bpffs {
+            let dir = std::env::temp_dir().join(format!("ff-{name}-{}", std::process::id()));
+            fs::create_dir_all(&dir).unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mounting a bpffs needs root");
+            Bpffs(dir)
+        }
+    }
+
+    impl Drop for Bpffs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+
+    #[test]
+    fn an_instance_is_alive_while_it_holds_its_membership() {
+        let bpffs = Bpffs::mount("liveness");
+        let base = bpffs.0.join("freezeframe");
+        let node = Node::lock(&base, "v1").unwrap();
+        let first = node.join(1).unwrap();
+        let second = node.join(2).unwrap();
+        node.set_attached(&second, true).unwrap();
+        let mut peers = node.peers(Some(&first)).unwrap();
+        assert_eq!(
+            peers,
+            vec![Peer {
+                id: 2,
+                alive: true,
+                attached: true
+            }]
+        );
+        // However an instance ends, its descriptor closes with it.
+        drop(second);
+        peers = node.peers(Some(&first)).unwrap();
+        assert_eq!(peers.len(), 1);
+        assert!(!peers[0].alive);
+        node.forget(2).unwrap();
+        assert!(node.peers(Some(&first)).unwrap().is_empty());
+        // Alive while held, even to a check that does not skip it.
+        assert!(node.peers(None).unwrap()[0].alive);
+        drop(first);
+        node.forget(1).unwrap();
+        let dir = node.dir().to_path_buf();
+        node.remove_all().unwrap();
+        assert!(!dir.exists() && !base.exists());
+    }
+
+    #[test]
+    fn versions_have_directories_of_their_own_and_abandoned_ones_are_swept() {
+        let bpffs = Bpffs::mount("versions");
+        let base = bpffs.0.join("freezeframe");
+        let old = Node::lock(&base, "old").unwrap();
+        let gone = old.join(7).unwrap();
+        let old_dir = old.dir().to_path_buf();
+        drop(old);
+        let new = Node::lock(&base, "new").unwrap();
+        assert_ne!(new.dir(), old_dir);
+        // Its only instance lives: the old version's probe stays.
+        sweep_abandoned(&base, new.dir());
+        assert!(old_dir.exists());
+        drop(gone);
+        sweep_abandoned(&base, new.dir());
+        assert!(!old_dir.exists(), "all its instances are gone");
+        assert!(new.dir().exists());
+    }
 }
