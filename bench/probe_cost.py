@@ -120,6 +120,22 @@ def has_bpf_link(pid: int) -> bool:
     return False
 
 
+def joined_shared_probe(shared_probe_dir, pid: int) -> bool:
+    """Whether `pid` captures through the node's shared probe: it then holds
+    no link of its own, but its instance directory says it is attached."""
+    if shared_probe_dir == "off":
+        return False
+    attached = set(Path(shared_probe_dir).glob("offcpu-*/instances/*/attached"))
+    # An instance's directory is held open (flock) by its process.
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if Path(os.readlink(fd)) / "attached" in attached:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Tracer:
     """A tracer process on `pid`, started and waited for until attached."""
 
@@ -300,8 +316,9 @@ silence = "1h"
         self.proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.monotonic()
-        while not has_bpf_link(self.proc.pid):
+        while not (has_bpf_link(self.proc.pid) or joined_shared_probe(shared_probe_dir, self.proc.pid)):
             if self.proc.poll() is not None or time.monotonic() - started > 30:
+                self.proc.kill()
                 raise RuntimeError("the sidecar did not attach")
             time.sleep(0.01)
         time.sleep(2)

@@ -553,8 +553,9 @@ impl<'obj> Probe<'obj> {
         let node = sharing.and_then(|dir| match Node::lock(dir, VERSION) {
             Ok(node) => Some(node),
             Err(why) => {
+                // The probe works either way; what it costs the node differs.
                 if !NOT_SHARED_REPORTED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
+                    tracing::info!(
                         "running a private BPF probe, not the node's shared one: {why}; every \
                          freezeframe on this node then costs its neighbours a probe of its own"
                     );
