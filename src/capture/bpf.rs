@@ -528,6 +528,25 @@ fn map_error(map: &'static str) -> impl Fn(libbpf_rs::Error) -> CaptureError {
     move |source| CaptureError::Map { map, source }
 }
 
+/// Deletes the entries of `table` that belong to one of `host_tgids`, as
+/// `owner_of` reads an entry's process from its key and value.
+fn delete_owned(
+    table: &libbpf_rs::MapMut<'_>,
+    map: &'static str,
+    host_tgids: &HashSet<u32>,
+    owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
+) -> Result<(), CaptureError> {
+    for (key, value) in table
+        .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+        .map_err(map_error(map))?
+    {
+        if host_tgids.contains(&owner_of(&key, &value)?) {
+            deleted(table.delete(&key), map)?;
+        }
+    }
+    Ok(())
+}
+
 /// A map operation's "not there": fine when deleting.
 fn deleted(result: libbpf_rs::Result<()>, map: &'static str) -> Result<(), CaptureError> {
     match result {
@@ -948,43 +967,21 @@ impl<'obj> Probe<'obj> {
             self.unwatch(host_tgid)?;
         }
         let maps = &self.skel.maps;
-        for (key, _) in maps
-            .blocked
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(map_error("blocked"))?
-        {
-            if host_tgids.contains(&from_bytes::<types::block_key>(&key)?.host_tgid) {
-                deleted(maps.blocked.delete(&key), "blocked")?;
-            }
-        }
-        for (key, value) in maps
-            .stacks
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(map_error("stacks"))?
-        {
-            if host_tgids.contains(&from_bytes::<types::stack>(&value)?.host_tgid) {
-                deleted(maps.stacks.delete(&key), "stacks")?;
-            }
-        }
-        for (key, value) in maps
-            .lock_holds
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(map_error("lock_holds"))?
-        {
-            if host_tgids.contains(&from_bytes::<types::lock_hold>(&value)?.host_tgid) {
-                deleted(maps.lock_holds.delete(&key), "lock_holds")?;
-            }
-        }
-        for (key, value) in maps
-            .address_changes
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(map_error("address_changes"))?
-        {
-            if host_tgids.contains(&from_bytes::<types::address_change>(&value)?.host_tgid) {
-                deleted(maps.address_changes.delete(&key), "address_changes")?;
-            }
-        }
-        Ok(())
+        delete_owned(&maps.blocked, "blocked", host_tgids, |key, _| {
+            Ok(from_bytes::<types::block_key>(key)?.host_tgid)
+        })?;
+        delete_owned(&maps.stacks, "stacks", host_tgids, |_, value| {
+            Ok(from_bytes::<types::stack>(value)?.host_tgid)
+        })?;
+        delete_owned(&maps.lock_holds, "lock_holds", host_tgids, |_, value| {
+            Ok(from_bytes::<types::lock_hold>(value)?.host_tgid)
+        })?;
+        delete_owned(
+            &maps.address_changes,
+            "address_changes",
+            host_tgids,
+            |_, value| Ok(from_bytes::<types::address_change>(value)?.host_tgid),
+        )
     }
 
     /// Clears up after the node's instances that are gone: their targets
