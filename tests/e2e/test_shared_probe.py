@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LATENCY_RULE
+from conftest import LATENCY_RULE, App, Sidecar
 from test_export import pprof_samples
 
 # The seed's rule, with a cooldown short enough to fire again in a test.
@@ -73,25 +73,36 @@ def wait_for(what, predicate, timeout: float = 20):
 
 
 class Pod:
-    """An app and its own sidecar, as Kubernetes would run them."""
+    """An app and its own sidecar, with a directory of its own, as
+    Kubernetes would run them."""
 
-    def __init__(self, sidecar_factory, app_factory, shared: Path, binary=None):
+    def __init__(self, directory: Path, shared: Path, binary=None):
+        directory.mkdir(parents=True, exist_ok=True)
         env = {"FREEZEFRAME_SHARED_PROBE_DIR": str(shared)}
-        self.sidecar = sidecar_factory(RULE, env=env, binary=binary)
-        self.app = app_factory("grpc", self.sidecar.grpc)
-        self.shared = shared
-
-    def restart_sidecar(self, sidecar_factory, app_factory):
-        self.app.stop()
-        self.__init__(sidecar_factory, app_factory, self.shared)
+        self.sidecar = Sidecar(directory, RULE, env=env, binary=binary)
+        self.app = App("grpc", self.sidecar.grpc)
 
     def captures(self) -> list:
-        """Its own captures: every sidecar of a test writes to one directory."""
-        return [
-            event
-            for event in self.sidecar.events()
-            if event["outcome"] == "captured" and event["target_pid"] == self.app.pid
-        ]
+        return [event for event in self.sidecar.events() if event["outcome"] == "captured"]
+
+    def stop(self):
+        self.sidecar.stop()
+        self.app.stop()
+
+
+@pytest.fixture
+def pod_factory(tmp_path):
+    """Starts pods, each in a directory of its own; stops them all at the end."""
+    started = []
+
+    def start(shared: Path, binary=None) -> Pod:
+        pod = Pod(tmp_path / f"pod{len(started)}", shared, binary)
+        started.append(pod)
+        return pod
+
+    yield start
+    for pod in started:
+        pod.stop()
 
 
 def freeze_and_check(pods, seconds: float = 4):
@@ -138,11 +149,11 @@ def rfc3339_ns(text: str) -> int:
     return int(seconds) * 10**9 + int((fraction or "0").ljust(9, "0")[:9])
 
 
-def test_sidecars_share_one_probe_survive_each_other_and_leave_nothing_behind(bpffs, sidecar_factory, app_factory):
+def test_sidecars_share_one_probe_survive_each_other_and_leave_nothing_behind(bpffs, pod_factory):
     assert VARIANT and Path(VARIANT).exists(), (
         "FREEZEFRAME_VARIANT_BINARY must name a build with FREEZEFRAME_BPF_VARIANT set (scripts/test makes one)"
     )
-    pods = [Pod(sidecar_factory, app_factory, bpffs) for _ in range(3)]
+    pods = [pod_factory(bpffs) for _ in range(3)]
 
     # One probe: one set of maps, one copy of each program attached.
     [probe] = wait_for("one probe", lambda: probes(bpffs))
@@ -164,7 +175,8 @@ def test_sidecars_share_one_probe_survive_each_other_and_leave_nothing_behind(bp
     freeze_and_check(pods[1:])
 
     # Restarted, it joins the same probe again.
-    killed.restart_sidecar(sidecar_factory, app_factory)
+    killed.stop()
+    killed = pods[0] = pod_factory(bpffs)
     wait_for("the restarted instance's target", lambda: killed.app.pid in targets(probe))
     assert probes(bpffs) == [probe]
     assert attached_switch_hooks(maps) == 1
@@ -172,7 +184,7 @@ def test_sidecars_share_one_probe_survive_each_other_and_leave_nothing_behind(bp
     freeze_and_check([killed])
 
     # Another BPF object version runs beside them, on a probe of its own.
-    other = Pod(sidecar_factory, app_factory, bpffs, binary=VARIANT)
+    other = pod_factory(bpffs, binary=VARIANT)
     [theirs] = wait_for("a second probe", lambda: [p for p in probes(bpffs) if p != probe])
     wait_for("the other version's target", lambda: other.app.pid in targets(theirs))
     their_maps = probe_maps(theirs)
@@ -182,14 +194,15 @@ def test_sidecars_share_one_probe_survive_each_other_and_leave_nothing_behind(bp
     assert set(targets(theirs)) == {other.app.pid}
     time.sleep(3)
     freeze_and_check([other])
-    other.sidecar.stop()
+    other.stop()
     assert probes(bpffs) == [probe], "the other version's probe left with its last instance"
 
     # The last one out leaves nothing pinned, loaded or attached.
     for pod in pods:
-        pod.sidecar.stop()
+        pod.stop()
     assert probes(bpffs) == [], list(bpffs.rglob("*")) if bpffs.exists() else []
-    assert not programs_using(maps | their_maps), programs_using(maps | their_maps)
+    # The kernel frees a program after its last reference goes, not at once.
+    wait_for("no program of the probes left", lambda: not programs_using(maps | their_maps), timeout=10)
     assert attached_switch_hooks(maps | their_maps) == 0
 
 
