@@ -67,8 +67,8 @@ pub enum StackEnd {
 /// Addresses follow the convention of stacks the kernel walks, which the
 /// symbolizer relies on when it looks up `ip - 1`: each is one past a byte
 /// of the instruction it stands for. A return address is that already, as
-/// is a system call's `ip`; an exact instruction (a page fault's, or the
-/// one a signal interrupted) is given plus one.
+/// is a system call's `ip`; an exact instruction (a page fault's, the one
+/// a signal interrupted, the signal trampoline) is given plus one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unwound {
     pub ips: Vec<u64>,
@@ -125,6 +125,8 @@ struct Frame {
     /// return address otherwise.
     address: FrameAddress,
     regs: UnwindRegsX86_64,
+    /// The address the stack shows for it (see [`Unwound`]).
+    shown: u64,
 }
 
 /// What one step up the stack gave.
@@ -174,6 +176,7 @@ impl Unwinder {
         let mut frame = Frame {
             address: FrameAddress::from_instruction_pointer(regs.ip),
             regs: UnwindRegsX86_64::new(regs.ip, regs.sp, regs.fp),
+            shown: first,
         };
         let end = loop {
             if ips.len() >= max_depth {
@@ -181,10 +184,7 @@ impl Unwinder {
             }
             match self.step(pid, frame, memory) {
                 Step::Caller(caller) => {
-                    ips.push(match caller.address {
-                        FrameAddress::ReturnAddress(address) => address.get(),
-                        FrameAddress::InstructionPointer(address) => address.wrapping_add(1),
-                    });
+                    ips.push(caller.shown);
                     frame = caller;
                 }
                 Step::Root => break StackEnd::Complete,
@@ -244,25 +244,30 @@ impl Unwinder {
             return Step::Unconfirmed;
         };
         regs.set_ip(return_address);
-        if !self.confirmed_return(pid, return_address, memory) {
+        let Some(shown) = self.confirmed_return(pid, return_address, memory) else {
             return Step::Unconfirmed;
-        }
-        Step::Caller(Frame { address, regs })
+        };
+        Step::Caller(Frame {
+            address,
+            regs,
+            shown,
+        })
     }
 
-    /// Whether `address` is a return address: it lands in code, right
-    /// after a call instruction, or in the signal trampoline (where the
-    /// kernel, not a call, sends a handler back to).
-    fn confirmed_return(&mut self, pid: u32, address: u64, memory: &dyn Memory) -> bool {
-        let Some(mapping) = self.code_mapping(pid, address - 1) else {
-            return false;
-        };
+    /// Whether `address` is a return address, and the address the stack
+    /// shows for it: it lands in code right after a call instruction, or
+    /// at the signal trampoline, where the kernel (not a call) sends a
+    /// handler back to. No call precedes the trampoline, so it is shown as
+    /// the exact address it is.
+    fn confirmed_return(&mut self, pid: u32, address: u64, memory: &dyn Memory) -> Option<u64> {
+        let mapping = self.code_mapping(pid, address.checked_sub(1)?)?;
         if self.code(pid, &mapping, address, SIGRETURN.len(), memory) == Some(SIGRETURN.to_vec()) {
-            return true;
+            return Some(address + 1);
         }
         let before = (address - mapping.start).min(MAX_CALL_LENGTH as u64);
         self.code(pid, &mapping, address - before, before as usize, memory)
             .is_some_and(|bytes| ends_with_call(&bytes))
+            .then_some(address)
     }
 
     /// Code bytes of the process: from the module's file, or (for code
@@ -369,6 +374,7 @@ fn signal_context(sp: u64, memory: &dyn Memory) -> Option<Frame> {
     Some(Frame {
         address: FrameAddress::from_instruction_pointer(ip),
         regs: UnwindRegsX86_64::new(ip, saved_sp, bp),
+        shown: ip.wrapping_add(1),
     })
 }
 
