@@ -127,6 +127,15 @@ struct Frame {
     regs: UnwindRegsX86_64,
     /// The address the stack shows for it (see [`Unwound`]).
     shown: u64,
+    /// A signal handler returned here, to the trampoline.
+    at_trampoline: bool,
+}
+
+/// How a return address was confirmed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confirmed {
+    Call,
+    Trampoline,
 }
 
 /// What one step up the stack gave.
@@ -177,6 +186,7 @@ impl Unwinder {
             address: FrameAddress::from_instruction_pointer(regs.ip),
             regs: UnwindRegsX86_64::new(regs.ip, regs.sp, regs.fp),
             shown: first,
+            at_trampoline: false,
         };
         let end = loop {
             if ips.len() >= max_depth {
@@ -200,15 +210,7 @@ impl Unwinder {
         let Some(mapping) = self.code_mapping(pid, lookup) else {
             return Step::Unconfirmed;
         };
-        if frame.address.is_return_address()
-            && self.code(
-                pid,
-                &mapping,
-                frame.address.address(),
-                SIGRETURN.len(),
-                memory,
-            ) == Some(SIGRETURN.to_vec())
-        {
+        if frame.at_trampoline {
             return signal_context(frame.regs.sp(), memory).map_or(Step::Unconfirmed, Step::Caller);
         }
         let mut regs = frame.regs;
@@ -244,30 +246,51 @@ impl Unwinder {
             return Step::Unconfirmed;
         };
         regs.set_ip(return_address);
-        let Some(shown) = self.confirmed_return(pid, return_address, memory) else {
+        let Some(confirmed) = self.confirmed_return(pid, return_address, memory) else {
             return Step::Unconfirmed;
         };
+        let at_trampoline = confirmed == Confirmed::Trampoline;
         Step::Caller(Frame {
             address,
             regs,
-            shown,
+            // No call precedes the trampoline: it is shown as the exact
+            // address it is.
+            shown: if at_trampoline {
+                return_address + 1
+            } else {
+                return_address
+            },
+            at_trampoline,
         })
     }
 
-    /// Whether `address` is a return address, and the address the stack
-    /// shows for it: it lands in code right after a call instruction, or
-    /// at the signal trampoline, where the kernel (not a call) sends a
-    /// handler back to. No call precedes the trampoline, so it is shown as
-    /// the exact address it is.
-    fn confirmed_return(&mut self, pid: u32, address: u64, memory: &dyn Memory) -> Option<u64> {
+    /// Whether `address` is a return address: it lands in code right
+    /// after a call instruction, or at the signal trampoline, where the
+    /// kernel (not a call) sends a handler back to. One read covers both.
+    fn confirmed_return(
+        &mut self,
+        pid: u32,
+        address: u64,
+        memory: &dyn Memory,
+    ) -> Option<Confirmed> {
         let mapping = self.code_mapping(pid, address.checked_sub(1)?)?;
-        if self.code(pid, &mapping, address, SIGRETURN.len(), memory) == Some(SIGRETURN.to_vec()) {
-            return Some(address + 1);
-        }
         let before = (address - mapping.start).min(MAX_CALL_LENGTH as u64);
-        self.code(pid, &mapping, address - before, before as usize, memory)
-            .is_some_and(|bytes| ends_with_call(&bytes))
-            .then_some(address)
+        let after = (mapping.end - address).min(SIGRETURN.len() as u64);
+        let code = self.code(
+            pid,
+            &mapping,
+            address - before,
+            (before + after) as usize,
+            memory,
+        )?;
+        let (before, after) = code.split_at(before as usize);
+        if after == SIGRETURN {
+            Some(Confirmed::Trampoline)
+        } else if ends_with_call(before) {
+            Some(Confirmed::Call)
+        } else {
+            None
+        }
     }
 
     /// Code bytes of the process: from the module's file, or (for code
@@ -375,6 +398,7 @@ fn signal_context(sp: u64, memory: &dyn Memory) -> Option<Frame> {
         address: FrameAddress::from_instruction_pointer(ip),
         regs: UnwindRegsX86_64::new(ip, saved_sp, bp),
         shown: ip.wrapping_add(1),
+        at_trampoline: false,
     })
 }
 
