@@ -1,16 +1,19 @@
 //! The DWARF unwinder on threads blocked the way distribution-built C code
 //! blocks: the `-O2 -fomit-frame-pointer` fixture of the real-BPF tests
-//! (`tests/fixtures/blocked_o2.c`, built here with gcc), glibc its only
+//! (`tests/fixtures/blocked_o2.c`, built with gcc), glibc its only
 //! library. Each blocked thread's `sp` and `pc` come from
 //! `/proc/PID/task/TID/syscall`, as the survey's saved registers would.
 //! Prints the first unwind (tables loaded then), the cost per unwound stack
 //! once they are, and the tables' memory. `cargo bench --bench unwind`
 //! (as root, or with ptrace rights over the fixture).
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::time::Instant;
+
+use common::{blocked_o2_binary, Workload};
 
 use freezeframe::unwind::{Entry, ProcessMemory, StackEnd, Unwinder, UserRegs};
 
@@ -34,37 +37,11 @@ fn saved_registers(pid: u32, tid: u32) -> Option<UserRegs> {
 }
 
 fn main() {
-    let fixture = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-blocked-o2");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocked_o2.c");
-    let built = Command::new("gcc")
-        .args(["-O2", "-fomit-frame-pointer", "-g", "-pthread", "-o"])
-        .arg(&fixture)
-        .arg(&source)
-        .status()
-        .expect("cannot run gcc");
-    assert!(built.success(), "the fixture does not compile");
-    let mut child = Command::new(&fixture)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cannot start the fixture");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut pid = None;
-    while pid.is_none() {
-        let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "the fixture exited"
-        );
-        pid = line
-            .strip_prefix("ready ")
-            .map(|pid| pid.trim().parse::<u32>().unwrap());
-    }
-    let pid = pid.unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, "go").unwrap();
-    stdin.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut fixture = Workload::start_with(Command::new(blocked_o2_binary()));
+    fixture.command("go", 4);
+    // Announced just before they block.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let pid = fixture.pid;
 
     let blocked: Vec<(u32, UserRegs)> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -121,6 +98,4 @@ fn main() {
         unwinder.table_bytes(),
         unwinder.table_bytes() as f64 / 1024.0
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }

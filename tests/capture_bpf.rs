@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{assert_close, freezeframe, require_root, Announced, Workload};
+use common::{assert_close, blocked_o2_binary, freezeframe, require_root, Announced, Workload};
 use freezeframe::encode::pprof;
 use freezeframe::profile::labels::Key;
 use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample, ThreadState};
@@ -861,33 +861,6 @@ fn a_process_nobody_targets_runs_no_program_on_its_system_calls() {
         total < CALLS / 100,
         "{total} program runs during {CALLS} system calls of a process nobody targets: {runs:?}"
     );
-}
-
-/// Compiles `tests/fixtures/blocked_o2.c` once, as distributions build C:
-/// `-O2`, no frame pointers, against the system glibc.
-fn blocked_o2_binary() -> &'static Path {
-    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BINARY.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-blocked-o2");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocked_o2.c");
-        let status = Command::new("gcc")
-            .args([
-                "-O2",
-                "-fomit-frame-pointer",
-                "-g",
-                "-pthread",
-                "-Wall",
-                "-o",
-            ])
-            .arg(&out)
-            .arg(&source)
-            .status()
-            .expect(
-                "cannot run gcc to build the -O2 fixture (scripts/prerequisites.sh installs it)",
-            );
-        assert!(status.success(), "the -O2 fixture does not compile");
-        out
-    })
 }
 
 /// The fixture's own functions each kind of thread blocks through,

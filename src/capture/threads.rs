@@ -227,26 +227,15 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn a_walk_within_its_deadline_gives_the_whole_stack() {
-        let (ip, sp, fp): (u64, u64, u64);
-        // SAFETY: copies three registers, touches nothing else.
-        unsafe {
-            std::arch::asm!(
-                "lea {ip}, [rip]",
-                "mov {sp}, rsp",
-                "mov {fp}, rbp",
-                ip = out(reg) ip,
-                sp = out(reg) sp,
-                fp = out(reg) fp,
-            )
-        };
+        let regs = crate::unwind::registers_here!();
         let mut walker = StackWalker::start().unwrap();
         // This thread waits in walk() while its stack is read: it holds still.
         let saved = SavedRegs {
-            regs: UserRegs { ip, sp, fp },
+            regs,
             entry: Entry::Fault,
         };
         let unwound = walker.walk((1, 1), std::process::id(), saved).unwrap();
-        assert_eq!(unwound.ips[0], ip + 1);
+        assert_eq!(unwound.ips[0], regs.ip + 1);
         assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
         let here = a_walk_within_its_deadline_gives_the_whole_stack as *const () as u64;
         assert!(unwound

@@ -437,5 +437,28 @@ fn ends_with_call(code: &[u8]) -> bool {
     })
 }
 
+/// The registers where it is used, for tests that unwind their own stack:
+/// the caller is stopped while its stack is read, so its frames hold still.
+#[cfg(all(test, target_arch = "x86_64"))]
+macro_rules! registers_here {
+    () => {{
+        let (ip, sp, fp): (u64, u64, u64);
+        // SAFETY: copies three registers, touches nothing else.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {fp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                fp = out(reg) fp,
+            )
+        };
+        $crate::unwind::UserRegs { ip, sp, fp }
+    }};
+}
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) use registers_here;
+
 #[cfg(test)]
 mod tests;

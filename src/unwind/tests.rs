@@ -10,27 +10,10 @@ use super::*;
 #[inline(never)]
 #[cfg(target_arch = "x86_64")]
 fn unwind_here(unwinder: &mut Unwinder) -> Unwound {
-    let (ip, sp, fp): (u64, u64, u64);
-    // SAFETY: copies three registers, touches nothing else.
-    unsafe {
-        std::arch::asm!(
-            "lea {ip}, [rip]",
-            "mov {sp}, rsp",
-            "mov {fp}, rbp",
-            ip = out(reg) ip,
-            sp = out(reg) sp,
-            fp = out(reg) fp,
-        )
-    };
+    let regs = registers_here!();
     let memory = ProcessMemory::open(std::process::id()).unwrap();
     // The ip is exact, as a fault's is.
-    unwinder.unwind(
-        std::process::id(),
-        UserRegs { ip, sp, fp },
-        Entry::Fault,
-        &memory,
-        127,
-    )
+    unwinder.unwind(std::process::id(), regs, Entry::Fault, &memory, 127)
 }
 
 /// Whether a stack has a return address into the function at `start`.
@@ -58,20 +41,9 @@ fn our_own_stack_unwinds_to_the_thread_root() {
 fn a_depth_limit_truncates() {
     let unwound = unwind_here(&mut Unwinder::default()).ips.len();
     let short = {
-        let (ip, sp, fp): (u64, u64, u64);
-        // SAFETY: copies three registers, touches nothing else.
-        unsafe {
-            std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {fp}, rbp",
-                ip = out(reg) ip, sp = out(reg) sp, fp = out(reg) fp)
-        };
+        let regs = registers_here!();
         let memory = ProcessMemory::open(std::process::id()).unwrap();
-        Unwinder::default().unwind(
-            std::process::id(),
-            UserRegs { ip, sp, fp },
-            Entry::Fault,
-            &memory,
-            2,
-        )
+        Unwinder::default().unwind(std::process::id(), regs, Entry::Fault, &memory, 2)
     };
     assert!(unwound > 2);
     assert_eq!((short.ips.len(), short.end), (2, StackEnd::Truncated));
