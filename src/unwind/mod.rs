@@ -79,7 +79,8 @@ pub struct Unwound {
 /// 0.2 MiB, libjvm's about 3 MiB.
 pub const DEFAULT_TABLE_BUDGET: u64 = 64 << 20;
 
-/// How many processes' module maps are kept between unwinds.
+/// How many processes' module maps are kept between unwinds; the least
+/// recently used goes first (an exited process's is never used again).
 const MAX_PROCESSES: usize = 1024;
 
 /// `mov $0xf, %rax; syscall`: glibc's `__restore_rt`, where a signal
@@ -160,11 +161,6 @@ impl Unwinder {
     /// Memory the loaded unwind tables take.
     pub fn table_bytes(&self) -> u64 {
         self.tables.bytes()
-    }
-
-    /// Forgets a process's module map (it exited).
-    pub fn forget_process(&mut self, pid: u32) {
-        self.processes.remove(&pid);
     }
 
     /// Unwinds the user stack of a thread of `pid` stopped with `regs`,
