@@ -6,7 +6,6 @@
 //! `[unknown] file+0xoffset` when at least the file is known.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -15,7 +14,8 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
-use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, Window};
+use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, UserStackEnd, Window};
+use crate::process_map::{Mapping as ProcessMapping, ProcessMap};
 use crate::profile::labels::{Key, STACK_SEPARATOR};
 use crate::profile::{
     Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels, TimeSlice,
@@ -87,7 +87,7 @@ struct UserFrame {
     region: Option<usize>,
 }
 
-/// One file-backed line of /proc/PID/maps.
+/// A file-backed mapping of the process, as its frames' mappings name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Region {
     start: u64,
@@ -95,6 +95,18 @@ struct Region {
     offset: u64,
     path: String,
     build_id: Option<String>,
+}
+
+impl Region {
+    fn of(mapping: &ProcessMapping) -> Option<Region> {
+        Some(Region {
+            start: mapping.start,
+            end: mapping.end,
+            offset: mapping.offset,
+            path: mapping.path.clone()?,
+            build_id: None,
+        })
+    }
 }
 
 /// What one window gives: its off-CPU profile and, when the targets made
@@ -369,7 +381,16 @@ impl Symbolizer {
             .skip_while(is_tracing_machinery)
             .collect();
         frames.extend(self.user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index));
-        if user_stack_truncated(&stack.user_ips, &frames) {
+        let truncated = match stack.user_end {
+            UserStackEnd::Walked => user_stack_truncated(&stack.user_ips, &frames),
+            UserStackEnd::Complete => false,
+            UserStackEnd::Truncated => true,
+            UserStackEnd::NotRead => {
+                frames.push(Frame::marker_not_read());
+                false
+            }
+        };
+        if truncated {
             frames.push(Frame::marker_truncated());
         }
         Sample {
@@ -677,31 +698,14 @@ fn user_stack_truncated(user_ips: &[u64], frames: &[Frame]) -> bool {
     !root.is_some_and(|root| STACK_ROOTS.contains(&root.function()))
 }
 
-/// File-backed regions of `/proc/PID/maps`.
+/// The regions of a process's mappings that have a name (files, and the
+/// kernel's `[vdso]` and kind); none if the process is gone.
 fn read_regions(pid: u32) -> Vec<Region> {
-    fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map(|maps| maps.lines().filter_map(parse_region).collect())
-        .unwrap_or_default()
+    regions_of(&ProcessMap::read(pid).unwrap_or_default())
 }
 
-fn parse_region(line: &str) -> Option<Region> {
-    let mut fields = line.split_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
-    let _perms = fields.next()?;
-    let offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
-    let path = fields.collect::<Vec<_>>().join(" ");
-    if path.is_empty() {
-        return None;
-    }
-    Some(Region {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
-        path,
-        build_id: None,
-    })
+fn regions_of(map: &ProcessMap) -> Vec<Region> {
+    map.mappings().iter().filter_map(Region::of).collect()
 }
 
 #[cfg(test)]
@@ -711,22 +715,19 @@ mod tests {
 
     #[test]
     fn maps_lines_with_a_file_become_regions() {
-        let line = "7f1c2a000000-7f1c2a1b6000 r-xp 00028000 fe:01 1837 /usr/lib/x86_64-linux-gnu/libc.so.6";
+        let maps = "7f1c2a000000-7f1c2a1b6000 r-xp 00028000 fe:01 1837 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                    7ffd1000-7ffd2000 rw-p 00000000 00:00 0\n\
+                    garbage\n";
         assert_eq!(
-            parse_region(line),
-            Some(Region {
+            regions_of(&ProcessMap::parse(maps)),
+            vec![Region {
                 start: 0x7f1c_2a00_0000,
                 end: 0x7f1c_2a1b_6000,
                 offset: 0x28000,
                 path: "/usr/lib/x86_64-linux-gnu/libc.so.6".to_string(),
                 build_id: None,
-            })
+            }]
         );
-        assert_eq!(
-            parse_region("7ffd1000-7ffd2000 rw-p 00000000 00:00 0"),
-            None
-        );
-        assert_eq!(parse_region("garbage"), None);
     }
 
     #[test]
@@ -772,6 +773,71 @@ mod tests {
         assert!(user_stack_truncated(&[1, 2], &frames));
         // Kernel threads have no user stack to truncate.
         assert!(!user_stack_truncated(&[], &[]));
+    }
+
+    /// One sample per way a user stack can end, of a frame of ours that
+    /// is not a thread root.
+    #[test]
+    fn how_an_unwound_stack_ends_decides_its_marker() {
+        let here = how_an_unwound_stack_ends_decides_its_marker as *const () as u64 + 1;
+        let stack = |tid, user_ips: &[u64], user_end| BlockedStack {
+            tgid: std::process::id(),
+            tid,
+            thread_name: "t".into(),
+            state: crate::profile::ThreadState::Sleeping,
+            kernel_ips: Stack::from([]),
+            user_ips: Stack::from(user_ips),
+            user_end,
+            lock: None,
+            blocked_ns: 1,
+            count: 1,
+            timeline: Vec::new(),
+        };
+        let window = Window {
+            start: std::time::SystemTime::UNIX_EPOCH,
+            duration: std::time::Duration::from_secs(1),
+            stacks: vec![
+                stack(1, &[here], UserStackEnd::Walked),
+                stack(2, &[here], UserStackEnd::Complete),
+                stack(3, &[here], UserStackEnd::Truncated),
+                stack(4, &[], UserStackEnd::NotRead),
+            ],
+            lock_holds: Vec::new(),
+            address_changes: Vec::new(),
+            drops: Default::default(),
+            features: crate::capture::Features {
+                hook: crate::capture::Hook::TpBtf,
+                lock_contention: false,
+                mmap_lock_holds: false,
+                address_changes: false,
+                stacks_on_return: false,
+            },
+        };
+        let profile = Symbolizer::new().profile(&window);
+        let markers: Vec<Vec<&str>> = profile
+            .samples
+            .iter()
+            .map(|sample| {
+                sample
+                    .stack
+                    .iter()
+                    .filter(|frame| frame.kind == FrameKind::Truncated)
+                    .map(Frame::function)
+                    .collect()
+            })
+            .collect();
+        use crate::profile::{NOT_READ_FRAME, TRUNCATED_FRAME};
+        assert_eq!(
+            markers,
+            vec![
+                // Not a thread root: a frame-pointer walk that stopped here.
+                vec![TRUNCATED_FRAME],
+                // The unwinder reached the root, whatever its name.
+                vec![],
+                vec![TRUNCATED_FRAME],
+                vec![NOT_READ_FRAME],
+            ]
+        );
     }
 
     fn hold(tid: u32, lock_addr: u64, ms: u64) -> LockHold {

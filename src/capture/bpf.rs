@@ -16,9 +16,10 @@ use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 use super::shared::{self, Membership, Node};
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
-    StackRef, UserRegs,
+    SavedRegs, StackRef, UserRegs,
 };
 use crate::profile::ThreadState;
+use crate::unwind::Entry;
 
 #[allow(
     clippy::all,
@@ -425,7 +426,7 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
 }
 
 /// A map entry's key and value bytes.
-type Entry = (Vec<u8>, Vec<u8>);
+type MapEntry = (Vec<u8>, Vec<u8>);
 
 /// A 4-byte map key, as the kernel hands it back.
 fn u32_key(key: &[u8]) -> Result<u32, CaptureError> {
@@ -1124,15 +1125,42 @@ impl<'obj> Probe<'obj> {
                 start_ns: thread.start_ns,
                 owed: thread.owed_ns != 0,
                 surveyed: thread.flags & types::thread_flags::THREAD_SURVEYED.0 != 0,
-                regs: (key.user_stack == StackRef::SavedRegs).then_some(UserRegs {
-                    ip: thread.user_ip,
-                    sp: thread.user_sp,
-                    fp: thread.user_fp,
+                regs: (key.user_stack == StackRef::SavedRegs).then_some(SavedRegs {
+                    regs: UserRegs {
+                        ip: thread.user_ip,
+                        sp: thread.user_sp,
+                        fp: thread.user_fp,
+                    },
+                    entry: if thread.flags & types::thread_flags::THREAD_USER_FAULT.0 != 0 {
+                        Entry::Fault
+                    } else {
+                        Entry::SystemCall
+                    },
                 }),
                 key,
             });
         }
         Ok(blocks)
+    }
+
+    /// The start (`bpf_ktime_get_ns`) of the block a thread is in now, by
+    /// host tid: `None` if it is on the CPU, gone, or its block has ended
+    /// (even if its total still waits for a user stack).
+    pub fn block_start(&self, host_tid: u32) -> Result<Option<u64>, CaptureError> {
+        let value = self
+            .skel
+            .maps
+            .threads
+            .lookup(&host_tid.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| CaptureError::Map {
+                map: "threads",
+                source,
+            })?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let thread: types::thread = from_bytes(&value)?;
+        Ok((thread.start_ns != 0 && thread.owed_ns == 0).then_some(thread.start_ns))
     }
 
     /// Takes the entries of `map` that `owner_of` says are ours out of the
@@ -1143,7 +1171,7 @@ impl<'obj> Probe<'obj> {
         table: &libbpf_rs::MapMut<'obj>,
         map: &'static str,
         owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
-    ) -> Result<Vec<Entry>, CaptureError> {
+    ) -> Result<Vec<MapEntry>, CaptureError> {
         let owned = self.owned();
         let taken = if self.is_shared() {
             let mut taken = Vec::new();

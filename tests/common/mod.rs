@@ -48,6 +48,33 @@ pub fn workload_binary() -> &'static Path {
     })
 }
 
+/// Compiles `tests/fixtures/blocked_o2.c` once, as distributions build C:
+/// `-O2`, no frame pointers, against the system glibc.
+pub fn blocked_o2_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-blocked-o2");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocked_o2.c");
+        let status = Command::new("gcc")
+            .args([
+                "-O2",
+                "-fomit-frame-pointer",
+                "-g",
+                "-pthread",
+                "-Wall",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(&source)
+            .status()
+            .expect(
+                "cannot run gcc to build the -O2 fixture (scripts/prerequisites.sh installs it)",
+            );
+        assert!(status.success(), "the -O2 fixture does not compile");
+        out
+    })
+}
+
 /// The running workload, killed on drop.
 pub struct Workload {
     pub child: Child,
