@@ -85,6 +85,9 @@ struct UserFrame {
     lines: Vec<Line>,
     /// Index into `regions`.
     region: Option<usize>,
+    /// Looked up again in the next batch: a miss outside any file is JIT
+    /// code whose perf map entry may not have been written yet.
+    retry: bool,
 }
 
 /// A file-backed mapping of the process, as its frames' mappings name it.
@@ -513,7 +516,7 @@ impl Symbolizer {
         let symbols = self.user.entry(pid).or_default();
         let mut wanted: Vec<u64> = ips
             .into_iter()
-            .filter(|ip| !symbols.frames.contains_key(ip))
+            .filter(|ip| symbols.frames.get(ip).is_none_or(|frame| frame.retry))
             .collect();
         if wanted.is_empty() {
             return;
@@ -536,14 +539,24 @@ impl Symbolizer {
             .symbolize(&source, Input::AbsAddr(&call_sites));
         for (index, &ip) in wanted.iter().enumerate() {
             let region = symbols.region_of(ip);
-            let lines = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
-                Some(Symbolized::Sym(sym)) => lines_of(sym),
-                _ => vec![unknown_line(
-                    ip,
-                    region.map(|region| &symbols.regions[region]),
-                )],
+            let (lines, retry) = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
+                Some(Symbolized::Sym(sym)) => (lines_of(sym), false),
+                _ => (
+                    vec![unknown_line(
+                        ip,
+                        region.map(|region| &symbols.regions[region]),
+                    )],
+                    region.is_none(),
+                ),
             };
-            symbols.frames.insert(ip, UserFrame { lines, region });
+            symbols.frames.insert(
+                ip,
+                UserFrame {
+                    lines,
+                    region,
+                    retry,
+                },
+            );
         }
     }
 }
@@ -719,6 +732,30 @@ mod tests {
                 build_id: None,
             }]
         );
+    }
+
+    #[test]
+    fn jit_code_is_named_once_its_perf_map_is_written() {
+        // Anonymous memory of this very process stands for a JIT's code cache.
+        let code = vec![0u8; 4096];
+        let start = code.as_ptr() as u64;
+        let ip = start + 16;
+        let pid = std::process::id();
+        let perf_map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+        let name_of =
+            |symbolizer: &Symbolizer| symbolizer.user[&pid].frames[&ip].lines[0].function.clone();
+        let mut symbolizer = Symbolizer::new();
+        symbolizer.symbolize_process(pid, HashSet::from([ip]));
+        assert!(name_of(&symbolizer).starts_with("[unknown]"));
+
+        std::fs::write(
+            &perf_map,
+            format!("{start:x} {:x} ff_compiled_late\n", code.len()),
+        )
+        .unwrap();
+        symbolizer.symbolize_process(pid, HashSet::from([ip]));
+        let _ = std::fs::remove_file(&perf_map);
+        assert_eq!(name_of(&symbolizer), "ff_compiled_late");
     }
 
     #[test]
