@@ -14,6 +14,10 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
+mod perf_map;
+
+use perf_map::PerfMap;
+
 use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, UserStackEnd, Window};
 use crate::process_map::{Mapping as ProcessMapping, ProcessMap};
 use crate::profile::labels::{Key, STACK_SEPARATOR};
@@ -541,21 +545,36 @@ impl Symbolizer {
             }
         }
 
-        let source = Source::Process(Process::new(Pid::from(pid)));
+        let mut process = Process::new(Pid::from(pid));
+        // JIT code is looked up in its perf map below, by our own reader.
+        process.perf_map = false;
+        let source = Source::Process(process);
         let call_sites: Vec<u64> = wanted.iter().map(|ip| ip.saturating_sub(1)).collect();
         let symbolized = self
             .blazesym
             .symbolize(&source, Input::AbsAddr(&call_sites));
-        for (index, &ip) in wanted.iter().enumerate() {
+        let mut perf_map: Option<Option<PerfMap>> = None;
+        for (index, (&ip, &call_site)) in wanted.iter().zip(&call_sites).enumerate() {
             let region = symbols.region_of(ip);
+            let mut jit_name = || {
+                perf_map
+                    .get_or_insert_with(|| PerfMap::read(pid))
+                    .as_ref()
+                    .and_then(|map| map.name_of(call_site))
+                    .map(|name| vec![named_line(name)])
+            };
             let (lines, retry) = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
                 Some(Symbolized::Sym(sym)) => (lines_of(sym), false),
+                _ if region.is_none() => match jit_name() {
+                    Some(lines) => (lines, false),
+                    None => (vec![unknown_line(ip, None)], true),
+                },
                 _ => (
                     vec![unknown_line(
                         ip,
                         region.map(|region| &symbols.regions[region]),
                     )],
-                    region.is_none(),
+                    false,
                 ),
             };
             symbols.frames.insert(
@@ -665,6 +684,14 @@ fn lines_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Line> {
         .collect();
     lines.reverse();
     lines
+}
+
+fn named_line(function: &str) -> Line {
+    Line {
+        function: function.to_string(),
+        file: None,
+        line: None,
+    }
 }
 
 fn unknown_line(ip: u64, region: Option<&Region>) -> Line {
