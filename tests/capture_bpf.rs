@@ -921,7 +921,12 @@ fn assert_calls(
             .collect();
         assert!(
             positions.iter().all(Option::is_some) && positions.is_sorted(),
-            "{what}: wanted {callees_first:?}, callee first, in {functions:?}"
+            "{what}: wanted {callees_first:?}, callee first, in {functions:?} (whole stack: {:?})",
+            sample
+                .stack
+                .iter()
+                .map(|frame| frame.function())
+                .collect::<Vec<_>>()
         );
     }
 }
