@@ -1034,7 +1034,9 @@ fn javascript_functions_compiled_by_the_jit_are_named_in_blocked_stacks() {
     let dir = tempdir("node");
     let output = dir.join("profile.pb.gz");
     let mut node = Command::new("node");
-    node.args(["--perf-basic-prof", "--no-turbo-inlining"])
+    // V8 writes its code log (isolate-*-v8.log) into the working directory.
+    node.current_dir(&dir)
+        .args(["--perf-basic-prof", "--no-turbo-inlining"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jit_requests.js"));
     let mut node = Workload::start_with(node);
     let _perf_map = PerfMap::of(node.pid);
