@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{assert_close, freezeframe, require_root, Announced, Workload};
 use freezeframe::encode::pprof;
 use freezeframe::profile::labels::Key;
-use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample};
+use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample, ThreadState};
 
 const WINDOW: &str = "3s";
 
@@ -162,13 +162,15 @@ fn known_stacks_and_durations_are_captured() {
     // Found blocked by the task iterator; its user stack walked from its registers.
     assert_stack(&profile, "ff-preblocked", "pipe_read", "ff_blocked_forever");
 
-    // Frame-pointer stacks of our own threads are whole, up to the thread start.
+    // Blocked past the window's end, its stack is unwound whole: through
+    // the thread start to glibc's clone3.
     for sample in samples_of(&profile, "ff-stuck") {
         assert!(sample
             .stack
             .iter()
             .all(|frame| frame.kind != FrameKind::Truncated));
-        assert_eq!(sample.stack.last().unwrap().function(), "start_thread");
+        let names: Vec<&str> = sample.stack.iter().map(|frame| frame.function()).collect();
+        assert!(names.ends_with(&["start_thread", "clone3"]), "{names:?}");
     }
     // Kernel frames come first (leaf first), then user frames.
     for sample in &profile.samples {
@@ -1066,4 +1068,130 @@ fn javascript_functions_compiled_by_the_jit_are_named_in_blocked_stacks() {
         &["ffWaitForJob", "ffAwaitJob"],
         names_js_function,
     );
+}
+
+/// Compiles `tests/fixtures/blocked_o2.c` once, as distributions build C:
+/// `-O2`, no frame pointers, against the system glibc.
+fn blocked_o2_binary() -> &'static Path {
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-blocked-o2");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocked_o2.c");
+        let status = Command::new("gcc")
+            .args([
+                "-O2",
+                "-fomit-frame-pointer",
+                "-g",
+                "-pthread",
+                "-Wall",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(&source)
+            .status()
+            .expect(
+                "cannot run gcc to build the -O2 fixture (scripts/prerequisites.sh installs it)",
+            );
+        assert!(status.success(), "the -O2 fixture does not compile");
+        out
+    })
+}
+
+/// The fixture's own functions each kind of thread blocks through,
+/// innermost first, then the thread's start routine.
+const O2_CHAINS: [(&str, &[&str]); 4] = [
+    ("mutex", &["mutex_leaf", "mutex_mid", "mutex_top", "run"]),
+    ("pipe", &["pipe_leaf", "pipe_mid", "pipe_top", "run"]),
+    ("sleep", &["sleep_leaf", "sleep_mid", "sleep_top", "run"]),
+    (
+        "signal",
+        &[
+            "signal_handler_leaf",
+            "signal_handler",
+            "signal_leaf",
+            "signal_mid",
+            "signal_top",
+            "run",
+        ],
+    ),
+];
+
+#[test]
+fn stacks_without_frame_pointers_are_unwound_whole() {
+    require_root();
+    let dir = tempdir("unwound");
+    let output = dir.join("profile.pb.gz");
+    let mut workload = Workload::start_with(Command::new(blocked_o2_binary()));
+    let mut announced = Vec::new();
+    // `pre-*` threads are blocked before the capture begins, `post-*` ones
+    // block during it.
+    capture(workload.pid, &[], &output, || {
+        announced = workload.command("go", O2_CHAINS.len());
+    });
+    assert!(announced
+        .iter()
+        .all(|thread| thread.name.starts_with("post-")));
+    let profile = load(&output);
+    let fixture = blocked_o2_binary().to_str().unwrap();
+    for (kind, chain) in O2_CHAINS {
+        let mut kernel_stacks = Vec::new();
+        for prefix in ["pre", "post"] {
+            let thread = format!("{prefix}-{kind}");
+            // Its wait: the signal thread also spins before its signal,
+            // and is preempted there (state R), which is no wait.
+            let samples: Vec<&Sample> = samples_of(&profile, &thread)
+                .into_iter()
+                .filter(|sample| sample.labels.state == ThreadState::Sleeping)
+                .collect();
+            assert!(!samples.is_empty(), "no samples for {thread}");
+            for sample in samples {
+                let user: Vec<&freezeframe::profile::Frame> = sample
+                    .stack
+                    .iter()
+                    .filter(|frame| frame.kind != FrameKind::Kernel)
+                    .collect();
+                let names: Vec<&str> = user.iter().map(|frame| frame.function()).collect();
+                // Whole: no marker, every frame named, down to the root.
+                assert!(
+                    user.iter().all(|frame| frame.kind == FrameKind::User),
+                    "{thread}: a marker in {names:?}"
+                );
+                assert!(
+                    names.iter().all(|name| !name.starts_with("[unknown]")),
+                    "{thread}: {names:?}"
+                );
+                let root = names.iter().position(|&name| name == "start_thread");
+                assert!(
+                    root.is_some_and(|root| root + 2 >= names.len()),
+                    "{thread}: start_thread is the root (or clone3's callee): {names:?}"
+                );
+                // No frame invented: the fixture's own frames are exactly
+                // the chain it called through, in order, and every other
+                // frame is glibc's.
+                let file_of = |frame: &&freezeframe::profile::Frame| {
+                    frame
+                        .mapping
+                        .map(|index| profile.mappings[index].file.as_str())
+                };
+                let own: Vec<&str> = user
+                    .iter()
+                    .filter(|frame| file_of(frame) == Some(fixture))
+                    .map(|frame| frame.function())
+                    .collect();
+                assert_eq!(own, chain, "{thread}: {names:?}");
+                assert!(
+                    user.iter().all(|frame| {
+                        file_of(frame)
+                            .is_some_and(|file| file == fixture || file.contains("libc.so"))
+                    }),
+                    "{thread}: a frame outside the fixture and glibc: {names:?}"
+                );
+                kernel_stacks.push(functions(&[sample], FrameKind::Kernel));
+            }
+        }
+        // One wait, one stack: blocked before the capture or during it,
+        // the same wait shows the same kernel frames.
+        kernel_stacks.dedup();
+        assert_eq!(kernel_stacks.len(), 1, "{kind}: {kernel_stacks:?}");
+    }
 }

@@ -510,7 +510,7 @@ impl<'obj> Loaded<'obj> {
         let window_start_ns = monotonic_ns()?;
         let window_start_wall = SystemTime::now();
         probe.survey()?;
-        Ok(Tracer {
+        let mut tracer = Tracer {
             probe,
             ledger: Ledger::new(filters.min_block_ns, filters.max_block_ns),
             threads: threads::Threads::default(),
@@ -521,7 +521,12 @@ impl<'obj> Loaded<'obj> {
             walker: threads::StackWalker::start().map_err(CaptureError::Walker)?,
             calls: calls::Calls::default(),
             drops_so_far: DropCounts::default(),
-        })
+        };
+        // Threads blocked before we came: their stacks are read from now
+        // on, not when the first cut wants them.
+        let in_flight = tracer.probe.in_flight()?;
+        tracer.request_walks(&in_flight);
+        Ok(tracer)
     }
 }
 
@@ -564,6 +569,7 @@ impl<'obj> Tracer<'obj> {
         let finished = self.probe.drain_blocked()?;
         self.probe.survey()?;
         let in_flight = self.probe.in_flight()?;
+        self.request_walks(&in_flight);
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
             .iter()
@@ -656,6 +662,7 @@ impl<'obj> Tracer<'obj> {
             .map(|block| (block.host_tid, block.start_ns))
             .collect();
         self.walked.retain(|block, _| flying.contains(block));
+        self.walker.retain(&flying);
         self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
@@ -669,6 +676,17 @@ impl<'obj> Tracer<'obj> {
         self.window_start_wall += window.duration;
         self.window_start_ns = end_ns;
         Ok(window)
+    }
+
+    /// Has the walker start on the user stacks of blocks in progress that
+    /// have none yet, while the rest of a cut goes on.
+    fn request_walks(&mut self, in_flight: &[InFlight]) {
+        for block in in_flight {
+            let id = (block.host_tid, block.start_ns);
+            if let (Some(saved), false) = (block.regs, self.walked.contains_key(&id)) {
+                self.walker.request(id, block.key.tgid, saved);
+            }
+        }
     }
 
     /// The user stack of a block in progress, unwound once from the
@@ -685,7 +703,7 @@ impl<'obj> Tracer<'obj> {
         let Some(saved) = block.regs else {
             return Ok(not_read);
         };
-        let Some(unwound) = self.walker.walk(block.key.tgid, saved) else {
+        let Some(unwound) = self.walker.walk(id, block.key.tgid, saved) else {
             return Ok(not_read);
         };
         if self.probe.block_start(block.host_tid)? != Some(block.start_ns) {

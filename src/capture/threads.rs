@@ -1,7 +1,7 @@
 //! What /proc says about target threads: their names, and the user stacks of
 //! threads blocked while a cut looks (unwound from their saved registers).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -64,30 +64,43 @@ impl Memory for Unreadable {
     }
 }
 
-/// Unwinds the user stacks of blocked threads on a thread of its own, each
-/// within a deadline. Reading a target's memory (and its module map) takes
-/// its `mmap_lock`, and a process frozen behind an `mmap_lock` writer (the
-/// freeze freezeframe exists for) holds up whoever reads it until the
-/// freeze ends: the tracer must not wait with it. One walk is outstanding
-/// at most; while it is stuck, further walks are declined at once.
+/// Unwinds the user stacks of blocked threads on a thread of its own.
+/// Reading a target's memory (and its module map) takes its `mmap_lock`,
+/// and a process frozen behind an `mmap_lock` writer (the freeze
+/// freezeframe exists for) holds up whoever reads it until the freeze
+/// ends: the tracer must not wait with it. Walks are asked for early
+/// ([`StackWalker::request`]) and waited for within a deadline; once one
+/// has missed it, nothing more is waited for until the walker answers
+/// again.
 pub(super) struct StackWalker {
     requests: mpsc::Sender<Walk>,
-    stuck: Option<mpsc::Receiver<Unwound>>,
+    answers: mpsc::Receiver<(BlockId, Unwound)>,
+    /// Asked for, not answered yet.
+    pending: HashSet<BlockId>,
+    answered: HashMap<BlockId, Unwound>,
+    /// A wait missed its deadline and no answer has come since.
+    stuck: bool,
 }
+
+/// A block in progress: host tid and start.
+pub(super) type BlockId = (u32, u64);
 
 struct Walk {
+    id: BlockId,
     tgid: u32,
     saved: SavedRegs,
-    reply: mpsc::Sender<Unwound>,
 }
 
-/// How long a walk may take before the tracer goes on without it. Loading
-/// a module's tables the first time takes a few ms.
+/// How long the tracer waits for a walk before it goes on without it.
+/// Loading a module's tables the first time takes a few ms.
 const WALK_DEADLINE: Duration = Duration::from_millis(20);
+/// Walks asked for and not answered, at most: past that, more are declined.
+const MAX_PENDING: usize = 4096;
 
 impl StackWalker {
     pub fn start() -> std::io::Result<Self> {
         let (requests, inbox) = mpsc::channel::<Walk>();
+        let (reply, answers) = mpsc::channel();
         std::thread::Builder::new()
             .name("ff-stackwalk".into())
             .spawn(move || {
@@ -97,38 +110,78 @@ impl StackWalker {
                     let unwound = unwind_user_stack(&mut unwinder, walk.tgid, walk.saved);
                     metrics::gauge!(telemetry::UNWIND_TABLE_BYTES)
                         .set(unwinder.table_bytes() as f64);
-                    let _ = walk.reply.send(unwound);
+                    if reply.send((walk.id, unwound)).is_err() {
+                        break;
+                    }
                 }
             })?;
         Ok(StackWalker {
             requests,
-            stuck: None,
+            answers,
+            pending: HashSet::new(),
+            answered: HashMap::new(),
+            stuck: false,
         })
     }
 
-    /// The user stack from the saved registers, or `None` if it could not
-    /// be read in time (the caller tries again at its next cut).
-    pub fn walk(&mut self, tgid: u32, saved: SavedRegs) -> Option<Unwound> {
-        if let Some(stuck) = &self.stuck {
-            match stuck.try_recv() {
-                Err(mpsc::TryRecvError::Empty) => return None,
-                // Done at last (its block has been read since), or gone.
-                _ => self.stuck = None,
+    /// Asks for a block's user stack without waiting for it.
+    pub fn request(&mut self, id: BlockId, tgid: u32, saved: SavedRegs) {
+        if self.pending.contains(&id)
+            || self.answered.contains_key(&id)
+            || self.pending.len() >= MAX_PENDING
+        {
+            return;
+        }
+        if self.requests.send(Walk { id, tgid, saved }).is_ok() {
+            self.pending.insert(id);
+        }
+    }
+
+    /// The block's user stack, asked for now if it was not before; `None`
+    /// if it could not be read in time (the caller tries again at its next
+    /// cut). The caller must confirm the block is still the same.
+    pub fn walk(&mut self, id: BlockId, tgid: u32, saved: SavedRegs) -> Option<Unwound> {
+        self.request(id, tgid, saved);
+        self.take_answers();
+        if let Some(unwound) = self.answered.remove(&id) {
+            return Some(unwound);
+        }
+        if self.stuck || !self.pending.contains(&id) {
+            return None;
+        }
+        let deadline = std::time::Instant::now() + WALK_DEADLINE;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.answers.recv_timeout(left) {
+                Ok((answered, unwound)) => {
+                    self.pending.remove(&answered);
+                    if answered == id {
+                        return Some(unwound);
+                    }
+                    self.answered.insert(answered, unwound);
+                }
+                Err(_) => break,
             }
         }
-        let (reply, answer) = mpsc::channel();
-        self.requests.send(Walk { tgid, saved, reply }).ok()?;
-        match answer.recv_timeout(WALK_DEADLINE) {
-            Ok(unwound) => Some(unwound),
-            Err(_) => {
-                tracing::debug!(
-                    pid = tgid,
-                    "a blocked thread's user stack could not be read in time (its process's \
-                     mmap_lock is taken); trying again at the next cut"
-                );
-                self.stuck = Some(answer);
-                None
-            }
+        tracing::debug!(
+            pid = tgid,
+            "a blocked thread's user stack could not be read in time (its process's mmap_lock \
+             is taken?); trying again at the next cut"
+        );
+        self.stuck = true;
+        None
+    }
+
+    /// Forgets answers and requests for blocks that are no longer in progress.
+    pub fn retain(&mut self, in_progress: &HashSet<BlockId>) {
+        self.take_answers();
+        self.answered.retain(|id, _| in_progress.contains(id));
+    }
+
+    fn take_answers(&mut self) {
+        while let Ok((id, unwound)) = self.answers.try_recv() {
+            self.pending.remove(&id);
+            self.answered.insert(id, unwound);
+            self.stuck = false;
         }
     }
 }
@@ -192,7 +245,7 @@ mod tests {
             regs: UserRegs { ip, sp, fp },
             entry: Entry::Fault,
         };
-        let unwound = walker.walk(std::process::id(), saved).unwrap();
+        let unwound = walker.walk((1, 1), std::process::id(), saved).unwrap();
         assert_eq!(unwound.ips[0], ip + 1);
         assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
         let here = a_walk_within_its_deadline_gives_the_whole_stack as *const () as u64;

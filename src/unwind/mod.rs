@@ -67,8 +67,8 @@ pub enum StackEnd {
 /// Addresses follow the convention of stacks the kernel walks, which the
 /// symbolizer relies on when it looks up `ip - 1`: each is one past a byte
 /// of the instruction it stands for. A return address is that already, as
-/// is a system call's `ip`; an exact instruction (a page fault's, or the
-/// one a signal interrupted) is given plus one.
+/// is a system call's `ip`; an exact instruction (a page fault's, the one
+/// a signal interrupted, the signal trampoline) is given plus one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unwound {
     pub ips: Vec<u64>,
@@ -125,6 +125,17 @@ struct Frame {
     /// return address otherwise.
     address: FrameAddress,
     regs: UnwindRegsX86_64,
+    /// The address the stack shows for it (see [`Unwound`]).
+    shown: u64,
+    /// A signal handler returned here, to the trampoline.
+    at_trampoline: bool,
+}
+
+/// How a return address was confirmed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confirmed {
+    Call,
+    Trampoline,
 }
 
 /// What one step up the stack gave.
@@ -174,6 +185,8 @@ impl Unwinder {
         let mut frame = Frame {
             address: FrameAddress::from_instruction_pointer(regs.ip),
             regs: UnwindRegsX86_64::new(regs.ip, regs.sp, regs.fp),
+            shown: first,
+            at_trampoline: false,
         };
         let end = loop {
             if ips.len() >= max_depth {
@@ -181,10 +194,7 @@ impl Unwinder {
             }
             match self.step(pid, frame, memory) {
                 Step::Caller(caller) => {
-                    ips.push(match caller.address {
-                        FrameAddress::ReturnAddress(address) => address.get(),
-                        FrameAddress::InstructionPointer(address) => address.wrapping_add(1),
-                    });
+                    ips.push(caller.shown);
                     frame = caller;
                 }
                 Step::Root => break StackEnd::Complete,
@@ -200,15 +210,7 @@ impl Unwinder {
         let Some(mapping) = self.code_mapping(pid, lookup) else {
             return Step::Unconfirmed;
         };
-        if frame.address.is_return_address()
-            && self.code(
-                pid,
-                &mapping,
-                frame.address.address(),
-                SIGRETURN.len(),
-                memory,
-            ) == Some(SIGRETURN.to_vec())
-        {
+        if frame.at_trampoline {
             return signal_context(frame.regs.sp(), memory).map_or(Step::Unconfirmed, Step::Caller);
         }
         let mut regs = frame.regs;
@@ -247,25 +249,51 @@ impl Unwinder {
             return Step::Unconfirmed;
         };
         regs.set_ip(return_address);
-        if !self.confirmed_return(pid, return_address, memory) {
+        let Some(confirmed) = self.confirmed_return(pid, return_address, memory) else {
             return Step::Unconfirmed;
-        }
-        Step::Caller(Frame { address, regs })
+        };
+        let at_trampoline = confirmed == Confirmed::Trampoline;
+        Step::Caller(Frame {
+            address,
+            regs,
+            // No call precedes the trampoline: it is shown as the exact
+            // address it is.
+            shown: if at_trampoline {
+                return_address + 1
+            } else {
+                return_address
+            },
+            at_trampoline,
+        })
     }
 
-    /// Whether `address` is a return address: it lands in code, right
-    /// after a call instruction, or in the signal trampoline (where the
-    /// kernel, not a call, sends a handler back to).
-    fn confirmed_return(&mut self, pid: u32, address: u64, memory: &dyn Memory) -> bool {
-        let Some(mapping) = self.code_mapping(pid, address - 1) else {
-            return false;
-        };
-        if self.code(pid, &mapping, address, SIGRETURN.len(), memory) == Some(SIGRETURN.to_vec()) {
-            return true;
-        }
+    /// Whether `address` is a return address: it lands in code right
+    /// after a call instruction, or at the signal trampoline, where the
+    /// kernel (not a call) sends a handler back to. One read covers both.
+    fn confirmed_return(
+        &mut self,
+        pid: u32,
+        address: u64,
+        memory: &dyn Memory,
+    ) -> Option<Confirmed> {
+        let mapping = self.code_mapping(pid, address.checked_sub(1)?)?;
         let before = (address - mapping.start).min(MAX_CALL_LENGTH as u64);
-        self.code(pid, &mapping, address - before, before as usize, memory)
-            .is_some_and(|bytes| ends_with_call(&bytes))
+        let after = (mapping.end - address).min(SIGRETURN.len() as u64);
+        let code = self.code(
+            pid,
+            &mapping,
+            address - before,
+            (before + after) as usize,
+            memory,
+        )?;
+        let (before, after) = code.split_at(before as usize);
+        if after == SIGRETURN {
+            Some(Confirmed::Trampoline)
+        } else if ends_with_call(before) {
+            Some(Confirmed::Call)
+        } else {
+            None
+        }
     }
 
     /// Code bytes of the process: from the module's file, or (for code
@@ -372,6 +400,8 @@ fn signal_context(sp: u64, memory: &dyn Memory) -> Option<Frame> {
     Some(Frame {
         address: FrameAddress::from_instruction_pointer(ip),
         regs: UnwindRegsX86_64::new(ip, saved_sp, bp),
+        shown: ip.wrapping_add(1),
+        at_trampoline: false,
     })
 }
 

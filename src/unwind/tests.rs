@@ -109,9 +109,10 @@ fn a_signal_handler_unwinds_through_the_signal_frame_into_what_it_interrupted() 
     raise_the_signal();
     let unwound = IN_HANDLER.lock().unwrap().take().expect("the handler ran");
     let memory = ProcessMemory::open(std::process::id()).unwrap();
+    // Shown as its exact address plus one: no call led there.
     let is_trampoline = |&ip: &u64| {
         let mut code = [0; SIGRETURN.len()];
-        memory.read(ip, &mut code) && code == SIGRETURN
+        memory.read(ip - 1, &mut code) && code == SIGRETURN
     };
     let trampoline = unwound.ips.iter().position(is_trampoline);
     let raiser = raise_the_signal as *const () as u64;

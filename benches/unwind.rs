@@ -1,0 +1,126 @@
+//! The DWARF unwinder on threads blocked the way distribution-built C code
+//! blocks: the `-O2 -fomit-frame-pointer` fixture of the real-BPF tests
+//! (`tests/fixtures/blocked_o2.c`, built here with gcc), glibc its only
+//! library. Each blocked thread's `sp` and `pc` come from
+//! `/proc/PID/task/TID/syscall`, as the survey's saved registers would.
+//! Prints the first unwind (tables loaded then), the cost per unwound stack
+//! once they are, and the tables' memory. `cargo bench --bench unwind`
+//! (as root, or with ptrace rights over the fixture).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use freezeframe::unwind::{Entry, ProcessMemory, StackEnd, Unwinder, UserRegs};
+
+const ROUNDS: usize = 2000;
+
+/// `sp` and `pc` of a thread blocked in a system call.
+fn saved_registers(pid: u32, tid: u32) -> Option<UserRegs> {
+    let line = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // `NR ARG1..ARG6 SP PC` while in a system call.
+    if fields.len() != 9 {
+        return None;
+    }
+    let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok();
+    Some(UserRegs {
+        ip: hex(fields[8])?,
+        sp: hex(fields[7])?,
+        // The unwind tables do not need it, and -O2 code keeps none.
+        fp: 0,
+    })
+}
+
+fn main() {
+    let fixture = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-blocked-o2");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocked_o2.c");
+    let built = Command::new("gcc")
+        .args(["-O2", "-fomit-frame-pointer", "-g", "-pthread", "-o"])
+        .arg(&fixture)
+        .arg(&source)
+        .status()
+        .expect("cannot run gcc");
+    assert!(built.success(), "the fixture does not compile");
+    let mut child = Command::new(&fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start the fixture");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut pid = None;
+    while pid.is_none() {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the fixture exited"
+        );
+        pid = line
+            .strip_prefix("ready ")
+            .map(|pid| pid.trim().parse::<u32>().unwrap());
+    }
+    let pid = pid.unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let blocked: Vec<(u32, UserRegs)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| Some((tid, saved_registers(pid, tid)?)))
+        .collect();
+    println!(
+        "fixture pid {pid}: {} threads blocked in a system call",
+        blocked.len()
+    );
+
+    let mut unwinder = Unwinder::default();
+    let started = Instant::now();
+    let memory = ProcessMemory::open(pid).unwrap();
+    let first = unwinder.unwind(pid, blocked[0].1, Entry::SystemCall, &memory, 127);
+    println!(
+        "first unwind (loads the tables, reads the maps): {:.0} µs, {} frames",
+        started.elapsed().as_secs_f64() * 1e6,
+        first.ips.len()
+    );
+    for &(tid, regs) in &blocked {
+        let memory = ProcessMemory::open(pid).unwrap();
+        let unwound = unwinder.unwind(pid, regs, Entry::SystemCall, &memory, 127);
+        let end = if unwound.end == StackEnd::Complete {
+            "complete"
+        } else {
+            "truncated"
+        };
+        println!("  tid {tid}: {} frames, {end}", unwound.ips.len());
+    }
+
+    let mut frames = 0;
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let (_, regs) = blocked[round % blocked.len()];
+        // A fresh view of memory per stack, as the walker makes one.
+        let memory = ProcessMemory::open(pid).unwrap();
+        frames += unwinder
+            .unwind(pid, regs, Entry::SystemCall, &memory, 127)
+            .ips
+            .len();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{ROUNDS} stacks unwound in {:.1} ms: {:.1} µs per stack ({:.1} frames on average), \
+         /proc/PID/mem opened and read per stack",
+        elapsed.as_secs_f64() * 1e3,
+        elapsed.as_secs_f64() * 1e6 / ROUNDS as f64,
+        frames as f64 / ROUNDS as f64
+    );
+    println!(
+        "unwind tables for a glibc-only process (fixture, libc, ld.so as touched, vDSO as \
+         touched): {} bytes ({:.1} KiB)",
+        unwinder.table_bytes(),
+        unwinder.table_bytes() as f64 / 1024.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
