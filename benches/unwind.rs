@@ -4,12 +4,14 @@
 //! library. Each blocked thread's `sp` and `pc` come from
 //! `/proc/PID/task/TID/syscall`, as the survey's saved registers would.
 //! Prints the first unwind (tables loaded then), the cost per unwound stack
-//! once they are, and the tables' memory. `cargo bench --bench unwind`
-//! (as root, or with ptrace rights over the fixture).
+//! once they are, and the tables' memory. Then the tables' memory for a JVM
+//! (the JIT fixture, `tests/fixtures/JitRequests.java`, with every thread
+//! unwound once). `cargo bench --bench unwind` (as root, or with ptrace
+//! rights over the fixtures).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use freezeframe::unwind::{Entry, ProcessMemory, StackEnd, Unwinder, UserRegs};
@@ -43,34 +45,14 @@ fn main() {
         .status()
         .expect("cannot run gcc");
     assert!(built.success(), "the fixture does not compile");
-    let mut child = Command::new(&fixture)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cannot start the fixture");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut pid = None;
-    while pid.is_none() {
-        let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "the fixture exited"
-        );
-        pid = line
-            .strip_prefix("ready ")
-            .map(|pid| pid.trim().parse::<u32>().unwrap());
-    }
-    let pid = pid.unwrap();
+    let mut child = start(Command::new(&fixture));
+    let pid = ready_pid(&mut child);
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "go").unwrap();
     stdin.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let blocked: Vec<(u32, UserRegs)> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|tid| Some((tid, saved_registers(pid, tid)?)))
-        .collect();
+    let blocked = blocked_threads(pid);
     println!(
         "fixture pid {pid}: {} threads blocked in a system call",
         blocked.len()
@@ -120,6 +102,84 @@ fn main() {
          touched): {} bytes ({:.1} KiB)",
         unwinder.table_bytes(),
         unwinder.table_bytes() as f64 / 1024.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    jvm_tables();
+}
+
+/// Starts `command` (stdin and stdout piped).
+fn start(mut command: Command) -> Child {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start the fixture")
+}
+
+/// Waits for the fixture's `ready PID` line.
+fn ready_pid(child: &mut Child) -> u32 {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the fixture exited before it was ready"
+        );
+        if let Some(pid) = line.strip_prefix("ready ") {
+            // Kept open: a fixture that writes to a closed pipe dies.
+            child.stdout = Some(stdout.into_inner());
+            return pid.trim().parse().unwrap();
+        }
+    }
+}
+
+/// The threads of `pid` blocked in a system call, with their registers.
+fn blocked_threads(pid: u32) -> Vec<(u32, UserRegs)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| Some((tid, saved_registers(pid, tid)?)))
+        .collect()
+}
+
+/// The tables a JVM's blocked threads need: libjvm's are by far the largest.
+fn jvm_tables() {
+    let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-jvm-classes");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JitRequests.java");
+    let built = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(&source)
+        .status()
+        .expect("cannot run javac: install openjdk-17-jdk-headless");
+    assert!(built.success(), "the JVM fixture does not compile");
+    let mut java = Command::new("java");
+    java.args([
+        "-XX:+PreserveFramePointer",
+        "-Xbatch",
+        "-XX:CompileCommand=quiet",
+        "-XX:CompileCommand=dontinline,JitRequests::*",
+        "-cp",
+    ])
+    .arg(&classes)
+    .arg("JitRequests");
+    let mut child = start(java);
+    let pid = ready_pid(&mut child);
+    let blocked = blocked_threads(pid);
+    let mut unwinder = Unwinder::default();
+    let started = Instant::now();
+    for &(_, regs) in &blocked {
+        let memory = ProcessMemory::open(pid).unwrap();
+        unwinder.unwind(pid, regs, Entry::SystemCall, &memory, 127);
+    }
+    println!(
+        "unwind tables for a JVM (OpenJDK 17, {} blocked threads unwound once, {:.1} ms in all): \
+         {} bytes ({:.1} MiB)",
+        blocked.len(),
+        started.elapsed().as_secs_f64() * 1e3,
+        unwinder.table_bytes(),
+        unwinder.table_bytes() as f64 / (1024.0 * 1024.0)
     );
     let _ = child.kill();
     let _ = child.wait();
