@@ -1,16 +1,20 @@
 //! The DWARF unwinder on threads blocked the way distribution-built C code
 //! blocks: the `-O2 -fomit-frame-pointer` fixture of the real-BPF tests
-//! (`tests/fixtures/blocked_o2.c`, built with gcc), glibc its only
+//! (`tests/fixtures/blocked_o2.c`, built here with gcc), glibc its only
 //! library. Each blocked thread's `sp` and `pc` come from
 //! `/proc/PID/task/TID/syscall`, as the survey's saved registers would.
 //! Prints the first unwind (tables loaded then), the cost per unwound stack
-//! once they are, and the tables' memory. `cargo bench --bench unwind`
-//! (as root, or with ptrace rights over the fixture).
+//! once they are, and the tables' memory. Then the tables' memory for a JVM
+//! (the JIT fixture, `tests/fixtures/JitRequests.java`, with every thread
+//! unwound once). `cargo bench --bench unwind` (as root, or with ptrace
+//! rights over the fixtures).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use common::{blocked_o2_binary, Workload};
@@ -43,11 +47,7 @@ fn main() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let pid = fixture.pid;
 
-    let blocked: Vec<(u32, UserRegs)> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|tid| Some((tid, saved_registers(pid, tid)?)))
-        .collect();
+    let blocked = blocked_threads(pid);
     println!(
         "fixture pid {pid}: {} threads blocked in a system call",
         blocked.len()
@@ -98,4 +98,83 @@ fn main() {
         unwinder.table_bytes(),
         unwinder.table_bytes() as f64 / 1024.0
     );
+    drop(fixture);
+    jvm_tables();
+}
+
+/// Starts `command` (stdin and stdout piped).
+fn start(mut command: Command) -> Child {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start the fixture")
+}
+
+/// Waits for the fixture's `ready PID` line.
+fn ready_pid(child: &mut Child) -> u32 {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "the fixture exited before it was ready"
+        );
+        if let Some(pid) = line.strip_prefix("ready ") {
+            // Kept open: a fixture that writes to a closed pipe dies.
+            child.stdout = Some(stdout.into_inner());
+            return pid.trim().parse().unwrap();
+        }
+    }
+}
+
+/// The threads of `pid` blocked in a system call, with their registers.
+fn blocked_threads(pid: u32) -> Vec<(u32, UserRegs)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|tid| Some((tid, saved_registers(pid, tid)?)))
+        .collect()
+}
+
+/// The tables a JVM's blocked threads need: libjvm's are by far the largest.
+fn jvm_tables() {
+    let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-jvm-classes");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JitRequests.java");
+    let built = Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .arg(&source)
+        .status()
+        .expect("cannot run javac: install openjdk-17-jdk-headless");
+    assert!(built.success(), "the JVM fixture does not compile");
+    let mut java = Command::new("java");
+    java.args([
+        "-XX:+PreserveFramePointer",
+        "-Xbatch",
+        "-XX:CompileCommand=quiet",
+        "-XX:CompileCommand=dontinline,JitRequests::*",
+        "-cp",
+    ])
+    .arg(&classes)
+    .arg("JitRequests");
+    let mut child = start(java);
+    let pid = ready_pid(&mut child);
+    let blocked = blocked_threads(pid);
+    let mut unwinder = Unwinder::default();
+    let started = Instant::now();
+    for &(_, regs) in &blocked {
+        let memory = ProcessMemory::open(pid).unwrap();
+        unwinder.unwind(pid, regs, Entry::SystemCall, &memory, 127);
+    }
+    println!(
+        "unwind tables for a JVM (OpenJDK 17, {} blocked threads unwound once, {:.1} ms in all): \
+         {} bytes ({:.1} MiB)",
+        blocked.len(),
+        started.elapsed().as_secs_f64() * 1e3,
+        unwinder.table_bytes(),
+        unwinder.table_bytes() as f64 / (1024.0 * 1024.0)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -15,6 +15,7 @@ FREEZEFRAME_TEST_PACKAGES=(
     python3 python3-venv                               # the OpenTelemetry SDK clients of the end-to-end tests
     prometheus                                         # prometheus and promtool: scraping, alert rules, dashboards' PromQL
     openssl                                            # a private CA for the export TLS tests
+    openjdk-17-jdk-headless nodejs                     # JIT runtimes whose blocked stacks the BPF tests name
     gcc libc6-dev                                      # the -O2 C fixture of the unwinding test, against the system glibc
 )
 

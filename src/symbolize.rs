@@ -14,6 +14,10 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
+mod perf_map;
+
+use perf_map::PerfMap;
+
 use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, UserStackEnd, Window};
 use crate::process_map::{Mapping as ProcessMapping, ProcessMap};
 use crate::profile::labels::{Key, STACK_SEPARATOR};
@@ -85,6 +89,9 @@ struct UserFrame {
     lines: Vec<Line>,
     /// Index into `regions`.
     region: Option<usize>,
+    /// Looked up again in the next batch: a miss outside any file is JIT
+    /// code whose perf map entry may not have been written yet.
+    retry: bool,
 }
 
 /// A file-backed mapping of the process, as its frames' mappings name it.
@@ -522,7 +529,7 @@ impl Symbolizer {
         let symbols = self.user.entry(pid).or_default();
         let mut wanted: Vec<u64> = ips
             .into_iter()
-            .filter(|ip| !symbols.frames.contains_key(ip))
+            .filter(|ip| symbols.frames.get(ip).is_none_or(|frame| frame.retry))
             .collect();
         if wanted.is_empty() {
             return;
@@ -538,21 +545,46 @@ impl Symbolizer {
             }
         }
 
-        let source = Source::Process(Process::new(Pid::from(pid)));
+        let mut process = Process::new(Pid::from(pid));
+        // JIT code is looked up in its perf map below, by our own reader.
+        process.perf_map = false;
+        let source = Source::Process(process);
         let call_sites: Vec<u64> = wanted.iter().map(|ip| ip.saturating_sub(1)).collect();
         let symbolized = self
             .blazesym
             .symbolize(&source, Input::AbsAddr(&call_sites));
-        for (index, &ip) in wanted.iter().enumerate() {
+        let mut perf_map: Option<Option<PerfMap>> = None;
+        for (index, (&ip, &call_site)) in wanted.iter().zip(&call_sites).enumerate() {
             let region = symbols.region_of(ip);
-            let lines = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
-                Some(Symbolized::Sym(sym)) => lines_of(sym),
-                _ => vec![unknown_line(
-                    ip,
-                    region.map(|region| &symbols.regions[region]),
-                )],
+            let mut jit_name = || {
+                perf_map
+                    .get_or_insert_with(|| PerfMap::read(pid))
+                    .as_ref()
+                    .and_then(|map| map.name_of(call_site))
+                    .map(|name| vec![named_line(name)])
             };
-            symbols.frames.insert(ip, UserFrame { lines, region });
+            let (lines, retry) = match symbolized.as_ref().ok().and_then(|all| all.get(index)) {
+                Some(Symbolized::Sym(sym)) => (lines_of(sym), false),
+                _ if region.is_none() => match jit_name() {
+                    Some(lines) => (lines, false),
+                    None => (vec![unknown_line(ip, None)], true),
+                },
+                _ => (
+                    vec![unknown_line(
+                        ip,
+                        region.map(|region| &symbols.regions[region]),
+                    )],
+                    false,
+                ),
+            };
+            symbols.frames.insert(
+                ip,
+                UserFrame {
+                    lines,
+                    region,
+                    retry,
+                },
+            );
         }
     }
 }
@@ -654,6 +686,14 @@ fn lines_of(sym: &blazesym::symbolize::Sym<'_>) -> Vec<Line> {
     lines
 }
 
+fn named_line(function: &str) -> Line {
+    Line {
+        function: function.to_string(),
+        file: None,
+        line: None,
+    }
+}
+
 fn unknown_line(ip: u64, region: Option<&Region>) -> Line {
     let function = match region {
         Some(region) => {
@@ -728,6 +768,30 @@ mod tests {
                 build_id: None,
             }]
         );
+    }
+
+    #[test]
+    fn jit_code_is_named_once_its_perf_map_is_written() {
+        // Anonymous memory of this very process stands for a JIT's code cache.
+        let code = vec![0u8; 4096];
+        let start = code.as_ptr() as u64;
+        let ip = start + 16;
+        let pid = std::process::id();
+        let perf_map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+        let name_of =
+            |symbolizer: &Symbolizer| symbolizer.user[&pid].frames[&ip].lines[0].function.clone();
+        let mut symbolizer = Symbolizer::new();
+        symbolizer.symbolize_process(pid, HashSet::from([ip]));
+        assert!(name_of(&symbolizer).starts_with("[unknown]"));
+
+        std::fs::write(
+            &perf_map,
+            format!("{start:x} {:x} ff_compiled_late\n", code.len()),
+        )
+        .unwrap();
+        symbolizer.symbolize_process(pid, HashSet::from([ip]));
+        let _ = std::fs::remove_file(&perf_map);
+        assert_eq!(name_of(&symbolizer), "ff_compiled_late");
     }
 
     #[test]

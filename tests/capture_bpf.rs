@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -872,6 +873,212 @@ fn a_process_nobody_targets_runs_no_program_on_its_system_calls() {
     assert!(
         total < CALLS / 100,
         "{total} program runs during {CALLS} system calls of a process nobody targets: {runs:?}"
+    );
+}
+
+/// A JIT runtime's perf map (`/tmp/perf-PID.map`), removed when the test ends.
+struct PerfMap(std::path::PathBuf);
+
+impl PerfMap {
+    fn of(pid: u32) -> Self {
+        PerfMap(Path::new("/tmp").join(format!("perf-{pid}.map")))
+    }
+}
+
+impl Drop for PerfMap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Compiles `tests/fixtures/JitRequests.java` once; the directory of its class.
+fn jvm_fixture_classes() -> &'static Path {
+    static CLASSES: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    CLASSES.get_or_init(|| {
+        let classes = tempdir("jvm-classes");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JitRequests.java");
+        let status = Command::new("javac")
+            .arg("-d")
+            .arg(&classes)
+            .arg(&source)
+            .status()
+            .expect("cannot run javac: install Debian's openjdk-17-jdk-headless");
+        assert!(status.success(), "the JVM fixture does not compile");
+        classes
+    })
+}
+
+/// The user functions of a sample, innermost first.
+fn user_functions(sample: &Sample) -> Vec<&str> {
+    sample
+        .stack
+        .iter()
+        .filter(|frame| frame.kind == FrameKind::User)
+        .flat_map(|frame| frame.lines.iter().map(|line| line.function.as_str()))
+        .collect()
+}
+
+/// Asserts each sample names, innermost first, a function matching each of
+/// `callees_first` (by `names`), callee before caller.
+fn assert_calls(
+    what: &str,
+    samples: &[&Sample],
+    callees_first: &[&str],
+    names: impl Fn(&str, &str) -> bool,
+) {
+    assert!(!samples.is_empty(), "{what}: no samples");
+    for sample in samples {
+        let functions = user_functions(sample);
+        let positions: Vec<Option<usize>> = callees_first
+            .iter()
+            .map(|wanted| functions.iter().position(|f| names(f, wanted)))
+            .collect();
+        assert!(
+            positions.iter().all(Option::is_some) && positions.is_sorted(),
+            "{what}: wanted {callees_first:?}, callee first, in {functions:?} (whole stack: {:?})",
+            sample
+                .stack
+                .iter()
+                .map(|frame| frame.function())
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The JVM's own threads, by the names HotSpot gives them.
+const JVM_RUNTIME_THREADS: &[&str] = &[
+    "GC Thread",
+    "C1 CompilerThre",
+    "C2 CompilerThre",
+    "VM Thread",
+];
+
+#[test]
+fn java_methods_compiled_by_the_jit_are_named_in_blocked_stacks() {
+    require_root();
+    let dir = tempdir("jvm");
+    let output = dir.join("profile.pb.gz");
+    let mut java = Command::new("java");
+    java.args([
+        "-XX:+PreserveFramePointer",
+        "-Xbatch",
+        "-XX:CompileCommand=quiet",
+        "-XX:CompileCommand=dontinline,JitRequests::*",
+        "-cp",
+    ])
+    .arg(jvm_fixture_classes())
+    .arg("JitRequests");
+    let jvm = Workload::start_with(java);
+    let _perf_map = PerfMap::of(jvm.pid);
+    let perfmap = Command::new("jcmd")
+        .args([&jvm.pid.to_string(), "Compiler.perfmap"])
+        .output()
+        .expect("cannot run jcmd: install Debian's openjdk-17-jdk-headless");
+    assert!(
+        perfmap.status.success(),
+        "jcmd Compiler.perfmap failed: {}",
+        String::from_utf8_lossy(&perfmap.stdout)
+    );
+    capture(jvm.pid, &[], &output, || {});
+    let profile = load(&output);
+
+    // Each blocked in compiled code from before the capture to after it.
+    let requests: Vec<&Sample> = profile
+        .samples
+        .iter()
+        .filter(|sample| sample.labels.thread_name.starts_with("ff-request-"))
+        .collect();
+    let request_threads: HashSet<u32> = requests.iter().map(|s| s.labels.thread_id).collect();
+    assert_eq!(
+        request_threads.len(),
+        4,
+        "request threads: {request_threads:?}"
+    );
+    assert_calls(
+        "the request threads",
+        &requests,
+        &[
+            "JitRequests.lookupAccount(int)",
+            "JitRequests.handleRequest(int)",
+            "JitRequests.serveRequest(int)",
+        ],
+        |function, method| function.ends_with(method),
+    );
+
+    // The JVM's own threads block in the same glibc function: the stacks
+    // below it are what tell a request thread from them.
+    let runtime: Vec<&Sample> = profile
+        .samples
+        .iter()
+        .filter(|sample| {
+            JVM_RUNTIME_THREADS
+                .iter()
+                .any(|name| sample.labels.thread_name.starts_with(name))
+        })
+        .collect();
+    assert!(
+        !runtime.is_empty(),
+        "no GC or compiler thread in the profile"
+    );
+    let request_stacks: HashSet<Vec<&str>> = requests.iter().map(|s| user_functions(s)).collect();
+    for sample in &runtime {
+        let functions = user_functions(sample);
+        assert!(
+            !request_stacks.contains(&functions)
+                && !functions.iter().any(|f| f.contains("JitRequests.")),
+            "{}'s stack looks like a request's: {functions:?}",
+            sample.labels.thread_name
+        );
+    }
+}
+
+/// Whether `function` is the perf map's name of JavaScript function `name`:
+/// V8 writes `JS:*name file:line:column` (`LazyCompile:*name ...` before
+/// Node 20), `*` for optimized code.
+fn names_js_function(function: &str, name: &str) -> bool {
+    function
+        .split_once(':')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|compiled| compiled.trim_start_matches(['*', '^', '~']) == name)
+}
+
+#[test]
+fn javascript_functions_compiled_by_the_jit_are_named_in_blocked_stacks() {
+    require_root();
+    let dir = tempdir("node");
+    let output = dir.join("profile.pb.gz");
+    let mut node = Command::new("node");
+    // V8 writes its code log (isolate-*-v8.log) into the working directory.
+    node.current_dir(&dir)
+        .args(["--perf-basic-prof", "--no-turbo-inlining"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jit_requests.js"));
+    let mut node = Workload::start_with(node);
+    let _perf_map = PerfMap::of(node.pid);
+    let worker = node.next_announcement();
+    capture(node.pid, &[], &output, || {});
+    let profile = load(&output);
+
+    let main: Vec<&Sample> = profile
+        .samples
+        .iter()
+        .filter(|sample| sample.labels.thread_id == node.pid)
+        .collect();
+    assert_calls(
+        "the main thread, in a synchronous read",
+        &main,
+        &["ffReadRequest", "ffHandleRequest", "ffServeRequest"],
+        names_js_function,
+    );
+    let worker_samples: Vec<&Sample> = profile
+        .samples
+        .iter()
+        .filter(|sample| sample.labels.thread_id == worker.tid)
+        .collect();
+    assert_calls(
+        "the worker, in Atomics.wait",
+        &worker_samples,
+        &["ffWaitForJob", "ffAwaitJob"],
+        names_js_function,
     );
 }
 

@@ -179,7 +179,7 @@ fn process_name_matches(pid: u32, name: &str) -> bool {
 }
 
 /// The pid in the process's own (innermost) pid namespace.
-fn innermost_pid(pid: u32) -> Option<u32> {
+pub(crate) fn innermost_pid(pid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_innermost_nspid(&status)
 }

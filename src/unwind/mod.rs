@@ -12,11 +12,11 @@
 //! up. A value that cannot be confirmed ends the stack as
 //! [`StackEnd::Truncated`]: a stack may stop early, it is never made up.
 //! Within that rule:
-//!   - modules with tables are unwound by them only; an address they do
-//!     not describe ends the stack (framehop would walk frame pointers
-//!     there, and in `-O2` code `rbp` holds anything);
+//!   - modules with tables are unwound by them, so `rbp` is never read as
+//!     a frame pointer in `-O2` code, where it holds anything;
 //!   - code without tables (JIT code in anonymous memory, a module stripped
-//!     of `.eh_frame`) is walked by its frame pointers;
+//!     of `.eh_frame`, V8's builtins embedded in node's `.text` without
+//!     tables of their own) is walked by its frame pointers;
 //!   - a signal handler's frame continues in the context the kernel saved
 //!     at the trampoline's stack pointer;
 //!   - the vDSO's tables come from memory: it has no file.
@@ -223,7 +223,10 @@ impl Unwinder {
                         Err(_) => return Step::Unconfirmed,
                     }
                 }
-                None if table.has_tables() => return Step::Unconfirmed,
+                // Code a module carries without tables beside code with
+                // them is generated or hand-written, such as V8's builtins
+                // embedded in node: it keeps rbp as a frame pointer, and the
+                // caller's rbp came through the callee's tables.
                 None => match frame_pointer_step(&mut regs, memory) {
                     Some(return_address) => return_address,
                     None => return Step::Unconfirmed,

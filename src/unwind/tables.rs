@@ -175,11 +175,6 @@ impl Table {
         self.coverage.covers(address).then_some(dwarf)
     }
 
-    /// Whether the module has unwind tables at all.
-    pub fn has_tables(&self) -> bool {
-        self.dwarf.is_some()
-    }
-
     /// What to subtract from a process address in `mapping` to get the
     /// file address.
     pub fn bias(&self, mapping: &Mapping) -> Option<u64> {
@@ -433,7 +428,6 @@ mod tests {
         let Lookup::Module(table, bias) = tables.lookup(std::process::id(), vdso) else {
             panic!("the vDSO's tables load from memory");
         };
-        assert!(table.has_tables());
         let text = table.elf.text.clone().unwrap();
         assert!(table.dwarf_for(text.start).is_some());
         assert_eq!(
