@@ -274,6 +274,8 @@ pub fn register_startup_series(labels: &StartupLabels) {
     drop(histogram!(CAPTURE_DURATION));
     drop(histogram!(CAPTURE_SAMPLES));
     counter!(CAPTURE_BLOCKED).absolute(0);
+    // No table is loaded until the first blocked thread is unwound.
+    gauge!(UNWIND_TABLE_BYTES).set(0.0);
     for &map in labels.bpf_maps {
         counter!(BPF_DROPS, "map" => map).absolute(0);
     }
