@@ -62,6 +62,7 @@ const volatile struct tunables tunables = {
 	.max_block_ns = ~0ULL,
 	.state_mask = 0xf,
 	.min_address_change = 64ULL << 20,
+	.unwind_threshold_ns = ~0ULL,
 };
 
 /*
@@ -155,6 +156,40 @@ struct {
 	__type(key, struct event_key);
 	__type(value, struct address_change);
 } address_changes SEC(".maps");
+
+/*
+ * User stack copies of finished blocks, until user space unwinds them at its
+ * next cut. A ring buffer, not a hash of fixed-size slots: a record is only
+ * as long as the stack that was there, the memory is one budget set here
+ * (4 MiB: at least 255 whole copies between two cuts, over 1000 a second at
+ * the recorder's pace), and a full buffer refuses a copy at once, counted.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20);
+} stack_copies SEC(".maps");
+
+/* Copies are read a page at a time, so that an unmapped page ends one. */
+#define STACK_COPY_CHUNK 4096
+
+/*
+ * Where a copy is put together before it goes into `stack_copies` whole:
+ * the header, then the stack (with room for a last page read at any offset
+ * the verifier cannot rule out), then this CPU's count of copies, which
+ * makes their ids unique.
+ */
+struct stack_copy_scratch {
+	struct stack_copy header;
+	__u8 bytes[STACK_COPY_BYTES + STACK_COPY_CHUNK];
+	__u64 copies;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct stack_copy_scratch);
+} copy_scratch SEC(".maps");
 
 /* Scratch space for one kernel stack: too big for the BPF stack. */
 struct {
@@ -457,12 +492,75 @@ static __always_inline void add_block(struct block_key *key, __u64 blocked_ns, c
 	__sync_fetch_and_add(&total->count, 1);
 }
 
-/* The current thread's owed block, now that its user stack can be taken. */
+/*
+ * The current thread's user registers and the top of its user stack, into
+ * `stack_copies`, for user space to unwind without frame pointers: the
+ * thread has not run a user instruction since it blocked, so both are still
+ * those of the blocking call. Its key (STACK_COPY), or STACK_NONE when there
+ * is nothing to copy or no room for it.
+ */
+static __always_inline __u64 copy_user_stack(__u32 tgid)
+{
+	struct task_struct *me = bpf_get_current_task_btf();
+	struct stack_copy_scratch *copy;
+	struct pt_regs *regs;
+	__u32 zero = 0, size = 0;
+	__u64 sp, chunk;
+
+	if (!me->mm)
+		return STACK_NONE;	/* a kernel thread, or one exiting */
+	regs = (struct pt_regs *)bpf_task_pt_regs(me);
+	copy = bpf_map_lookup_elem(&copy_scratch, &zero);
+	if (!regs || !copy)
+		return STACK_NONE;
+	sp = PT_REGS_SP_CORE(regs);
+	/*
+	 * Up to the end of sp's page, then page by page: bpf_probe_read_user
+	 * fails on a range with any unmapped (or not present) byte in it, and
+	 * the stack may end anywhere below STACK_COPY_BYTES.
+	 */
+	chunk = STACK_COPY_CHUNK - (sp & (STACK_COPY_CHUNK - 1));
+	for (int page = 0; page <= STACK_COPY_BYTES / STACK_COPY_CHUNK; page++) {
+		if (chunk > STACK_COPY_CHUNK || size + chunk > STACK_COPY_BYTES)
+			break;
+		if (bpf_probe_read_user(&copy->bytes[size & (STACK_COPY_BYTES - 1)], chunk,
+					(void *)(sp + size)))
+			break;
+		size += chunk;
+		chunk = STACK_COPY_CHUNK;
+	}
+	if (!size || size > STACK_COPY_BYTES)
+		return STACK_NONE;
+	copy->copies++;
+	copy->header.id = copy->copies << 24 | (bpf_get_smp_processor_id() & 0xffff) << 8 |
+			  STACK_COPY;
+	copy->header.ip = PT_REGS_IP_CORE(regs);
+	copy->header.sp = sp;
+	copy->header.fp = PT_REGS_FP_CORE(regs);
+	copy->header.tgid = tgid;
+	copy->header.size = size;
+	copy->header.flags = (long)SYSCALL_NR(regs) < 0 ? STACK_COPY_FAULT : 0;
+	if (bpf_ringbuf_output(&stack_copies, copy, sizeof(copy->header) + size, 0)) {
+		count_drop(DROP_STACK_COPY_FULL);
+		return STACK_NONE;
+	}
+	return copy->header.id;
+}
+
+/*
+ * The current thread's owed block, now that its user stack can be taken:
+ * copied for a block that reached the unwind threshold, else walked by its
+ * frame pointers (as is one whose copy found no room).
+ */
 static __always_inline void settle_owed(void *ctx, struct thread *thread)
 {
 	char comm[COMM_LEN];
 
-	thread->key.user_stack = current_user_stack(ctx);
+	thread->key.user_stack = STACK_NONE;
+	if (thread->owed_ns >= tunables.unwind_threshold_ns)
+		thread->key.user_stack = copy_user_stack(thread->key.tgid);
+	if (thread->key.user_stack == STACK_NONE)
+		thread->key.user_stack = current_user_stack(ctx);
 	bpf_get_current_comm(comm, sizeof(comm));
 	add_block(&thread->key, thread->owed_ns, comm);
 	thread->owed_ns = 0;

@@ -82,6 +82,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
         max_block: args.max_block,
         states: args.state.0.clone(),
         min_address_change: (args.min_alloc > 0).then_some(args.min_alloc),
+        unwind_threshold: Some(args.unwind_threshold).filter(|threshold| !threshold.is_zero()),
     };
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -136,6 +136,7 @@ pub async fn run_until(
         capture: CaptureConfig {
             min_block: config.recorder.min_block,
             min_address_change: config.recorder.min_allocation,
+            unwind_threshold: config.recorder.unwind_threshold,
             ..CaptureConfig::default()
         },
         observer: Some(WindowObserver(Arc::new(move |window: &Window| {

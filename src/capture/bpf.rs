@@ -2,15 +2,20 @@
 //! `offcpu` skeleton and turns map bytes into owned values. Everything outside
 //! this module sees plain Rust types.
 
+use std::cell::RefCell;
 use std::io::Read;
 use std::mem::{size_of, MaybeUninit};
 use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
+use libbpf_rs::{
+    Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel, RingBuffer, RingBufferBuilder,
+};
 
+use super::copies::{Entry, StackCopy};
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
     StackRef, UserRegs,
@@ -48,6 +53,9 @@ pub(super) struct Filters {
     pub states: Vec<ThreadState>,
     /// Address-space calls smaller than this are not recorded; `None`: none are.
     pub min_address_change: Option<u64>,
+    /// Finished blocks at least this long get a copy of their user stack to
+    /// unwind; `None`: none do.
+    pub unwind_threshold_ns: Option<u64>,
 }
 
 /// The deepest stack the kernel records (PERF_MAX_STACK_DEPTH).
@@ -209,6 +217,9 @@ impl Optional {
 pub(super) struct Probe<'obj> {
     skel: OffcpuSkel<'obj>,
     _links: Vec<Link>,
+    /// `stack_copies`, consumed into `copied` at every cut.
+    copies: RingBuffer<'static>,
+    copied: Rc<RefCell<Vec<Vec<u8>>>>,
     pub features: Features,
 }
 
@@ -227,6 +238,7 @@ unsafe impl Pod for types::lock_wait {}
 unsafe impl Pod for types::lock_wait_stack {}
 unsafe impl Pod for types::lock_hold {}
 unsafe impl Pod for types::address_change {}
+unsafe impl Pod for types::stack_copy {}
 unsafe impl Pod for u32 {}
 unsafe impl Pod for u64 {}
 
@@ -263,11 +275,42 @@ fn state_bit(state: ThreadState) -> u32 {
 
 fn stack_ref(key: u64) -> StackRef {
     use types::stack_special as special;
-    match key {
-        key if key == u64::from(special::STACK_NONE.0) => StackRef::Missing,
-        key if key == u64::from(special::STACK_SAVED_REGS.0) => StackRef::SavedRegs,
-        key => StackRef::Id(key),
+    if key & 1 == 1 {
+        return StackRef::Id(key);
     }
+    match key & u64::from(special::STACK_KIND_MASK.0) {
+        kind if kind == u64::from(special::STACK_COPY.0) => StackRef::Copy(key),
+        _ if key == u64::from(special::STACK_SAVED_REGS.0) => StackRef::SavedRegs,
+        _ => StackRef::Missing,
+    }
+}
+
+/// A record of `stack_copies`: its header, then the copied stack.
+fn stack_copy_from_record(record: &[u8]) -> Result<StackCopy, CaptureError> {
+    let header: types::stack_copy = from_bytes(record)?;
+    let bytes = &record[size_of::<types::stack_copy>()..];
+    let size = header.size as usize;
+    if bytes.len() < size {
+        return Err(CaptureError::MapLayout {
+            expected: size_of::<types::stack_copy>() + size,
+            got: record.len(),
+        });
+    }
+    Ok(StackCopy {
+        id: header.id,
+        tgid: header.tgid,
+        regs: UserRegs {
+            ip: header.ip,
+            sp: header.sp,
+            fp: header.fp,
+        },
+        entry: if header.flags & types::stack_copy_flags::STACK_COPY_FAULT.0 != 0 {
+            Entry::Fault
+        } else {
+            Entry::SystemCall
+        },
+        bytes: bytes[..size].to_vec(),
+    })
 }
 
 fn key_from_kernel(key: &types::block_key) -> BlockKey {
@@ -367,9 +410,27 @@ impl<'obj> Probe<'obj> {
             .map_err(|err| CaptureError::Load {
                 detail: format!("sched_switch via {hook:?}: {err}"),
             })?;
+        let copied = Rc::new(RefCell::new(Vec::new()));
+        let arrived = Rc::clone(&copied);
+        let mut builder = RingBufferBuilder::new();
+        builder
+            .add(&skel.maps.stack_copies, move |record: &[u8]| {
+                arrived.borrow_mut().push(record.to_vec());
+                0
+            })
+            .map_err(|source| CaptureError::Map {
+                map: "stack_copies",
+                source,
+            })?;
+        let copies = builder.build().map_err(|source| CaptureError::Map {
+            map: "stack_copies",
+            source,
+        })?;
         Ok(Probe {
             skel,
             _links: Vec::new(),
+            copies,
+            copied,
             features: Features {
                 hook,
                 lock_contention: false,
@@ -501,6 +562,7 @@ impl<'obj> Probe<'obj> {
             min_address_change: filters.min_address_change.unwrap_or(0),
             pidns_dev,
             pidns_ino,
+            unwind_threshold_ns: filters.unwind_threshold_ns.unwrap_or(u64::MAX),
             tid: filters.tid.unwrap_or(0),
             state_mask: filters
                 .states
@@ -745,6 +807,20 @@ impl<'obj> Probe<'obj> {
         Ok(changes)
     }
 
+    /// Takes every user stack copy out of the kernel: their memory there is
+    /// free again for the next ones.
+    pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
+        self.copies.consume().map_err(|source| CaptureError::Map {
+            map: "stack_copies",
+            source,
+        })?;
+        let records = std::mem::take(&mut *self.copied.borrow_mut());
+        records
+            .iter()
+            .map(|record| stack_copy_from_record(record))
+            .collect()
+    }
+
     /// A stack's frames, innermost first; empty if it is no longer kept.
     pub fn stack(&self, key: u64) -> Result<Vec<u64>, CaptureError> {
         let bytes = self
@@ -821,6 +897,10 @@ mod tests {
         assert_eq!(stack_ref(2), StackRef::SavedRegs);
         assert_eq!(stack_ref(0), StackRef::Missing);
         assert_eq!(
+            stack_ref(7 << 24 | 1 << 8 | 4),
+            StackRef::Copy(7 << 24 | 1 << 8 | 4)
+        );
+        assert_eq!(
             stack_ref(0x9e37_79b9_7f4a_7c15),
             StackRef::Id(0x9e37_79b9_7f4a_7c15)
         );
@@ -857,6 +937,7 @@ mod tests {
                 max_block_ns: None,
                 states: ThreadState::ALL.to_vec(),
                 min_address_change: None,
+                unwind_threshold_ns: None,
             };
             let probe = Probe::load(storage, &filters)
                 .expect("these tests load BPF programs: run them as root");

@@ -16,7 +16,11 @@
 //! - at switch-in: its kernel stack, taken from the still-sleeping thread,
 //!   its futex word and the thread that woke it;
 //! - on the thread's way back to user space: its user stack. Only then is
-//!   the block added to the kernel's totals.
+//!   the block added to the kernel's totals. A block that reached the
+//!   unwind threshold gets a copy of its user registers and the top of its
+//!   user stack instead of a frame-pointer walk, unwound here when the cut
+//!   reads it (see [`copies`]), so that code without frame pointers gets
+//!   whole stacks too.
 //!
 //! A block still in progress at a cut is completed from outside by the
 //! survey iterator (kernel stack, futex word, the user registers it entered
@@ -34,6 +38,7 @@
 
 mod bpf;
 mod calls;
+mod copies;
 mod ledger;
 pub mod recorder;
 mod threads;
@@ -101,11 +106,18 @@ pub struct CaptureConfig {
     /// bytes are recorded with their caller's stack; `None` records none
     /// (and leaves every other process's system calls untouched).
     pub min_address_change: Option<u64>,
+    /// Blocks at least this long have their user stack copied and unwound
+    /// without frame pointers; shorter ones, or all with `None`, get a
+    /// frame-pointer walk.
+    pub unwind_threshold: Option<Duration>,
 }
 
 /// The default for [`CaptureConfig::min_address_change`]: far above any
 /// allocator's ordinary traffic, well below a big table's resize.
 pub const DEFAULT_MIN_ADDRESS_CHANGE: u64 = 64 << 20;
+
+/// The default for [`CaptureConfig::unwind_threshold`]. UNMEASURED
+pub const DEFAULT_UNWIND_THRESHOLD: Duration = Duration::from_millis(10);
 
 impl Default for CaptureConfig {
     fn default() -> Self {
@@ -116,6 +128,7 @@ impl Default for CaptureConfig {
             max_block: None,
             states: ThreadState::ALL.to_vec(),
             min_address_change: Some(DEFAULT_MIN_ADDRESS_CHANGE),
+            unwind_threshold: Some(DEFAULT_UNWIND_THRESHOLD),
         }
     }
 }
@@ -128,6 +141,9 @@ pub enum StackRef {
     /// A block in progress, seen from outside: its user stack is walked
     /// from the registers the thread entered the kernel with.
     SavedRegs,
+    /// A finished block's user stack, copied by the probe to be unwound
+    /// here; the copy's id.
+    Copy(u64),
     /// No stack was recorded (counted in [`DropCounts`], or a thread with no
     /// user stack at all).
     Missing,
@@ -328,7 +344,7 @@ pub struct InFlight {
 
 /// The maps the kernel side counts drops for, in the order of its
 /// `enum drop_reason`: the names metrics and profile comments use.
-pub const DROP_MAPS: [&str; 7] = [
+pub const DROP_MAPS: [&str; 8] = [
     "threads",
     "blocked",
     "stacks_kernel",
@@ -336,6 +352,7 @@ pub const DROP_MAPS: [&str; 7] = [
     "stacks",
     "lock_holds",
     "address_changes",
+    "stack_copies",
 ];
 
 /// Work the kernel side had to drop, since the probe was loaded, counted
@@ -424,6 +441,7 @@ pub struct Tracer<'obj> {
     /// (host tid, start): walked once, however many cuts the block spans.
     walked: HashMap<(u32, u64), Stack>,
     walker: threads::StackWalker,
+    copies: copies::Copies,
     calls: calls::Calls,
     /// The kernel's drop counters at the last cut.
     drops_so_far: DropCounts,
@@ -451,6 +469,10 @@ impl CaptureConfig {
             max_block_ns: self.max_block.map(|max| max.as_nanos() as u64),
             states: self.states.clone(),
             min_address_change: self.min_address_change.filter(|&bytes| bytes > 0),
+            unwind_threshold_ns: self
+                .unwind_threshold
+                .filter(|threshold| !threshold.is_zero())
+                .map(|threshold| threshold.as_nanos() as u64),
         }
     }
 }
@@ -496,6 +518,7 @@ impl<'obj> Loaded<'obj> {
             stack_cache: HashMap::new(),
             walked: HashMap::new(),
             walker: threads::StackWalker::start().map_err(CaptureError::Walker)?,
+            copies: copies::Copies::default(),
             calls: calls::Calls::default(),
             drops_so_far: DropCounts::default(),
         })
@@ -541,6 +564,10 @@ impl<'obj> Tracer<'obj> {
         let finished = self.probe.drain_blocked()?;
         self.probe.survey()?;
         let in_flight = self.probe.in_flight()?;
+        // After the drain: every copy a drained total refers to was put in
+        // before its total was.
+        let copies = self.probe.take_stack_copies()?;
+        self.copies.receive(copies, bpf::MAX_STACK_DEPTH);
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
             .iter()
@@ -570,6 +597,7 @@ impl<'obj> Tracer<'obj> {
             let kernel_ips = self.stack_of(key.kernel_stack)?;
             let user_ips = match (key.user_stack, saved_regs.get(&key)) {
                 (StackRef::SavedRegs, Some(block)) => self.walked_stack(block),
+                (StackRef::Copy(id), _) => self.copies.stack(id),
                 (stack, _) => self.stack_of(stack)?,
             };
             let thread_name = match names.get(&key) {
@@ -632,6 +660,7 @@ impl<'obj> Tracer<'obj> {
             .map(|block| (block.host_tid, block.start_ns))
             .collect();
         self.walked.retain(|block, _| flying.contains(block));
+        self.copies.end_cut();
         self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
@@ -710,7 +739,7 @@ impl<'obj> Tracer<'obj> {
                 self.stack_cache.insert(hash, Arc::clone(&stack));
                 Ok(stack)
             }
-            StackRef::SavedRegs | StackRef::Missing => Ok(Stack::from([])),
+            StackRef::SavedRegs | StackRef::Copy(_) | StackRef::Missing => Ok(Stack::from([])),
         }
     }
 

@@ -47,17 +47,27 @@ impl Threads {
 /// switched out while we watched. Innermost first; stops at the first frame
 /// it cannot read.
 pub(super) fn walk_user_stack(tgid: u32, ip: u64, fp: u64, max_depth: usize) -> Vec<u64> {
-    let mut stack = vec![ip];
     let Ok(memory) = fs::File::open(format!("/proc/{tgid}/mem")) else {
-        return stack;
+        return vec![ip];
     };
-    let read_word = |address: u64| {
+    walk_frame_pointers(ip, fp, max_depth, |address| {
         let mut word = [0u8; 8];
         memory
             .read_exact_at(&mut word, address)
             .ok()
             .map(|()| u64::from_ne_bytes(word))
-    };
+    })
+}
+
+/// Walks a frame-pointer chain from `ip` and `fp` through `read_word`,
+/// innermost first; stops at the first frame it cannot read.
+pub(super) fn walk_frame_pointers(
+    ip: u64,
+    fp: u64,
+    max_depth: usize,
+    read_word: impl Fn(u64) -> Option<u64>,
+) -> Vec<u64> {
+    let mut stack = vec![ip];
     let mut frame = fp;
     while stack.len() < max_depth && frame != 0 && frame.is_multiple_of(8) {
         let (Some(caller_frame), Some(return_address)) = (read_word(frame), read_word(frame + 8))
