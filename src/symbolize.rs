@@ -6,7 +6,6 @@
 //! `[unknown] file+0xoffset` when at least the file is known.
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -16,6 +15,7 @@ use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
 use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, Window};
+use crate::process_map::{Mapping as ProcessMapping, ProcessMap};
 use crate::profile::labels::{Key, STACK_SEPARATOR};
 use crate::profile::{
     Frame, FrameKind, Line, Mapping, Profile, ProfileKind, Sample, SampleLabels, TimeSlice,
@@ -87,7 +87,7 @@ struct UserFrame {
     region: Option<usize>,
 }
 
-/// One file-backed line of /proc/PID/maps.
+/// A file-backed mapping of the process, as its frames' mappings name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Region {
     start: u64,
@@ -95,6 +95,18 @@ struct Region {
     offset: u64,
     path: String,
     build_id: Option<String>,
+}
+
+impl Region {
+    fn of(mapping: &ProcessMapping) -> Option<Region> {
+        Some(Region {
+            start: mapping.start,
+            end: mapping.end,
+            offset: mapping.offset,
+            path: mapping.path.clone()?,
+            build_id: None,
+        })
+    }
 }
 
 /// What one window gives: its off-CPU profile and, when the targets made
@@ -677,31 +689,14 @@ fn user_stack_truncated(user_ips: &[u64], frames: &[Frame]) -> bool {
     !root.is_some_and(|root| STACK_ROOTS.contains(&root.function()))
 }
 
-/// File-backed regions of `/proc/PID/maps`.
+/// The regions of a process's mappings that have a name (files, and the
+/// kernel's `[vdso]` and kind); none if the process is gone.
 fn read_regions(pid: u32) -> Vec<Region> {
-    fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map(|maps| maps.lines().filter_map(parse_region).collect())
-        .unwrap_or_default()
+    regions_of(&ProcessMap::read(pid).unwrap_or_default())
 }
 
-fn parse_region(line: &str) -> Option<Region> {
-    let mut fields = line.split_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
-    let _perms = fields.next()?;
-    let offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
-    let path = fields.collect::<Vec<_>>().join(" ");
-    if path.is_empty() {
-        return None;
-    }
-    Some(Region {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
-        path,
-        build_id: None,
-    })
+fn regions_of(map: &ProcessMap) -> Vec<Region> {
+    map.mappings().iter().filter_map(Region::of).collect()
 }
 
 #[cfg(test)]
@@ -711,22 +706,19 @@ mod tests {
 
     #[test]
     fn maps_lines_with_a_file_become_regions() {
-        let line = "7f1c2a000000-7f1c2a1b6000 r-xp 00028000 fe:01 1837 /usr/lib/x86_64-linux-gnu/libc.so.6";
+        let maps = "7f1c2a000000-7f1c2a1b6000 r-xp 00028000 fe:01 1837 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                    7ffd1000-7ffd2000 rw-p 00000000 00:00 0\n\
+                    garbage\n";
         assert_eq!(
-            parse_region(line),
-            Some(Region {
+            regions_of(&ProcessMap::parse(maps)),
+            vec![Region {
                 start: 0x7f1c_2a00_0000,
                 end: 0x7f1c_2a1b_6000,
                 offset: 0x28000,
                 path: "/usr/lib/x86_64-linux-gnu/libc.so.6".to_string(),
                 build_id: None,
-            })
+            }]
         );
-        assert_eq!(
-            parse_region("7ffd1000-7ffd2000 rw-p 00000000 00:00 0"),
-            None
-        );
-        assert_eq!(parse_region("garbage"), None);
     }
 
     #[test]
