@@ -28,3 +28,4 @@ pub mod signals;
 pub mod symbolize;
 pub mod telemetry;
 pub mod trigger;
+pub mod unwind;

@@ -316,13 +316,7 @@ pub struct AddressChange {
     pub user_ips: Stack,
 }
 
-/// The user registers a thread entered the kernel with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UserRegs {
-    pub ip: u64,
-    pub sp: u64,
-    pub fp: u64,
-}
+pub use crate::unwind::UserRegs;
 
 /// A block that has not reached the finished totals yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

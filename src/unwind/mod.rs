@@ -1,0 +1,411 @@
+//! User stacks without frame pointers: DWARF unwinding (`.eh_frame`,
+//! `.debug_frame`) of a stopped thread from the registers it entered the
+//! kernel with, over its memory.
+//!
+//! Most of what users run (distribution C and C++, Debian's glibc,
+//! libjvm) is built without frame pointers, so a frame-pointer walk stops
+//! at the libc wrapper. A thread blocked for more than a few milliseconds
+//! does not run: its registers and stack stay put while they are read.
+//!
+//! Every frame is confirmed before it is kept: a return address must land
+//! in code, right after a call instruction, with the stack pointer moving
+//! up. A value that cannot be confirmed ends the stack as
+//! [`StackEnd::Truncated`]: a stack may stop early, it is never made up.
+//! Within that rule:
+//!   - modules with tables are unwound by them only; an address they do
+//!     not describe ends the stack (framehop would walk frame pointers
+//!     there, and in `-O2` code `rbp` holds anything);
+//!   - code without tables (JIT code in anonymous memory, a module stripped
+//!     of `.eh_frame`) is walked by its frame pointers;
+//!   - a signal handler's frame continues in the context the kernel saved
+//!     at the trampoline's stack pointer;
+//!   - the vDSO's tables come from memory: it has no file.
+
+mod elf;
+mod memory;
+mod tables;
+
+use std::collections::HashMap;
+
+use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64};
+use framehop::{FrameAddress, Unwinder as _};
+
+pub use memory::{Memory, ProcessMemory};
+use tables::{Lookup, Tables};
+
+use crate::process_map::{Mapping, ProcessMap};
+
+/// The user registers a thread entered the kernel with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub fp: u64,
+}
+
+/// Why the thread entered the kernel, which says what its `ip` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A system call: `ip` is the instruction after `syscall`.
+    SystemCall,
+    /// A page fault: `ip` is the faulting instruction itself.
+    Fault,
+}
+
+/// How an unwound stack ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackEnd {
+    /// The tables say the outermost frame is the thread's root
+    /// (`start_thread`, `_start`: no caller).
+    Complete,
+    /// The next frame could not be confirmed.
+    Truncated,
+}
+
+/// A user stack, innermost first.
+///
+/// Addresses follow the convention of stacks the kernel walks, which the
+/// symbolizer relies on when it looks up `ip - 1`: each is one past a byte
+/// of the instruction it stands for. A return address is that already, as
+/// is a system call's `ip`; an exact instruction (a page fault's, or the
+/// one a signal interrupted) is given plus one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unwound {
+    pub ips: Vec<u64>,
+    pub end: StackEnd,
+}
+
+/// Default bound of [`Unwinder::table_bytes`]: glibc's tables take about
+/// 0.2 MiB, libjvm's about 3 MiB.
+pub const DEFAULT_TABLE_BUDGET: u64 = 64 << 20;
+
+/// How many processes' module maps are kept between unwinds.
+const MAX_PROCESSES: usize = 1024;
+
+/// `mov $0xf, %rax; syscall`: glibc's `__restore_rt`, where a signal
+/// handler returns to, calling `rt_sigreturn`.
+const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+
+/// Offsets in the `ucontext_t` the kernel saves for a signal handler:
+/// `uc_mcontext` starts at 40, and its `gregs` are r8..r15, rdi, rsi, rbp,
+/// rbx, rdx, rax, rcx, rsp, rip.
+const UCONTEXT_RBP: u64 = 40 + 10 * 8;
+const UCONTEXT_RSP: u64 = 40 + 15 * 8;
+const UCONTEXT_RIP: u64 = 40 + 16 * 8;
+
+/// Unwinds stopped threads. Keeps unwind tables (shared across processes
+/// by build id, within a byte budget) and each process's module map
+/// between calls: one instance should serve every unwind.
+///
+/// Reading a module map takes the target's mmap_lock, as reading its
+/// memory does: call from a thread that may block (see
+/// `capture::threads::StackWalker`).
+pub struct Unwinder {
+    tables: Tables,
+    processes: HashMap<u32, ProcessState>,
+    cache: CacheX86_64,
+    clock: u64,
+}
+
+struct ProcessState {
+    map: ProcessMap,
+    last_used: u64,
+}
+
+impl Default for Unwinder {
+    fn default() -> Self {
+        Self::new(DEFAULT_TABLE_BUDGET)
+    }
+}
+
+/// The next frame to unwind from.
+#[derive(Clone, Copy)]
+struct Frame {
+    /// Exact for the first frame and the one a signal interrupted, a
+    /// return address otherwise.
+    address: FrameAddress,
+    regs: UnwindRegsX86_64,
+}
+
+/// What one step up the stack gave.
+enum Step {
+    Caller(Frame),
+    Root,
+    Unconfirmed,
+}
+
+impl Unwinder {
+    /// An unwinder whose tables take at most `table_budget` bytes (one
+    /// module's tables are kept even if they alone take more).
+    pub fn new(table_budget: u64) -> Self {
+        Unwinder {
+            tables: Tables::new(table_budget),
+            processes: HashMap::new(),
+            cache: CacheX86_64::new(),
+            clock: 0,
+        }
+    }
+
+    /// Memory the loaded unwind tables take.
+    pub fn table_bytes(&self) -> u64 {
+        self.tables.bytes()
+    }
+
+    /// Forgets a process's module map (it exited).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
+    /// Unwinds the user stack of a thread of `pid` stopped with `regs`,
+    /// reading its stack through `memory`, at most `max_depth` frames.
+    pub fn unwind(
+        &mut self,
+        pid: u32,
+        regs: UserRegs,
+        entry: Entry,
+        memory: &dyn Memory,
+        max_depth: usize,
+    ) -> Unwound {
+        let first = match entry {
+            Entry::SystemCall => regs.ip,
+            Entry::Fault => regs.ip.wrapping_add(1),
+        };
+        let mut ips = vec![first];
+        let mut frame = Frame {
+            address: FrameAddress::from_instruction_pointer(regs.ip),
+            regs: UnwindRegsX86_64::new(regs.ip, regs.sp, regs.fp),
+        };
+        let end = loop {
+            if ips.len() >= max_depth {
+                break StackEnd::Truncated;
+            }
+            match self.step(pid, frame, memory) {
+                Step::Caller(caller) => {
+                    ips.push(match caller.address {
+                        FrameAddress::ReturnAddress(address) => address.get(),
+                        FrameAddress::InstructionPointer(address) => address.wrapping_add(1),
+                    });
+                    frame = caller;
+                }
+                Step::Root => break StackEnd::Complete,
+                Step::Unconfirmed => break StackEnd::Truncated,
+            }
+        };
+        Unwound { ips, end }
+    }
+
+    /// The caller of `frame`, confirmed.
+    fn step(&mut self, pid: u32, frame: Frame, memory: &dyn Memory) -> Step {
+        let lookup = frame.address.address_for_lookup();
+        let Some(mapping) = self.code_mapping(pid, lookup) else {
+            return Step::Unconfirmed;
+        };
+        if frame.address.is_return_address()
+            && self.code(
+                pid,
+                &mapping,
+                frame.address.address(),
+                SIGRETURN.len(),
+                memory,
+            ) == Some(SIGRETURN.to_vec())
+        {
+            return signal_context(frame.regs.sp(), memory).map_or(Step::Unconfirmed, Step::Caller);
+        }
+        let mut regs = frame.regs;
+        let return_address = match self.tables.lookup(pid, &mapping) {
+            Lookup::Module(table, bias) => match table.dwarf_for(lookup.wrapping_sub(bias)) {
+                Some(dwarf) => {
+                    let Some(address) = rebase(frame.address, bias) else {
+                        return Step::Unconfirmed;
+                    };
+                    let mut read_stack = |address| read_word(memory, address).ok_or(());
+                    match dwarf.unwind_frame(address, &mut regs, &mut self.cache, &mut read_stack) {
+                        Ok(Some(return_address)) => return_address,
+                        Ok(None) => return Step::Root,
+                        Err(_) => return Step::Unconfirmed,
+                    }
+                }
+                None if table.has_tables() => return Step::Unconfirmed,
+                None => match frame_pointer_step(&mut regs, memory) {
+                    Some(return_address) => return_address,
+                    None => return Step::Unconfirmed,
+                },
+            },
+            Lookup::Anonymous => match frame_pointer_step(&mut regs, memory) {
+                Some(return_address) => return_address,
+                None => return Step::Unconfirmed,
+            },
+            Lookup::Unreadable => return Step::Unconfirmed,
+        };
+        if regs.sp() <= frame.regs.sp() {
+            return Step::Unconfirmed;
+        }
+        let Some(address) = FrameAddress::from_return_address(return_address) else {
+            return Step::Unconfirmed;
+        };
+        regs.set_ip(return_address);
+        if !self.confirmed_return(pid, return_address, memory) {
+            return Step::Unconfirmed;
+        }
+        Step::Caller(Frame { address, regs })
+    }
+
+    /// Whether `address` is a return address: it lands in code, right
+    /// after a call instruction, or in the signal trampoline (where the
+    /// kernel, not a call, sends a handler back to).
+    fn confirmed_return(&mut self, pid: u32, address: u64, memory: &dyn Memory) -> bool {
+        let Some(mapping) = self.code_mapping(pid, address - 1) else {
+            return false;
+        };
+        if self.code(pid, &mapping, address, SIGRETURN.len(), memory) == Some(SIGRETURN.to_vec()) {
+            return true;
+        }
+        let before = (address - mapping.start).min(MAX_CALL_LENGTH as u64);
+        self.code(pid, &mapping, address - before, before as usize, memory)
+            .is_some_and(|bytes| ends_with_call(&bytes))
+    }
+
+    /// Code bytes of the process: from the module's file, or (for code
+    /// without one) from its memory.
+    fn code(
+        &mut self,
+        pid: u32,
+        mapping: &Mapping,
+        address: u64,
+        length: usize,
+        memory: &dyn Memory,
+    ) -> Option<Vec<u8>> {
+        if address.checked_add(length as u64)? > mapping.end {
+            return None;
+        }
+        match self.tables.lookup(pid, mapping) {
+            Lookup::Module(table, bias) => table.code(address.wrapping_sub(bias), length),
+            Lookup::Anonymous => {
+                let mut bytes = vec![0; length];
+                memory.read(address, &mut bytes).then_some(bytes)
+            }
+            Lookup::Unreadable => None,
+        }
+    }
+
+    /// The executable mapping an address is in. The map is read again
+    /// once when the address is not in it: the process may have loaded a
+    /// library since.
+    fn code_mapping(&mut self, pid: u32, address: u64) -> Option<Mapping> {
+        self.clock += 1;
+        if let Some(state) = self.processes.get_mut(&pid) {
+            state.last_used = self.clock;
+            if let Some(mapping) = state.map.code(address) {
+                return Some(mapping.clone());
+            }
+        }
+        let map = ProcessMap::read(pid).ok()?;
+        let mapping = map.code(address).cloned();
+        if self.processes.len() >= MAX_PROCESSES && !self.processes.contains_key(&pid) {
+            if let Some(oldest) = self
+                .processes
+                .iter()
+                .min_by_key(|(_, state)| state.last_used)
+                .map(|(pid, _)| *pid)
+            {
+                self.processes.remove(&oldest);
+            }
+        }
+        self.processes.insert(
+            pid,
+            ProcessState {
+                map,
+                last_used: self.clock,
+            },
+        );
+        mapping
+    }
+}
+
+/// `address` moved into the module's own address space.
+fn rebase(address: FrameAddress, bias: u64) -> Option<FrameAddress> {
+    match address {
+        FrameAddress::InstructionPointer(ip) => Some(FrameAddress::from_instruction_pointer(
+            ip.wrapping_sub(bias),
+        )),
+        FrameAddress::ReturnAddress(ret) => {
+            FrameAddress::from_return_address(ret.get().wrapping_sub(bias))
+        }
+    }
+}
+
+fn read_word(memory: &dyn Memory, address: u64) -> Option<u64> {
+    let mut word = [0; 8];
+    memory
+        .read(address, &mut word)
+        .then(|| u64::from_le_bytes(word))
+}
+
+/// One frame-pointer step: `rbp` points at the caller's `rbp`, the return
+/// address above it. The frame must lie above the stack pointer and the
+/// chain must rise.
+fn frame_pointer_step(regs: &mut UnwindRegsX86_64, memory: &dyn Memory) -> Option<u64> {
+    let frame = regs.bp();
+    if !frame.is_multiple_of(8) || frame < regs.sp() {
+        return None;
+    }
+    let caller_frame = read_word(memory, frame)?;
+    let return_address = read_word(memory, frame.checked_add(8)?)?;
+    if caller_frame != 0 && caller_frame <= frame {
+        return None;
+    }
+    regs.set_sp(frame + 16);
+    regs.set_bp(caller_frame);
+    Some(return_address)
+}
+
+/// The context a signal interrupted, saved by the kernel at `sp` when the
+/// handler returned to the trampoline. The interrupted instruction is
+/// exact: no call led there.
+fn signal_context(sp: u64, memory: &dyn Memory) -> Option<Frame> {
+    let ip = read_word(memory, sp.checked_add(UCONTEXT_RIP)?)?;
+    let saved_sp = read_word(memory, sp.checked_add(UCONTEXT_RSP)?)?;
+    let bp = read_word(memory, sp.checked_add(UCONTEXT_RBP)?)?;
+    Some(Frame {
+        address: FrameAddress::from_instruction_pointer(ip),
+        regs: UnwindRegsX86_64::new(ip, saved_sp, bp),
+    })
+}
+
+/// The longest call instruction: `ff /2` with a SIB byte and a 32-bit
+/// displacement, after a REX prefix.
+const MAX_CALL_LENGTH: usize = 7;
+
+/// Whether `code` (the bytes right before a return address) ends with a
+/// call: `e8 rel32`, or `ff /2` in any of its addressing forms.
+fn ends_with_call(code: &[u8]) -> bool {
+    let at = |back: usize| code.len().checked_sub(back).map(|index| code[index]);
+    if at(5) == Some(0xe8) {
+        return true;
+    }
+    (2..=MAX_CALL_LENGTH).any(|length| {
+        let (Some(0xff), Some(modrm)) = (at(length), at(length - 1)) else {
+            return false;
+        };
+        if (modrm >> 3) & 7 != 2 {
+            return false;
+        }
+        let (mode, rm) = (modrm >> 6, modrm & 7);
+        let sib = mode != 3 && rm == 4;
+        let displacement = match mode {
+            0 if rm == 5 => 4,
+            0 if sib => match at(length - 2) {
+                Some(sib_byte) if sib_byte & 7 == 5 => 4,
+                Some(_) => 0,
+                None => return false,
+            },
+            1 => 1,
+            2 => 4,
+            _ => 0,
+        };
+        2 + usize::from(sib) + displacement == length
+    })
+}
+
+#[cfg(test)]
+mod tests;
