@@ -15,12 +15,13 @@ use libbpf_rs::{
     Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel, RingBuffer, RingBufferBuilder,
 };
 
-use super::copies::{Entry, StackCopy};
+use super::copies::StackCopy;
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
     StackRef, UserRegs,
 };
 use crate::profile::ThreadState;
+use crate::unwind::Entry;
 
 #[allow(
     clippy::all,

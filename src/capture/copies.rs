@@ -11,18 +11,8 @@
 
 use std::collections::HashMap;
 
-use super::threads::walk_frame_pointers;
 use super::{Stack, UserRegs};
-
-/// Why the thread entered the kernel, which says what its `ip` is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Entry {
-    /// A system call: `ip` is the instruction after it.
-    SystemCall,
-    /// An exception or interrupt (a page fault, a preemption): `ip` is the
-    /// instruction the thread stopped at.
-    Fault,
-}
+use crate::unwind::{Entry, Memory, Unwinder, Unwound};
 
 /// One copy as the probe took it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,14 +21,17 @@ pub(super) struct StackCopy {
     pub id: u64,
     pub tgid: u32,
     pub regs: UserRegs,
+    /// How it entered the kernel: by an exception or interrupt (a page
+    /// fault, a preemption) it is a [`Entry::Fault`], its ip exact.
     pub entry: Entry,
     /// The user stack from `regs.sp` up.
     pub bytes: Vec<u8>,
 }
 
-impl StackCopy {
-    /// Fills `buffer` from `address`, if the copy holds all of it.
-    pub fn read(&self, address: u64, buffer: &mut [u8]) -> bool {
+impl Memory for StackCopy {
+    /// Fills `buffer` from `address`, if the copy holds all of it: what
+    /// lies outside it is unknown, not zero.
+    fn read(&self, address: u64, buffer: &mut [u8]) -> bool {
         let Some(offset) = address.checked_sub(self.regs.sp) else {
             return false;
         };
@@ -56,18 +49,12 @@ impl StackCopy {
             None => false,
         }
     }
+}
 
-    fn read_word(&self, address: u64) -> Option<u64> {
-        let mut word = [0u8; 8];
-        self.read(address, &mut word)
-            .then(|| u64::from_ne_bytes(word))
-    }
-
-    /// The user stack, innermost first.
-    fn unwind(&self, max_depth: usize) -> Vec<u64> {
-        walk_frame_pointers(self.regs.ip, self.regs.fp, max_depth, |address| {
-            self.read_word(address)
-        })
+impl StackCopy {
+    /// The user stack, innermost first, from the copy alone.
+    pub fn unwind(&self, unwinder: &mut Unwinder, max_depth: usize) -> Unwound {
+        unwinder.unwind(self.tgid, self.regs, self.entry, self, max_depth)
     }
 }
 
@@ -83,11 +70,11 @@ pub(super) struct Copies {
 }
 
 impl Copies {
-    /// Unwinds the copies one cut took out of the kernel; their bytes go.
-    pub fn receive(&mut self, copies: Vec<StackCopy>, max_depth: usize) {
-        for copy in copies {
-            let stack: Stack = copy.unwind(max_depth).into();
-            self.unwound.insert(copy.id, (stack, 0));
+    /// Keeps the stacks unwound from the copies one cut took out of the
+    /// kernel, by copy id.
+    pub fn receive(&mut self, unwound: impl IntoIterator<Item = (u64, Stack)>) {
+        for (id, stack) in unwound {
+            self.unwound.insert(id, (stack, 0));
         }
     }
 
@@ -115,15 +102,20 @@ impl Copies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unwind::{ProcessMemory, StackEnd};
 
     const SP: u64 = 0x7ffd_0000_1000;
 
     /// A copy of `words` from SP, as the probe would take it.
-    fn copy(id: u64, ip: u64, fp: u64, words: &[u64]) -> StackCopy {
+    fn copy(id: u64, words: &[u64]) -> StackCopy {
         StackCopy {
             id,
             tgid: 1,
-            regs: UserRegs { ip, sp: SP, fp },
+            regs: UserRegs {
+                ip: 0x40_0100,
+                sp: SP,
+                fp: 0,
+            },
             entry: Entry::SystemCall,
             bytes: words.iter().flat_map(|word| word.to_ne_bytes()).collect(),
         }
@@ -131,7 +123,7 @@ mod tests {
 
     #[test]
     fn reads_inside_the_copy_succeed_and_nothing_outside_it() {
-        let copy = copy(1, 0, 0, &[0x1111, 0x2222]);
+        let copy = copy(1, &[0x1111, 0x2222]);
         let mut word = [0u8; 8];
         assert!(copy.read(SP + 8, &mut word));
         assert_eq!(u64::from_ne_bytes(word), 0x2222);
@@ -143,40 +135,69 @@ mod tests {
         assert!(copy.read(SP + 16, &mut nothing));
     }
 
-    #[test]
-    fn a_frame_chain_inside_the_copy_is_walked_to_its_end() {
-        // Two frames: [fp, return] pairs at rising addresses, the outer
-        // frame's caller frame 0 (the thread's first).
-        let words = [0xdead, SP + 24, 0x40_1000, 0, 0, 0x40_2000];
-        let copy = copy(1, 0x40_0100, SP + 8, &words);
-        assert_eq!(copy.unwind(127), vec![0x40_0100, 0x40_1000, 0x40_2000]);
+    /// This thread's registers here and `bytes` of its stack from sp, as
+    /// the probe copies a blocked thread's.
+    #[inline(never)]
+    #[cfg(target_arch = "x86_64")]
+    fn copy_own_stack(bytes: usize) -> (StackCopy, Unwound) {
+        let (ip, sp, fp): (u64, u64, u64);
+        // SAFETY: reads rip, rsp and rbp into registers, nothing else.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]", "mov {sp}, rsp", "mov {fp}, rbp",
+                ip = out(reg) ip, sp = out(reg) sp, fp = out(reg) fp,
+            )
+        };
+        // SAFETY: the callers' frames above sp are live while this runs,
+        // and the test thread's stack is far deeper than `bytes`.
+        let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, bytes) }.to_vec();
+        let copy = StackCopy {
+            id: 1,
+            tgid: std::process::id(),
+            regs: UserRegs { ip, sp, fp },
+            entry: Entry::Fault,
+            bytes: stack,
+        };
+        // The same stack read live, while the frames are still there.
+        let memory = ProcessMemory::open(std::process::id()).unwrap();
+        let live = Unwinder::default().unwind(copy.tgid, copy.regs, copy.entry, &memory, 127);
+        (copy, live)
     }
 
     #[test]
-    fn a_chain_that_leaves_the_copy_ends_there_and_invents_nothing() {
-        // The outer frame pointer points past the copied bytes.
-        let words = [SP + 4096, 0x40_1000];
-        let copy = copy(1, 0x40_0100, SP, &words);
-        assert_eq!(copy.unwind(127), vec![0x40_0100, 0x40_1000]);
-        // A frame pointer into nowhere gives the ip alone.
-        let lost = StackCopy {
-            regs: UserRegs {
-                fp: 0x10,
-                ..copy.regs
-            },
-            ..copy
+    #[cfg(target_arch = "x86_64")]
+    fn a_copy_unwinds_as_the_live_stack_does_as_far_as_it_reaches() {
+        let (whole, live) = std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(|| copy_own_stack(64 << 10))
+            .unwrap()
+            .join()
+            .unwrap();
+        let from_copy = whole.unwind(&mut Unwinder::default(), 127);
+        assert!(live.ips.len() > 3, "{live:x?}");
+        assert_eq!(from_copy, live, "a copy holding the whole stack");
+
+        // A copy too short for the callers ends early, with frames the
+        // live stack has too: never one of its own.
+        let short = StackCopy {
+            bytes: whole.bytes[..64].to_vec(),
+            ..whole
         };
-        assert_eq!(lost.unwind(127), vec![0x40_0100]);
+        let from_short = short.unwind(&mut Unwinder::default(), 127);
+        assert_eq!(from_short.end, StackEnd::Truncated);
+        assert!(from_short.ips.len() < live.ips.len(), "{from_short:x?}");
+        assert_eq!(from_short.ips[..], live.ips[..from_short.ips.len()]);
     }
 
     #[test]
     fn a_copy_is_kept_for_its_cut_and_the_next_then_forgotten() {
         let mut copies = Copies::default();
-        copies.receive(vec![copy(8, 0x40_0100, 0, &[])], 127);
+        let stack = |ip: u64| Stack::from([ip]);
+        copies.receive([(8, stack(0x40_0100))]);
         assert_eq!(&*copies.stack(8), &[0x40_0100]);
         copies.end_cut();
         assert_eq!(&*copies.stack(8), &[0x40_0100], "its total may come next");
-        copies.receive(vec![copy(12, 0x40_0200, 0, &[])], 127);
+        copies.receive([(12, stack(0x40_0200))]);
         copies.end_cut();
         assert!(copies.stack(8).is_empty());
         assert_eq!(copies.len(), 1);

@@ -561,7 +561,7 @@ impl<'obj> Tracer<'obj> {
         // After the drain: every copy a drained total refers to was put in
         // before its total was.
         let copies = self.probe.take_stack_copies()?;
-        self.copies.receive(copies, bpf::MAX_STACK_DEPTH);
+        self.copies.receive(self.walker.unwind_copies(copies));
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
             .iter()

@@ -8,6 +8,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::bpf::MAX_STACK_DEPTH;
+use super::copies::StackCopy;
+use super::Stack;
+use crate::unwind::Unwinder;
 
 /// Thread names by tid, kept for the threads of this window and the last
 /// one only: an armed tracer runs for days while threads come and go.
@@ -47,27 +50,17 @@ impl Threads {
 /// switched out while we watched. Innermost first; stops at the first frame
 /// it cannot read.
 pub(super) fn walk_user_stack(tgid: u32, ip: u64, fp: u64, max_depth: usize) -> Vec<u64> {
+    let mut stack = vec![ip];
     let Ok(memory) = fs::File::open(format!("/proc/{tgid}/mem")) else {
-        return vec![ip];
+        return stack;
     };
-    walk_frame_pointers(ip, fp, max_depth, |address| {
+    let read_word = |address: u64| {
         let mut word = [0u8; 8];
         memory
             .read_exact_at(&mut word, address)
             .ok()
             .map(|()| u64::from_ne_bytes(word))
-    })
-}
-
-/// Walks a frame-pointer chain from `ip` and `fp` through `read_word`,
-/// innermost first; stops at the first frame it cannot read.
-pub(super) fn walk_frame_pointers(
-    ip: u64,
-    fp: u64,
-    max_depth: usize,
-    read_word: impl Fn(u64) -> Option<u64>,
-) -> Vec<u64> {
-    let mut stack = vec![ip];
+    };
     let mut frame = fp;
     while stack.len() < max_depth && frame != 0 && frame.is_multiple_of(8) {
         let (Some(caller_frame), Some(return_address)) = (read_word(frame), read_word(frame + 8))
@@ -93,9 +86,23 @@ pub(super) fn walk_frame_pointers(
 /// exists for) holds up whoever reads it until the freeze ends: the tracer
 /// must not wait with it. One walk is outstanding at most; while it is
 /// stuck, further walks are declined at once.
+///
+/// The user stacks the probe copied are unwound here too: the copies are
+/// the memory, but the unwinder reads the process's module map, which
+/// takes the same lock.
 pub(super) struct StackWalker {
-    requests: mpsc::Sender<Walk>,
+    requests: mpsc::Sender<Job>,
     stuck: Option<mpsc::Receiver<Vec<u64>>>,
+    /// A batch of copies still being unwound past its deadline.
+    stuck_copies: Option<mpsc::Receiver<Vec<(u64, Stack)>>>,
+}
+
+enum Job {
+    Walk(Walk),
+    Copies {
+        copies: Vec<StackCopy>,
+        reply: mpsc::Sender<Vec<(u64, Stack)>>,
+    },
 }
 
 struct Walk {
@@ -108,21 +115,86 @@ struct Walk {
 /// How long a walk may take before the tracer goes on without it.
 const WALK_DEADLINE: Duration = Duration::from_millis(20);
 
+/// How long one cut's copies may take to unwind: about 5 us each, plus a
+/// few ms for each module whose tables are loaded for the first time.
+const COPIES_DEADLINE: Duration = Duration::from_millis(50);
+
 impl StackWalker {
     pub fn start() -> std::io::Result<Self> {
-        let (requests, inbox) = mpsc::channel::<Walk>();
+        let (requests, inbox) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ff-stackwalk".into())
             .spawn(move || {
-                for walk in inbox {
-                    let stack = walk_user_stack(walk.tgid, walk.ip, walk.fp, MAX_STACK_DEPTH);
-                    let _ = walk.reply.send(stack);
+                // One unwinder for every capture: its tables outlive them.
+                let mut unwinder = Unwinder::default();
+                for job in inbox {
+                    match job {
+                        Job::Walk(walk) => {
+                            let stack =
+                                walk_user_stack(walk.tgid, walk.ip, walk.fp, MAX_STACK_DEPTH);
+                            let _ = walk.reply.send(stack);
+                        }
+                        Job::Copies { copies, reply } => {
+                            let unwound = copies
+                                .iter()
+                                .map(|copy| {
+                                    let stack = copy.unwind(&mut unwinder, MAX_STACK_DEPTH);
+                                    (copy.id, Stack::from(stack.ips))
+                                })
+                                .collect();
+                            let _ = reply.send(unwound);
+                        }
+                    }
                 }
             })?;
         Ok(StackWalker {
             requests,
             stuck: None,
+            stuck_copies: None,
         })
+    }
+
+    /// The user stacks of one cut's copies, by copy id, with those of an
+    /// earlier batch that missed its deadline and is done now. While such
+    /// a batch is still being unwound, the new copies are let go: their
+    /// blocks go without a user stack rather than pile up behind it.
+    pub fn unwind_copies(&mut self, copies: Vec<StackCopy>) -> Vec<(u64, Stack)> {
+        let mut unwound = Vec::new();
+        if let Some(stuck) = &self.stuck_copies {
+            match stuck.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => {
+                    if !copies.is_empty() {
+                        tracing::debug!(
+                            copies = copies.len(),
+                            "user stack copies let go: the unwinder is still busy with \
+                             earlier ones (a process's mmap_lock is taken)"
+                        );
+                    }
+                    return unwound;
+                }
+                Ok(late) => unwound = late,
+                Err(mpsc::TryRecvError::Disconnected) => {}
+            }
+            self.stuck_copies = None;
+        }
+        if copies.is_empty() {
+            return unwound;
+        }
+        let (reply, answer) = mpsc::channel();
+        if self.requests.send(Job::Copies { copies, reply }).is_err() {
+            return unwound;
+        }
+        match answer.recv_timeout(COPIES_DEADLINE) {
+            Ok(stacks) => unwound.extend(stacks),
+            Err(_) => {
+                tracing::debug!(
+                    "user stack copies could not be unwound in time (a process's mmap_lock \
+                     is taken); taking what is done at the next cut"
+                );
+                self.stuck_copies = Some(answer);
+            }
+        }
+        unwound
     }
 
     /// The user stack from `ip` and `fp`, or `None` if it could not be
@@ -137,12 +209,12 @@ impl StackWalker {
         }
         let (reply, answer) = mpsc::channel();
         self.requests
-            .send(Walk {
+            .send(Job::Walk(Walk {
                 tgid,
                 ip,
                 fp,
                 reply,
-            })
+            }))
             .ok()?;
         match answer.recv_timeout(WALK_DEADLINE) {
             Ok(stack) => Some(stack),

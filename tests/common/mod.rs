@@ -48,6 +48,24 @@ pub fn workload_binary() -> &'static Path {
     })
 }
 
+/// Compiles `tests/fixtures/nofp.c` once, as distributions build C:
+/// `-O2 -fomit-frame-pointer`, linked to the system's glibc.
+pub fn nofp_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-nofp");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nofp.c");
+        let status = Command::new("cc")
+            .args(["-O2", "-g", "-fomit-frame-pointer", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .status()
+            .expect("cannot run cc to build the frame-pointer-less fixture");
+        assert!(status.success(), "tests/fixtures/nofp.c does not compile");
+        out
+    })
+}
+
 /// The running workload, killed on drop.
 pub struct Workload {
     pub child: Child,
