@@ -17,10 +17,13 @@
  *   - the user stack on the thread's way back to user space
  *     (rseq:rseq_update, in its own context, before it runs a single user
  *     instruction), with bpf_get_stack(): the user registers and stack
- *     are still those of the blocking call. A thread that has not
+ *     are still those of the blocking call. A block that reached the
+ *     unwind threshold gets a copy of both instead (copy_user_stack), for
+ *     user space to unwind code without frame pointers. A thread that has not
  *     registered rseq (not glibc >= 2.35) or a kernel without the
  *     tracepoint gets its user stack at switch-out, as a switch-out walk
- *     would.
+ *     would: by frame pointers, since how long the block will last is not
+ *     known yet.
  * Blocks still in progress when user space looks are completed from
  * outside by the `survey` task iterator: the kernel stack of the sleeping
  * thread and the user registers it entered the kernel with, from which

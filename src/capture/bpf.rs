@@ -908,6 +908,42 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_copy_record_is_its_header_then_its_bytes() {
+        let header = types::stack_copy {
+            id: 3 << 24 | 4,
+            ip: 0x40_1000,
+            sp: 0x7ffd_0000,
+            fp: 0x1,
+            tgid: 42,
+            size: 16,
+            flags: types::stack_copy_flags::STACK_COPY_FAULT.0,
+            _pad: 0,
+        };
+        // SAFETY: a plain repr(C) struct of integers, read as its bytes.
+        let mut record = unsafe {
+            std::slice::from_raw_parts(
+                (&header as *const types::stack_copy).cast::<u8>(),
+                size_of::<types::stack_copy>(),
+            )
+        }
+        .to_vec();
+        record.extend(0u8..16);
+        let copy = stack_copy_from_record(&record).unwrap();
+        assert_eq!(
+            (copy.id, copy.tgid, copy.regs.sp),
+            (3 << 24 | 4, 42, 0x7ffd_0000)
+        );
+        assert_eq!(copy.entry, Entry::Fault);
+        assert_eq!(copy.bytes, (0u8..16).collect::<Vec<_>>());
+        // A record shorter than its header says is refused, not read past.
+        let cut = &record[..record.len() - 1];
+        assert!(matches!(
+            stack_copy_from_record(cut),
+            Err(CaptureError::MapLayout { .. })
+        ));
+    }
+
+    #[test]
     fn short_map_values_are_an_error_not_a_panic() {
         let err = from_bytes::<types::block_total>(&[0u8; 3]).unwrap_err();
         assert!(matches!(

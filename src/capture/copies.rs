@@ -148,8 +148,12 @@ mod tests {
                 ip = out(reg) ip, sp = out(reg) sp, fp = out(reg) fp,
             )
         };
-        // SAFETY: the callers' frames above sp are live while this runs,
-        // and the test thread's stack is far deeper than `bytes`.
+        // Up to the end of the stack's mapping, as the probe stops there.
+        let map = crate::process_map::ProcessMap::read(std::process::id()).unwrap();
+        let end = map.find(sp).expect("sp is in a mapping").end;
+        let bytes = bytes.min((end - sp) as usize);
+        // SAFETY: [sp, end) is this thread's stack mapping; the callers'
+        // frames in it are live while this runs.
         let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, bytes) }.to_vec();
         let copy = StackCopy {
             id: 1,

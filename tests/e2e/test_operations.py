@@ -34,7 +34,8 @@ OPERATIONS_DOC = ROOT / "docs/operations.md"
 RULES = LATENCY_RULE + SILENCE_RULE
 RULE_NAMES = ["feed-latency", "feed-silent"]
 CAPTURE_OUTCOMES = ["captured", "coalesced", "no_target", "failed"]
-BPF_MAPS = ["threads", "blocked", "stacks_kernel", "stacks_user", "stacks", "lock_holds", "address_changes"]
+BPF_MAPS = ["threads", "blocked", "stacks_kernel", "stacks_user", "stacks", "lock_holds", "address_changes",
+            "stack_copies"]
 
 # Every metric a freshly started sidecar must serve, with its type.
 EXPECTED_TYPES = {
