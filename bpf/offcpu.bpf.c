@@ -1106,6 +1106,9 @@ int survey(struct bpf_iter__task *ctx)
 		thread->user_sp = PT_REGS_SP_CORE(regs);
 		thread->user_fp = PT_REGS_FP_CORE(regs);
 		thread->key.user_stack = STACK_SAVED_REGS;
+		/* Entered through a fault, not a system call: no call number. */
+		if (SYSCALL_NR(regs) == -1)
+			thread->flags |= THREAD_USER_FAULT;
 	}
 	thread->flags |= THREAD_SURVEYED;
 	return 0;

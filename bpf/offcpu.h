@@ -276,6 +276,11 @@ enum thread_flags {
 	THREAD_SURVEYED = 1 << 0,
 	/* The block in `key` was found in progress when a capture began. */
 	THREAD_PREBLOCKED = 1 << 1,
+	/*
+	 * The saved registers are a page fault's, not a system call's: user_ip
+	 * is the faulting instruction itself, not the one after `syscall`.
+	 */
+	THREAD_USER_FAULT = 1 << 2,
 };
 
 /*

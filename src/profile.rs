@@ -241,15 +241,28 @@ pub struct Line {
 
 /// Name of the marker frame that stands for the unwalked rest of a stack.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
+/// Name of the marker frame that stands for a user stack that could not be
+/// read in time: its process's memory was locked (a freeze in progress
+/// holds its mmap_lock), or the thread woke while it was read.
+pub const NOT_READ_FRAME: &str = "[not read in time]";
 
 impl Frame {
     pub fn marker_truncated() -> Self {
+        Self::marker(TRUNCATED_FRAME)
+    }
+
+    /// The [`NOT_READ_FRAME`] marker, where the user stack would be.
+    pub fn marker_not_read() -> Self {
+        Self::marker(NOT_READ_FRAME)
+    }
+
+    fn marker(name: &str) -> Self {
         Frame {
             kind: FrameKind::Truncated,
             address: 0,
             mapping: None,
             lines: vec![Line {
-                function: TRUNCATED_FRAME.to_string(),
+                function: name.to_string(),
                 file: None,
                 line: None,
             }],

@@ -671,10 +671,12 @@ fn write_frames(out: &mut String, stack: &[Frame]) -> fmt::Result {
             heading = Some(section);
         }
         if frame.kind == FrameKind::Truncated {
-            writeln!(
-                out,
-                "      ... truncated: the callers could not be walked (no frame pointers?)"
-            )?;
+            let why = if frame.function() == crate::profile::NOT_READ_FRAME {
+                "... not read in time: the process's memory was locked (a freeze in progress?)"
+            } else {
+                "... truncated: the callers could not be walked (no unwind tables or frame pointers?)"
+            };
+            writeln!(out, "      {why}")?;
             continue;
         }
         // Innermost first, like the stack itself; all but the last line were

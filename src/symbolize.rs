@@ -14,7 +14,7 @@ use blazesym::symbolize::source::{Kernel, Process, Source};
 use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
-use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, Window};
+use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, UserStackEnd, Window};
 use crate::process_map::{Mapping as ProcessMapping, ProcessMap};
 use crate::profile::labels::{Key, STACK_SEPARATOR};
 use crate::profile::{
@@ -381,7 +381,16 @@ impl Symbolizer {
             .skip_while(is_tracing_machinery)
             .collect();
         frames.extend(self.user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index));
-        if user_stack_truncated(&stack.user_ips, &frames) {
+        let truncated = match stack.user_end {
+            UserStackEnd::Walked => user_stack_truncated(&stack.user_ips, &frames),
+            UserStackEnd::Complete => false,
+            UserStackEnd::Truncated => true,
+            UserStackEnd::NotRead => {
+                frames.push(Frame::marker_not_read());
+                false
+            }
+        };
+        if truncated {
             frames.push(Frame::marker_truncated());
         }
         Sample {
@@ -764,6 +773,71 @@ mod tests {
         assert!(user_stack_truncated(&[1, 2], &frames));
         // Kernel threads have no user stack to truncate.
         assert!(!user_stack_truncated(&[], &[]));
+    }
+
+    /// One sample per way a user stack can end, of a frame of ours that
+    /// is not a thread root.
+    #[test]
+    fn how_an_unwound_stack_ends_decides_its_marker() {
+        let here = how_an_unwound_stack_ends_decides_its_marker as *const () as u64 + 1;
+        let stack = |tid, user_ips: &[u64], user_end| BlockedStack {
+            tgid: std::process::id(),
+            tid,
+            thread_name: "t".into(),
+            state: crate::profile::ThreadState::Sleeping,
+            kernel_ips: Stack::from([]),
+            user_ips: Stack::from(user_ips),
+            user_end,
+            lock: None,
+            blocked_ns: 1,
+            count: 1,
+            timeline: Vec::new(),
+        };
+        let window = Window {
+            start: std::time::SystemTime::UNIX_EPOCH,
+            duration: std::time::Duration::from_secs(1),
+            stacks: vec![
+                stack(1, &[here], UserStackEnd::Walked),
+                stack(2, &[here], UserStackEnd::Complete),
+                stack(3, &[here], UserStackEnd::Truncated),
+                stack(4, &[], UserStackEnd::NotRead),
+            ],
+            lock_holds: Vec::new(),
+            address_changes: Vec::new(),
+            drops: Default::default(),
+            features: crate::capture::Features {
+                hook: crate::capture::Hook::TpBtf,
+                lock_contention: false,
+                mmap_lock_holds: false,
+                address_changes: false,
+                stacks_on_return: false,
+            },
+        };
+        let profile = Symbolizer::new().profile(&window);
+        let markers: Vec<Vec<&str>> = profile
+            .samples
+            .iter()
+            .map(|sample| {
+                sample
+                    .stack
+                    .iter()
+                    .filter(|frame| frame.kind == FrameKind::Truncated)
+                    .map(Frame::function)
+                    .collect()
+            })
+            .collect();
+        use crate::profile::{NOT_READ_FRAME, TRUNCATED_FRAME};
+        assert_eq!(
+            markers,
+            vec![
+                // Not a thread root: a frame-pointer walk that stopped here.
+                vec![TRUNCATED_FRAME],
+                // The unwinder reached the root, whatever its name.
+                vec![],
+                vec![TRUNCATED_FRAME],
+                vec![NOT_READ_FRAME],
+            ]
+        );
     }
 
     fn hold(tid: u32, lock_addr: u64, ms: u64) -> LockHold {

@@ -74,6 +74,7 @@ const CAPTURE_SAMPLES_BUCKETS: [f64; 5] = [1.0, 10.0, 100.0, 1000.0, 10000.0];
 const LINKED_REQUESTS_BUCKETS: [f64; 7] = [0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0];
 pub const EXPORTS: &str = "freezeframe_export_total";
 pub const SPOOL_BYTES: &str = "freezeframe_spool_bytes";
+pub const UNWIND_TABLE_BYTES: &str = "freezeframe_unwind_table_bytes";
 pub const SPOOL_FILES: &str = "freezeframe_spool_files";
 pub const LINKED_REQUESTS: &str = "freezeframe_capture_linked_requests";
 pub const FORWARDS: &str = "freezeframe_forward_total";
@@ -186,6 +187,11 @@ fn describe() {
     describe_counter!(
         EXPORTS,
         "OTLP profile exports by exporter and outcome (queued, delivered, partial, retried, rejected, dropped)."
+    );
+    describe_gauge!(
+        UNWIND_TABLE_BYTES,
+        Unit::Bytes,
+        "Bytes of unwind tables (.eh_frame, .debug_frame) loaded to unwind blocked threads' user stacks, shared across processes by build id."
     );
     describe_gauge!(
         SPOOL_BYTES,

@@ -18,7 +18,7 @@ use libbpf_rs::{
 use super::copies::StackCopy;
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
-    StackRef, UserRegs,
+    SavedRegs, StackRef, UserRegs,
 };
 use crate::profile::ThreadState;
 use crate::unwind::Entry;
@@ -702,15 +702,42 @@ impl<'obj> Probe<'obj> {
                 start_ns: thread.start_ns,
                 owed: thread.owed_ns != 0,
                 surveyed: thread.flags & types::thread_flags::THREAD_SURVEYED.0 != 0,
-                regs: (key.user_stack == StackRef::SavedRegs).then_some(UserRegs {
-                    ip: thread.user_ip,
-                    sp: thread.user_sp,
-                    fp: thread.user_fp,
+                regs: (key.user_stack == StackRef::SavedRegs).then_some(SavedRegs {
+                    regs: UserRegs {
+                        ip: thread.user_ip,
+                        sp: thread.user_sp,
+                        fp: thread.user_fp,
+                    },
+                    entry: if thread.flags & types::thread_flags::THREAD_USER_FAULT.0 != 0 {
+                        Entry::Fault
+                    } else {
+                        Entry::SystemCall
+                    },
                 }),
                 key,
             });
         }
         Ok(blocks)
+    }
+
+    /// The start (`bpf_ktime_get_ns`) of the block a thread is in now, by
+    /// host tid: `None` if it is on the CPU, gone, or its block has ended
+    /// (even if its total still waits for a user stack).
+    pub fn block_start(&self, host_tid: u32) -> Result<Option<u64>, CaptureError> {
+        let value = self
+            .skel
+            .maps
+            .threads
+            .lookup(&host_tid.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| CaptureError::Map {
+                map: "threads",
+                source,
+            })?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let thread: types::thread = from_bytes(&value)?;
+        Ok((thread.start_ns != 0 && thread.owed_ns == 0).then_some(thread.start_ns))
     }
 
     /// Takes every finished-block total out of the kernel.

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use super::{Stack, UserRegs};
+use super::{Stack, UserRegs, UserStackEnd};
 use crate::unwind::{Entry, Memory, Unwinder, Unwound};
 
 /// One copy as the probe took it.
@@ -65,29 +65,32 @@ impl StackCopy {
 /// was full) is forgotten after that.
 #[derive(Debug, Default)]
 pub(super) struct Copies {
-    /// Each stack with the number of cuts since it arrived.
-    unwound: HashMap<u64, (Stack, u32)>,
+    /// Each stack and how it ends, with the number of cuts since it arrived.
+    unwound: HashMap<u64, (Stack, UserStackEnd, u32)>,
 }
 
 impl Copies {
     /// Keeps the stacks unwound from the copies one cut took out of the
     /// kernel, by copy id.
-    pub fn receive(&mut self, unwound: impl IntoIterator<Item = (u64, Stack)>) {
+    pub fn receive(&mut self, unwound: impl IntoIterator<Item = (u64, Unwound)>) {
         for (id, stack) in unwound {
-            self.unwound.insert(id, (stack, 0));
+            self.unwound
+                .insert(id, (Stack::from(stack.ips), stack.end.into(), 0));
         }
     }
 
-    /// The unwound stack of a copy; empty if it never arrived.
-    pub fn stack(&self, id: u64) -> Stack {
-        self.unwound
-            .get(&id)
-            .map_or_else(|| Stack::from([]), |(stack, _)| Stack::clone(stack))
+    /// The unwound stack of a copy; empty and not read if it was let go
+    /// (see [`super::threads::StackWalker::unwind_copies`]).
+    pub fn stack(&self, id: u64) -> (Stack, UserStackEnd) {
+        self.unwound.get(&id).map_or_else(
+            || (Stack::from([]), UserStackEnd::NotRead),
+            |(stack, end, _)| (Stack::clone(stack), *end),
+        )
     }
 
     /// Ends a cut: copies received at the one before are done with.
     pub fn end_cut(&mut self) {
-        self.unwound.retain(|_, (_, cuts)| {
+        self.unwound.retain(|_, (_, _, cuts)| {
             *cuts += 1;
             *cuts < 2
         });
@@ -196,14 +199,18 @@ mod tests {
     #[test]
     fn a_copy_is_kept_for_its_cut_and_the_next_then_forgotten() {
         let mut copies = Copies::default();
-        let stack = |ip: u64| Stack::from([ip]);
+        let stack = |ip: u64| Unwound {
+            ips: vec![ip],
+            end: StackEnd::Complete,
+        };
+        let kept = (Stack::from([0x40_0100]), UserStackEnd::Complete);
         copies.receive([(8, stack(0x40_0100))]);
-        assert_eq!(&*copies.stack(8), &[0x40_0100]);
+        assert_eq!(copies.stack(8), kept);
         copies.end_cut();
-        assert_eq!(&*copies.stack(8), &[0x40_0100], "its total may come next");
+        assert_eq!(copies.stack(8), kept, "its total may come next");
         copies.receive([(12, stack(0x40_0200))]);
         copies.end_cut();
-        assert!(copies.stack(8).is_empty());
+        assert_eq!(copies.stack(8), (Stack::from([]), UserStackEnd::NotRead));
         assert_eq!(copies.len(), 1);
         copies.end_cut();
         assert_eq!(copies.len(), 0);

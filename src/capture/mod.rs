@@ -323,7 +323,17 @@ pub struct AddressChange {
     pub user_ips: Stack,
 }
 
-pub use crate::unwind::UserRegs;
+use crate::unwind::StackEnd;
+pub use crate::unwind::{Entry, UserRegs};
+
+/// Where to unwind a block's user stack from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedRegs {
+    /// The user registers the thread entered the kernel with.
+    pub regs: UserRegs,
+    /// Through a system call or a page fault, which says what `regs.ip` is.
+    pub entry: Entry,
+}
 
 /// A block that has not reached the finished totals yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,8 +348,8 @@ pub struct InFlight {
     /// while the survey looked, or began after) is not credited: its parts
     /// would stand under other stacks than its total.
     pub surveyed: bool,
-    /// For a [`StackRef::SavedRegs`] user stack: where to walk it from.
-    pub regs: Option<UserRegs>,
+    /// For a [`StackRef::SavedRegs`] user stack: where to unwind it from.
+    pub regs: Option<SavedRegs>,
     pub key: BlockKey,
 }
 
@@ -393,6 +403,32 @@ impl DropCounts {
 /// Addresses of one stack, innermost first.
 pub type Stack = Arc<[u64]>;
 
+/// How a block's user stack ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum UserStackEnd {
+    /// Walked by the kernel along frame pointers: its outermost frame
+    /// tells whether it is whole.
+    #[default]
+    Walked,
+    /// Unwound to the thread's root.
+    Complete,
+    /// Unwound until a frame could not be confirmed.
+    Truncated,
+    /// Not read in time: the process's memory was locked (a freeze in
+    /// progress holds its mmap_lock), or the thread woke while it was read.
+    /// The stack is empty.
+    NotRead,
+}
+
+impl From<StackEnd> for UserStackEnd {
+    fn from(end: StackEnd) -> Self {
+        match end {
+            StackEnd::Complete => UserStackEnd::Complete,
+            StackEnd::Truncated => UserStackEnd::Truncated,
+        }
+    }
+}
+
 /// Raw (unsymbolized) stacks of one thread's blocked time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockedStack {
@@ -405,6 +441,8 @@ pub struct BlockedStack {
     pub kernel_ips: Stack,
     /// User addresses, innermost first.
     pub user_ips: Stack,
+    /// How the user stack ends, where the capture knows.
+    pub user_end: UserStackEnd,
     /// The kernel lock it waited for, when it waited for one.
     pub lock: Option<LockWait>,
     pub blocked_ns: u64,
@@ -438,9 +476,9 @@ pub struct Tracer<'obj> {
     window_start_wall: SystemTime,
     /// Frames of the probe's stacks, by hash.
     stack_cache: HashMap<u64, Stack>,
-    /// User stacks walked from saved registers, per block in progress
-    /// (host tid, start): walked once, however many cuts the block spans.
-    walked: HashMap<(u32, u64), Stack>,
+    /// User stacks unwound from saved registers, per block in progress
+    /// (host tid, start): unwound once, however many cuts the block spans.
+    walked: HashMap<(u32, u64), (Stack, UserStackEnd)>,
     walker: threads::StackWalker,
     copies: copies::Copies,
     calls: calls::Calls,
@@ -596,10 +634,10 @@ impl<'obj> Tracer<'obj> {
         let mut stacks = Vec::with_capacity(settled.len());
         for (key, blocked_ns, count) in settled {
             let kernel_ips = self.stack_of(key.kernel_stack)?;
-            let user_ips = match (key.user_stack, saved_regs.get(&key)) {
-                (StackRef::SavedRegs, Some(block)) => self.walked_stack(block),
+            let (user_ips, user_end) = match (key.user_stack, saved_regs.get(&key)) {
+                (StackRef::SavedRegs, Some(block)) => self.walked_stack(block)?,
                 (StackRef::Copy(id), _) => self.copies.stack(id),
-                (stack, _) => self.stack_of(stack)?,
+                (stack, _) => (self.stack_of(stack)?, UserStackEnd::Walked),
             };
             let thread_name = match names.get(&key) {
                 Some(comm) => self.name_at_the_time(comm, key.tgid, key.tid),
@@ -612,6 +650,7 @@ impl<'obj> Tracer<'obj> {
                 state: key.state,
                 kernel_ips,
                 user_ips,
+                user_end,
                 lock: key.lock,
                 blocked_ns,
                 count,
@@ -677,26 +716,29 @@ impl<'obj> Tracer<'obj> {
         Ok(window)
     }
 
-    /// The user stack of a block in progress, walked once from the
+    /// The user stack of a block in progress, unwound once from the
     /// registers the survey saved: the thread sleeps, so its stack holds
-    /// the frames it blocked in. Empty for this cut if its memory could not
-    /// be read in time.
-    fn walked_stack(&mut self, block: &InFlight) -> Stack {
+    /// the frames it blocked in. Empty and [`UserStackEnd::NotRead`] for
+    /// this cut if its memory could not be read in time, or the thread woke
+    /// while it was read (what was read may be the running thread's).
+    fn walked_stack(&mut self, block: &InFlight) -> Result<(Stack, UserStackEnd), CaptureError> {
         let id = (block.host_tid, block.start_ns);
-        if let Some(stack) = self.walked.get(&id) {
-            return Arc::clone(stack);
+        if let Some(walked) = self.walked.get(&id) {
+            return Ok(walked.clone());
         }
-        let Some(regs) = block.regs else {
-            return Stack::from([]);
+        let not_read = (Stack::from([]), UserStackEnd::NotRead);
+        let Some(saved) = block.regs else {
+            return Ok(not_read);
         };
-        match self.walker.walk(block.key.tgid, regs.ip, regs.fp) {
-            Some(stack) => {
-                let stack: Stack = stack.into();
-                self.walked.insert(id, Arc::clone(&stack));
-                stack
-            }
-            None => Stack::from([]),
+        let Some(unwound) = self.walker.walk(block.key.tgid, saved) else {
+            return Ok(not_read);
+        };
+        if self.probe.block_start(block.host_tid)? != Some(block.start_ns) {
+            return Ok(not_read);
         }
+        let walked = (Stack::from(unwound.ips), unwound.end.into());
+        self.walked.insert(id, walked.clone());
+        Ok(walked)
     }
 
     /// An armed tracer runs for days and the kernel's stack map would fill

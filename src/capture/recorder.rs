@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{
     BlockedStack, CaptureConfig, CaptureError, DropCounts, Loaded, LockWait, ProbeStorage, Stack,
-    Tracer, Window,
+    Tracer, UserStackEnd, Window,
 };
 use crate::profile::{ThreadState, TimeSlice};
 
@@ -203,7 +203,14 @@ impl History {
 /// Sums consecutive windows into one, keeping only `target`'s threads.
 /// `windows` must not be empty.
 pub fn merge(windows: &[&Window], target: u32) -> Window {
-    type Identity = (u32, ThreadState, Stack, Stack, Option<LockWait>);
+    type Identity = (
+        u32,
+        ThreadState,
+        Stack,
+        Stack,
+        UserStackEnd,
+        Option<LockWait>,
+    );
     let mut totals: HashMap<Identity, BlockedStack> = HashMap::new();
     for window in windows {
         for stack in window.stacks.iter().filter(|stack| stack.tgid == target) {
@@ -212,6 +219,7 @@ pub fn merge(windows: &[&Window], target: u32) -> Window {
                 stack.state,
                 stack.kernel_ips.clone(),
                 stack.user_ips.clone(),
+                stack.user_end,
                 stack.lock,
             );
             // Windows come oldest first, so each timeline stays in order.
@@ -272,13 +280,21 @@ pub fn merge(windows: &[&Window], target: u32) -> Window {
 /// several threads woke it, which part was whose is unknown, and the
 /// parts stay apart.
 fn join_futex_waits(stacks: Vec<BlockedStack>) -> Vec<BlockedStack> {
-    type Place = (u32, ThreadState, Stack, Stack, Option<LockWait>);
+    type Place = (
+        u32,
+        ThreadState,
+        Stack,
+        Stack,
+        UserStackEnd,
+        Option<LockWait>,
+    );
     let place = |stack: &BlockedStack| -> Place {
         (
             stack.tid,
             stack.state,
             stack.kernel_ips.clone(),
             stack.user_ips.clone(),
+            stack.user_end,
             stack.lock.map(LockWait::without_waker),
         )
     };
@@ -550,6 +566,7 @@ mod tests {
             state: ThreadState::Sleeping,
             kernel_ips: Arc::clone(kernel),
             user_ips: Stack::from([]),
+            user_end: UserStackEnd::Walked,
             lock: None,
             blocked_ns: blocked_ms * 1_000_000,
             count: 1,

@@ -1,16 +1,16 @@
 //! What /proc says about target threads: their names, and the user stacks of
-//! threads that were blocked before we attached.
+//! threads blocked while a cut looks (unwound from their saved registers).
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use super::bpf::MAX_STACK_DEPTH;
 use super::copies::StackCopy;
-use super::Stack;
-use crate::unwind::Unwinder;
+use super::SavedRegs;
+use crate::telemetry;
+use crate::unwind::{Memory, ProcessMemory, Unwinder, Unwound};
 
 /// Thread names by tid, kept for the threads of this window and the last
 /// one only: an armed tracer runs for days while threads come and go.
@@ -45,74 +45,59 @@ impl Threads {
     }
 }
 
-/// Walks a blocked thread's user stack by its frame pointers, reading the
-/// target's memory: what `bpf_get_stackid` would have done had the thread
-/// switched out while we watched. Innermost first; stops at the first frame
-/// it cannot read.
-pub(super) fn walk_user_stack(tgid: u32, ip: u64, fp: u64, max_depth: usize) -> Vec<u64> {
-    let mut stack = vec![ip];
-    let Ok(memory) = fs::File::open(format!("/proc/{tgid}/mem")) else {
-        return stack;
-    };
-    let read_word = |address: u64| {
-        let mut word = [0u8; 8];
-        memory
-            .read_exact_at(&mut word, address)
-            .ok()
-            .map(|()| u64::from_ne_bytes(word))
-    };
-    let mut frame = fp;
-    while stack.len() < max_depth && frame != 0 && frame.is_multiple_of(8) {
-        let (Some(caller_frame), Some(return_address)) = (read_word(frame), read_word(frame + 8))
-        else {
-            break;
-        };
-        if return_address == 0 {
-            break;
-        }
-        stack.push(return_address);
-        // Frames live at rising addresses; anything else is not a frame chain.
-        if caller_frame <= frame {
-            break;
-        }
-        frame = caller_frame;
+/// Unwinds a blocked thread's user stack from the registers it entered
+/// the kernel with, reading the target's memory: the thread sleeps, so its
+/// stack holds the frames it blocked in.
+pub(super) fn unwind_user_stack(unwinder: &mut Unwinder, tgid: u32, saved: SavedRegs) -> Unwound {
+    match ProcessMemory::open(tgid) {
+        Ok(memory) => unwinder.unwind(tgid, saved.regs, saved.entry, &memory, MAX_STACK_DEPTH),
+        // Gone: only the registers remain.
+        Err(_) => unwinder.unwind(tgid, saved.regs, saved.entry, &Unreadable, MAX_STACK_DEPTH),
     }
-    stack
 }
 
-/// Walks the user stacks of blocked threads on a thread of its own, each
-/// within a deadline. Reading a target's memory takes its `mmap_lock`, and
-/// a process frozen behind an `mmap_lock` writer (the freeze freezeframe
-/// exists for) holds up whoever reads it until the freeze ends: the tracer
-/// must not wait with it. One walk is outstanding at most; while it is
-/// stuck, further walks are declined at once.
+/// The memory of a process that could not be opened.
+struct Unreadable;
+
+impl Memory for Unreadable {
+    fn read(&self, _address: u64, _buffer: &mut [u8]) -> bool {
+        false
+    }
+}
+
+/// Unwinds the user stacks of blocked threads on a thread of its own, each
+/// within a deadline. Reading a target's memory (and its module map) takes
+/// its `mmap_lock`, and a process frozen behind an `mmap_lock` writer (the
+/// freeze freezeframe exists for) holds up whoever reads it until the
+/// freeze ends: the tracer must not wait with it. One walk is outstanding
+/// at most; while it is stuck, further walks are declined at once.
 ///
 /// The user stacks the probe copied are unwound here too: the copies are
 /// the memory, but the unwinder reads the process's module map, which
 /// takes the same lock.
 pub(super) struct StackWalker {
     requests: mpsc::Sender<Job>,
-    stuck: Option<mpsc::Receiver<Vec<u64>>>,
+    stuck: Option<mpsc::Receiver<Unwound>>,
     /// A batch of copies still being unwound past its deadline.
-    stuck_copies: Option<mpsc::Receiver<Vec<(u64, Stack)>>>,
+    stuck_copies: Option<mpsc::Receiver<Vec<(u64, Unwound)>>>,
 }
 
 enum Job {
     Walk(Walk),
     Copies {
         copies: Vec<StackCopy>,
-        reply: mpsc::Sender<Vec<(u64, Stack)>>,
+        reply: mpsc::Sender<Vec<(u64, Unwound)>>,
     },
 }
 
 struct Walk {
     tgid: u32,
-    ip: u64,
-    fp: u64,
-    reply: mpsc::Sender<Vec<u64>>,
+    saved: SavedRegs,
+    reply: mpsc::Sender<Unwound>,
 }
 
-/// How long a walk may take before the tracer goes on without it.
+/// How long a walk may take before the tracer goes on without it. Loading
+/// a module's tables the first time takes a few ms.
 const WALK_DEADLINE: Duration = Duration::from_millis(20);
 
 /// How long one cut's copies may take to unwind: about 5 us each, plus a
@@ -130,21 +115,19 @@ impl StackWalker {
                 for job in inbox {
                     match job {
                         Job::Walk(walk) => {
-                            let stack =
-                                walk_user_stack(walk.tgid, walk.ip, walk.fp, MAX_STACK_DEPTH);
-                            let _ = walk.reply.send(stack);
+                            let unwound = unwind_user_stack(&mut unwinder, walk.tgid, walk.saved);
+                            let _ = walk.reply.send(unwound);
                         }
                         Job::Copies { copies, reply } => {
                             let unwound = copies
                                 .iter()
-                                .map(|copy| {
-                                    let stack = copy.unwind(&mut unwinder, MAX_STACK_DEPTH);
-                                    (copy.id, Stack::from(stack.ips))
-                                })
+                                .map(|copy| (copy.id, copy.unwind(&mut unwinder, MAX_STACK_DEPTH)))
                                 .collect();
                             let _ = reply.send(unwound);
                         }
                     }
+                    metrics::gauge!(telemetry::UNWIND_TABLE_BYTES)
+                        .set(unwinder.table_bytes() as f64);
                 }
             })?;
         Ok(StackWalker {
@@ -158,7 +141,7 @@ impl StackWalker {
     /// earlier batch that missed its deadline and is done now. While such
     /// a batch is still being unwound, the new copies are let go: their
     /// blocks go without a user stack rather than pile up behind it.
-    pub fn unwind_copies(&mut self, copies: Vec<StackCopy>) -> Vec<(u64, Stack)> {
+    pub fn unwind_copies(&mut self, copies: Vec<StackCopy>) -> Vec<(u64, Unwound)> {
         let mut unwound = Vec::new();
         if let Some(stuck) = &self.stuck_copies {
             match stuck.try_recv() {
@@ -197,9 +180,9 @@ impl StackWalker {
         unwound
     }
 
-    /// The user stack from `ip` and `fp`, or `None` if it could not be
-    /// read in time (the caller tries again at its next cut).
-    pub fn walk(&mut self, tgid: u32, ip: u64, fp: u64) -> Option<Vec<u64>> {
+    /// The user stack from the saved registers, or `None` if it could not
+    /// be read in time (the caller tries again at its next cut).
+    pub fn walk(&mut self, tgid: u32, saved: SavedRegs) -> Option<Unwound> {
         if let Some(stuck) = &self.stuck {
             match stuck.try_recv() {
                 Err(mpsc::TryRecvError::Empty) => return None,
@@ -209,15 +192,10 @@ impl StackWalker {
         }
         let (reply, answer) = mpsc::channel();
         self.requests
-            .send(Job::Walk(Walk {
-                tgid,
-                ip,
-                fp,
-                reply,
-            }))
+            .send(Job::Walk(Walk { tgid, saved, reply }))
             .ok()?;
         match answer.recv_timeout(WALK_DEADLINE) {
-            Ok(stack) => Some(stack),
+            Ok(unwound) => Some(unwound),
             Err(_) => {
                 tracing::debug!(
                     pid = tgid,
@@ -234,30 +212,7 @@ impl StackWalker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[inline(never)]
-    #[cfg(target_arch = "x86_64")]
-    fn walk_own_stack() -> Vec<u64> {
-        let fp: u64;
-        // SAFETY: copies the frame pointer register, nothing else.
-        unsafe { std::arch::asm!("mov {}, rbp", out(reg) fp) };
-        walk_user_stack(std::process::id(), 0x1, fp, 127)
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn walks_a_frame_pointer_chain_through_proc_mem() {
-        // This crate is built with frame pointers, so our own stack must walk
-        // back through the test harness.
-        let stack = walk_own_stack();
-        assert_eq!(stack[0], 0x1);
-        assert!(stack.len() > 5, "only {} frames: {stack:x?}", stack.len());
-        let here = walks_a_frame_pointer_chain_through_proc_mem as *const () as u64;
-        assert!(
-            stack.iter().any(|&ret| ret > here && ret < here + 4096),
-            "this test's own return address is on the walked stack: {stack:x?}"
-        );
-    }
+    use crate::unwind::{Entry, StackEnd, UserRegs};
 
     #[test]
     fn names_are_kept_for_two_windows_then_forgotten() {
@@ -277,23 +232,49 @@ mod tests {
 
     #[test]
     fn an_unreadable_process_gives_just_the_pc() {
-        assert_eq!(walk_user_stack(0, 0x42, 0x1000, 127), vec![0x42]);
+        let saved = SavedRegs {
+            regs: UserRegs {
+                ip: 0x42,
+                sp: 0x1000,
+                fp: 0x1000,
+            },
+            entry: Entry::SystemCall,
+        };
+        let unwound = unwind_user_stack(&mut Unwinder::default(), 0, saved);
+        assert_eq!(
+            (unwound.ips, unwound.end),
+            (vec![0x42], StackEnd::Truncated)
+        );
     }
-}
-
-#[cfg(test)]
-mod walker_tests {
-    use super::*;
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn a_walk_within_its_deadline_gives_the_stack() {
-        let fp: u64;
-        // SAFETY: copies the frame pointer register, nothing else.
-        unsafe { std::arch::asm!("mov {}, rbp", out(reg) fp) };
+    fn a_walk_within_its_deadline_gives_the_whole_stack() {
+        let (ip, sp, fp): (u64, u64, u64);
+        // SAFETY: copies three registers, touches nothing else.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {fp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                fp = out(reg) fp,
+            )
+        };
         let mut walker = StackWalker::start().unwrap();
-        let stack = walker.walk(std::process::id(), 0x1, fp).unwrap();
-        assert_eq!(stack[0], 0x1);
-        assert!(stack.len() > 3, "{stack:x?}");
+        // This thread waits in walk() while its stack is read: it holds still.
+        let saved = SavedRegs {
+            regs: UserRegs { ip, sp, fp },
+            entry: Entry::Fault,
+        };
+        let unwound = walker.walk(std::process::id(), saved).unwrap();
+        assert_eq!(unwound.ips[0], ip + 1);
+        assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
+        let here = a_walk_within_its_deadline_gives_the_whole_stack as *const () as u64;
+        assert!(unwound
+            .ips
+            .iter()
+            .any(|&ret| ret > here && ret < here + 4096));
     }
 }

@@ -30,7 +30,8 @@ use prost::Message;
 use super::EncodeError;
 use crate::profile::labels::{Key, Target, Value, PROCESS_ID, STATE, THREAD_ID, THREAD_NAME};
 use crate::profile::{
-    self as model, Frame, FrameKind, ProfileKind, SampleLabels, ThreadState, TRUNCATED_FRAME,
+    self as model, Frame, FrameKind, ProfileKind, SampleLabels, ThreadState, NOT_READ_FRAME,
+    TRUNCATED_FRAME,
 };
 
 /// File name of the synthetic mapping every kernel frame points at; `perf`
@@ -668,7 +669,8 @@ impl<'a> Decoder<'a> {
             FrameKind::Kernel
         } else if mapping.is_none()
             && matches!(lines.as_slice(),
-                [model::Line { function, file: None, line: None }] if function == TRUNCATED_FRAME)
+                [model::Line { function, file: None, line: None }]
+                    if function == TRUNCATED_FRAME || function == NOT_READ_FRAME)
         {
             FrameKind::Truncated
         } else {

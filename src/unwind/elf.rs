@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 /// Where an ELF image is read from: a file, or bytes already in memory
 /// (the vDSO has no file).
@@ -47,7 +48,8 @@ pub(super) struct Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Section {
     pub address: Range<u64>,
-    pub bytes: Vec<u8>,
+    /// Shared with framehop, which reads the same bytes.
+    pub bytes: Arc<[u8]>,
 }
 
 /// What the unwinder keeps of an ELF file.
@@ -182,7 +184,7 @@ impl Elf {
             }
             *wanted = Some(Section {
                 address: address..address + size,
-                bytes: image.read(offset, size as usize)?,
+                bytes: image.read(offset, size as usize)?.into(),
             });
         }
         Some(())

@@ -5,12 +5,15 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
+use std::sync::Arc;
 
 use framehop::x86_64::UnwinderX86_64;
 use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
-use gimli::{BaseAddresses, CieOrFde, DebugFrame, EhFrame, LittleEndian, UnwindSection};
+use gimli::{
+    BaseAddresses, CieOrFde, DebugFrame, EhFrame, EhFrameHdr, LittleEndian, UnwindSection,
+};
 
-use super::elf::{Elf, Image};
+use super::elf::{Elf, Image, Section};
 use crate::process_map::{Mapping, ProcessMap};
 
 /// Which file a table was loaded from, for processes that map it later.
@@ -31,42 +34,124 @@ enum TableKey {
     Vdso,
 }
 
+type Bytes = Arc<[u8]>;
+
 /// What is known about unwinding through one module.
 pub(super) struct Table {
     elf: Elf,
     image: Image,
     /// framehop's view of the module's `.eh_frame` (or `.debug_frame`), in
     /// the file's own address space; `None` when it has neither.
-    dwarf: Option<UnwinderX86_64<Vec<u8>>>,
-    /// File addresses the tables describe, sorted and merged. framehop
-    /// walks frame pointers where a table has no entry, which in code
-    /// built without them yields garbage: such an address ends the stack.
-    covered: Vec<Range<u64>>,
+    dwarf: Option<UnwinderX86_64<Bytes>>,
+    /// Which file addresses the tables describe. framehop walks frame
+    /// pointers where a table has no entry, which in code built without
+    /// them yields garbage: such an address ends the stack instead.
+    coverage: Coverage,
     bytes: u64,
     last_used: u64,
 }
 
+/// How to tell whether the tables describe an address.
+enum Coverage {
+    /// `.eh_frame_hdr`'s sorted table, searched on demand: nothing to
+    /// build at load time.
+    Indexed {
+        eh_frame: Section,
+        eh_frame_hdr: Section,
+        bases: BaseAddresses,
+    },
+    /// The ranges of every entry, sorted and merged (no index to search).
+    Ranges(Vec<Range<u64>>),
+}
+
+impl Coverage {
+    fn of(elf: &Elf) -> Coverage {
+        if let (Some(eh_frame), Some(eh_frame_hdr)) = (&elf.eh_frame, &elf.eh_frame_hdr) {
+            let mut bases = BaseAddresses::default()
+                .set_eh_frame(eh_frame.address.start)
+                .set_eh_frame_hdr(eh_frame_hdr.address.start);
+            if let Some(text) = &elf.text {
+                bases = bases.set_text(text.start);
+            }
+            let header = EhFrameHdr::new(&eh_frame_hdr.bytes, LittleEndian);
+            if header
+                .parse(&bases, 8)
+                .is_ok_and(|parsed| parsed.table().is_some())
+            {
+                return Coverage::Indexed {
+                    eh_frame: eh_frame.clone(),
+                    eh_frame_hdr: eh_frame_hdr.clone(),
+                    bases,
+                };
+            }
+        }
+        Coverage::Ranges(ranges(elf))
+    }
+
+    fn covers(&self, address: u64) -> bool {
+        match self {
+            Coverage::Indexed {
+                eh_frame,
+                eh_frame_hdr,
+                bases,
+            } => {
+                let header = EhFrameHdr::new(&eh_frame_hdr.bytes, LittleEndian);
+                let Ok(parsed) = header.parse(bases, 8) else {
+                    return false;
+                };
+                let Some(table) = parsed.table() else {
+                    return false;
+                };
+                let section = EhFrame::new(&eh_frame.bytes, LittleEndian);
+                table
+                    .fde_for_address(&section, bases, address, |section, bases, offset| {
+                        section.cie_from_offset(bases, offset)
+                    })
+                    .is_ok()
+            }
+            Coverage::Ranges(ranges) => {
+                let after = ranges.partition_point(|range| range.start <= address);
+                after
+                    .checked_sub(1)
+                    .is_some_and(|index| ranges[index].contains(&address))
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Coverage::Ranges(ranges) if ranges.is_empty())
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Coverage::Indexed { .. } => 0,
+            Coverage::Ranges(ranges) => (ranges.len() * std::mem::size_of::<Range<u64>>()) as u64,
+        }
+    }
+}
+
 impl Table {
     fn load(name: String, image: Image) -> Option<Table> {
-        let mut elf = Elf::read(&image)?;
+        let elf = Elf::read(&image)?;
         let code = 0..elf.code_end();
-        let covered = coverage(&elf);
+        let coverage = Coverage::of(&elf);
         let bytes = [&elf.eh_frame, &elf.eh_frame_hdr, &elf.debug_frame]
             .iter()
             .filter_map(|section| section.as_ref())
             .map(|section| section.bytes.len() as u64)
             .sum::<u64>()
-            + (covered.len() * std::mem::size_of::<Range<u64>>()) as u64;
-        let dwarf = (!covered.is_empty()).then(|| {
-            let (eh_frame, eh_frame_hdr) = (elf.eh_frame.take(), elf.eh_frame_hdr.take());
+            + coverage.bytes();
+        let dwarf = (!coverage.is_empty()).then(|| {
+            let bytes_of = |section: &Option<Section>| section.as_ref().map(|s| s.bytes.clone());
+            let range_of = |section: &Option<Section>| section.as_ref().map(|s| s.address.clone());
             let section_info = ExplicitModuleSectionInfo {
                 base_svma: 0,
                 text_svma: elf.text.clone(),
-                eh_frame_svma: eh_frame.as_ref().map(|section| section.address.clone()),
-                eh_frame: eh_frame.map(|section| section.bytes),
-                eh_frame_hdr_svma: eh_frame_hdr.as_ref().map(|section| section.address.clone()),
-                eh_frame_hdr: eh_frame_hdr.map(|section| section.bytes),
-                debug_frame: elf.debug_frame.take().map(|section| section.bytes),
+                eh_frame_svma: range_of(&elf.eh_frame),
+                eh_frame: bytes_of(&elf.eh_frame),
+                eh_frame_hdr_svma: range_of(&elf.eh_frame_hdr),
+                eh_frame_hdr: bytes_of(&elf.eh_frame_hdr),
+                debug_frame: bytes_of(&elf.debug_frame),
                 ..ExplicitModuleSectionInfo::default()
             };
             let mut unwinder = UnwinderX86_64::new();
@@ -77,7 +162,7 @@ impl Table {
             elf,
             image,
             dwarf,
-            covered,
+            coverage,
             bytes,
             last_used: 0,
         })
@@ -85,10 +170,9 @@ impl Table {
 
     /// framehop's unwinder for the module, if the tables describe the file
     /// address `address`.
-    pub fn dwarf_for(&self, address: u64) -> Option<&UnwinderX86_64<Vec<u8>>> {
-        let after = self.covered.partition_point(|range| range.start <= address);
-        let range = self.covered.get(after.checked_sub(1)?)?;
-        range.contains(&address).then_some(self.dwarf.as_ref()?)
+    pub fn dwarf_for(&self, address: u64) -> Option<&UnwinderX86_64<Bytes>> {
+        let dwarf = self.dwarf.as_ref()?;
+        self.coverage.covers(address).then_some(dwarf)
     }
 
     /// Whether the module has unwind tables at all.
@@ -110,7 +194,7 @@ impl Table {
 }
 
 /// The file address ranges `.eh_frame` (else `.debug_frame`) describes.
-fn coverage(elf: &Elf) -> Vec<Range<u64>> {
+fn ranges(elf: &Elf) -> Vec<Range<u64>> {
     let mut ranges = Vec::new();
     if let Some(eh_frame) = &elf.eh_frame {
         let mut bases = BaseAddresses::default().set_eh_frame(eh_frame.address.start);
