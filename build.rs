@@ -29,22 +29,51 @@ fn main() {
         Err(_) => panic!("cargo did not set CARGO_CFG_TARGET_ARCH"),
     };
 
+    let mut clang_args = vec![
+        format!("-I{}", out_dir.display()),
+        "-Ibpf".to_string(),
+        format!("-D__TARGET_ARCH_{arch}"),
+        "-Wall".to_string(),
+    ];
+    // A build whose BPF object differs from the same source's, so that the
+    // tests can show that two versions on one node never share a probe.
+    if let Some(variant) = env::var_os("FREEZEFRAME_BPF_VARIANT") {
+        let variant = variant.to_string_lossy();
+        assert!(
+            !variant.is_empty() && variant.bytes().all(|byte| byte.is_ascii_digit()),
+            "FREEZEFRAME_BPF_VARIANT must be a number, not {variant:?}"
+        );
+        clang_args.push(format!("-DFREEZEFRAME_VARIANT={variant}"));
+    }
+
     for program in PROGRAMS {
         let source = format!("bpf/{program}.bpf.c");
+        let object = out_dir.join(format!("{program}.bpf.o"));
         SkeletonBuilder::new()
             .source(&source)
-            .clang_args([
-                format!("-I{}", out_dir.display()),
-                "-Ibpf".to_string(),
-                format!("-D__TARGET_ARCH_{arch}"),
-                "-Wall".to_string(),
-            ])
+            .obj(&object)
+            .clang_args(&clang_args)
             .build_and_generate(out_dir.join(format!("{program}.skel.rs")))
             .unwrap_or_else(|err| panic!("cannot build {source}: {err:#}"));
+        // Instances share a pinned probe only if their objects are the same
+        // bytes: the maps' layouts are then the same too.
+        let bytes = fs::read(&object).unwrap_or_else(|err| panic!("cannot read {object:?}: {err}"));
+        println!(
+            "cargo:rustc-env=FREEZEFRAME_{}_VERSION={:016x}",
+            program.to_uppercase(),
+            fnv1a(&bytes)
+        );
         println!("cargo:rerun-if-changed={source}");
     }
     println!("cargo:rerun-if-changed=bpf/offcpu.h");
     println!("cargo:rerun-if-env-changed=FREEZEFRAME_VMLINUX_H");
+    println!("cargo:rerun-if-env-changed=FREEZEFRAME_BPF_VARIANT");
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn provide_vmlinux_h(out_dir: &Path) {

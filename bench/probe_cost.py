@@ -18,8 +18,9 @@ stretch of work, and prints:
      untraced and next to freezeframe;
   4. the armed sidecar's own CPU and RSS, idle and with a busy target;
   5. K armed sidecars (0, 1, 4, 8) on the machine, each watching its own
-     idle process: the storm and getppid() of a process none of them
-     watches, interleaved, medians, and each sidecar's RSS;
+     idle process, sharing one probe, and 8 with a private probe each: the
+     storm and getppid() of a process none of them watches, interleaved,
+     medians, in wall clock and in BPF ns, and each sidecar's RSS and CPU;
   6. what a user stack copy costs: a thread sleeps 2 ms at a time, deep
      enough in its stack that every copy is a whole one, traced with
      every block copied and with copies off: rseq_update's ns per run
@@ -123,6 +124,22 @@ def has_bpf_link(pid: int) -> bool:
                 continue
     except OSError:
         pass
+    return False
+
+
+def joined_shared_probe(shared_probe_dir, pid: int) -> bool:
+    """Whether `pid` captures through the node's shared probe: it then holds
+    no link of its own, but its instance directory says it is attached."""
+    if shared_probe_dir == "off":
+        return False
+    attached = set(Path(shared_probe_dir).glob("offcpu-*/instances/*/attached"))
+    # An instance's directory is held open (flock) by its process.
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if Path(os.readlink(fd)) / "attached" in attached:
+                return True
+        except OSError:
+            continue
     return False
 
 
@@ -306,7 +323,7 @@ def rss_mib(pid: int) -> float:
 class ArmedSidecar:
     """`freezeframe run`, armed, watching `pid`, with nothing to export."""
 
-    def __init__(self, binary: Path, pid: int):
+    def __init__(self, binary: Path, pid: int, shared_probe_dir="off"):
         self.directory = tempfile.TemporaryDirectory()
         config = Path(self.directory.name) / "freezeframe.toml"
         config.write_text(f"""
@@ -318,6 +335,7 @@ pid = {pid}
 [recorder]
 mode = "armed"
 history = "30s"
+shared_probe_dir = "{shared_probe_dir}"
 [telemetry]
 listen = "127.0.0.1:0"
 [export]
@@ -329,8 +347,9 @@ silence = "1h"
         self.proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.monotonic()
-        while not has_bpf_link(self.proc.pid):
+        while not (has_bpf_link(self.proc.pid) or joined_shared_probe(shared_probe_dir, self.proc.pid)):
             if self.proc.poll() is not None or time.monotonic() - started > 30:
+                self.proc.kill()
                 raise RuntimeError("the sidecar did not attach")
             time.sleep(0.01)
         time.sleep(2)
@@ -365,15 +384,40 @@ def sidecar(binaries: dict, pingpong: Path, seconds: int):
 def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, calls: int, counts: list):
     """K armed sidecars on the machine, each watching an idle process of its
     own, and a process none of them watches running the storm and the
-    getppid() loop: what every sidecar on a node costs everyone else."""
-    def measure(count):
+    getppid() loop: what every sidecar on a node costs everyone else. The
+    sidecars share one probe (in a bpffs mounted for the run), or each runs
+    a private one, as they did before probes were shared."""
+    bpffs = Path(tempfile.mkdtemp(prefix="ff-bench-bpffs-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    shared_dir = bpffs / "freezeframe"
+
+    def measure(mode):
+        sharing, count = mode
         apps = [PingPong(pingpong) for _ in range(count)]
-        sidecars = [ArmedSidecar(binary, app.pid) for app in apps]
+        sidecars = [ArmedSidecar(binary, app.pid, shared_dir if sharing == "shared" else "off") for app in apps]
         neighbour = PingPong(pingpong)
         neighbour.run(10_000)
         try:
-            return neighbour.run(round_trips), neighbour.calls(calls), [
-                rss_mib(armed.proc.pid) for armed in sidecars]
+            cpu0, wall0 = [cpu_seconds(armed.proc.pid) for armed in sidecars], time.monotonic()
+            before = {}
+            for armed in sidecars:
+                before.update(programs_of(armed.proc.pid))
+            storm = neighbour.run(round_trips)
+            middle = {}
+            for armed in sidecars:
+                middle.update(programs_of(armed.proc.pid))
+            getppid = neighbour.calls(calls)
+            after = {}
+            for armed in sidecars:
+                after.update(programs_of(armed.proc.pid))
+
+            def bpf_ns(start, end, units):
+                return sum(end[i][1] - start[i][1] for i in end if i in start) / units
+
+            return (storm, getppid, bpf_ns(before, middle, round_trips), bpf_ns(middle, after, calls),
+                    [rss_mib(armed.proc.pid) for armed in sidecars],
+                    [(cpu_seconds(armed.proc.pid) - cpu) / (time.monotonic() - wall0)
+                     for armed, cpu in zip(sidecars, cpu0)])
         finally:
             neighbour.stop()
             for armed in sidecars:
@@ -381,18 +425,33 @@ def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, call
             for app in apps:
                 app.stop()
 
-    results = interleaved(counts, rounds, measure)
-    storm = {f"K={count}": [result[0] for result in results[count]] for count in counts}
-    getppid = {f"K={count}": [result[1] for result in results[count]] for count in counts}
-    for series in (storm, getppid):
-        series["none"] = series.pop("K=0")
-    print_medians(f"K sidecars beside a neighbour's storm ({rounds} interleaved rounds, medians; none: K=0)",
-                  storm, "round trip")
-    print_medians(f"K sidecars beside a neighbour's getppid() ({rounds} interleaved rounds, medians; none: K=0)",
-                  getppid, "call")
-    for count in counts[1:]:
-        rss = [mib for result in results[count] for mib in result[2]]
-        print(f"  K={count}: per-sidecar RSS median {statistics.median(rss):.1f} MiB")
+    modes = [("none", 0)] + [("shared", count) for count in counts if count] + [("private", max(counts))]
+    was = STATS.read_text().strip()
+    STATS.write_text("1")
+    try:
+        results = interleaved(modes, rounds, measure)
+    finally:
+        STATS.write_text(was)
+        subprocess.run(["umount", str(bpffs)], check=True)
+        bpffs.rmdir()
+
+    def label(mode):
+        return "none" if mode[1] == 0 else f"{mode[0]} K={mode[1]}"
+
+    for index, title, unit in ((0, "storm", "round trip"), (1, "getppid()", "call")):
+        series = {label(mode): [result[index] for result in results[mode]] for mode in modes}
+        print_medians(f"K sidecars beside a neighbour's {title} ({rounds} interleaved rounds, medians)",
+                      series, unit)
+    print("BPF ns the neighbour's work costs, all sidecars' programs summed (bpf_stats, medians)")
+    for mode in modes[1:]:
+        storm = statistics.median(result[2] for result in results[mode])
+        getppid = statistics.median(result[3] for result in results[mode])
+        print(f"  {label(mode):18} {storm:8.1f} ns/round trip  {getppid:6.2f} ns/call")
+    for mode in modes[1:]:
+        rss = [mib for result in results[mode] for mib in result[4]]
+        cpu = [share for result in results[mode] for share in result[5]]
+        print(f"  {label(mode)}: per sidecar, RSS median {statistics.median(rss):.1f} MiB, "
+              f"CPU median {statistics.median(cpu) * 100:.2f} % of a core")
 
 
 def main():

@@ -29,6 +29,11 @@
  * thread and the user registers it entered the kernel with, from which
  * user space walks its user stack. The same iterator finds the threads that
  * were already blocked when a capture began.
+ *
+ * One probe serves every freezeframe on the node (see capture/shared.rs):
+ * each target carries its owner's settings and pid namespace, and every
+ * record carries its process's host tgid, so that each instance reads only
+ * what belongs to its own targets.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -60,34 +65,42 @@ char LICENSE[] SEC("license") = "GPL";
  */
 const volatile struct enum_anchor enum_anchor = {};
 
-const volatile struct tunables tunables = {
-	.min_block_ns = 1000000,
-	.max_block_ns = ~0ULL,
-	.state_mask = 0xf,
-	.min_address_change = 64ULL << 20,
-	.unwind_threshold_ns = ~0ULL,
-};
+const volatile struct instance instance = {};
+
+#ifdef FREEZEFRAME_VARIANT
+/* A test build's mark: its object, and so its pin path, differ from ours. */
+const volatile __u32 variant = FREEZEFRAME_VARIANT;
+#endif
 
 /*
  * Host tgids of the targets, one bit each. Set by the survey (which knows
- * both a task's host tgid and its tgid in our namespace), cleared by user
- * space through the mapped .bss; both sides change words atomically.
+ * both a task's host tgid and its tgid in its owner's namespace), cleared by
+ * the owner through the mapped .bss; both sides change words atomically.
  */
 __u64 target_bits[TARGET_WORDS];
 
 /*
- * 1 once rseq:rseq_update is attached: user stacks are then taken on the way
- * back to user space. Until then (or on a kernel without it), at switch-out.
+ * enum probe_feature bits, set by whoever attached the programs. Until
+ * FEATURE_RSEQ is set (or on a kernel without it), user stacks are taken at
+ * switch-out.
  */
-__u32 stacks_on_return = 0;
+__u32 attached = 0;
 
-/* Processes to watch, by tgid in our namespace. User space edits this live. */
+/* Processes being watched, by host tgid. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, __u32);
 	__type(value, struct target);
 } targets SEC(".maps");
+
+/* Processes instances asked for, until and while their surveys watch them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct wanted_key);
+	__type(value, struct wanted);
+} wanted SEC(".maps");
 
 /*
  * Target threads by host tid. A plain hash, not per-CPU: threads are often
@@ -161,29 +174,32 @@ struct {
 } address_changes SEC(".maps");
 
 /*
- * User stack copies of finished blocks, until user space unwinds them at its
- * next cut. A ring buffer, not a hash of fixed-size slots: a record is only
- * as long as the stack that was there, the memory is one budget set here
- * (4 MiB: at least 255 whole copies between two cuts, over 1000 a second at
- * the recorder's pace), and a full buffer refuses a copy at once, counted.
+ * User stack copies of finished blocks, by id, until their owner takes them
+ * at its next cut. Not preallocated: an entry's 16 KiB exist only while a
+ * copy waits, and the map's bound is the budget (256 copies, 4 MiB, between
+ * two cuts: over 1000 a second at the recorder's pace); a full map refuses a
+ * copy at once, counted. (A ring buffer would size records to the stack,
+ * but has one reader, and a shared probe has one owner per entry.)
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 << 20);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct stack_copy);
 } stack_copies SEC(".maps");
 
 /* Copies are read a page at a time, so that an unmapped page ends one. */
 #define STACK_COPY_CHUNK 4096
 
 /*
- * Where a copy is put together before it goes into `stack_copies` whole:
- * the header, then the stack (with room for a last page read at any offset
- * the verifier cannot rule out), then this CPU's count of copies, which
- * makes their ids unique.
+ * Where a copy is put together before it goes into `stack_copies` whole,
+ * with room after it for a last page read at any offset the verifier cannot
+ * rule out, and this CPU's count of copies, which makes their ids unique.
  */
 struct stack_copy_scratch {
-	struct stack_copy header;
-	__u8 bytes[STACK_COPY_BYTES + STACK_COPY_CHUNK];
+	struct stack_copy copy;
+	__u8 slack[STACK_COPY_CHUNK];
 	__u64 copies;
 };
 
@@ -214,6 +230,8 @@ static __always_inline bool is_target(__u32 host_tgid)
 {
 	__u32 word = host_tgid >> 6;
 
+	/* The test and the index must be one register for the verifier to see the bound. */
+	barrier_var(word);
 	if (word >= TARGET_WORDS)
 		return false;
 	return target_bits[word] & (1ULL << (host_tgid & 63));
@@ -229,7 +247,8 @@ static __always_inline __u32 current_host_tgid(void)
  * A stack into `stacks`; its key, or STACK_NONE. `task` is a sleeping (or
  * not yet running) thread whose kernel stack to take; NULL takes the current
  * thread's, kernel or user as `flags` say (the raw_tp hook cannot name
- * another task to the kernel). The kernel leaves the scheduler's own frames
+ * another task to the kernel). Stacks of different processes never share a
+ * key (see struct stack). The kernel leaves the scheduler's own frames
  * (schedule, __schedule, ...) out of another task's stack, so a block shows
  * where it waited, not how it went to sleep. A thread without user memory
  * (a kernel thread, an io_uring worker, an exiting thread) has no user
@@ -238,7 +257,7 @@ static __always_inline __u32 current_host_tgid(void)
 static __always_inline __u64 stack_of(void *ctx, struct task_struct *task, __u64 flags)
 {
 	struct stack *stack;
-	__u32 zero = 0, depth;
+	__u32 zero = 0, depth, host_tgid;
 	__u64 hash = 0xcbf29ce484222325ULL;
 	long bytes;
 
@@ -256,6 +275,9 @@ static __always_inline __u64 stack_of(void *ctx, struct task_struct *task, __u64
 	}
 	depth = bytes / sizeof(__u64);
 	stack->depth = depth;
+	host_tgid = task ? BPF_CORE_READ(task, tgid) : bpf_get_current_pid_tgid() >> 32;
+	stack->host_tgid = host_tgid;
+	hash = (hash ^ host_tgid) * 0x100000001b3ULL;
 	for (__u32 i = 0; i < MAX_STACK_DEPTH; i++) {
 		if (i >= depth)
 			break;
@@ -292,38 +314,33 @@ static __always_inline enum thread_state classify_state(bool preempt, unsigned i
 	return THREAD_STATE_OTHER;
 }
 
-static __always_inline bool state_wanted(enum thread_state state)
+static __always_inline bool state_wanted(const struct target_config *config,
+					 enum thread_state state)
 {
-	return tunables.state_mask & (1u << state);
+	return config->state_mask & (1u << state);
 }
 
-/* A task's pid number in our pid namespace, or 0 if it is not visible there. */
-static __always_inline __u32 pid_in_our_ns(struct pid *pid, __u32 level)
+/* A pid's number in a namespace, or 0 if it is not visible there. */
+static __always_inline __u32 pid_in(struct pid *pid, const struct pid_view *view)
 {
 	struct upid upid = {};
+	__u32 level = view->level;
 
 	if (level > 31 || BPF_CORE_READ(pid, level) < level)
 		return 0;
 	bpf_core_read(&upid, sizeof(upid), &pid->numbers[level]);
-	if (BPF_CORE_READ(upid.ns, ns.inum) != tunables.pidns_ino)
+	if (BPF_CORE_READ(upid.ns, ns.inum) != view->ino)
 		return 0;
 	return upid.nr;
 }
 
-/* Our pid namespace's level, as the current thread (a target, or us) sees it. */
-static __always_inline __u32 our_pidns_level(void)
+/* A task's ids as its owner sees them; false if it is not visible there. */
+static __always_inline bool task_ids(struct task_struct *task, const struct pid_view *view,
+				     __u32 *tgid, __u32 *tid)
 {
-	struct task_struct *me = bpf_get_current_task_btf();
-
-	return BPF_CORE_READ(me, thread_pid, level);
-}
-
-/* A task's ids as seen from our pid namespace; false if it is not visible there. */
-static __always_inline bool task_ids(struct task_struct *task, __u32 level, __u32 *tgid, __u32 *tid)
-{
-	if (tunables.pidns_ino) {
-		*tgid = pid_in_our_ns(BPF_CORE_READ(task, group_leader, thread_pid), level);
-		*tid = pid_in_our_ns(BPF_CORE_READ(task, thread_pid), level);
+	if (view->ino) {
+		*tgid = pid_in(BPF_CORE_READ(task, group_leader, thread_pid), view);
+		*tid = pid_in(BPF_CORE_READ(task, thread_pid), view);
 	} else {
 		*tgid = BPF_CORE_READ(task, tgid);
 		*tid = BPF_CORE_READ(task, pid);
@@ -331,42 +348,52 @@ static __always_inline bool task_ids(struct task_struct *task, __u32 level, __u3
 	return *tid != 0;
 }
 
-/* The current thread's ids as seen from our pid namespace. */
-static __always_inline bool current_ids(__u32 *tgid, __u32 *tid)
+/* The current thread's ids as its owner sees them. */
+static __always_inline bool current_ids(const struct pid_view *view, __u32 *tgid, __u32 *tid)
 {
-	if (tunables.pidns_ino) {
-		struct bpf_pidns_info ns = {};
+	__u64 id;
 
-		if (bpf_get_ns_current_pid_tgid(tunables.pidns_dev, tunables.pidns_ino, &ns,
-						sizeof(ns)))
-			return false;
-		*tgid = ns.tgid;
-		*tid = ns.pid;
-	} else {
-		__u64 id = bpf_get_current_pid_tgid();
-
-		*tgid = id >> 32;
-		*tid = (__u32)id;
-	}
+	if (view->ino)
+		return task_ids(bpf_get_current_task_btf(), view, tgid, tid);
+	id = bpf_get_current_pid_tgid();
+	*tgid = id >> 32;
+	*tid = (__u32)id;
 	return *tid != 0;
+}
+
+/* A fresh thread entry for a target: its ids, settings and namespace. */
+static __always_inline bool enter_thread(struct task_struct *task, const struct target *target,
+					 struct thread *fresh)
+{
+	const struct target_config *config = &target->config;
+
+	if (!task_ids(task, &target->view, &fresh->key.tgid, &fresh->key.tid))
+		return false;
+	if (config->tid && fresh->key.tid != config->tid)
+		return false;
+	if (config->cgroup_id &&
+	    BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id) != config->cgroup_id)
+		return false;
+	fresh->key.host_tgid = BPF_CORE_READ(task, tgid);
+	fresh->config = *config;
+	fresh->view = target->view;
+	return true;
 }
 
 /*
  * The current target thread's entry, created on its first event. NULL for a
- * thread the filters leave out or that is not visible from our namespace.
+ * thread its owner's filters leave out or that its owner cannot see.
  */
-static __always_inline struct thread *current_thread(__u32 host_tid)
+static __always_inline struct thread *current_thread(__u32 host_tgid, __u32 host_tid)
 {
 	struct thread *thread = bpf_map_lookup_elem(&threads, &host_tid);
 	struct thread fresh = {};
+	struct target *target;
 
 	if (thread)
 		return thread;
-	if (!current_ids(&fresh.key.tgid, &fresh.key.tid))
-		return NULL;
-	if (tunables.tid && fresh.key.tid != tunables.tid)
-		return NULL;
-	if (tunables.cgroup_id && bpf_get_current_cgroup_id() != tunables.cgroup_id)
+	target = bpf_map_lookup_elem(&targets, &host_tgid);
+	if (!target || !enter_thread(bpf_get_current_task_btf(), target, &fresh))
 		return NULL;
 	if (bpf_map_update_elem(&threads, &host_tid, &fresh, BPF_NOEXIST) &&
 	    !bpf_map_lookup_elem(&threads, &host_tid)) {
@@ -377,11 +404,12 @@ static __always_inline struct thread *current_thread(__u32 host_tid)
 }
 
 /*
- * The owner of a sleeping lock, as a tid in our pid namespace. Mutexes and
- * rwsems keep their owner's task_struct in `owner`, with flag bits in the
- * low three bits; a rwsem held by readers keeps the last reader in.
+ * The owner of a sleeping lock, as a tid in the waiter's owner's namespace.
+ * Mutexes and rwsems keep their owner's task_struct in `owner`, with flag
+ * bits in the low three bits; a rwsem held by readers keeps the last reader
+ * in.
  */
-static __always_inline __u32 lock_owner(void *lock, __u32 *kind)
+static __always_inline __u32 lock_owner(void *lock, __u32 *kind, const struct pid_view *view)
 {
 	struct task_struct *owner_task;
 	long owner;
@@ -399,9 +427,8 @@ static __always_inline __u32 lock_owner(void *lock, __u32 *kind)
 	owner_task = (struct task_struct *)(owner & ~7L);
 	if (!owner_task)
 		return 0;
-	if (tunables.pidns_ino)
-		/* Targets live in our namespace, so the waiter's level is ours. */
-		return pid_in_our_ns(BPF_CORE_READ(owner_task, thread_pid), our_pidns_level());
+	if (view->ino)
+		return pid_in(BPF_CORE_READ(owner_task, thread_pid), view);
 	return BPF_CORE_READ(owner_task, pid);
 }
 
@@ -502,7 +529,7 @@ static __always_inline void add_block(struct block_key *key, __u64 blocked_ns, c
  * those of the blocking call. Its key (STACK_COPY), or STACK_NONE when there
  * is nothing to copy or no room for it.
  */
-static __always_inline __u64 copy_user_stack(__u32 tgid)
+static __always_inline __u64 copy_user_stack(__u32 tgid, __u32 host_tgid)
 {
 	struct task_struct *me = bpf_get_current_task_btf();
 	struct stack_copy_scratch *copy;
@@ -526,7 +553,7 @@ static __always_inline __u64 copy_user_stack(__u32 tgid)
 	for (int page = 0; page <= STACK_COPY_BYTES / STACK_COPY_CHUNK; page++) {
 		if (chunk > STACK_COPY_CHUNK || size + chunk > STACK_COPY_BYTES)
 			break;
-		if (bpf_probe_read_user(&copy->bytes[size & (STACK_COPY_BYTES - 1)], chunk,
+		if (bpf_probe_read_user(&copy->copy.bytes[size & (STACK_COPY_BYTES - 1)], chunk,
 					(void *)(sp + size)))
 			break;
 		size += chunk;
@@ -535,19 +562,20 @@ static __always_inline __u64 copy_user_stack(__u32 tgid)
 	if (!size || size > STACK_COPY_BYTES)
 		return STACK_NONE;
 	copy->copies++;
-	copy->header.id = copy->copies << 24 | (bpf_get_smp_processor_id() & 0xffff) << 8 |
-			  STACK_COPY;
-	copy->header.ip = PT_REGS_IP_CORE(regs);
-	copy->header.sp = sp;
-	copy->header.fp = PT_REGS_FP_CORE(regs);
-	copy->header.tgid = tgid;
-	copy->header.size = size;
-	copy->header.flags = (long)SYSCALL_NR(regs) < 0 ? STACK_COPY_FAULT : 0;
-	if (bpf_ringbuf_output(&stack_copies, copy, sizeof(copy->header) + size, 0)) {
+	copy->copy.id = copy->copies << 24 | (bpf_get_smp_processor_id() & 0xffff) << 8 |
+			STACK_COPY;
+	copy->copy.ip = PT_REGS_IP_CORE(regs);
+	copy->copy.sp = sp;
+	copy->copy.fp = PT_REGS_FP_CORE(regs);
+	copy->copy.tgid = tgid;
+	copy->copy.host_tgid = host_tgid;
+	copy->copy.size = size;
+	copy->copy.flags = (long)SYSCALL_NR(regs) < 0 ? STACK_COPY_FAULT : 0;
+	if (bpf_map_update_elem(&stack_copies, &copy->copy.id, &copy->copy, BPF_NOEXIST)) {
 		count_drop(DROP_STACK_COPY_FULL);
 		return STACK_NONE;
 	}
-	return copy->header.id;
+	return copy->copy.id;
 }
 
 /*
@@ -560,8 +588,8 @@ static __always_inline void settle_owed(void *ctx, struct thread *thread)
 	char comm[COMM_LEN];
 
 	thread->key.user_stack = STACK_NONE;
-	if (thread->owed_ns >= tunables.unwind_threshold_ns)
-		thread->key.user_stack = copy_user_stack(thread->key.tgid);
+	if (thread->owed_ns >= thread->config.unwind_threshold_ns)
+		thread->key.user_stack = copy_user_stack(thread->key.tgid, thread->key.host_tgid);
 	if (thread->key.user_stack == STACK_NONE)
 		thread->key.user_stack = current_user_stack(ctx);
 	bpf_get_current_comm(comm, sizeof(comm));
@@ -588,7 +616,7 @@ static __always_inline void thread_exits(void *ctx, __u32 host_tid)
  * rseq:rseq_update will run on its way back to user space.
  */
 static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int prev_state,
-					  __u32 host_tid, bool rseq, bool eager)
+					  __u32 host_tgid, __u32 host_tid, bool rseq, bool eager)
 {
 	enum thread_state state;
 	struct lock_wait *lock;
@@ -598,11 +626,11 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 		thread_exits(ctx, host_tid);
 		return;
 	}
-	state = classify_state(preempt, prev_state);
-	if (!state_wanted(state))
-		return;
-	thread = current_thread(host_tid);
+	thread = current_thread(host_tgid, host_tid);
 	if (!thread)
+		return;
+	state = classify_state(preempt, prev_state);
+	if (!state_wanted(&thread->config, state))
 		return;
 	/* Back in the kernel without a trip to user space: the same user stack. */
 	if (thread->owed_ns)
@@ -624,7 +652,7 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 		 * owners then): who holds it as we go to sleep is the better answer.
 		 */
 		thread->key.lock.kind &= ~LOCK_HOLDER_READER;
-		holder = lock_owner((void *)lock->addr, &thread->key.lock.kind);
+		holder = lock_owner((void *)lock->addr, &thread->key.lock.kind, &thread->view);
 		if (holder)
 			thread->key.lock.holder_tid = holder;
 		else if (lock->kind & LOCK_HOLDER_READER)
@@ -641,7 +669,7 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 		thread->key.kernel_stack = current_kernel_stack(ctx);
 	if (eager)
 		name_futex_wait(bpf_get_current_task_btf(), thread);
-	if (eager || !stacks_on_return || !rseq)
+	if (eager || !(attached & FEATURE_RSEQ) || !rseq)
 		thread->key.user_stack = current_user_stack(ctx);
 	thread->start_ns = bpf_ktime_get_ns();
 }
@@ -660,7 +688,7 @@ static __always_inline void on_switch_in(void *ctx, struct task_struct *next, bo
 	if (!thread || !thread->start_ns || thread->owed_ns)
 		return;
 	blocked_ns = bpf_ktime_get_ns() - thread->start_ns;
-	if (blocked_ns < tunables.min_block_ns || blocked_ns > tunables.max_block_ns) {
+	if (blocked_ns < thread->config.min_block_ns || blocked_ns > thread->config.max_block_ns) {
 		thread->start_ns = 0;
 		return;
 	}
@@ -674,7 +702,7 @@ static __always_inline void on_switch_in(void *ctx, struct task_struct *next, bo
 	if (thread->key.lock.kind & LOCK_FUTEX && !thread->key.lock.holder_tid)
 		thread->key.lock.holder_tid = thread->waker_tid;
 	if ((thread->key.user_stack == STACK_NONE || thread->key.user_stack == STACK_SAVED_REGS) &&
-	    trusted && stacks_on_return && rseq) {
+	    trusted && attached & FEATURE_RSEQ && rseq) {
 		/*
 		 * The user stack is taken on the thread's way back to user
 		 * space; until then the entry keeps the block's start, so that
@@ -696,7 +724,7 @@ int BPF_PROG(sched_switch_btf, bool preempt, struct task_struct *prev,
 	     struct task_struct *next, unsigned int prev_state)
 {
 	if (is_target(prev->tgid))
-		on_switch_out(ctx, preempt, prev_state, prev->pid, prev->rseq, false);
+		on_switch_out(ctx, preempt, prev_state, prev->tgid, prev->pid, prev->rseq, false);
 	if (is_target(next->tgid))
 		on_switch_in(ctx, next, true, next->pid, next->rseq);
 	return 0;
@@ -711,7 +739,8 @@ int BPF_PROG(sched_switch_raw, bool preempt, struct task_struct *prev,
 	     struct task_struct *next, unsigned int prev_state)
 {
 	if (is_target(BPF_CORE_READ(prev, tgid)))
-		on_switch_out(ctx, preempt, prev_state, BPF_CORE_READ(prev, pid), false, true);
+		on_switch_out(ctx, preempt, prev_state, BPF_CORE_READ(prev, tgid),
+			      BPF_CORE_READ(prev, pid), false, true);
 	if (is_target(BPF_CORE_READ(next, tgid)))
 		on_switch_in(ctx, next, false, BPF_CORE_READ(next, pid), false);
 	return 0;
@@ -738,7 +767,7 @@ static __always_inline void on_waking(__u32 wakee_tgid, __u32 wakee_tid)
 	thread = bpf_map_lookup_elem(&threads, &wakee_tid);
 	if (!thread || !thread->start_ns || thread->owed_ns || thread->waker_tid)
 		return;
-	if (!current_ids(&tgid, &tid) || tid == thread->key.tid)
+	if (!current_ids(&thread->view, &tgid, &tid) || tid == thread->key.tid)
 		return;
 	thread->waker_tid = tid;
 }
@@ -794,7 +823,7 @@ int BPF_PROG(contention_begin, void *lock, unsigned int flags)
 
 	if (!is_target(id >> 32))
 		return 0;
-	thread = current_thread((__u32)id);
+	thread = current_thread(id >> 32, (__u32)id);
 	if (!thread)
 		return 0;
 	wait.addr = (__u64)lock;
@@ -803,7 +832,7 @@ int BPF_PROG(contention_begin, void *lock, unsigned int flags)
 	mm = BPF_CORE_READ(me, mm);
 	if (mm && wait.addr == (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock))
 		wait.kind |= LOCK_MMAP;
-	wait.holder_tid = lock_owner(lock, &wait.kind);
+	wait.holder_tid = lock_owner(lock, &wait.kind, &thread->view);
 
 	/* A wait inside a wait: keep the outer one for when the inner ends. */
 	depth = thread->waits.depth;
@@ -859,6 +888,8 @@ int BPF_PROG(mmap_lock_acquired, struct mm_struct *mm, bool write, bool success)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct mmap_hold_key key = { .mm = (__u64)mm, .host_tid = (__u32)id };
 	struct mmap_hold *hold, fresh = {};
+	__u32 host_tgid = id >> 32;
+	struct target *target;
 
 	if (!success || !is_target(id >> 32))
 		return 0;
@@ -875,7 +906,8 @@ int BPF_PROG(mmap_lock_acquired, struct mm_struct *mm, bool write, bool success)
 	fresh.start_ns = bpf_ktime_get_ns();
 	fresh.depth = 1;
 	fresh.flags = write ? HOLD_WRITE : 0;
-	if (tunables.min_address_change) {
+	target = bpf_map_lookup_elem(&targets, &host_tgid);
+	if (target && target->config.min_address_change) {
 		struct task_struct *me = bpf_get_current_task_btf();
 		struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(me);
 
@@ -950,12 +982,13 @@ static __always_inline bool address_call_of(struct mm_struct *mm, const struct m
  */
 static __always_inline void note_address_call(void *ctx, struct mm_struct *mm,
 					      const struct mmap_hold *hold, __u64 now,
-					      __u32 host_tid, __u32 tgid, __u32 tid)
+					      const struct target *target, __u32 host_tid,
+					      __u32 tgid, __u32 tid)
 {
 	struct address_change call = {}, *latest;
 	struct event_key event = {};
 
-	if (!address_call_of(mm, hold, &call) || call.size < tunables.min_address_change)
+	if (!address_call_of(mm, hold, &call) || call.size < target->config.min_address_change)
 		return;
 	latest = bpf_map_lookup_elem(&calls_in_progress, &host_tid);
 	if (latest && !(hold->flags & HOLD_WRITE) && latest->call == call.call &&
@@ -968,6 +1001,7 @@ static __always_inline void note_address_call(void *ctx, struct mm_struct *mm,
 		call.duration_ns = now - hold->start_ns;
 		call.tgid = tgid;
 		call.tid = tid;
+		call.host_tgid = bpf_get_current_pid_tgid() >> 32;
 		call.user_stack = current_user_stack(ctx);
 		bpf_get_current_comm(call.comm, sizeof(call.comm));
 		if (bpf_map_update_elem(&calls_in_progress, &host_tid, &call, BPF_ANY))
@@ -987,10 +1021,12 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 	struct event_key event = {};
 	struct lock_hold record = {};
 	struct mmap_hold *hold, ended;
+	__u32 host_tgid = id >> 32;
+	struct target *target;
 	__u64 now;
 	__u32 tgid, tid;
 
-	if (!is_target(id >> 32))
+	if (!is_target(host_tgid))
 		return 0;
 	hold = bpf_map_lookup_elem(&mmap_holds, &key);
 	if (!hold)
@@ -1002,11 +1038,12 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 	now = bpf_ktime_get_ns();
 	ended = *hold;
 	bpf_map_delete_elem(&mmap_holds, &key);
-	if (!current_ids(&tgid, &tid))
+	target = bpf_map_lookup_elem(&targets, &host_tgid);
+	if (!target || !current_ids(&target->view, &tgid, &tid))
 		return 0;
-	if (tunables.min_address_change)
-		note_address_call(ctx, mm, &ended, now, key.host_tid, tgid, tid);
-	if (now - ended.start_ns < tunables.min_block_ns)
+	if (target->config.min_address_change)
+		note_address_call(ctx, mm, &ended, now, target, key.host_tid, tgid, tid);
+	if (now - ended.start_ns < target->config.min_block_ns)
 		return 0;
 
 	record.start_ns = ended.start_ns;
@@ -1015,6 +1052,7 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 	record.lock_addr = (__u64)mm + bpf_core_field_offset(struct mm_struct, mmap_lock);
 	record.tgid = tgid;
 	record.tid = tid;
+	record.host_tgid = host_tgid;
 	bpf_get_current_comm(record.comm, sizeof(record.comm));
 	record.user_stack = current_user_stack(ctx);
 	record.kernel_stack = current_kernel_stack(ctx);
@@ -1025,9 +1063,63 @@ int BPF_PROG(mmap_lock_released, struct mm_struct *mm, bool write)
 	return 0;
 }
 
+/* Our own namespace: the survey runs in the context of its reader, us. */
+static __always_inline void own_view(struct pid_view *view)
+{
+	view->ino = instance.pidns_ino;
+	view->level = 0;
+	if (instance.pidns_ino)
+		view->level = BPF_CORE_READ(bpf_get_current_task_btf(), thread_pid, level);
+}
+
+/* What we asked for about a task of our namespace, if we asked. */
+static __always_inline struct wanted *wanted_of(struct task_struct *task,
+						 const struct pid_view *view, __u32 *ns_tgid)
+{
+	struct wanted_key key = { .owner = instance.id };
+	__u32 tid;
+
+	if (!task_ids(task, view, &key.ns_tgid, &tid))
+		return NULL;
+	*ns_tgid = key.ns_tgid;
+	return bpf_map_lookup_elem(&wanted, &key);
+}
+
 /*
- * Walks every task and completes what the switch hooks cannot see:
- *   - a target seen for the first time gets its host tgid bit;
+ * A process we asked for, seen for the first time: it becomes ours, unless
+ * another instance on the node watches it already (one owner per target).
+ */
+static __always_inline struct target *watch(struct task_struct *task, struct wanted *want,
+					    const struct pid_view *view, __u32 ns_tgid)
+{
+	struct target fresh = {}, *target;
+	__u32 host_tgid = task->tgid;
+
+	fresh.owner = instance.id;
+	fresh.view = *view;
+	fresh.config = want->config;
+	fresh.ns_tgid = ns_tgid;
+	bpf_map_update_elem(&targets, &host_tgid, &fresh, BPF_NOEXIST);
+	target = bpf_map_lookup_elem(&targets, &host_tgid);
+	if (!target)
+		return NULL;
+	if (target->owner != instance.id) {
+		want->status = WANTED_ELSEWHERE;
+		return NULL;
+	}
+	want->host_tgid = host_tgid;
+	want->status = WANTED_WATCHED;
+	if (host_tgid >> 6 < TARGET_WORDS)
+		__sync_fetch_and_or(&target_bits[(host_tgid >> 6) & (TARGET_WORDS - 1)],
+				    1ULL << (host_tgid & 63));
+	return target;
+}
+
+/*
+ * Walks every task of our namespace and completes what the switch hooks
+ * cannot see, for our own targets only:
+ *   - a process we asked for and see for the first time becomes a target
+ *     and gets its host tgid bit;
  *   - a target thread already off the CPU with no entry (it blocked before
  *     we attached, or before its process became a target) is entered as a
  *     block that starts now: it would never switch out inside the window,
@@ -1043,9 +1135,11 @@ int survey(struct bpf_iter__task *ctx)
 {
 	struct task_struct *task = ctx->task;
 	struct thread *thread, fresh = {};
+	struct pid_view view = {};
 	struct target *target;
+	struct wanted *want;
 	struct pt_regs *regs;
-	__u32 host_tid, host_tgid, tgid, tid;
+	__u32 host_tid, host_tgid, ns_tgid = 0;
 	__u64 start_ns, kernel_stack;
 	unsigned int state;
 
@@ -1053,17 +1147,20 @@ int survey(struct bpf_iter__task *ctx)
 		return 0;
 	host_tgid = task->tgid;
 	host_tid = task->pid;
-	if (!is_target(host_tgid)) {
-		if (!task_ids(task, our_pidns_level(), &tgid, &tid))
+	own_view(&view);
+	target = bpf_map_lookup_elem(&targets, &host_tgid);
+	if (!target) {
+		want = wanted_of(task, &view, &ns_tgid);
+		if (!want)
 			return 0;
-		target = bpf_map_lookup_elem(&targets, &tgid);
+		target = watch(task, want, &view, ns_tgid);
 		if (!target)
 			return 0;
-		if (!target->host_tgid)
-			target->host_tgid = host_tgid;
-		if (host_tgid >> 6 < TARGET_WORDS)
-			__sync_fetch_and_or(&target_bits[(host_tgid >> 6) & (TARGET_WORDS - 1)],
-					    1ULL << (host_tgid & 63));
+	} else if (target->owner != instance.id) {
+		want = wanted_of(task, &view, &ns_tgid);
+		if (want)
+			want->status = WANTED_ELSEWHERE;
+		return 0;
 	}
 	state = task->__state;
 	if (state == TASK_RUNNING || task->on_cpu || state & TASK_DEAD)
@@ -1071,15 +1168,10 @@ int survey(struct bpf_iter__task *ctx)
 
 	thread = bpf_map_lookup_elem(&threads, &host_tid);
 	if (!thread) {
-		if (!task_ids(task, our_pidns_level(), &fresh.key.tgid, &fresh.key.tid))
-			return 0;
-		if (tunables.tid && fresh.key.tid != tunables.tid)
-			return 0;
-		if (tunables.cgroup_id &&
-		    BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id) != tunables.cgroup_id)
+		if (!enter_thread(task, target, &fresh))
 			return 0;
 		fresh.key.state = classify_state(false, state);
-		if (!state_wanted(fresh.key.state))
+		if (!state_wanted(&fresh.config, fresh.key.state))
 			return 0;
 		fresh.key.user_stack = STACK_NONE;
 		fresh.start_ns = bpf_ktime_get_ns();

@@ -19,23 +19,55 @@
  */
 #define TARGET_WORDS (1 << 16)
 
-/* Set by user space between open() and load(); fixed for the probe's life. */
-struct tunables {
+/*
+ * What one freezeframe asked for one of its targets. The probe may be shared
+ * by every freezeframe on the node, each with its own settings, so these
+ * travel with the target rather than with the programs.
+ */
+struct target_config {
 	__u64 min_block_ns;
 	__u64 max_block_ns;
 	__u64 cgroup_id;		/* 0: any cgroup */
 	/* Address-space calls smaller than this are not recorded; 0: none are. */
 	__u64 min_address_change;
-	/* Our pid namespace, when it is not the initial one (ino 0: initial). */
-	__u64 pidns_dev;
-	__u64 pidns_ino;
 	/*
 	 * A finished block at least this long gets a copy of its user stack
 	 * (see struct stack_copy) instead of a frame-pointer walk; ~0: none does.
 	 */
 	__u64 unwind_threshold_ns;
-	__u32 tid;			/* 0: every thread of the targets */
+	__u32 tid;			/* 0: every thread of the target */
 	__u32 state_mask;		/* bits of enum thread_state */
+};
+
+/*
+ * The pid namespace a target's ids are reported in: its owner's. A task's
+ * number there is `pid->numbers[level]`, if that entry's namespace is this
+ * one.
+ */
+struct pid_view {
+	__u64 ino;			/* 0: the initial namespace (host ids) */
+	__u32 level;
+	__u32 _pad;
+};
+
+/*
+ * The freezeframe a program was loaded by; set between open() and load().
+ * Only the survey reads it: every other program may have been loaded by an
+ * instance that is gone, and serves every instance's targets.
+ */
+struct instance {
+	__u64 id;			/* random, never 0 */
+	__u64 pidns_ino;		/* 0: the initial namespace */
+};
+
+/* Tracepoints the probe's creator attached; bits of `attached` in .bss. */
+enum probe_feature {
+	FEATURE_SWITCH_RAW_TP = 1 << 0,	/* sched_switch via raw_tp, not tp_btf */
+	FEATURE_LOCK_CONTENTION = 1 << 1,
+	FEATURE_WAKING = 1 << 2,
+	FEATURE_MMAP_LOCK = 1 << 3,
+	/* rseq:rseq_update: user stacks are taken on the way back to user space. */
+	FEATURE_RSEQ = 1 << 4,
 };
 
 /*
@@ -150,7 +182,7 @@ struct lock_hold {
 	__u32 tgid;
 	__u32 tid;
 	__u32 flags;		/* enum hold_flags */
-	__u32 _pad;
+	__u32 host_tgid;	/* whose record this is (see struct block_key) */
 	/* The holder's name now: it may be gone by the time user space looks. */
 	char comm[COMM_LEN];
 };
@@ -189,7 +221,7 @@ struct address_change {
 	__u32 arg;		/* mmap flags, madvise advice, mremap flags */
 	__u64 user_stack;	/* a key in `stacks`, or enum stack_special */
 	__u32 flags;		/* enum address_change_flags */
-	__u32 _pad;
+	__u32 host_tgid;	/* whose record this is (see struct block_key) */
 	char comm[COMM_LEN];	/* the caller's name (see struct lock_hold) */
 };
 
@@ -231,21 +263,22 @@ enum stack_copy_flags {
 };
 
 /*
- * A record of `stack_copies`: a finished block's user registers and the top
+ * A value of `stack_copies`: a finished block's user registers and the top
  * of its user stack, taken on the thread's way back to user space, before
- * it runs a user instruction. `size` bytes of the stack from `sp` up follow
- * the header in the record; they stop at the first page that could not be
- * read, so a copy holds only what the stack really held.
+ * it runs a user instruction. `size` bytes of the stack from `sp` up; they
+ * stop at the first page that could not be read, so a copy holds only what
+ * the stack really held.
  */
 struct stack_copy {
 	__u64 id;		/* the block's user_stack reference (STACK_COPY) */
 	__u64 ip;
 	__u64 sp;
 	__u64 fp;
-	__u32 tgid;		/* in our pid namespace */
+	__u32 tgid;		/* in its owner's pid namespace */
 	__u32 size;
 	__u32 flags;		/* enum stack_copy_flags */
-	__u32 _pad;
+	__u32 host_tgid;	/* whose copy this is (see struct block_key) */
+	__u8 bytes[STACK_COPY_BYTES];
 };
 
 /* What finished blocks are summed under. */
@@ -256,7 +289,8 @@ struct block_key {
 	__u64 kernel_stack;
 	__u64 user_stack;
 	enum thread_state state;
-	__u32 _pad;
+	/* The process's host tgid: whose key this is, on a shared probe. */
+	__u32 host_tgid;
 	struct lock_wait lock;
 };
 
@@ -306,19 +340,48 @@ struct thread {
 	__u32 waker_tid;	/* the first thread of its process to wake it from this block */
 	__u32 flags;		/* enum thread_flags */
 	struct lock_wait_stack waits;	/* kernel locks it contends for now */
+	/* Its process's settings and namespace, copied from `targets` at entry. */
+	struct target_config config;
+	struct pid_view view;
 };
 
-/* A stack's frames, innermost first. */
+/*
+ * A stack's frames, innermost first. Its key hashes the process with the
+ * frames, so that every stack has one owner on a shared probe, who alone
+ * frees it.
+ */
 struct stack {
 	__u32 depth;
-	__u32 _pad;
+	__u32 host_tgid;
 	__u64 ips[MAX_STACK_DEPTH];
 };
 
-/* A process to watch: its tgid in our namespace is the key. */
+/* A process being watched, by host tgid; written by its owner's survey. */
 struct target {
-	__u32 host_tgid;	/* 0 until the survey has seen it */
+	__u64 owner;		/* struct instance id */
+	struct pid_view view;
+	struct target_config config;
+	__u32 ns_tgid;		/* its tgid in its owner's namespace */
 	__u32 _pad;
+};
+
+/* A process an instance asked for, by its tgid in that instance's namespace. */
+struct wanted_key {
+	__u64 owner;
+	__u32 ns_tgid;
+	__u32 _pad;
+};
+
+enum wanted_status {
+	WANTED_PENDING = 0,	/* the owner's survey has not seen it yet */
+	WANTED_WATCHED = 1,	/* in `targets`, under host_tgid */
+	WANTED_ELSEWHERE = 2,	/* another instance on the node watches it already */
+};
+
+struct wanted {
+	struct target_config config;
+	__u32 host_tgid;	/* set by the survey */
+	__u32 status;		/* enum wanted_status */
 };
 
 /* Never used as data: makes the enums above part of the program's BTF. */
@@ -331,6 +394,8 @@ struct enum_anchor {
 	enum address_change_flags address_change_flags;
 	enum thread_flags thread_flags;
 	enum stack_copy_flags stack_copy_flags;
+	enum probe_feature probe_feature;
+	enum wanted_status wanted_status;
 };
 
 #endif /* FREEZEFRAME_OFFCPU_H */

@@ -112,6 +112,10 @@ pub struct RunOverrides {
     /// pointers; 0s turns it off ([recorder] unwind_threshold).
     #[arg(long = "recorder-unwind-threshold", env = "FREEZEFRAME_RECORDER_UNWIND_THRESHOLD", value_parser = parse_duration)]
     pub unwind_threshold: Option<Duration>,
+    /// The bpffs directory where the node's freezeframes share one probe;
+    /// `off` for a private probe ([recorder] shared_probe_dir).
+    #[arg(long = "shared-probe-dir", env = "FREEZEFRAME_SHARED_PROBE_DIR")]
+    pub shared_probe_dir: Option<PathBuf>,
     /// Address for /metrics, /healthz and /readyz ([telemetry] listen).
     #[arg(long = "telemetry-listen", env = "FREEZEFRAME_TELEMETRY_LISTEN")]
     pub telemetry_listen: Option<SocketAddr>,
@@ -332,6 +336,10 @@ pub struct CaptureArgs {
     /// much memory (e.g. 64MiB, 1GiB; 0 turns it off), with their callers' stacks.
     #[arg(long, env = "FREEZEFRAME_MIN_ALLOC", default_value = "64MiB", value_parser = parse_bytes)]
     pub min_alloc: u64,
+    /// The bpffs directory where the node's freezeframes share one probe;
+    /// `off` for a private probe.
+    #[arg(long, env = "FREEZEFRAME_SHARED_PROBE_DIR", default_value = crate::capture::DEFAULT_SHARED_PROBE_DIR)]
+    pub shared_probe_dir: PathBuf,
     /// Write the profile as gzipped pprof.
     #[arg(long, short, env = "FREEZEFRAME_OUTPUT")]
     pub output: Option<PathBuf>,

@@ -98,6 +98,9 @@ pub struct Recorder {
     /// Blocks at least this long get their user stack unwound without
     /// frame pointers; `None` ("0s") walks frame pointers only.
     pub unwind_threshold: Option<Duration>,
+    /// The bpffs directory of the node's shared probe; `None` (empty in
+    /// the file) runs a private one.
+    pub shared_probe_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +173,7 @@ struct RecorderFile {
     min_allocation: Option<SizeFile>,
     #[serde(with = "duration_text")]
     unwind_threshold: Option<Duration>,
+    shared_probe_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,7 +295,7 @@ impl std::fmt::Display for Config {
         writeln!(f, "target:   {target}")?;
         writeln!(
             f,
-            "recorder: {:?}, history {}, blocks from {}, address-space changes {}, \
+            "recorder: {:?}, history {}, blocks from {}, address-space changes {}, probe {}, \
              user stacks unwound without frame pointers {}",
             self.recorder.mode,
             humantime::format_duration(self.recorder.history),
@@ -301,6 +305,13 @@ impl std::fmt::Display for Config {
                 .map_or("off".to_string(), |bytes| format!(
                     "from {}",
                     crate::report::human_bytes(bytes)
+                )),
+            self.recorder
+                .shared_probe_dir
+                .as_ref()
+                .map_or("private".to_string(), |dir| format!(
+                    "shared in {} (private if that is not bpffs)",
+                    dir.display()
                 )),
             self.recorder
                 .unwind_threshold
@@ -457,6 +468,14 @@ impl Config {
                     .unwrap_or(defaults::UNWIND_THRESHOLD),
             )
             .filter(|threshold| !threshold.is_zero()),
+            shared_probe_dir: Some(
+                overrides
+                    .shared_probe_dir
+                    .clone()
+                    .or(file.recorder.shared_probe_dir)
+                    .unwrap_or_else(|| PathBuf::from(crate::capture::DEFAULT_SHARED_PROBE_DIR)),
+            )
+            .filter(|dir| crate::capture::shares_probe(dir)),
         };
         if recorder.history < Duration::from_secs(1) {
             return Err(ConfigError::HistoryTooShort(recorder.history));

@@ -83,6 +83,8 @@ fn capture(args: CaptureArgs) -> Result<()> {
         states: args.state.0.clone(),
         min_address_change: (args.min_alloc > 0).then_some(args.min_alloc),
         unwind_threshold: Some(args.unwind_threshold).filter(|threshold| !threshold.is_zero()),
+        shared_probe_dir: Some(args.shared_probe_dir.clone())
+            .filter(|dir| freezeframe::capture::shares_probe(dir)),
     };
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -20,6 +20,21 @@ fn capture(pid: u32, extra: &[&str], output: &Path, after_attach: impl FnOnce())
     capture_for(WINDOW, pid, extra, output, after_attach)
 }
 
+/// Reads a capture's stderr up to the line that says it has attached (log
+/// lines may come first, such as a private probe's notice).
+fn wait_attached(stderr: &mut impl BufRead) {
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let read = stderr.read_line(&mut line).unwrap();
+        assert!(read > 0, "freezeframe did not attach: {seen}");
+        if line.contains("capturing off-CPU stacks") {
+            return;
+        }
+        seen.push_str(&line);
+    }
+}
+
 /// [`capture`] for `duration` (`3s`, ...).
 fn capture_for(
     duration: &str,
@@ -44,12 +59,7 @@ fn capture_for(
         .spawn()
         .expect("cannot start freezeframe");
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    assert!(
-        first.contains("capturing off-CPU stacks"),
-        "freezeframe did not attach: {first}"
-    );
+    wait_attached(&mut stderr);
     after_attach();
     let output = child.wait_with_output().unwrap();
     assert!(
@@ -306,9 +316,9 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
         .map(|sample| sample.value)
         .sum();
     assert_close(THREAD, Duration::from_nanos(total), profile.duration, 0.10);
-    // The parts of blocks in progress at a cut are walked from outside.
+    // (The parts of blocks in progress at a cut are unwound from outside.)
     assert!(
-        whole_ns * 10 >= total * 8,
+        whole_ns * 10 >= total * 9,
         "{whole_ns} of {total} ns under whole stacks: {:?}",
         samples
             .iter()
@@ -324,15 +334,22 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
         );
     }
 
-    // Without copies, the same blocks walk frame pointers, and stop in libc.
+    // Without copies, the blocks walk frame pointers as they end, and stop
+    // in libc: only the parts in progress at a cut are whole.
     let walked = dir.join("walked.pb.gz");
     capture(workload.pid, &["--unwind-threshold", "0s"], &walked, || {});
     let profile = load(&walked);
     let samples = samples_of(&profile, THREAD);
-    assert!(!samples.is_empty());
+    let total: u64 = samples.iter().map(|sample| sample.value).sum();
+    let whole_ns: u64 = samples
+        .iter()
+        .filter(|sample| whole(sample))
+        .map(|sample| sample.value)
+        .sum();
+    assert!(total > 0);
     assert!(
-        !samples.iter().any(|sample| whole(sample)),
-        "frame pointers alone cannot give these stacks"
+        whole_ns * 2 < total,
+        "frame pointers alone cannot give these stacks: {whole_ns} of {total} ns whole"
     );
 }
 
@@ -905,6 +922,10 @@ fn a_process_nobody_targets_runs_no_program_on_its_system_calls() {
             &idle.pid.to_string(),
             "--duration",
             "20s",
+            // Its own programs, attached by itself, are the ones counted:
+            // on a shared probe another capture may have attached them.
+            "--shared-probe-dir",
+            "off",
         ])
         .arg("--output")
         .arg(&output)
@@ -913,9 +934,7 @@ fn a_process_nobody_targets_runs_no_program_on_its_system_calls() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
-    assert!(first.contains("capturing off-CPU stacks"), "{first}");
+    wait_attached(&mut stderr);
     let ids = program_ids(child.id());
     assert!(ids.len() >= 5, "the capture's programs: {ids:?}");
     let before = program_runs(&ids);

@@ -113,6 +113,25 @@ fn the_allocation_threshold_takes_sizes_and_zero_turns_it_off() {
 }
 
 #[test]
+fn the_shared_probe_dir_takes_the_flag_then_the_environment_then_the_file_and_off_is_private() {
+    let shown = |text: &str, env: &[(&str, &str)], flags: &[&str]| {
+        settings_line(
+            &check(&config_file("shared-probe.toml", text), env, flags),
+            "recorder:",
+        )
+    };
+    assert!(shown("", &[], &[]).contains("probe shared in /sys/fs/bpf/freezeframe"));
+    let file = "[recorder]\nshared_probe_dir = \"/sys/fs/bpf/from-file\"\n";
+    assert!(shown(file, &[], &[]).contains("probe shared in /sys/fs/bpf/from-file"));
+    let env = [("FREEZEFRAME_SHARED_PROBE_DIR", "/sys/fs/bpf/from-env")];
+    assert!(shown(file, &env, &[]).contains("probe shared in /sys/fs/bpf/from-env"));
+    let flag = ["--shared-probe-dir", "/sys/fs/bpf/from-flag"];
+    assert!(shown(file, &env, &flag).contains("probe shared in /sys/fs/bpf/from-flag"));
+    assert!(shown(file, &env, &["--shared-probe-dir", "off"]).contains("probe private"));
+    assert!(shown("[recorder]\nshared_probe_dir = \"\"\n", &[], &[]).contains("probe private"));
+}
+
+#[test]
 fn the_log_format_takes_the_flag_then_the_environment_then_the_file() {
     let shown = |text: &str, env: &[(&str, &str)], flags: &[&str]| {
         let output = check(&config_file("log-format.toml", text), env, flags);

@@ -2,26 +2,25 @@
 //! `offcpu` skeleton and turns map bytes into owned values. Everything outside
 //! this module sees plain Rust types.
 
-use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::mem::{size_of, MaybeUninit};
 use std::os::unix::fs::MetadataExt;
-use std::rc::Rc;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{
-    Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel, RingBuffer, RingBufferBuilder,
-};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
 use super::copies::StackCopy;
+use super::shared::{self, Membership, Node};
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
     SavedRegs, StackRef, UserRegs,
 };
 use crate::profile::ThreadState;
-use crate::unwind::Entry;
+use crate::unwind;
 
 #[allow(
     clippy::all,
@@ -43,8 +42,15 @@ const _: () = assert!(types::drop_reason::DROP_REASON_COUNT.0 as usize == super:
 /// `/proc/self/ns/pid` of the initial pid namespace (PROC_PID_INIT_INO).
 const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
 const BATCH: u32 = 4096;
+/// `TARGET_WORDS` in offcpu.h: the length of `target_bits`.
+const TARGET_WORDS: usize = 1 << 16;
+const _: () = assert!(size_of::<types::bss>() >= TARGET_WORDS * size_of::<u64>());
 
-/// Kernel-side filters, fixed for the life of a loaded probe.
+/// The BPF object's version: instances share a pinned probe only if theirs
+/// are the same bytes.
+pub(super) const VERSION: &str = env!("FREEZEFRAME_OFFCPU_VERSION");
+
+/// Kernel-side filters of one target, fixed while it is watched.
 #[derive(Debug, Clone)]
 pub(super) struct Filters {
     pub tid: Option<u32>,
@@ -57,6 +63,24 @@ pub(super) struct Filters {
     /// Finished blocks at least this long get a copy of their user stack to
     /// unwind; `None`: none do.
     pub unwind_threshold_ns: Option<u64>,
+}
+
+impl Filters {
+    fn config(&self) -> types::target_config {
+        types::target_config {
+            min_block_ns: self.min_block_ns,
+            max_block_ns: self.max_block_ns.unwrap_or(u64::MAX),
+            cgroup_id: self.cgroup_id.unwrap_or(0),
+            min_address_change: self.min_address_change.unwrap_or(0),
+            unwind_threshold_ns: self.unwind_threshold_ns.unwrap_or(u64::MAX),
+            tid: self.tid.unwrap_or(0),
+            state_mask: self
+                .states
+                .iter()
+                .map(|state| state_bit(*state))
+                .fold(0, |a, b| a | b),
+        }
+    }
 }
 
 /// The deepest stack the kernel records (PERF_MAX_STACK_DEPTH).
@@ -214,15 +238,119 @@ impl Optional {
     }
 }
 
-/// A loaded and attached off-CPU probe.
+/// The off-CPU probe as one instance uses it: its own, or the node's shared
+/// one (see [`shared`]). Either way the instance reads and frees only what
+/// belongs to its own targets.
 pub(super) struct Probe<'obj> {
     skel: OffcpuSkel<'obj>,
-    _links: Vec<Link>,
-    /// `stack_copies`, consumed into `copied` at every cut.
-    copies: RingBuffer<'static>,
-    copied: Rc<RefCell<Vec<Vec<u8>>>>,
+    bss: KernelBss,
+    /// The links this instance attached, by program; on a shared probe
+    /// the pins keep them attached after we are gone, for as long as
+    /// anyone captures.
+    links: Vec<(&'static str, Link)>,
     pub features: Features,
+    /// Random, never 0: the owner of our targets in the maps.
+    instance: u64,
+    /// Our registration on the node's probe; `None` for a private probe.
+    membership: Option<Membership>,
+    /// Where the shared probe lives, for the changes that need its lock.
+    sharing: Option<std::path::PathBuf>,
+    attached: bool,
+    /// Our targets, by tgid in our namespace: their host tgid, once the
+    /// survey has seen them.
+    targets: HashMap<u32, Option<u32>>,
+    /// Host tgids of targets removed since the last drain: their last
+    /// totals are still ours to read.
+    retired: Vec<u32>,
 }
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Err(err) = self.leave() {
+            tracing::warn!("could not leave the node's shared BPF probe cleanly: {err}");
+        }
+    }
+}
+
+/// The probe's .bss as the kernel has it, mapped from the map itself: an
+/// instance that joined a shared probe must see and change the memory its
+/// programs use, and libbpf maps a reused map's .bss for its creator only.
+struct KernelBss {
+    ptr: std::ptr::NonNull<types::bss>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory that the kernel changes only
+// atomically (target_bits) or that is a lone u32 (attached).
+unsafe impl Send for KernelBss {}
+
+impl KernelBss {
+    fn map(map: &libbpf_rs::MapMut<'_>) -> Result<Self, CaptureError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let len = size_of::<types::bss>();
+        // SAFETY: a fresh shared mapping of the map's fd, checked below;
+        // the kernel sizes it to the map's value (rounded up to a page).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(CaptureError::Load {
+                detail: format!(
+                    "cannot map the probe's .bss: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).expect("mmap never returns null here");
+        Ok(KernelBss { ptr, len })
+    }
+
+    fn attached(&self) -> u32 {
+        // SAFETY: the mapping lives as long as self; a u32 load may race
+        // only with whole u32 stores.
+        unsafe { std::ptr::addr_of!((*self.ptr.as_ptr()).attached).read_volatile() }
+    }
+
+    fn set_attached(&self, features: u32) {
+        // SAFETY: as in `attached`.
+        unsafe { std::ptr::addr_of_mut!((*self.ptr.as_ptr()).attached).write_volatile(features) }
+    }
+
+    /// Clears a host tgid's bit. The survey sets bits concurrently (in the
+    /// kernel, atomically), so the word is changed atomically here too.
+    fn clear_target_bit(&self, host_tgid: u32) {
+        let word = (host_tgid >> 6) as usize;
+        if word >= TARGET_WORDS {
+            return;
+        }
+        // SAFETY: the word is within the mapping, aligned (the array is
+        // u64s), and the kernel only ever changes it atomically.
+        let atomic = unsafe {
+            AtomicU64::from_ptr(std::ptr::addr_of_mut!(
+                (*self.ptr.as_ptr()).target_bits[word]
+            ))
+        };
+        atomic.fetch_and(!(1u64 << (host_tgid & 63)), Ordering::SeqCst);
+    }
+}
+
+impl Drop for KernelBss {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Refusals to share are told once per process: every capture of an
+/// on-trigger sidecar loads a probe.
+static NOT_SHARED_REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Plain-old-data skeleton types that may be built from map bytes.
 ///
@@ -235,6 +363,8 @@ unsafe impl Pod for types::block_key {}
 unsafe impl Pod for types::block_total {}
 unsafe impl Pod for types::stack {}
 unsafe impl Pod for types::target {}
+unsafe impl Pod for types::wanted {}
+unsafe impl Pod for types::wanted_key {}
 unsafe impl Pod for types::lock_wait {}
 unsafe impl Pod for types::lock_wait_stack {}
 unsafe impl Pod for types::lock_hold {}
@@ -253,6 +383,13 @@ fn from_bytes<T: Pod>(bytes: &[u8]) -> Result<T, CaptureError> {
     // SAFETY: the length is checked above and `T: Pod` is valid for any bits;
     // read_unaligned copes with the Vec's alignment.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A value's bytes, as a map key or value.
+fn pod_bytes<T: Pod>(value: &T) -> &[u8] {
+    // SAFETY: `T: Pod` is a repr(C) struct of integers whose padding the
+    // generated types spell out as fields, so every byte is initialised.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 fn state_from_kernel(state: types::thread_state) -> ThreadState {
@@ -286,31 +423,24 @@ fn stack_ref(key: u64) -> StackRef {
     }
 }
 
-/// A record of `stack_copies`: its header, then the copied stack.
-fn stack_copy_from_record(record: &[u8]) -> Result<StackCopy, CaptureError> {
-    let header: types::stack_copy = from_bytes(record)?;
-    let bytes = &record[size_of::<types::stack_copy>()..];
-    let size = header.size as usize;
-    if bytes.len() < size {
-        return Err(CaptureError::MapLayout {
-            expected: size_of::<types::stack_copy>() + size,
-            got: record.len(),
-        });
-    }
+/// A value of `stack_copies`: the registers, then the copied stack.
+fn stack_copy_from_bytes(value: &[u8]) -> Result<StackCopy, CaptureError> {
+    let copy: types::stack_copy = from_bytes(value)?;
+    let size = (copy.size as usize).min(copy.bytes.len());
     Ok(StackCopy {
-        id: header.id,
-        tgid: header.tgid,
+        id: copy.id,
+        tgid: copy.tgid,
         regs: UserRegs {
-            ip: header.ip,
-            sp: header.sp,
-            fp: header.fp,
+            ip: copy.ip,
+            sp: copy.sp,
+            fp: copy.fp,
         },
-        entry: if header.flags & types::stack_copy_flags::STACK_COPY_FAULT.0 != 0 {
-            Entry::Fault
+        entry: if copy.flags & types::stack_copy_flags::STACK_COPY_FAULT.0 != 0 {
+            unwind::Entry::Fault
         } else {
-            Entry::SystemCall
+            unwind::Entry::SystemCall
         },
-        bytes: bytes[..size].to_vec(),
+        bytes: copy.bytes[..size].to_vec(),
     })
 }
 
@@ -324,6 +454,9 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
         lock: lock_from_kernel(&key.lock),
     }
 }
+
+/// A map entry's key and value bytes.
+type Entry = (Vec<u8>, Vec<u8>);
 
 /// A 4-byte map key, as the kernel hands it back.
 fn u32_key(key: &[u8]) -> Result<u32, CaptureError> {
@@ -396,42 +529,112 @@ fn route_libbpf_messages() {
     libbpf_rs::set_print(Some((PrintLevel::Warn, print)));
 }
 
+/// A fresh instance id: random, so that instances in different pid
+/// namespaces (and restarts of one) never take each other's.
+fn new_instance_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    loop {
+        // SAFETY: getrandom writes at most `bytes.len()` bytes into it.
+        let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        let id = u64::from_ne_bytes(bytes);
+        if got == bytes.len() as isize && id != 0 {
+            return id;
+        }
+    }
+}
+
+/// The maps every instance shares: all but the instance's own .rodata
+/// (which names the instance to its survey).
+fn shared_map(name: &std::ffi::OsStr) -> bool {
+    !name.as_encoded_bytes().ends_with(b".rodata")
+}
+
+/// A map name as a file name in bpffs, which reserves names with dots
+/// (libbpf names .bss `offcpu_b.bss`).
+fn pin_name(name: &std::ffi::OsStr) -> String {
+    name.to_string_lossy().replace(['.', '/'], "_")
+}
+
+fn map_error(map: &'static str) -> impl Fn(libbpf_rs::Error) -> CaptureError {
+    move |source| CaptureError::Map { map, source }
+}
+
+/// A map operation's "not there": fine when deleting.
+fn deleted(result: libbpf_rs::Result<()>, map: &'static str) -> Result<(), CaptureError> {
+    match result {
+        Err(err) if err.kind() != libbpf_rs::ErrorKind::NotFound => Err(map_error(map)(err)),
+        _ => Ok(()),
+    }
+}
+
 impl<'obj> Probe<'obj> {
-    /// Loads the program (`tp_btf`, falling back to `raw_tp`) without
-    /// attaching it: a loaded probe costs nothing until [`Probe::attach`].
+    /// Loads the programs (`tp_btf`, falling back to `raw_tp`) without
+    /// attaching them: a loaded probe costs nothing until [`Probe::attach`].
+    /// With `sharing`, a bpffs directory, the maps are the node's shared
+    /// ones (pinned there by the first instance of this version); a
+    /// directory that cannot be shared gives a private probe, said once.
     pub fn load(
         storage: &'obj mut MaybeUninit<OpenObject>,
-        filters: &Filters,
+        sharing: Option<&Path>,
     ) -> Result<Self, CaptureError> {
         route_libbpf_messages();
         let pidns = own_pid_namespace()?;
-        let hook = Self::supported_hook(filters, pidns);
-        let skel = Self::open_tuned(storage, filters, pidns, hook)?
-            .load()
-            .map_err(|err| CaptureError::Load {
-                detail: format!("sched_switch via {hook:?}: {err}"),
-            })?;
-        let copied = Rc::new(RefCell::new(Vec::new()));
-        let arrived = Rc::clone(&copied);
-        let mut builder = RingBufferBuilder::new();
-        builder
-            .add(&skel.maps.stack_copies, move |record: &[u8]| {
-                arrived.borrow_mut().push(record.to_vec());
-                0
-            })
-            .map_err(|source| CaptureError::Map {
-                map: "stack_copies",
-                source,
-            })?;
-        let copies = builder.build().map_err(|source| CaptureError::Map {
-            map: "stack_copies",
-            source,
+        let instance = new_instance_id();
+        let hook = Self::supported_hook(pidns);
+        let node = sharing.and_then(|dir| match Node::lock(dir, VERSION) {
+            Ok(node) => Some(node),
+            Err(why) => {
+                // The probe works either way; what it costs the node differs.
+                if !NOT_SHARED_REPORTED.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "running a private BPF probe, not the node's shared one: {why}; every \
+                         freezeframe on this node then costs its neighbours a probe of its own"
+                    );
+                }
+                None
+            }
+        });
+        let mut open = Self::open_tuned(storage, instance, pidns, hook)?;
+        let joining = node
+            .as_ref()
+            .is_some_and(|node| node.maps_pinned("targets"));
+        if let (Some(node), true) = (&node, joining) {
+            for mut map in open.open_object_mut().maps_mut() {
+                let name = pin_name(map.name());
+                if shared_map(map.name()) {
+                    map.reuse_pinned_map(node.map_pin(&name)).map_err(|err| {
+                        CaptureError::Load {
+                            detail: format!("cannot reuse the shared map {name}: {err}"),
+                        }
+                    })?;
+                }
+            }
+        }
+        let mut skel = open.load().map_err(|err| CaptureError::Load {
+            detail: format!("sched_switch via {hook:?}: {err}"),
         })?;
-        Ok(Probe {
+        let mut membership = None;
+        if let Some(node) = &node {
+            if !joining {
+                for mut map in skel.object_mut().maps_mut() {
+                    let name = pin_name(map.name());
+                    if shared_map(map.name()) {
+                        map.pin(node.map_pin(&name))
+                            .map_err(|err| CaptureError::Load {
+                                detail: format!("cannot pin the map {name}: {err}"),
+                            })?;
+                    }
+                }
+            }
+            membership = Some(node.join(instance).map_err(|err| CaptureError::Load {
+                detail: format!("cannot register in {}: {err}", node.dir().display()),
+            })?);
+        }
+        let bss = KernelBss::map(&skel.maps.bss)?;
+        let mut probe = Probe {
             skel,
-            _links: Vec::new(),
-            copies,
-            copied,
+            bss,
+            links: Vec::new(),
             features: Features {
                 hook,
                 lock_contention: false,
@@ -439,89 +642,173 @@ impl<'obj> Probe<'obj> {
                 address_changes: false,
                 stacks_on_return: false,
             },
-        })
+            instance,
+            membership,
+            sharing: sharing.filter(|_| node.is_some()).map(Path::to_path_buf),
+            attached: false,
+            targets: HashMap::new(),
+            retired: Vec::new(),
+        };
+        if let Some(node) = &node {
+            probe.reap(node)?;
+            shared::sweep_abandoned(node.dir().parent().unwrap_or(node.dir()), node.dir());
+            tracing::debug!(
+                dir = %node.dir().display(),
+                joined = joining,
+                "using the node's shared BPF probe"
+            );
+        }
+        Ok(probe)
+    }
+
+    /// Whether this instance shares the node's probe.
+    pub fn is_shared(&self) -> bool {
+        self.membership.is_some()
+    }
+
+    /// The node's probe directory, locked, if this probe is shared.
+    fn lock_node(&self) -> Result<Option<Node>, CaptureError> {
+        let Some(dir) = &self.sharing else {
+            return Ok(None);
+        };
+        Node::lock(dir, VERSION)
+            .map(Some)
+            .map_err(|why| CaptureError::Shared(why.to_string()))
+    }
+
+    /// Attaches the programs, unless the node's probe has them attached
+    /// already. On a shared probe their links are pinned, so that they stay
+    /// attached for as long as anyone captures.
+    pub fn attach(&mut self) -> Result<(), CaptureError> {
+        let node = self.lock_node()?;
+        let running = match &node {
+            Some(node) => node
+                .links_pinned()
+                .map_err(|err| CaptureError::Shared(err.to_string()))?,
+            None => false,
+        };
+        if !running {
+            self.attach_programs()?;
+            if let Some(node) = &node {
+                for (program, link) in &mut self.links {
+                    link.pin(node.link_pin(program))
+                        .map_err(|source| CaptureError::Attach {
+                            what: "pinned link",
+                            source,
+                        })?;
+                }
+            }
+        }
+        if let (Some(node), Some(me)) = (&node, &self.membership) {
+            node.set_attached(me, true)
+                .map_err(|err| CaptureError::Shared(err.to_string()))?;
+        }
+        self.attached = true;
+        self.features = self.attached_features();
+        Ok(())
+    }
+
+    /// What the kernel side says was attached, by whoever attached it.
+    fn attached_features(&self) -> Features {
+        use types::probe_feature as bits;
+        let attached = self.bss.attached();
+        let has = |bit: bits| attached & bit.0 != 0;
+        Features {
+            hook: if has(bits::FEATURE_SWITCH_RAW_TP) {
+                Hook::RawTp
+            } else {
+                Hook::TpBtf
+            },
+            lock_contention: has(bits::FEATURE_LOCK_CONTENTION),
+            mmap_lock_holds: has(bits::FEATURE_MMAP_LOCK),
+            // Per target; see `Probe::add_target`.
+            address_changes: has(bits::FEATURE_MMAP_LOCK) && self.features.address_changes,
+            stacks_on_return: has(bits::FEATURE_RSEQ),
+        }
     }
 
     /// Attaches the sched_switch hook, then whichever attribution
     /// tracepoints this kernel has: a kernel without them still gets
     /// off-CPU profiles, and says once what it is missing.
-    pub fn attach(&mut self) -> Result<(), CaptureError> {
+    fn attach_programs(&mut self) -> Result<(), CaptureError> {
+        use types::probe_feature as bits;
         let progs = &self.skel.progs;
-        let switch = match self.features.hook {
+        let hook = self.features.hook;
+        let switch = match hook {
             Hook::TpBtf => &progs.sched_switch_btf,
             Hook::RawTp => &progs.sched_switch_raw,
         };
-        let mut links = vec![switch.attach().map_err(|source| CaptureError::Attach {
-            what: "sched_switch tracepoint",
-            source,
-        })?];
+        let mut links = vec![(
+            "sched_switch",
+            switch.attach().map_err(|source| CaptureError::Attach {
+                what: "sched_switch tracepoint",
+                source,
+            })?,
+        )];
+        let mut features = if hook == Hook::RawTp {
+            bits::FEATURE_SWITCH_RAW_TP.0
+        } else {
+            0
+        };
         let mut attach_all =
-            |optional: &Optional, attached: Vec<libbpf_rs::Result<Link>>| match attached
-                .into_iter()
-                .collect::<Result<Vec<Link>, _>>()
-            {
-                Ok(attached) => {
-                    links.extend(attached);
-                    true
+            |optional: &Optional, attached: Vec<(&'static str, libbpf_rs::Result<Link>)>| {
+                let mut all = Vec::new();
+                for (program, link) in attached {
+                    match link {
+                        Ok(link) => all.push((program, link)),
+                        Err(err) => {
+                            optional.unavailable(&err);
+                            return false;
+                        }
+                    }
                 }
-                Err(err) => {
-                    optional.unavailable(&err);
-                    false
-                }
+                links.extend(all);
+                true
             };
-        self.features.lock_contention = attach_all(
+        if attach_all(
             &LOCK_CONTENTION,
             vec![
-                progs.contention_begin.attach(),
-                progs.contention_end.attach(),
+                ("contention_begin", progs.contention_begin.attach()),
+                ("contention_end", progs.contention_end.attach()),
             ],
-        );
+        ) {
+            features |= bits::FEATURE_LOCK_CONTENTION.0;
+        }
         // The waker of a futex wait: without it the wait is still named.
-        let wakeup = match self.features.hook {
+        let wakeup = match hook {
             Hook::TpBtf => &progs.sched_waking_btf,
             Hook::RawTp => &progs.sched_waking_raw,
         };
-        attach_all(&WAKEUPS, vec![wakeup.attach()]);
-        self.features.mmap_lock_holds = attach_all(
+        if attach_all(&WAKEUPS, vec![("sched_waking", wakeup.attach())]) {
+            features |= bits::FEATURE_WAKING.0;
+        }
+        if attach_all(
             &MMAP_LOCK,
             vec![
-                progs.mmap_lock_acquired.attach(),
-                progs.mmap_lock_released.attach(),
+                ("mmap_lock_acquired", progs.mmap_lock_acquired.attach()),
+                ("mmap_lock_released", progs.mmap_lock_released.attach()),
             ],
-        );
-        let wanted = self
-            .skel
-            .maps
-            .rodata_data
-            .as_ref()
-            .is_some_and(|rodata| rodata.tunables.min_address_change > 0);
-        self.features.address_changes = wanted && self.features.mmap_lock_holds;
+        ) {
+            features |= bits::FEATURE_MMAP_LOCK.0;
+        }
         // The raw_tp switch hook takes every stack at switch-out anyway.
-        if self.features.hook == Hook::TpBtf {
-            self.features.stacks_on_return = attach_all(&RSEQ, vec![progs.rseq_update.attach()]);
+        if hook == Hook::TpBtf
+            && attach_all(&RSEQ, vec![("rseq_update", progs.rseq_update.attach())])
+        {
+            features |= bits::FEATURE_RSEQ.0;
         }
-        self._links = links;
-        if self.features.stacks_on_return {
-            self.bss().stacks_on_return = 1;
-        }
+        self.links = links;
+        self.bss.set_attached(features);
         Ok(())
-    }
-
-    fn bss(&mut self) -> &mut types::bss {
-        self.skel
-            .maps
-            .bss_data
-            .as_deref_mut()
-            .expect("offcpu.bpf.c declares .bss globals")
     }
 
     /// Which sched_switch hook this kernel takes, learned once per process
     /// by a trial load: `tp_btf`, else `raw_tp`.
-    fn supported_hook(filters: &Filters, pidns: Option<(u64, u64)>) -> Hook {
+    fn supported_hook(pidns: Option<(u64, u64)>) -> Hook {
         static HOOK: OnceLock<Hook> = OnceLock::new();
         *HOOK.get_or_init(|| {
             let mut trial = MaybeUninit::uninit();
-            let loaded = Self::open_tuned_raw(&mut trial, filters, pidns, Hook::TpBtf)
+            let loaded = Self::open_tuned_raw(&mut trial, 1, pidns, Hook::TpBtf)
                 .and_then(|open| open.load())
                 .is_ok();
             if loaded {
@@ -534,18 +821,18 @@ impl<'obj> Probe<'obj> {
 
     fn open_tuned<'a>(
         storage: &'a mut MaybeUninit<OpenObject>,
-        filters: &Filters,
+        instance: u64,
         pidns: Option<(u64, u64)>,
         hook: Hook,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, CaptureError> {
-        Self::open_tuned_raw(storage, filters, pidns, hook).map_err(|err| CaptureError::Load {
+        Self::open_tuned_raw(storage, instance, pidns, hook).map_err(|err| CaptureError::Load {
             detail: err.to_string(),
         })
     }
 
     fn open_tuned_raw<'a>(
         storage: &'a mut MaybeUninit<OpenObject>,
-        filters: &Filters,
+        instance: u64,
         pidns: Option<(u64, u64)>,
         hook: Hook,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, libbpf_rs::Error> {
@@ -554,22 +841,10 @@ impl<'obj> Probe<'obj> {
             .maps
             .rodata_data
             .as_deref_mut()
-            .expect("offcpu.bpf.c declares const volatile tunables");
-        let (pidns_dev, pidns_ino) = pidns.unwrap_or((0, 0));
-        rodata.tunables = types::tunables {
-            min_block_ns: filters.min_block_ns,
-            max_block_ns: filters.max_block_ns.unwrap_or(u64::MAX),
-            cgroup_id: filters.cgroup_id.unwrap_or(0),
-            min_address_change: filters.min_address_change.unwrap_or(0),
-            pidns_dev,
-            pidns_ino,
-            unwind_threshold_ns: filters.unwind_threshold_ns.unwrap_or(u64::MAX),
-            tid: filters.tid.unwrap_or(0),
-            state_mask: filters
-                .states
-                .iter()
-                .map(|state| state_bit(*state))
-                .fold(0, |a, b| a | b),
+            .expect("offcpu.bpf.c declares const volatile globals");
+        rodata.instance = types::instance {
+            id: instance,
+            pidns_ino: pidns.map_or(0, |(_, ino)| ino),
         };
         open.progs
             .sched_switch_btf
@@ -580,84 +855,265 @@ impl<'obj> Probe<'obj> {
         Ok(open)
     }
 
-    /// Watches a process (by its tgid in our namespace). Its host tgid is
-    /// learned, and its bit in `target_bits` set, by the next survey.
-    pub fn add_target(&self, tgid: u32) -> Result<(), CaptureError> {
-        // host_tgid 0: not seen yet.
-        let unseen = [0u8; size_of::<types::target>()];
+    /// Watches a process (by its tgid in our namespace) with `filters`.
+    /// The survey makes it a target, learns its host tgid and sets its bit
+    /// in `target_bits`; a process another instance on the node watches
+    /// already is refused.
+    pub fn add_target(&mut self, tgid: u32, filters: &Filters) -> Result<(), CaptureError> {
+        if self.targets.contains_key(&tgid) {
+            return Ok(());
+        }
+        let key = self.wanted_key(tgid);
+        let want = types::wanted {
+            config: filters.config(),
+            ..Default::default()
+        };
         self.skel
             .maps
-            .targets
-            .update(&tgid.to_ne_bytes(), &unseen, MapFlags::NO_EXIST)
-            .or_else(|err| match err.kind() {
-                libbpf_rs::ErrorKind::AlreadyExists => Ok(()),
-                _ => Err(err),
-            })
-            .map_err(|source| CaptureError::Map {
-                map: "targets",
-                source,
-            })
+            .wanted
+            .update(pod_bytes(&key), pod_bytes(&want), MapFlags::ANY)
+            .map_err(map_error("wanted"))?;
+        self.targets.insert(tgid, None);
+        if filters.min_address_change.is_some() {
+            self.features.address_changes = true;
+        }
+        self.survey()?;
+        self.learn_targets()
     }
 
-    /// Stops watching a process, and lets go of the entries of its threads.
-    pub fn remove_target(&mut self, tgid: u32) -> Result<(), CaptureError> {
-        let map_error = |source| CaptureError::Map {
-            map: "targets",
-            source,
-        };
-        let key = tgid.to_ne_bytes();
-        let Some(value) = self
-            .skel
-            .maps
+    fn wanted_key(&self, tgid: u32) -> types::wanted_key {
+        types::wanted_key {
+            owner: self.instance,
+            ns_tgid: tgid,
+            ..Default::default()
+        }
+    }
+
+    /// Reads back what the survey made of the processes we asked for.
+    fn learn_targets(&mut self) -> Result<(), CaptureError> {
+        use types::wanted_status as status;
+        let pending: Vec<u32> = self
             .targets
-            .lookup(&key, MapFlags::ANY)
-            .map_err(map_error)?
-        else {
-            return Ok(());
-        };
-        let host_tgid = from_bytes::<types::target>(&value)?.host_tgid;
-        if host_tgid != 0 {
-            self.clear_target_bit(host_tgid);
-        }
-        match self.skel.maps.targets.delete(&key) {
-            Ok(()) => {}
-            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => {}
-            Err(source) => return Err(map_error(source)),
-        }
-        let threads = &self.skel.maps.threads;
-        for (host_tid, value) in threads
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "threads",
-                source,
-            })?
-        {
-            if from_bytes::<types::thread>(&value)?.key.tgid == tgid {
-                // Gone already if the thread exited meanwhile.
-                let _ = threads.delete(&host_tid);
+            .iter()
+            .filter(|(_, host)| host.is_none())
+            .map(|(&tgid, _)| tgid)
+            .collect();
+        for tgid in pending {
+            let key = self.wanted_key(tgid);
+            let Some(bytes) = self
+                .skel
+                .maps
+                .wanted
+                .lookup(pod_bytes(&key), MapFlags::ANY)
+                .map_err(map_error("wanted"))?
+            else {
+                continue;
+            };
+            let want: types::wanted = from_bytes(&bytes)?;
+            match status(want.status) {
+                status::WANTED_WATCHED => {
+                    self.targets.insert(tgid, Some(want.host_tgid));
+                }
+                status::WANTED_ELSEWHERE => {
+                    self.targets.remove(&tgid);
+                    deleted(self.skel.maps.wanted.delete(pod_bytes(&key)), "wanted")?;
+                    return Err(CaptureError::WatchedElsewhere(tgid));
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 
-    /// Clears a host tgid's bit. The survey sets bits concurrently (in the
-    /// kernel, atomically), so the word is changed atomically here too.
-    fn clear_target_bit(&mut self, host_tgid: u32) {
-        let word = (host_tgid >> 6) as usize;
-        let bits = &mut self.bss().target_bits;
-        if let Some(slot) = bits.get_mut(word) {
-            // SAFETY: the slot is an aligned u64 of the mapped .bss, which
-            // lives as long as the skeleton; the kernel only ever changes it
-            // with atomic operations.
-            let atomic = unsafe { AtomicU64::from_ptr(slot as *mut u64) };
-            atomic.fetch_and(!(1u64 << (host_tgid & 63)), Ordering::SeqCst);
+    /// Host tgids whose kernel entries are ours to read.
+    fn owned(&self) -> HashSet<u32> {
+        self.targets
+            .values()
+            .flatten()
+            .copied()
+            .chain(self.retired.iter().copied())
+            .collect()
+    }
+
+    /// Stops watching a process and lets go of its threads' entries; its
+    /// last totals are read at the next drain.
+    pub fn remove_target(&mut self, tgid: u32) -> Result<(), CaptureError> {
+        let Some(host) = self.targets.remove(&tgid) else {
+            return Ok(());
+        };
+        let key = self.wanted_key(tgid);
+        deleted(self.skel.maps.wanted.delete(pod_bytes(&key)), "wanted")?;
+        if let Some(host_tgid) = host {
+            self.unwatch(host_tgid)?;
+            self.retired.push(host_tgid);
         }
+        Ok(())
+    }
+
+    /// Takes a host tgid out of the kernel side: its bit, its target entry
+    /// and its threads' entries (totals, records and stacks stay for the
+    /// owner to read, or for [`Probe::forget_process`]).
+    fn unwatch(&mut self, host_tgid: u32) -> Result<(), CaptureError> {
+        self.bss.clear_target_bit(host_tgid);
+        deleted(
+            self.skel.maps.targets.delete(&host_tgid.to_ne_bytes()),
+            "targets",
+        )?;
+        let threads = &self.skel.maps.threads;
+        for (host_tid, value) in threads
+            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(map_error("threads"))?
+        {
+            if from_bytes::<types::thread>(&value)?.key.host_tgid == host_tgid {
+                // Gone already if the thread exited meanwhile.
+                let _ = threads.delete(&host_tid);
+                let _ = self.skel.maps.calls_in_progress.delete(&host_tid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears everything a gone instance's processes left behind.
+    fn forget_processes(&mut self, host_tgids: &HashSet<u32>) -> Result<(), CaptureError> {
+        for &host_tgid in host_tgids {
+            self.unwatch(host_tgid)?;
+        }
+        let maps = &self.skel.maps;
+        for (key, _) in maps
+            .blocked
+            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(map_error("blocked"))?
+        {
+            if host_tgids.contains(&from_bytes::<types::block_key>(&key)?.host_tgid) {
+                deleted(maps.blocked.delete(&key), "blocked")?;
+            }
+        }
+        for (key, value) in maps
+            .stacks
+            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(map_error("stacks"))?
+        {
+            if host_tgids.contains(&from_bytes::<types::stack>(&value)?.host_tgid) {
+                deleted(maps.stacks.delete(&key), "stacks")?;
+            }
+        }
+        for (key, value) in maps
+            .lock_holds
+            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(map_error("lock_holds"))?
+        {
+            if host_tgids.contains(&from_bytes::<types::lock_hold>(&value)?.host_tgid) {
+                deleted(maps.lock_holds.delete(&key), "lock_holds")?;
+            }
+        }
+        for (key, value) in maps
+            .address_changes
+            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .map_err(map_error("address_changes"))?
+        {
+            if host_tgids.contains(&from_bytes::<types::address_change>(&value)?.host_tgid) {
+                deleted(maps.address_changes.delete(&key), "address_changes")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears up after the node's instances that are gone: their targets
+    /// leave the maps, and if none of the live ones captures, the programs
+    /// are detached. Liveness is the kernel's (see [`shared`]).
+    fn reap(&mut self, node: &Node) -> Result<(), CaptureError> {
+        let shared_error = |err: std::io::Error| CaptureError::Shared(err.to_string());
+        let peers = node.peers(self.membership.as_ref()).map_err(shared_error)?;
+        let gone: HashSet<u64> = peers
+            .iter()
+            .filter(|peer| !peer.alive)
+            .map(|peer| peer.id)
+            .collect();
+        if !gone.is_empty() {
+            let mut orphans = HashSet::new();
+            for (host_tgid, value) in self
+                .skel
+                .maps
+                .targets
+                .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .map_err(map_error("targets"))?
+            {
+                if gone.contains(&from_bytes::<types::target>(&value)?.owner) {
+                    orphans.insert(u32_key(&host_tgid)?);
+                }
+            }
+            for (key, _) in self
+                .skel
+                .maps
+                .wanted
+                .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .map_err(map_error("wanted"))?
+            {
+                if gone.contains(&from_bytes::<types::wanted_key>(&key)?.owner) {
+                    deleted(self.skel.maps.wanted.delete(&key), "wanted")?;
+                }
+            }
+            self.forget_processes(&orphans)?;
+            for id in &gone {
+                node.forget(*id).map_err(shared_error)?;
+            }
+            tracing::warn!(
+                instances = gone.len(),
+                processes = orphans.len(),
+                "freezeframe instances on this node ended without leaving the shared probe; \
+                 their targets are removed"
+            );
+        }
+        let anyone_attached = self.attached || peers.iter().any(|peer| peer.alive && peer.attached);
+        if !anyone_attached {
+            node.unpin_links().map_err(shared_error)?;
+            self.bss.set_attached(0);
+        }
+        Ok(())
+    }
+
+    /// Looks after the node's probe: clears up after instances that are
+    /// gone. Run now and then by every instance that shares it.
+    pub fn tend(&mut self) -> Result<(), CaptureError> {
+        if let Some(node) = self.lock_node()? {
+            self.reap(&node)?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the node's probe: our targets go, and the last instance out
+    /// (or the last one capturing) takes the pins with it.
+    fn leave(&mut self) -> Result<(), CaptureError> {
+        // A private probe's maps go with it.
+        if !self.is_shared() {
+            return Ok(());
+        }
+        let tgids: Vec<u32> = self.targets.keys().copied().collect();
+        for tgid in tgids {
+            self.remove_target(tgid)?;
+        }
+        let retired: HashSet<u32> = std::mem::take(&mut self.retired).into_iter().collect();
+        self.forget_processes(&retired)?;
+        let Some(node) = self.lock_node()? else {
+            return Ok(());
+        };
+        self.attached = false;
+        let shared_error = |err: std::io::Error| CaptureError::Shared(err.to_string());
+        self.reap(&node)?;
+        if let Some(me) = self.membership.take() {
+            node.forget(self.instance).map_err(shared_error)?;
+            drop(me);
+        }
+        if node.peers(None).map_err(shared_error)?.is_empty() {
+            node.remove_all().map_err(shared_error)?;
+        }
+        Ok(())
     }
 
     /// Runs the survey once (see `survey` in offcpu.bpf.c): new targets get
     /// their bits, threads already off the CPU are entered as blocks that
     /// start now, and blocks in progress get their stacks and registers.
-    pub fn survey(&self) -> Result<(), CaptureError> {
+    pub fn survey(&mut self) -> Result<(), CaptureError> {
         let link = self
             .skel
             .progs
@@ -674,26 +1130,26 @@ impl<'obj> Probe<'obj> {
         // The program writes nothing; reading to the end is what runs it.
         let mut sink = Vec::new();
         iter.read_to_end(&mut sink).map_err(CaptureError::Iterate)?;
-        Ok(())
+        drop(iter);
+        drop(link);
+        self.learn_targets()
     }
 
     /// Blocks still in progress, and ended ones still owed their user
-    /// stack, by host tid.
+    /// stack, by host tid: ours only.
     pub fn in_flight(&self) -> Result<Vec<InFlight>, CaptureError> {
+        let owned = self.owned();
         let entries = self
             .skel
             .maps
             .threads
             .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "threads",
-                source,
-            })?;
+            .map_err(map_error("threads"))?;
         let mut blocks = Vec::new();
         for (key, value) in entries {
             let host_tid = u32_key(&key)?;
             let thread: types::thread = from_bytes(&value)?;
-            if thread.start_ns == 0 {
+            if thread.start_ns == 0 || !owned.contains(&thread.key.host_tgid) {
                 continue;
             }
             let key = key_from_kernel(&thread.key);
@@ -709,15 +1165,49 @@ impl<'obj> Probe<'obj> {
                         fp: thread.user_fp,
                     },
                     entry: if thread.flags & types::thread_flags::THREAD_USER_FAULT.0 != 0 {
-                        Entry::Fault
+                        unwind::Entry::Fault
                     } else {
-                        Entry::SystemCall
+                        unwind::Entry::SystemCall
                     },
                 }),
                 key,
             });
         }
         Ok(blocks)
+    }
+
+    /// Takes the entries of `map` that `owner_of` says are ours out of the
+    /// kernel, each atomically (another instance's stay for it to read).
+    /// A private probe owns everything and takes it in batches.
+    fn take_owned(
+        &self,
+        table: &libbpf_rs::MapMut<'obj>,
+        map: &'static str,
+        owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
+    ) -> Result<Vec<Entry>, CaptureError> {
+        let owned = self.owned();
+        let taken = if self.is_shared() {
+            let mut taken = Vec::new();
+            for (key, value) in table
+                .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .map_err(map_error(map))?
+            {
+                if !owned.contains(&owner_of(&key, &value)?) {
+                    continue;
+                }
+                // Read again as it is taken: it may have grown since.
+                if let Some(value) = table.lookup_and_delete(&key).map_err(map_error(map))? {
+                    taken.push((key, value));
+                }
+            }
+            taken
+        } else {
+            table
+                .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .map_err(map_error(map))?
+                .collect()
+        };
+        Ok(taken)
     }
 
     /// The start (`bpf_ktime_get_ns`) of the block a thread is in now, by
@@ -729,10 +1219,7 @@ impl<'obj> Probe<'obj> {
             .maps
             .threads
             .lookup(&host_tid.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "threads",
-                source,
-            })?;
+            .map_err(map_error("threads"))?;
         let Some(value) = value else {
             return Ok(None);
         };
@@ -740,15 +1227,25 @@ impl<'obj> Probe<'obj> {
         Ok((thread.start_ns != 0 && thread.owed_ns == 0).then_some(thread.start_ns))
     }
 
-    /// Takes every finished-block total out of the kernel.
-    pub fn drain_blocked(&self) -> Result<Vec<RawTotal>, CaptureError> {
-        let map = &self.skel.maps.blocked;
-        let entries = map
-            .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "blocked",
-                source,
+    /// Takes our user stack copies out of the kernel: their memory there
+    /// is free again for the next ones.
+    pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
+        let entries =
+            self.take_owned(&self.skel.maps.stack_copies, "stack_copies", |_, value| {
+                Ok(from_bytes::<types::stack_copy>(value)?.host_tgid)
             })?;
+        entries
+            .iter()
+            .map(|(_, value)| stack_copy_from_bytes(value))
+            .collect()
+    }
+
+    /// Takes our finished-block totals out of the kernel. Retired targets'
+    /// last totals are taken too, and then they are forgotten.
+    pub fn drain_blocked(&self) -> Result<Vec<RawTotal>, CaptureError> {
+        let entries = self.take_owned(&self.skel.maps.blocked, "blocked", |key, _| {
+            Ok(from_bytes::<types::block_key>(key)?.host_tgid)
+        })?;
         let mut totals = Vec::new();
         for (key, value) in entries {
             let key: types::block_key = from_bytes(&key)?;
@@ -763,18 +1260,17 @@ impl<'obj> Probe<'obj> {
         Ok(totals)
     }
 
-    /// Takes every finished mmap_lock hold out of the kernel.
+    /// Forgets retired targets once everything of theirs has been read.
+    pub fn end_cut(&mut self) {
+        self.retired.clear();
+    }
+
+    /// Takes our finished mmap_lock holds out of the kernel.
     pub fn drain_lock_holds(&self) -> Result<Vec<RawHold>, CaptureError> {
         use types::hold_flags as flags;
-        let entries = self
-            .skel
-            .maps
-            .lock_holds
-            .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "lock_holds",
-                source,
-            })?;
+        let entries = self.take_owned(&self.skel.maps.lock_holds, "lock_holds", |_, value| {
+            Ok(from_bytes::<types::lock_hold>(value)?.host_tgid)
+        })?;
         let mut holds = Vec::new();
         for (_, value) in entries {
             let hold: types::lock_hold = from_bytes(&value)?;
@@ -794,18 +1290,14 @@ impl<'obj> Probe<'obj> {
         Ok(holds)
     }
 
-    /// Takes every finished large address-space call out of the kernel.
+    /// Takes our finished large address-space calls out of the kernel.
     pub fn drain_address_changes(&self) -> Result<Vec<RawAddressChange>, CaptureError> {
         use types::address_call as calls;
-        let entries = self
-            .skel
-            .maps
-            .address_changes
-            .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "address_changes",
-                source,
-            })?;
+        let entries = self.take_owned(
+            &self.skel.maps.address_changes,
+            "address_changes",
+            |_, value| Ok(from_bytes::<types::address_change>(value)?.host_tgid),
+        )?;
         let mut changes = Vec::new();
         for (_, value) in entries {
             let change: types::address_change = from_bytes(&value)?;
@@ -833,20 +1325,6 @@ impl<'obj> Probe<'obj> {
             });
         }
         Ok(changes)
-    }
-
-    /// Takes every user stack copy out of the kernel: their memory there is
-    /// free again for the next ones.
-    pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
-        self.copies.consume().map_err(|source| CaptureError::Map {
-            map: "stack_copies",
-            source,
-        })?;
-        let records = std::mem::take(&mut *self.copied.borrow_mut());
-        records
-            .iter()
-            .map(|record| stack_copy_from_record(record))
-            .collect()
     }
 
     /// A stack's frames, innermost first; empty if it is no longer kept.
@@ -935,42 +1413,6 @@ mod tests {
     }
 
     #[test]
-    fn a_stack_copy_record_is_its_header_then_its_bytes() {
-        let header = types::stack_copy {
-            id: 3 << 24 | 4,
-            ip: 0x40_1000,
-            sp: 0x7ffd_0000,
-            fp: 0x1,
-            tgid: 42,
-            size: 16,
-            flags: types::stack_copy_flags::STACK_COPY_FAULT.0,
-            _pad: 0,
-        };
-        // SAFETY: a plain repr(C) struct of integers, read as its bytes.
-        let mut record = unsafe {
-            std::slice::from_raw_parts(
-                (&header as *const types::stack_copy).cast::<u8>(),
-                size_of::<types::stack_copy>(),
-            )
-        }
-        .to_vec();
-        record.extend(0u8..16);
-        let copy = stack_copy_from_record(&record).unwrap();
-        assert_eq!(
-            (copy.id, copy.tgid, copy.regs.sp),
-            (3 << 24 | 4, 42, 0x7ffd_0000)
-        );
-        assert_eq!(copy.entry, Entry::Fault);
-        assert_eq!(copy.bytes, (0u8..16).collect::<Vec<_>>());
-        // A record shorter than its header says is refused, not read past.
-        let cut = &record[..record.len() - 1];
-        assert!(matches!(
-            stack_copy_from_record(cut),
-            Err(CaptureError::MapLayout { .. })
-        ));
-    }
-
-    #[test]
     fn short_map_values_are_an_error_not_a_panic() {
         let err = from_bytes::<types::block_total>(&[0u8; 3]).unwrap_err();
         assert!(matches!(
@@ -1003,11 +1445,11 @@ mod tests {
                 min_address_change: None,
                 unwind_threshold_ns: None,
             };
-            let probe = Probe::load(storage, &filters)
+            // A private probe: the tests read what their own programs wrote.
+            let mut probe = Probe::load(storage, None)
                 .expect("these tests load BPF programs: run them as root");
-            probe.add_target(std::process::id()).unwrap();
-            // The survey sets the process's bit, which every program tests first.
-            probe.survey().unwrap();
+            // Its survey sets the process's bit, which every program tests first.
+            probe.add_target(std::process::id(), &filters).unwrap();
             probe
         }
 

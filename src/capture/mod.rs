@@ -30,23 +30,40 @@
 //! ([`BlockKey::settled_identity`]); a later stage that unwinds user stacks
 //! without frame pointers plugs in where the saved registers are walked.
 //!
-//! Every kernel-side structure is per thread and owned by this tracer: the
-//! thread map is read, the totals are drained, and stacks are freed only
-//! when no block in progress refers to them. A probe shared between
-//! several tracers needs one owner per target's entries for the same
-//! reasons.
+//! ## One probe per node, one owner per target
+//!
+//! Every program runs for every process on the node, so the freezeframes
+//! of a node share one probe ([`shared`]): the first pins its maps under
+//! bpffs, at a path named after the BPF object's version, and the others
+//! reuse them. Settings travel with each target (`struct target_config`),
+//! not with the programs, and so does the pid namespace its ids are
+//! reported in.
+//!
+//! Every kernel entry has exactly one owner, the instance that watches its
+//! process, and only the owner reads or frees it: a block's total and
+//! records carry their process's host tgid, and a stack's key hashes the
+//! process with its frames, so no two processes share a stack. An instance
+//! takes its own totals out entry by entry, each atomically, and frees its
+//! stacks when no block of its own still refers to them. The alternative,
+//! one reader fanning data out to the others, would make every instance
+//! depend on that one staying alive and keeping up.
+//!
+//! A private probe is the same with a single owner; it is what runs where
+//! bpffs is not there to share.
 
 mod bpf;
 mod calls;
 mod copies;
 mod ledger;
 pub mod recorder;
+mod shared;
 mod threads;
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use bpf::{Features, Hook};
 use libbpf_rs::OpenObject;
@@ -87,6 +104,13 @@ pub enum CaptureError {
     Clock(std::io::Error),
     #[error("cannot start the stack walker thread: {0}")]
     Walker(std::io::Error),
+    #[error("the node's shared BPF probe: {0}")]
+    Shared(String),
+    #[error(
+        "process {0} is watched already by another freezeframe on this node, which shares its \
+         probe; one process has one watcher"
+    )]
+    WatchedElsewhere(u32),
 }
 
 /// What to capture. Pids are as seen from freezeframe's own pid namespace.
@@ -110,6 +134,18 @@ pub struct CaptureConfig {
     /// without frame pointers; shorter ones, or all with `None`, get a
     /// frame-pointer walk.
     pub unwind_threshold: Option<Duration>,
+    /// The bpffs directory where the node's freezeframes share one probe;
+    /// `None`, or a directory that is not on bpffs, runs a private one.
+    pub shared_probe_dir: Option<PathBuf>,
+}
+
+/// Where the node's shared probe is pinned unless configured otherwise.
+pub const DEFAULT_SHARED_PROBE_DIR: &str = "/sys/fs/bpf/freezeframe";
+
+/// Whether a configured shared-probe directory asks for sharing at all:
+/// `off` (or nothing) asks for a private probe.
+pub fn shares_probe(dir: &std::path::Path) -> bool {
+    !dir.as_os_str().is_empty() && dir != std::path::Path::new("off")
 }
 
 /// The default for [`CaptureConfig::min_address_change`]: far above any
@@ -136,6 +172,7 @@ impl Default for CaptureConfig {
             states: ThreadState::ALL.to_vec(),
             min_address_change: Some(DEFAULT_MIN_ADDRESS_CHANGE),
             unwind_threshold: Some(DEFAULT_UNWIND_THRESHOLD),
+            shared_probe_dir: Some(PathBuf::from(DEFAULT_SHARED_PROBE_DIR)),
         }
     }
 }
@@ -471,6 +508,10 @@ pub struct Window {
 pub struct Tracer<'obj> {
     probe: bpf::Probe<'obj>,
     ledger: Ledger,
+    /// What every target of this tracer is watched with.
+    filters: bpf::Filters,
+    /// When the node's shared probe was last cleared of gone instances.
+    tended: Instant,
     threads: threads::Threads,
     window_start_ns: u64,
     window_start_wall: SystemTime,
@@ -485,6 +526,10 @@ pub struct Tracer<'obj> {
     /// The kernel's drop counters at the last cut.
     drops_so_far: DropCounts,
 }
+
+/// How often a tracer on the node's shared probe looks for instances that
+/// ended without leaving it.
+const TEND_EVERY: Duration = Duration::from_secs(2);
 
 /// `CLOCK_MONOTONIC`, the clock bpf_ktime_get_ns() reads.
 pub fn monotonic_ns() -> Result<u64, CaptureError> {
@@ -530,8 +575,13 @@ impl<'obj> Loaded<'obj> {
         config: &CaptureConfig,
     ) -> Result<Self, CaptureError> {
         let filters = config.filters();
-        let probe = bpf::Probe::load(storage, &filters)?;
+        let probe = bpf::Probe::load(storage, config.shared_probe_dir.as_deref())?;
         Ok(Loaded { probe, filters })
+    }
+
+    /// Whether this probe is the node's shared one (else it is private).
+    pub fn is_shared(&self) -> bool {
+        self.probe.is_shared()
     }
 
     /// Attaches for `targets`, then finds the target threads that are
@@ -542,7 +592,7 @@ impl<'obj> Loaded<'obj> {
             if !threads::process_exists(pid) {
                 return Err(CaptureError::NoSuchProcess(pid));
             }
-            probe.add_target(pid)?;
+            probe.add_target(pid, &filters)?;
         }
         probe.attach()?;
         let window_start_ns = monotonic_ns()?;
@@ -551,6 +601,8 @@ impl<'obj> Loaded<'obj> {
         Ok(Tracer {
             probe,
             ledger: Ledger::new(filters.min_block_ns, filters.max_block_ns),
+            filters,
+            tended: Instant::now(),
             threads: threads::Threads::default(),
             window_start_ns,
             window_start_wall,
@@ -575,6 +627,11 @@ impl<'obj> Tracer<'obj> {
         Loaded::load(storage, config)?.attach(targets)
     }
 
+    /// Whether this probe is the node's shared one (else it is private).
+    pub fn is_shared(&self) -> bool {
+        self.probe.is_shared()
+    }
+
     /// What the kernel let the probe use.
     pub fn features(&self) -> Features {
         self.probe.features
@@ -582,12 +639,11 @@ impl<'obj> Tracer<'obj> {
 
     /// Starts watching another process without reloading; its threads
     /// that are already blocked count from now on.
-    pub fn add_target(&self, pid: u32) -> Result<(), CaptureError> {
+    pub fn add_target(&mut self, pid: u32) -> Result<(), CaptureError> {
         if !threads::process_exists(pid) {
             return Err(CaptureError::NoSuchProcess(pid));
         }
-        self.probe.add_target(pid)?;
-        self.probe.survey()
+        self.probe.add_target(pid, &self.filters)
     }
 
     pub fn remove_target(&mut self, pid: u32) -> Result<(), CaptureError> {
@@ -693,6 +749,11 @@ impl<'obj> Tracer<'obj> {
         }
         lock_holds.sort_by_key(|hold| hold.start);
         address_changes.sort_by_key(|change| change.start);
+        self.probe.end_cut();
+        if self.tended.elapsed() >= TEND_EVERY {
+            self.probe.tend()?;
+            self.tended = Instant::now();
+        }
         // Only now that every stack of this window is read may slots be freed.
         self.reclaim_stacks(&in_flight)?;
         let flying: std::collections::HashSet<(u32, u64)> = in_flight

@@ -352,6 +352,11 @@ fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<()
                     return;
                 }
             };
+            tracing::info!(
+                shared = tracer.is_shared(),
+                features = %tracer.features(),
+                "off-CPU probe attached"
+            );
             let _ = ready.send(Ok(()));
             Session::new(tracer, &config, Vec::new()).run(&inbox, false);
         }
@@ -363,6 +368,10 @@ fn run(config: RecorderConfig, inbox: Receiver<Command>, ready: Sender<Result<()
                 let mut storage = ProbeStorage::uninit();
                 let loaded = match (ready.take(), Loaded::load(&mut storage, &config.capture)) {
                     (Some(ready), Ok(loaded)) => {
+                        tracing::info!(
+                            shared = loaded.is_shared(),
+                            "off-CPU probe loaded, to be attached when a rule fires"
+                        );
                         let _ = ready.send(Ok(()));
                         Ok(loaded)
                     }

@@ -64,10 +64,13 @@ def require_root():
 class Sidecar:
     """`freezeframe run` with a config written for the test. `export` adds
     lines to its [export] section, `forward` makes a [forward] section of
-    its lines; `env` adds environment variables. Another Sidecar on the
-    same `tmp_path` shares the export directory (and spool)."""
+    its lines; `env` adds environment variables; `binary` runs another
+    build. Another Sidecar on the same `tmp_path` shares the export
+    directory (and spool)."""
 
-    def __init__(self, tmp_path: Path, rules: str, mode: str = "armed", export: str = "", env=None, forward: str = ""):
+    def __init__(
+        self, tmp_path: Path, rules: str, mode: str = "armed", export: str = "", env=None, forward: str = "", binary=None
+    ):
         self.directory = tmp_path / "captures"
         runs = len(list(tmp_path.glob("freezeframe*.toml")))
         self.config = tmp_path / f"freezeframe{runs or ''}.toml"
@@ -96,7 +99,10 @@ directory = "{self.directory}"
         environment = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "FREEZEFRAME_"))}
         environment.update(env or {})
         self.proc = subprocess.Popen(
-            [str(BINARY), "run", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=environment
+            [str(binary or BINARY), "run", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=environment,
         )
         self.grpc, self.http, self.telemetry = self.wait_running()
 
@@ -251,8 +257,8 @@ class App:
 def sidecar_factory(tmp_path):
     started = []
 
-    def start(rules: str, mode: str = "armed", export: str = "", env=None, forward: str = "") -> Sidecar:
-        sidecar = Sidecar(tmp_path, rules, mode, export, env, forward)
+    def start(rules: str, mode: str = "armed", export: str = "", env=None, forward: str = "", binary=None) -> Sidecar:
+        sidecar = Sidecar(tmp_path, rules, mode, export, env, forward, binary)
         started.append(sidecar)
         return sidecar
 

@@ -511,6 +511,13 @@ def test_kubernetes_objects_fit_together(tmp_path):
     assert security["readOnlyRootFilesystem"] is True
     assert security["capabilities"]["drop"] == ["ALL"]
     assert "SYS_ADMIN" not in security["capabilities"]["add"]
+    # The shared probe: freezeframe's own bpffs directory, at the default
+    # shared_probe_dir, and nothing more of the node's bpffs.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert volumes["shared-probe"]["hostPath"] == {"path": "/sys/fs/bpf/freezeframe", "type": "DirectoryOrCreate"}
+    assert mounts["shared-probe"]["mountPath"] == "/sys/fs/bpf/freezeframe"
+    assert [v for v in pod["volumes"] if "hostPath" in v] == [volumes["shared-probe"]]
     assert sidecar["resources"]["requests"] and sidecar["resources"]["limits"]
     env = {e["name"]: e for e in sidecar["env"]}
     assert env["K8S_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
