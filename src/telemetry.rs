@@ -274,6 +274,7 @@ pub fn register_startup_series(labels: &StartupLabels) {
     drop(histogram!(CAPTURE_DURATION));
     drop(histogram!(CAPTURE_SAMPLES));
     counter!(CAPTURE_BLOCKED).absolute(0);
+    gauge!(UNWIND_TABLE_BYTES).set(0.0);
     for &map in labels.bpf_maps {
         counter!(BPF_DROPS, "map" => map).absolute(0);
     }

@@ -57,6 +57,7 @@ EXPECTED_TYPES = {
     "freezeframe_capture_start_timestamp_seconds": "gauge",
     "freezeframe_capture_blocked_seconds_total": "counter",
     "freezeframe_bpf_drops_total": "counter",
+    "freezeframe_unwind_table_bytes": "gauge",
     "freezeframe_symbolize_frames_total": "counter",
     "freezeframe_capture_linked_requests": "histogram",
     "freezeframe_export_total": "counter",
@@ -598,7 +599,9 @@ def test_the_pod_spec_capabilities_are_enough_and_each_one_counts(tmp_path):
         stacks = capture_folded(BINARY, target.pid, capabilities, tmp_path)
         assert "hrtimer_nanosleep" in stacks, f"kernel frames named: {stacks}"
         assert re.search(r";[_a-zA-Z]*clock_nanosleep;", stacks), f"libc frame named: {stacks}"
-        assert "[unknown]" not in stacks, stacks
+        # Below libc, the unwinder reaches Debian's sleep, which is stripped:
+        # its own frames stay [unknown] with every capability.
+        assert "[unknown]" not in stacks.replace("[unknown] sleep+", ""), stacks
 
         without_syslog = capture_folded(BINARY, target.pid, [c for c in capabilities if c != "SYSLOG"], tmp_path)
         assert "hrtimer_nanosleep" not in without_syslog and "[unknown] 0xffff" in without_syslog, without_syslog
