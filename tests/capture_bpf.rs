@@ -300,6 +300,17 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
                 .is_some_and(|root| ["start_thread", "clone3", "__clone3"].contains(root))
     };
 
+    // The thread's blocked time, and how much of it is under whole stacks.
+    let whole_share = |samples: &[&Sample]| {
+        let total: u64 = samples.iter().map(|sample| sample.value).sum();
+        let whole_ns: u64 = samples
+            .iter()
+            .filter(|sample| whole(sample))
+            .map(|sample| sample.value)
+            .sum();
+        (total, whole_ns)
+    };
+
     // 50 ms sleeps, most of them begun and ended between two cuts: each is
     // unwound from the copy the probe took as it ended.
     let unwound = dir.join("unwound.pb.gz");
@@ -311,12 +322,7 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
     );
     let profile = load(&unwound);
     let samples = samples_of(&profile, THREAD);
-    let total: u64 = samples.iter().map(|sample| sample.value).sum();
-    let whole_ns: u64 = samples
-        .iter()
-        .filter(|sample| whole(sample))
-        .map(|sample| sample.value)
-        .sum();
+    let (total, whole_ns) = whole_share(&samples);
     assert_close(THREAD, Duration::from_nanos(total), profile.duration, 0.10);
     // (The parts of blocks in progress at a cut are unwound from outside.)
     assert!(
@@ -342,12 +348,7 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
     capture(workload.pid, &["--unwind-threshold", "0s"], &walked, || {});
     let profile = load(&walked);
     let samples = samples_of(&profile, THREAD);
-    let total: u64 = samples.iter().map(|sample| sample.value).sum();
-    let whole_ns: u64 = samples
-        .iter()
-        .filter(|sample| whole(sample))
-        .map(|sample| sample.value)
-        .sum();
+    let (total, whole_ns) = whole_share(&samples);
     assert!(total > 0);
     assert!(
         whole_ns * 2 < total,
