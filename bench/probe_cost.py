@@ -20,7 +20,11 @@ stretch of work, and prints:
   5. K armed sidecars (0, 1, 4, 8) on the machine, each watching its own
      idle process, sharing one probe, and 8 with a private probe each: the
      storm and getppid() of a process none of them watches, interleaved,
-     medians, in wall clock and in BPF ns, and each sidecar's RSS and CPU.
+     medians, in wall clock and in BPF ns, and each sidecar's RSS and CPU;
+  6. what a user stack copy costs: a thread sleeps 2 ms at a time, deep
+     enough in its stack that every copy is a whole one, traced with
+     every block copied and with copies off: rseq_update's ns per run
+     with a copy, and with the frame-pointer walk it replaces.
 
 The statistics' own bookkeeping (two clock reads per run, about 20 ns) is
 part of every figure. Statistics are switched off again at the end.
@@ -58,7 +62,7 @@ def build_pingpong(out_dir: Path) -> Path:
 
 
 class PingPong:
-    """bench/pingpong.rs: `run N` round trips, or `calls N` getppid() calls."""
+    """bench/pingpong.rs: `run N` round trips, `calls N` getppid() calls, `sleeps N MS KIB`."""
 
     def __init__(self, binary: Path):
         self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -74,6 +78,9 @@ class PingPong:
 
     def calls(self, count: int) -> float:
         return self._ask(f"calls {count}")
+
+    def sleeps(self, count: int, ms: int, kib: int) -> float:
+        return self._ask(f"sleeps {count} {ms} {kib}")
 
     def stop(self):
         self.proc.kill()
@@ -160,8 +167,9 @@ class Tracer:
             self.proc.wait()
 
 
-def freezeframe_capture(binary: Path, pid: int):
-    return Tracer([str(binary), "capture", "--pid", str(pid), "--duration", "600s", "--min-block", "1ms"])
+def freezeframe_capture(binary: Path, pid: int, *extra: str):
+    return Tracer([str(binary), "capture", "--pid", str(pid), "--duration", "600s", "--min-block", "1ms",
+                   *extra])
 
 
 def offcputime(pid: int):
@@ -224,6 +232,29 @@ def kernel_side(binaries: dict, pingpong: Path, round_trips: int, calls: int):
             neighbour.stop()
         print_programs(f"{label}, neighbour storm", storm_programs, round_trips, "round trip")
         print_programs(f"{label}, neighbour getppid()", call_programs, calls, "call")
+
+
+def stack_copies(binaries: dict, pingpong: Path, sleeps: int, rounds: int):
+    print(f"BPF time per user stack copy: {sleeps} sleeps of 2 ms, 64 KiB down the stack, "
+          f"{rounds} rounds (medians)")
+    for label, binary in binaries.items():
+        per_run = {"copied": [], "walked": []}
+        for index in range(rounds):
+            modes = ["copied", "walked"] if index % 2 == 0 else ["walked", "copied"]
+            for mode in modes:
+                sleeper = PingPong(pingpong)
+                threshold = "1ms" if mode == "copied" else "0s"
+                tracer = freezeframe_capture(binary, sleeper.pid, "--unwind-threshold", threshold)
+                try:
+                    _, per_program = measured(tracer, lambda: sleeper.sleeps(sleeps, 2, 64))
+                finally:
+                    tracer.stop()
+                    sleeper.stop()
+                ns, runs = per_program.get("rseq_update", (0, 0))
+                per_run[mode].append(ns / runs if runs else float("nan"))
+        copied, walked = (statistics.median(per_run[mode]) for mode in ("copied", "walked"))
+        print(f"  {label}: rseq_update {copied:8.1f} ns/run copying the stack, "
+              f"{walked:8.1f} ns/run walking its 70 frame pointers instead")
 
 
 def interleaved(modes: list, rounds: int, measure) -> dict:
@@ -431,7 +462,9 @@ def main():
     parser.add_argument("--round-trips", type=int, default=200_000)
     parser.add_argument("--calls", type=int, default=5_000_000)
     parser.add_argument("--sidecar-seconds", type=int, default=10)
-    parser.add_argument("--skip", action="append", default=[], choices=["kernel", "wall", "sidecar", "node"],
+    parser.add_argument("--sleeps", type=int, default=2000, help="2 ms sleeps per stack-copy round")
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["kernel", "wall", "sidecar", "node", "copies"],
                         help="leave out a part (repeatable)")
     parser.add_argument("--sidecars", type=int, nargs="+", default=[0, 1, 4, 8],
                         help="sidecar counts for the node-scale part (0 must come first)")
@@ -453,6 +486,13 @@ def main():
         STATS.write_text("1")
         try:
             kernel_side(binaries, pingpong, args.round_trips, args.calls)
+        finally:
+            STATS.write_text(was)
+    if "copies" not in args.skip:
+        was = STATS.read_text().strip()
+        STATS.write_text("1")
+        try:
+            stack_copies(binaries, pingpong, args.sleeps, 5)
         finally:
             STATS.write_text(was)
     if "wall" not in args.skip:

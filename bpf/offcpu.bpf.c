@@ -17,10 +17,13 @@
  *   - the user stack on the thread's way back to user space
  *     (rseq:rseq_update, in its own context, before it runs a single user
  *     instruction), with bpf_get_stack(): the user registers and stack
- *     are still those of the blocking call. A thread that has not
+ *     are still those of the blocking call. A block that reached the
+ *     unwind threshold gets a copy of both instead (copy_user_stack), for
+ *     user space to unwind code without frame pointers. A thread that has not
  *     registered rseq (not glibc >= 2.35) or a kernel without the
  *     tracepoint gets its user stack at switch-out, as a switch-out walk
- *     would.
+ *     would: by frame pointers, since how long the block will last is not
+ *     known yet.
  * Blocks still in progress when user space looks are completed from
  * outside by the `survey` task iterator: the kernel stack of the sleeping
  * thread and the user registers it entered the kernel with, from which
@@ -169,6 +172,43 @@ struct {
 	__type(key, struct event_key);
 	__type(value, struct address_change);
 } address_changes SEC(".maps");
+
+/*
+ * User stack copies of finished blocks, by id, until their owner takes them
+ * at its next cut. Not preallocated: an entry's 16 KiB exist only while a
+ * copy waits, and the map's bound is the budget (256 copies, 4 MiB, between
+ * two cuts: over 1000 a second at the recorder's pace); a full map refuses a
+ * copy at once, counted. (A ring buffer would size records to the stack,
+ * but has one reader, and a shared probe has one owner per entry.)
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct stack_copy);
+} stack_copies SEC(".maps");
+
+/* Copies are read a page at a time, so that an unmapped page ends one. */
+#define STACK_COPY_CHUNK 4096
+
+/*
+ * Where a copy is put together before it goes into `stack_copies` whole,
+ * with room after it for a last page read at any offset the verifier cannot
+ * rule out, and this CPU's count of copies, which makes their ids unique.
+ */
+struct stack_copy_scratch {
+	struct stack_copy copy;
+	__u8 slack[STACK_COPY_CHUNK];
+	__u64 copies;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct stack_copy_scratch);
+} copy_scratch SEC(".maps");
 
 /* Scratch space for one kernel stack: too big for the BPF stack. */
 struct {
@@ -482,12 +522,76 @@ static __always_inline void add_block(struct block_key *key, __u64 blocked_ns, c
 	__sync_fetch_and_add(&total->count, 1);
 }
 
-/* The current thread's owed block, now that its user stack can be taken. */
+/*
+ * The current thread's user registers and the top of its user stack, into
+ * `stack_copies`, for user space to unwind without frame pointers: the
+ * thread has not run a user instruction since it blocked, so both are still
+ * those of the blocking call. Its key (STACK_COPY), or STACK_NONE when there
+ * is nothing to copy or no room for it.
+ */
+static __always_inline __u64 copy_user_stack(__u32 tgid, __u32 host_tgid)
+{
+	struct task_struct *me = bpf_get_current_task_btf();
+	struct stack_copy_scratch *copy;
+	struct pt_regs *regs;
+	__u32 zero = 0, size = 0;
+	__u64 sp, chunk;
+
+	if (!me->mm)
+		return STACK_NONE;	/* a kernel thread, or one exiting */
+	regs = (struct pt_regs *)bpf_task_pt_regs(me);
+	copy = bpf_map_lookup_elem(&copy_scratch, &zero);
+	if (!regs || !copy)
+		return STACK_NONE;
+	sp = PT_REGS_SP_CORE(regs);
+	/*
+	 * Up to the end of sp's page, then page by page: bpf_probe_read_user
+	 * fails on a range with any unmapped (or not present) byte in it, and
+	 * the stack may end anywhere below STACK_COPY_BYTES.
+	 */
+	chunk = STACK_COPY_CHUNK - (sp & (STACK_COPY_CHUNK - 1));
+	for (int page = 0; page <= STACK_COPY_BYTES / STACK_COPY_CHUNK; page++) {
+		if (chunk > STACK_COPY_CHUNK || size + chunk > STACK_COPY_BYTES)
+			break;
+		if (bpf_probe_read_user(&copy->copy.bytes[size & (STACK_COPY_BYTES - 1)], chunk,
+					(void *)(sp + size)))
+			break;
+		size += chunk;
+		chunk = STACK_COPY_CHUNK;
+	}
+	if (!size || size > STACK_COPY_BYTES)
+		return STACK_NONE;
+	copy->copies++;
+	copy->copy.id = copy->copies << 24 | (bpf_get_smp_processor_id() & 0xffff) << 8 |
+			STACK_COPY;
+	copy->copy.ip = PT_REGS_IP_CORE(regs);
+	copy->copy.sp = sp;
+	copy->copy.fp = PT_REGS_FP_CORE(regs);
+	copy->copy.tgid = tgid;
+	copy->copy.host_tgid = host_tgid;
+	copy->copy.size = size;
+	copy->copy.flags = (long)SYSCALL_NR(regs) < 0 ? STACK_COPY_FAULT : 0;
+	if (bpf_map_update_elem(&stack_copies, &copy->copy.id, &copy->copy, BPF_NOEXIST)) {
+		count_drop(DROP_STACK_COPY_FULL);
+		return STACK_NONE;
+	}
+	return copy->copy.id;
+}
+
+/*
+ * The current thread's owed block, now that its user stack can be taken:
+ * copied for a block that reached the unwind threshold, else walked by its
+ * frame pointers (as is one whose copy found no room).
+ */
 static __always_inline void settle_owed(void *ctx, struct thread *thread)
 {
 	char comm[COMM_LEN];
 
-	thread->key.user_stack = current_user_stack(ctx);
+	thread->key.user_stack = STACK_NONE;
+	if (thread->owed_ns >= thread->config.unwind_threshold_ns)
+		thread->key.user_stack = copy_user_stack(thread->key.tgid, thread->key.host_tgid);
+	if (thread->key.user_stack == STACK_NONE)
+		thread->key.user_stack = current_user_stack(ctx);
 	bpf_get_current_comm(comm, sizeof(comm));
 	add_block(&thread->key, thread->owed_ns, comm);
 	thread->owed_ns = 0;

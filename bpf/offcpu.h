@@ -30,6 +30,11 @@ struct target_config {
 	__u64 cgroup_id;		/* 0: any cgroup */
 	/* Address-space calls smaller than this are not recorded; 0: none are. */
 	__u64 min_address_change;
+	/*
+	 * A finished block at least this long gets a copy of its user stack
+	 * (see struct stack_copy) instead of a frame-pointer walk; ~0: none does.
+	 */
+	__u64 unwind_threshold_ns;
 	__u32 tid;			/* 0: every thread of the target */
 	__u32 state_mask;		/* bits of enum thread_state */
 };
@@ -85,7 +90,8 @@ enum drop_reason {
 	DROP_STACK_MAP_FULL = 4,	/* `stacks` full: a stack was lost */
 	DROP_LOCK_HOLD_MAP_FULL = 5,	/* `mmap_holds` or `lock_holds` full */
 	DROP_ADDRESS_CHANGE_MAP_FULL = 6, /* `calls_in_progress` or `address_changes` full */
-	DROP_REASON_COUNT = 7,
+	DROP_STACK_COPY_FULL = 7,	/* `stack_copies` full: a frame-pointer walk instead */
+	DROP_REASON_COUNT = 8,
 };
 
 /*
@@ -221,7 +227,8 @@ struct address_change {
 
 /*
  * Stack references that are not keys in `stacks` (which are odd: a key is a
- * hash of the frames with the low bit set).
+ * hash of the frames with the low bit set). Even references carry their
+ * kind in the low byte.
  */
 enum stack_special {
 	/* No stack was recorded (see the matching drop counter). */
@@ -231,6 +238,47 @@ enum stack_special {
 	 * registers: a block in progress, seen from outside by the survey.
 	 */
 	STACK_SAVED_REGS = 2,
+	/*
+	 * A user stack to be unwound from a copy in `stack_copies`; the
+	 * reference is the copy's `id`, this kind in its low byte.
+	 */
+	STACK_COPY = 4,
+	STACK_KIND_MASK = 0xff,
+};
+
+/*
+ * The most of a user stack copied for a block, from its sp up: deep enough
+ * for the frames of a typical blocking call chain (see the README on the
+ * unwind threshold for what it costs).
+ */
+#define STACK_COPY_BYTES (16 << 10)
+
+enum stack_copy_flags {
+	/*
+	 * The thread entered the kernel by an exception or interrupt (a page
+	 * fault, a preemption), not a system call: `ip` is the instruction it
+	 * stopped at, not a return address.
+	 */
+	STACK_COPY_FAULT = 1 << 0,
+};
+
+/*
+ * A value of `stack_copies`: a finished block's user registers and the top
+ * of its user stack, taken on the thread's way back to user space, before
+ * it runs a user instruction. `size` bytes of the stack from `sp` up; they
+ * stop at the first page that could not be read, so a copy holds only what
+ * the stack really held.
+ */
+struct stack_copy {
+	__u64 id;		/* the block's user_stack reference (STACK_COPY) */
+	__u64 ip;
+	__u64 sp;
+	__u64 fp;
+	__u32 tgid;		/* in its owner's pid namespace */
+	__u32 size;
+	__u32 flags;		/* enum stack_copy_flags */
+	__u32 host_tgid;	/* whose copy this is (see struct block_key) */
+	__u8 bytes[STACK_COPY_BYTES];
 };
 
 /* What finished blocks are summed under. */
@@ -345,6 +393,7 @@ struct enum_anchor {
 	enum address_call address_call;
 	enum address_change_flags address_change_flags;
 	enum thread_flags thread_flags;
+	enum stack_copy_flags stack_copy_flags;
 	enum probe_feature probe_feature;
 	enum wanted_status wanted_status;
 };

@@ -108,6 +108,10 @@ pub struct RunOverrides {
     /// Ignore shorter blocks ([recorder] min_block).
     #[arg(long = "recorder-min-block", env = "FREEZEFRAME_RECORDER_MIN_BLOCK", value_parser = parse_duration)]
     pub min_block: Option<Duration>,
+    /// Blocks at least this long get their user stack unwound without frame
+    /// pointers; 0s turns it off ([recorder] unwind_threshold).
+    #[arg(long = "recorder-unwind-threshold", env = "FREEZEFRAME_RECORDER_UNWIND_THRESHOLD", value_parser = parse_duration)]
+    pub unwind_threshold: Option<Duration>,
     /// The bpffs directory where the node's freezeframes share one probe;
     /// `off` for a private probe ([recorder] shared_probe_dir).
     #[arg(long = "shared-probe-dir", env = "FREEZEFRAME_SHARED_PROBE_DIR")]
@@ -320,6 +324,10 @@ pub struct CaptureArgs {
     /// Ignore blocks longer than this.
     #[arg(long, env = "FREEZEFRAME_MAX_BLOCK", value_parser = parse_duration)]
     pub max_block: Option<Duration>,
+    /// Blocks at least this long get their user stack copied and unwound
+    /// without frame pointers (shorter ones walk frame pointers); 0s turns it off.
+    #[arg(long, env = "FREEZEFRAME_UNWIND_THRESHOLD", default_value = "10ms", value_parser = parse_duration)]
+    pub unwind_threshold: Duration,
     /// Thread states to capture: S (sleeping), D (uninterruptible), R (preempted),
     /// other, or any; comma-separated.
     #[arg(long, env = "FREEZEFRAME_STATE", default_value = "any", value_parser = parse_states)]

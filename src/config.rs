@@ -95,6 +95,9 @@ pub struct Recorder {
     /// mmap/munmap/mremap/brk/madvise calls moving at least this many
     /// bytes are recorded; `None` (0 in the file) records none.
     pub min_allocation: Option<u64>,
+    /// Blocks at least this long get their user stack unwound without
+    /// frame pointers; `None` ("0s") walks frame pointers only.
+    pub unwind_threshold: Option<Duration>,
     /// The bpffs directory of the node's shared probe; `None` (empty in
     /// the file) runs a private one.
     pub shared_probe_dir: Option<PathBuf>,
@@ -168,6 +171,8 @@ struct RecorderFile {
     min_block: Option<Duration>,
     /// A size: bytes, or text such as "64MiB".
     min_allocation: Option<SizeFile>,
+    #[serde(with = "duration_text")]
+    unwind_threshold: Option<Duration>,
     shared_probe_dir: Option<PathBuf>,
 }
 
@@ -238,6 +243,7 @@ pub mod defaults {
     pub const HISTORY: Duration = Duration::from_secs(30);
     pub const MIN_BLOCK: Duration = Duration::from_millis(1);
     pub const MIN_ALLOCATION: u64 = crate::capture::DEFAULT_MIN_ADDRESS_CHANGE;
+    pub const UNWIND_THRESHOLD: Duration = crate::capture::DEFAULT_UNWIND_THRESHOLD;
     pub const TELEMETRY: &str = "127.0.0.1:9464";
     pub const DIRECTORY: &str = "/var/lib/freezeframe";
     pub const LINK_GRACE: Duration = Duration::from_secs(10);
@@ -289,7 +295,8 @@ impl std::fmt::Display for Config {
         writeln!(f, "target:   {target}")?;
         writeln!(
             f,
-            "recorder: {:?}, history {}, blocks from {}, address-space changes {}, probe {}",
+            "recorder: {:?}, history {}, blocks from {}, address-space changes {}, probe {}, \
+             user stacks unwound without frame pointers {}",
             self.recorder.mode,
             humantime::format_duration(self.recorder.history),
             humantime::format_duration(self.recorder.min_block),
@@ -305,6 +312,12 @@ impl std::fmt::Display for Config {
                 .map_or("private".to_string(), |dir| format!(
                     "shared in {} (private if that is not bpffs)",
                     dir.display()
+                )),
+            self.recorder
+                .unwind_threshold
+                .map_or("off".to_string(), |threshold| format!(
+                    "for blocks from {}",
+                    humantime::format_duration(threshold)
                 )),
         )?;
         writeln!(
@@ -448,6 +461,13 @@ impl Config {
                 }
             }
             .filter(|&bytes| bytes > 0),
+            unwind_threshold: Some(
+                overrides
+                    .unwind_threshold
+                    .or(file.recorder.unwind_threshold)
+                    .unwrap_or(defaults::UNWIND_THRESHOLD),
+            )
+            .filter(|threshold| !threshold.is_zero()),
             shared_probe_dir: Some(
                 overrides
                     .shared_probe_dir

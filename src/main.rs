@@ -82,6 +82,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
         max_block: args.max_block,
         states: args.state.0.clone(),
         min_address_change: (args.min_alloc > 0).then_some(args.min_alloc),
+        unwind_threshold: Some(args.unwind_threshold).filter(|threshold| !threshold.is_zero()),
         shared_probe_dir: Some(args.shared_probe_dir.clone())
             .filter(|dir| freezeframe::capture::shares_probe(dir)),
     };

@@ -267,6 +267,96 @@ fn go_pprof_raw(path: &Path) -> String {
     String::from_utf8_lossy(&raw.stdout).into_owned()
 }
 
+/// The user functions of a sample, innermost first.
+fn user_chain(sample: &Sample) -> Vec<&str> {
+    sample
+        .stack
+        .iter()
+        .filter(|frame| frame.kind == FrameKind::User)
+        .map(|frame| frame.function())
+        .collect()
+}
+
+#[test]
+fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
+    require_root();
+    let dir = tempdir("nofp");
+    let workload = Workload::start_with(Command::new(common::nofp_binary()));
+    const THREAD: &str = "ff-nofp-sleep";
+    let whole = |sample: &Sample| {
+        let chain = user_chain(sample);
+        let at = |name: &str| chain.iter().position(|function| *function == name);
+        let (Some(leaf), Some(mid), Some(top)) = (at("nofp_leaf"), at("nofp_mid"), at("nofp_top"))
+        else {
+            return false;
+        };
+        leaf < mid
+            && mid < top
+            && sample
+                .stack
+                .iter()
+                .all(|frame| frame.kind != FrameKind::Truncated)
+            && chain
+                .last()
+                .is_some_and(|root| ["start_thread", "clone3", "__clone3"].contains(root))
+    };
+
+    // The thread's blocked time, and how much of it is under whole stacks.
+    let whole_share = |samples: &[&Sample]| {
+        let total: u64 = samples.iter().map(|sample| sample.value).sum();
+        let whole_ns: u64 = samples
+            .iter()
+            .filter(|sample| whole(sample))
+            .map(|sample| sample.value)
+            .sum();
+        (total, whole_ns)
+    };
+
+    // 50 ms sleeps, most of them begun and ended between two cuts: each is
+    // unwound from the copy the probe took as it ended.
+    let unwound = dir.join("unwound.pb.gz");
+    capture(
+        workload.pid,
+        &["--unwind-threshold", "10ms"],
+        &unwound,
+        || {},
+    );
+    let profile = load(&unwound);
+    let samples = samples_of(&profile, THREAD);
+    let (total, whole_ns) = whole_share(&samples);
+    assert_close(THREAD, Duration::from_nanos(total), profile.duration, 0.10);
+    // (The parts of blocks in progress at a cut are unwound from outside.)
+    assert!(
+        whole_ns * 10 >= total * 9,
+        "{whole_ns} of {total} ns under whole stacks: {:?}",
+        samples
+            .iter()
+            .map(|sample| (user_chain(sample), sample.value))
+            .collect::<Vec<_>>()
+    );
+    for sample in samples.iter().filter(|sample| whole(sample)) {
+        let chain = user_chain(sample);
+        let leaf = chain.iter().position(|f| *f == "nofp_leaf").unwrap();
+        assert!(
+            chain[..leaf].iter().all(|f| f.contains("nanosleep")),
+            "only libc's nanosleep lies below the fixture's own frames: {chain:?}"
+        );
+    }
+
+    // Without copies, the blocks walk frame pointers as they end, and stop
+    // in libc: only the parts in progress at a cut are whole.
+    let walked = dir.join("walked.pb.gz");
+    capture(workload.pid, &["--unwind-threshold", "0s"], &walked, || {});
+    let profile = load(&walked);
+    let samples = samples_of(&profile, THREAD);
+    let (total, whole_ns) = whole_share(&samples);
+    assert!(total > 0);
+    assert!(
+        whole_ns * 2 < total,
+        "frame pointers alone cannot give these stacks: {whole_ns} of {total} ns whole"
+    );
+}
+
 #[test]
 fn kernel_lock_waits_name_the_lock_and_its_holder() {
     require_root();

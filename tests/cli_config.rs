@@ -25,6 +25,7 @@ fn check(file: &PathBuf, env: &[(&str, &str)], flags: &[&str]) -> Output {
 const FILE: &str = r#"
 [recorder]
 history = "30s"
+unwind_threshold = "50ms"
 
 [export]
 directory = "/srv/captures"
@@ -42,6 +43,10 @@ fn flags_beat_the_environment_which_beats_the_file() {
     let file = config_file("precedence.toml", FILE);
     let from_file = String::from_utf8(check(&file, &[], &[]).stdout).unwrap();
     assert!(from_file.contains("history 30s"), "{from_file}");
+    assert!(
+        from_file.contains("frame pointers for blocks from 50ms"),
+        "{from_file}"
+    );
     assert!(from_file.contains("/srv/captures"), "{from_file}");
     assert!(
         from_file.contains("127.0.0.1:4317"),
@@ -54,15 +59,36 @@ fn flags_beat_the_environment_which_beats_the_file() {
 
     let env = [
         ("FREEZEFRAME_RECORDER_HISTORY", "10s"),
+        ("FREEZEFRAME_RECORDER_UNWIND_THRESHOLD", "20ms"),
         ("FREEZEFRAME_EXPORT_DIRECTORY", "/env/captures"),
     ];
     let from_env = String::from_utf8(check(&file, &env, &[]).stdout).unwrap();
     assert!(from_env.contains("history 10s"), "{from_env}");
+    assert!(
+        from_env.contains("frame pointers for blocks from 20ms"),
+        "{from_env}"
+    );
     assert!(from_env.contains("/env/captures"), "{from_env}");
 
-    let from_flag =
-        String::from_utf8(check(&file, &env, &["--recorder-history", "5s"]).stdout).unwrap();
+    let from_flag = String::from_utf8(
+        check(
+            &file,
+            &env,
+            &[
+                "--recorder-history",
+                "5s",
+                "--recorder-unwind-threshold",
+                "0s",
+            ],
+        )
+        .stdout,
+    )
+    .unwrap();
     assert!(from_flag.contains("history 5s"), "{from_flag}");
+    assert!(
+        from_flag.contains("without frame pointers off"),
+        "0s turns unwinding off: {from_flag}"
+    );
     assert!(
         from_flag.contains("/env/captures"),
         "the environment still applies where no flag is given"

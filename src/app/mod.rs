@@ -136,6 +136,7 @@ pub async fn run_until(
         capture: CaptureConfig {
             min_block: config.recorder.min_block,
             min_address_change: config.recorder.min_allocation,
+            unwind_threshold: config.recorder.unwind_threshold,
             shared_probe_dir: config.recorder.shared_probe_dir.clone(),
             ..CaptureConfig::default()
         },

@@ -13,13 +13,14 @@ use std::sync::OnceLock;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
+use super::copies::StackCopy;
 use super::shared::{self, Membership, Node};
 use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
     SavedRegs, StackRef, UserRegs,
 };
 use crate::profile::ThreadState;
-use crate::unwind::Entry;
+use crate::unwind;
 
 #[allow(
     clippy::all,
@@ -59,6 +60,9 @@ pub(super) struct Filters {
     pub states: Vec<ThreadState>,
     /// Address-space calls smaller than this are not recorded; `None`: none are.
     pub min_address_change: Option<u64>,
+    /// Finished blocks at least this long get a copy of their user stack to
+    /// unwind; `None`: none do.
+    pub unwind_threshold_ns: Option<u64>,
 }
 
 impl Filters {
@@ -68,6 +72,7 @@ impl Filters {
             max_block_ns: self.max_block_ns.unwrap_or(u64::MAX),
             cgroup_id: self.cgroup_id.unwrap_or(0),
             min_address_change: self.min_address_change.unwrap_or(0),
+            unwind_threshold_ns: self.unwind_threshold_ns.unwrap_or(u64::MAX),
             tid: self.tid.unwrap_or(0),
             state_mask: self
                 .states
@@ -364,6 +369,7 @@ unsafe impl Pod for types::lock_wait {}
 unsafe impl Pod for types::lock_wait_stack {}
 unsafe impl Pod for types::lock_hold {}
 unsafe impl Pod for types::address_change {}
+unsafe impl Pod for types::stack_copy {}
 unsafe impl Pod for u32 {}
 unsafe impl Pod for u64 {}
 
@@ -407,11 +413,35 @@ fn state_bit(state: ThreadState) -> u32 {
 
 fn stack_ref(key: u64) -> StackRef {
     use types::stack_special as special;
-    match key {
-        key if key == u64::from(special::STACK_NONE.0) => StackRef::Missing,
-        key if key == u64::from(special::STACK_SAVED_REGS.0) => StackRef::SavedRegs,
-        key => StackRef::Id(key),
+    if key & 1 == 1 {
+        return StackRef::Id(key);
     }
+    match key & u64::from(special::STACK_KIND_MASK.0) {
+        kind if kind == u64::from(special::STACK_COPY.0) => StackRef::Copy(key),
+        _ if key == u64::from(special::STACK_SAVED_REGS.0) => StackRef::SavedRegs,
+        _ => StackRef::Missing,
+    }
+}
+
+/// A value of `stack_copies`: the registers, then the copied stack.
+fn stack_copy_from_bytes(value: &[u8]) -> Result<StackCopy, CaptureError> {
+    let copy: types::stack_copy = from_bytes(value)?;
+    let size = (copy.size as usize).min(copy.bytes.len());
+    Ok(StackCopy {
+        id: copy.id,
+        tgid: copy.tgid,
+        regs: UserRegs {
+            ip: copy.ip,
+            sp: copy.sp,
+            fp: copy.fp,
+        },
+        entry: if copy.flags & types::stack_copy_flags::STACK_COPY_FAULT.0 != 0 {
+            unwind::Entry::Fault
+        } else {
+            unwind::Entry::SystemCall
+        },
+        bytes: copy.bytes[..size].to_vec(),
+    })
 }
 
 fn key_from_kernel(key: &types::block_key) -> BlockKey {
@@ -1132,35 +1162,15 @@ impl<'obj> Probe<'obj> {
                         fp: thread.user_fp,
                     },
                     entry: if thread.flags & types::thread_flags::THREAD_USER_FAULT.0 != 0 {
-                        Entry::Fault
+                        unwind::Entry::Fault
                     } else {
-                        Entry::SystemCall
+                        unwind::Entry::SystemCall
                     },
                 }),
                 key,
             });
         }
         Ok(blocks)
-    }
-
-    /// The start (`bpf_ktime_get_ns`) of the block a thread is in now, by
-    /// host tid: `None` if it is on the CPU, gone, or its block has ended
-    /// (even if its total still waits for a user stack).
-    pub fn block_start(&self, host_tid: u32) -> Result<Option<u64>, CaptureError> {
-        let value = self
-            .skel
-            .maps
-            .threads
-            .lookup(&host_tid.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| CaptureError::Map {
-                map: "threads",
-                source,
-            })?;
-        let Some(value) = value else {
-            return Ok(None);
-        };
-        let thread: types::thread = from_bytes(&value)?;
-        Ok((thread.start_ns != 0 && thread.owed_ns == 0).then_some(thread.start_ns))
     }
 
     /// Takes the entries of `map` that `owner_of` says are ours out of the
@@ -1195,6 +1205,36 @@ impl<'obj> Probe<'obj> {
                 .collect()
         };
         Ok(taken)
+    }
+
+    /// The start (`bpf_ktime_get_ns`) of the block a thread is in now, by
+    /// host tid: `None` if it is on the CPU, gone, or its block has ended
+    /// (even if its total still waits for a user stack).
+    pub fn block_start(&self, host_tid: u32) -> Result<Option<u64>, CaptureError> {
+        let value = self
+            .skel
+            .maps
+            .threads
+            .lookup(&host_tid.to_ne_bytes(), MapFlags::ANY)
+            .map_err(map_error("threads"))?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let thread: types::thread = from_bytes(&value)?;
+        Ok((thread.start_ns != 0 && thread.owed_ns == 0).then_some(thread.start_ns))
+    }
+
+    /// Takes our user stack copies out of the kernel: their memory there
+    /// is free again for the next ones.
+    pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
+        let entries =
+            self.take_owned(&self.skel.maps.stack_copies, "stack_copies", |_, value| {
+                Ok(from_bytes::<types::stack_copy>(value)?.host_tgid)
+            })?;
+        entries
+            .iter()
+            .map(|(_, value)| stack_copy_from_bytes(value))
+            .collect()
     }
 
     /// Takes our finished-block totals out of the kernel. Retired targets'
@@ -1360,6 +1400,10 @@ mod tests {
         assert_eq!(stack_ref(2), StackRef::SavedRegs);
         assert_eq!(stack_ref(0), StackRef::Missing);
         assert_eq!(
+            stack_ref(7 << 24 | 1 << 8 | 4),
+            StackRef::Copy(7 << 24 | 1 << 8 | 4)
+        );
+        assert_eq!(
             stack_ref(0x9e37_79b9_7f4a_7c15),
             StackRef::Id(0x9e37_79b9_7f4a_7c15)
         );
@@ -1396,6 +1440,7 @@ mod tests {
                 max_block_ns: None,
                 states: ThreadState::ALL.to_vec(),
                 min_address_change: None,
+                unwind_threshold_ns: None,
             };
             // A private probe: the tests read what their own programs wrote.
             let mut probe = Probe::load(storage, None)

@@ -326,6 +326,30 @@ mod tests {
     }
 
     #[test]
+    fn a_block_credited_from_saved_registers_is_repaid_by_its_copied_stack_s_total() {
+        let mut ledger = Ledger::new(MS, None);
+        let flying = InFlight {
+            key: BlockKey {
+                user_stack: StackRef::SavedRegs,
+                ..key(1)
+            },
+            ..in_flight(1, 0)
+        };
+        let first = ledger.settle(1000 * MS, &[], &[flying]);
+        assert_eq!(first, vec![(flying.key, 1000 * MS, 1)]);
+        // It reached the unwind threshold: its total arrives under a copy
+        // of its user stack, which the in-flight part never had.
+        let copied = BlockKey {
+            user_stack: StackRef::Copy(7 << 24 | 4),
+            ..key(1)
+        };
+        let second = ledger.settle(2000 * MS, &[(copied, 1200 * MS, 1)], &[]);
+        assert_eq!(second, vec![(copied, 200 * MS, 0)]);
+        let counted: u64 = first.iter().chain(&second).map(|(_, ns, _)| ns).sum();
+        assert_eq!(counted, 1200 * MS, "each nanosecond once");
+    }
+
+    #[test]
     fn a_block_the_survey_has_not_completed_is_not_credited() {
         let mut ledger = Ledger::new(MS, None);
         let unsurveyed = InFlight {

@@ -16,7 +16,11 @@
 //! - at switch-in: its kernel stack, taken from the still-sleeping thread,
 //!   its futex word and the thread that woke it;
 //! - on the thread's way back to user space: its user stack. Only then is
-//!   the block added to the kernel's totals.
+//!   the block added to the kernel's totals. A block that reached the
+//!   unwind threshold gets a copy of its user registers and the top of its
+//!   user stack instead of a frame-pointer walk, unwound here when the cut
+//!   reads it (see [`copies`]), so that code without frame pointers gets
+//!   whole stacks too.
 //!
 //! A block still in progress at a cut is completed from outside by the
 //! survey iterator (kernel stack, futex word, the user registers it entered
@@ -49,6 +53,7 @@
 
 mod bpf;
 mod calls;
+mod copies;
 mod ledger;
 pub mod recorder;
 mod shared;
@@ -125,6 +130,10 @@ pub struct CaptureConfig {
     /// bytes are recorded with their caller's stack; `None` records none
     /// (and leaves every other process's system calls untouched).
     pub min_address_change: Option<u64>,
+    /// Blocks at least this long have their user stack copied and unwound
+    /// without frame pointers; shorter ones, or all with `None`, get a
+    /// frame-pointer walk.
+    pub unwind_threshold: Option<Duration>,
     /// The bpffs directory where the node's freezeframes share one probe;
     /// `None`, or a directory that is not on bpffs, runs a private one.
     pub shared_probe_dir: Option<PathBuf>,
@@ -143,6 +152,16 @@ pub fn shares_probe(dir: &std::path::Path) -> bool {
 /// allocator's ordinary traffic, well below a big table's resize.
 pub const DEFAULT_MIN_ADDRESS_CHANGE: u64 = 64 << 20;
 
+/// The default for [`CaptureConfig::unwind_threshold`]. A copy costs about
+/// 1.4 µs of BPF time for 4 KiB and 2.4–3.4 µs for 16 KiB
+/// (`bench/probe_cost.py`), and user space a few µs more to unwind it:
+/// under 10 µs per block, so a thread blocking back to back for 10 ms at a
+/// time costs under 0.1 % of a core. The waits a freeze is made of are far
+/// longer; the many short ones (lock handoffs, fast I/O) stay with the
+/// frame-pointer walk, which costs hundreds of ns on a shallow stack and
+/// would otherwise flood the copy buffer.
+pub const DEFAULT_UNWIND_THRESHOLD: Duration = Duration::from_millis(10);
+
 impl Default for CaptureConfig {
     fn default() -> Self {
         CaptureConfig {
@@ -152,6 +171,7 @@ impl Default for CaptureConfig {
             max_block: None,
             states: ThreadState::ALL.to_vec(),
             min_address_change: Some(DEFAULT_MIN_ADDRESS_CHANGE),
+            unwind_threshold: Some(DEFAULT_UNWIND_THRESHOLD),
             shared_probe_dir: Some(PathBuf::from(DEFAULT_SHARED_PROBE_DIR)),
         }
     }
@@ -165,6 +185,9 @@ pub enum StackRef {
     /// A block in progress, seen from outside: its user stack is walked
     /// from the registers the thread entered the kernel with.
     SavedRegs,
+    /// A finished block's user stack, copied by the probe to be unwound
+    /// here; the copy's id.
+    Copy(u64),
     /// No stack was recorded (counted in [`DropCounts`], or a thread with no
     /// user stack at all).
     Missing,
@@ -369,7 +392,7 @@ pub struct InFlight {
 
 /// The maps the kernel side counts drops for, in the order of its
 /// `enum drop_reason`: the names metrics and profile comments use.
-pub const DROP_MAPS: [&str; 7] = [
+pub const DROP_MAPS: [&str; 8] = [
     "threads",
     "blocked",
     "stacks_kernel",
@@ -377,6 +400,7 @@ pub const DROP_MAPS: [&str; 7] = [
     "stacks",
     "lock_holds",
     "address_changes",
+    "stack_copies",
 ];
 
 /// Work the kernel side had to drop, since the probe was loaded, counted
@@ -431,6 +455,15 @@ pub enum UserStackEnd {
     /// progress holds its mmap_lock), or the thread woke while it was read.
     /// The stack is empty.
     NotRead,
+}
+
+impl From<StackEnd> for UserStackEnd {
+    fn from(end: StackEnd) -> Self {
+        match end {
+            StackEnd::Complete => UserStackEnd::Complete,
+            StackEnd::Truncated => UserStackEnd::Truncated,
+        }
+    }
 }
 
 /// Raw (unsymbolized) stacks of one thread's blocked time.
@@ -488,6 +521,7 @@ pub struct Tracer<'obj> {
     /// (host tid, start): unwound once, however many cuts the block spans.
     walked: HashMap<(u32, u64), (Stack, UserStackEnd)>,
     walker: threads::StackWalker,
+    copies: copies::Copies,
     calls: calls::Calls,
     /// The kernel's drop counters at the last cut.
     drops_so_far: DropCounts,
@@ -519,6 +553,10 @@ impl CaptureConfig {
             max_block_ns: self.max_block.map(|max| max.as_nanos() as u64),
             states: self.states.clone(),
             min_address_change: self.min_address_change.filter(|&bytes| bytes > 0),
+            unwind_threshold_ns: self
+                .unwind_threshold
+                .filter(|threshold| !threshold.is_zero())
+                .map(|threshold| threshold.as_nanos() as u64),
         }
     }
 }
@@ -571,6 +609,7 @@ impl<'obj> Loaded<'obj> {
             stack_cache: HashMap::new(),
             walked: HashMap::new(),
             walker: threads::StackWalker::start().map_err(CaptureError::Walker)?,
+            copies: copies::Copies::default(),
             calls: calls::Calls::default(),
             drops_so_far: DropCounts::default(),
         };
@@ -626,6 +665,10 @@ impl<'obj> Tracer<'obj> {
         self.probe.survey()?;
         let in_flight = self.probe.in_flight()?;
         self.request_walks(&in_flight);
+        // After the drain: every copy a drained total refers to was put in
+        // before its total was.
+        let copies = self.probe.take_stack_copies()?;
+        self.copies.receive(self.walker.unwind_copies(copies));
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
             .iter()
@@ -655,6 +698,7 @@ impl<'obj> Tracer<'obj> {
             let kernel_ips = self.stack_of(key.kernel_stack)?;
             let (user_ips, user_end) = match (key.user_stack, saved_regs.get(&key)) {
                 (StackRef::SavedRegs, Some(block)) => self.walked_stack(block)?,
+                (StackRef::Copy(id), _) => self.copies.stack(id),
                 (stack, _) => (self.stack_of(stack)?, UserStackEnd::Walked),
             };
             let thread_name = match names.get(&key) {
@@ -724,6 +768,7 @@ impl<'obj> Tracer<'obj> {
             .collect();
         self.walked.retain(|block, _| flying.contains(block));
         self.walker.retain(&flying);
+        self.copies.end_cut();
         self.threads.end_window();
         let window = Window {
             start: self.window_start_wall,
@@ -770,11 +815,7 @@ impl<'obj> Tracer<'obj> {
         if self.probe.block_start(block.host_tid)? != Some(block.start_ns) {
             return Ok(not_read);
         }
-        let end = match unwound.end {
-            StackEnd::Complete => UserStackEnd::Complete,
-            StackEnd::Truncated => UserStackEnd::Truncated,
-        };
-        let walked = (Stack::from(unwound.ips), end);
+        let walked = (Stack::from(unwound.ips), unwound.end.into());
         self.walked.insert(id, walked.clone());
         Ok(walked)
     }
@@ -820,7 +861,7 @@ impl<'obj> Tracer<'obj> {
                 self.stack_cache.insert(hash, Arc::clone(&stack));
                 Ok(stack)
             }
-            StackRef::SavedRegs | StackRef::Missing => Ok(Stack::from([])),
+            StackRef::SavedRegs | StackRef::Copy(_) | StackRef::Missing => Ok(Stack::from([])),
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::bpf::MAX_STACK_DEPTH;
+use super::copies::StackCopy;
 use super::SavedRegs;
 use crate::telemetry;
 use crate::unwind::{Memory, ProcessMemory, Unwinder, Unwound};
@@ -72,14 +73,28 @@ impl Memory for Unreadable {
 /// ([`StackWalker::request`]) and waited for within a deadline; once one
 /// has missed it, nothing more is waited for until the walker answers
 /// again.
+///
+/// The user stacks the probe copied are unwound here too: the copies are
+/// the memory, but the unwinder reads the process's module map, which
+/// takes the same lock.
 pub(super) struct StackWalker {
-    requests: mpsc::Sender<Walk>,
+    requests: mpsc::Sender<Job>,
     answers: mpsc::Receiver<(BlockId, Unwound)>,
     /// Asked for, not answered yet.
     pending: HashSet<BlockId>,
     answered: HashMap<BlockId, Unwound>,
     /// A wait missed its deadline and no answer has come since.
     stuck: bool,
+    /// A batch of copies still being unwound past its deadline.
+    stuck_copies: Option<mpsc::Receiver<Vec<(u64, Unwound)>>>,
+}
+
+enum Job {
+    Walk(Walk),
+    Copies {
+        copies: Vec<StackCopy>,
+        reply: mpsc::Sender<Vec<(u64, Unwound)>>,
+    },
 }
 
 /// A block in progress: host tid and start.
@@ -96,21 +111,38 @@ struct Walk {
 const WALK_DEADLINE: Duration = Duration::from_millis(20);
 /// Walks asked for and not answered, at most: past that, more are declined.
 const MAX_PENDING: usize = 4096;
+/// How long one cut's copies may take to unwind: about 5 us each, plus a
+/// few ms for each module whose tables are loaded for the first time.
+const COPIES_DEADLINE: Duration = Duration::from_millis(50);
 
 impl StackWalker {
     pub fn start() -> std::io::Result<Self> {
-        let (requests, inbox) = mpsc::channel::<Walk>();
+        let (requests, inbox) = mpsc::channel::<Job>();
         let (reply, answers) = mpsc::channel();
         std::thread::Builder::new()
             .name("ff-stackwalk".into())
             .spawn(move || {
                 // One unwinder for every capture: its tables outlive them.
                 let mut unwinder = Unwinder::default();
-                for walk in inbox {
-                    let unwound = unwind_user_stack(&mut unwinder, walk.tgid, walk.saved);
+                for job in inbox {
+                    let answered = match job {
+                        Job::Walk(walk) => {
+                            let unwound = unwind_user_stack(&mut unwinder, walk.tgid, walk.saved);
+                            reply.send((walk.id, unwound)).is_ok()
+                        }
+                        Job::Copies { copies, reply } => {
+                            let unwound = copies
+                                .iter()
+                                .map(|copy| (copy.id, copy.unwind(&mut unwinder, MAX_STACK_DEPTH)))
+                                .collect();
+                            // A batch given up on is still answered, late.
+                            let _ = reply.send(unwound);
+                            true
+                        }
+                    };
                     metrics::gauge!(telemetry::UNWIND_TABLE_BYTES)
                         .set(unwinder.table_bytes() as f64);
-                    if reply.send((walk.id, unwound)).is_err() {
+                    if !answered {
                         break;
                     }
                 }
@@ -121,6 +153,7 @@ impl StackWalker {
             pending: HashSet::new(),
             answered: HashMap::new(),
             stuck: false,
+            stuck_copies: None,
         })
     }
 
@@ -132,7 +165,11 @@ impl StackWalker {
         {
             return;
         }
-        if self.requests.send(Walk { id, tgid, saved }).is_ok() {
+        if self
+            .requests
+            .send(Job::Walk(Walk { id, tgid, saved }))
+            .is_ok()
+        {
             self.pending.insert(id);
         }
     }
@@ -169,6 +206,49 @@ impl StackWalker {
         );
         self.stuck = true;
         None
+    }
+
+    /// The user stacks of one cut's copies, by copy id, with those of an
+    /// earlier batch that missed its deadline and is done now. While such
+    /// a batch is still being unwound, the new copies are let go: their
+    /// blocks go without a user stack rather than pile up behind it.
+    pub fn unwind_copies(&mut self, copies: Vec<StackCopy>) -> Vec<(u64, Unwound)> {
+        let mut unwound = Vec::new();
+        if let Some(stuck) = &self.stuck_copies {
+            match stuck.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => {
+                    if !copies.is_empty() {
+                        tracing::debug!(
+                            copies = copies.len(),
+                            "user stack copies let go: the unwinder is still busy with \
+                             earlier ones (a process's mmap_lock is taken)"
+                        );
+                    }
+                    return unwound;
+                }
+                Ok(late) => unwound = late,
+                Err(mpsc::TryRecvError::Disconnected) => {}
+            }
+            self.stuck_copies = None;
+        }
+        if copies.is_empty() {
+            return unwound;
+        }
+        let (reply, answer) = mpsc::channel();
+        if self.requests.send(Job::Copies { copies, reply }).is_err() {
+            return unwound;
+        }
+        match answer.recv_timeout(COPIES_DEADLINE) {
+            Ok(stacks) => unwound.extend(stacks),
+            Err(_) => {
+                tracing::debug!(
+                    "user stack copies could not be unwound in time (a process's mmap_lock \
+                     is taken); taking what is done at the next cut"
+                );
+                self.stuck_copies = Some(answer);
+            }
+        }
+        unwound
     }
 
     /// Forgets answers and requests for blocks that are no longer in progress.

@@ -10,6 +10,13 @@ use std::os::unix::fs::FileExt;
 pub trait Memory {
     /// Fills `buffer` from `address`; false if any of it is unreadable.
     fn read(&self, address: u64, buffer: &mut [u8]) -> bool;
+
+    /// Fills `buffer` with code of an executable mapping that has no file
+    /// (JIT code), read to confirm the call before a return address. The
+    /// same memory as [`Memory::read`] unless a memory holds stack only.
+    fn read_code(&self, address: u64, buffer: &mut [u8]) -> bool {
+        self.read(address, buffer)
+    }
 }
 
 /// A process's memory through `/proc/PID/mem`, read a page at a time and

@@ -309,7 +309,7 @@ impl Unwinder {
             Lookup::Module(table, bias) => table.code(address.wrapping_sub(bias), length),
             Lookup::Anonymous => {
                 let mut bytes = vec![0; length];
-                memory.read(address, &mut bytes).then_some(bytes)
+                memory.read_code(address, &mut bytes).then_some(bytes)
             }
             Lookup::Unreadable => None,
         }

@@ -48,31 +48,42 @@ pub fn workload_binary() -> &'static Path {
     })
 }
 
-/// Compiles `tests/fixtures/blocked_o2.c` once, as distributions build C:
-/// `-O2`, no frame pointers, against the system glibc.
+/// Compiles a C fixture as distributions build C: `-O2`, no frame
+/// pointers, against the system glibc.
+fn build_without_frame_pointers(source: &str, binary: &str) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(binary);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(source);
+    let status = Command::new("gcc")
+        .args([
+            "-O2",
+            "-fomit-frame-pointer",
+            "-g",
+            "-pthread",
+            "-Wall",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .expect("cannot run gcc to build a C fixture (scripts/prerequisites.sh installs it)");
+    assert!(status.success(), "{} does not compile", source.display());
+    out
+}
+
+/// `tests/fixtures/blocked_o2.c`, built once: threads blocked in a mutex,
+/// a pipe, a sleep and a signal handler.
 pub fn blocked_o2_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-blocked-o2");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blocked_o2.c");
-        let status = Command::new("gcc")
-            .args([
-                "-O2",
-                "-fomit-frame-pointer",
-                "-g",
-                "-pthread",
-                "-Wall",
-                "-o",
-            ])
-            .arg(&out)
-            .arg(&source)
-            .status()
-            .expect(
-                "cannot run gcc to build the -O2 fixture (scripts/prerequisites.sh installs it)",
-            );
-        assert!(status.success(), "the -O2 fixture does not compile");
-        out
-    })
+    BINARY.get_or_init(|| build_without_frame_pointers("blocked_o2.c", "freezeframe-blocked-o2"))
+}
+
+/// `tests/fixtures/nofp.c`, built once: a thread that blocks for 50 ms
+/// again and again, between cuts.
+pub fn nofp_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| build_without_frame_pointers("nofp.c", "freezeframe-nofp"))
 }
 
 /// The running workload, killed on drop.

@@ -35,7 +35,8 @@ OPERATIONS_DOC = ROOT / "docs/operations.md"
 RULES = LATENCY_RULE + SILENCE_RULE
 RULE_NAMES = ["feed-latency", "feed-silent"]
 CAPTURE_OUTCOMES = ["captured", "coalesced", "no_target", "failed"]
-BPF_MAPS = ["threads", "blocked", "stacks_kernel", "stacks_user", "stacks", "lock_holds", "address_changes"]
+BPF_MAPS = ["threads", "blocked", "stacks_kernel", "stacks_user", "stacks", "lock_holds", "address_changes",
+            "stack_copies"]
 
 # Every metric a freshly started sidecar must serve, with its type.
 EXPECTED_TYPES = {
@@ -57,6 +58,7 @@ EXPECTED_TYPES = {
     "freezeframe_capture_start_timestamp_seconds": "gauge",
     "freezeframe_capture_blocked_seconds_total": "counter",
     "freezeframe_bpf_drops_total": "counter",
+    "freezeframe_unwind_table_bytes": "gauge",
     "freezeframe_symbolize_frames_total": "counter",
     "freezeframe_capture_linked_requests": "histogram",
     "freezeframe_export_total": "counter",
