@@ -13,11 +13,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-use common::{blocked_o2_binary, Workload};
+use common::{blocked_o2_binary, jvm_fixture_command, Workload};
 
 use freezeframe::unwind::{Entry, ProcessMemory, StackEnd, Unwinder, UserRegs};
 
@@ -139,25 +138,7 @@ fn blocked_threads(pid: u32) -> Vec<(u32, UserRegs)> {
 
 /// The tables a JVM's blocked threads need: libjvm's are by far the largest.
 fn jvm_tables() {
-    let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-jvm-classes");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JitRequests.java");
-    let built = Command::new("javac")
-        .arg("-d")
-        .arg(&classes)
-        .arg(&source)
-        .status()
-        .expect("cannot run javac: install openjdk-17-jdk-headless");
-    assert!(built.success(), "the JVM fixture does not compile");
-    let mut java = Command::new("java");
-    java.args([
-        "-XX:+PreserveFramePointer",
-        "-Xbatch",
-        "-XX:CompileCommand=quiet",
-        "-XX:CompileCommand=dontinline,JitRequests::*",
-        "-cp",
-    ])
-    .arg(&classes)
-    .arg("JitRequests");
+    let java = jvm_fixture_command();
     let mut child = start(java);
     let pid = ready_pid(&mut child);
     let blocked = blocked_threads(pid);

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{assert_close, blocked_o2_binary, freezeframe, require_root, Announced, Workload};
+use common::{
+    assert_close, blocked_o2_binary, freezeframe, jvm_fixture_command, require_root, Announced,
+    Workload,
+};
 use freezeframe::encode::pprof;
 use freezeframe::profile::labels::Key;
 use freezeframe::profile::{FrameKind, Profile, ProfileKind, Sample, ThreadState};
@@ -981,23 +984,6 @@ impl Drop for PerfMap {
     }
 }
 
-/// Compiles `tests/fixtures/JitRequests.java` once; the directory of its class.
-fn jvm_fixture_classes() -> &'static Path {
-    static CLASSES: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    CLASSES.get_or_init(|| {
-        let classes = tempdir("jvm-classes");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JitRequests.java");
-        let status = Command::new("javac")
-            .arg("-d")
-            .arg(&classes)
-            .arg(&source)
-            .status()
-            .expect("cannot run javac: install Debian's openjdk-17-jdk-headless");
-        assert!(status.success(), "the JVM fixture does not compile");
-        classes
-    })
-}
-
 /// The user functions of a sample, innermost first.
 fn user_functions(sample: &Sample) -> Vec<&str> {
     sample
@@ -1048,16 +1034,7 @@ fn java_methods_compiled_by_the_jit_are_named_in_blocked_stacks() {
     require_root();
     let dir = tempdir("jvm");
     let output = dir.join("profile.pb.gz");
-    let mut java = Command::new("java");
-    java.args([
-        "-XX:+PreserveFramePointer",
-        "-Xbatch",
-        "-XX:CompileCommand=quiet",
-        "-XX:CompileCommand=dontinline,JitRequests::*",
-        "-cp",
-    ])
-    .arg(jvm_fixture_classes())
-    .arg("JitRequests");
+    let java = jvm_fixture_command();
     let jvm = Workload::start_with(java);
     let _perf_map = PerfMap::of(jvm.pid);
     let perfmap = Command::new("jcmd")

@@ -200,18 +200,21 @@ impl History {
     }
 }
 
+/// What makes two stacks of a thread the same: its tid, state, kernel and
+/// user frames, how the user stack ended, and the lock it waited for.
+type StackIdentity = (
+    u32,
+    ThreadState,
+    Stack,
+    Stack,
+    UserStackEnd,
+    Option<LockWait>,
+);
+
 /// Sums consecutive windows into one, keeping only `target`'s threads.
 /// `windows` must not be empty.
 pub fn merge(windows: &[&Window], target: u32) -> Window {
-    type Identity = (
-        u32,
-        ThreadState,
-        Stack,
-        Stack,
-        UserStackEnd,
-        Option<LockWait>,
-    );
-    let mut totals: HashMap<Identity, BlockedStack> = HashMap::new();
+    let mut totals: HashMap<StackIdentity, BlockedStack> = HashMap::new();
     for window in windows {
         for stack in window.stacks.iter().filter(|stack| stack.tgid == target) {
             let identity = (
@@ -280,15 +283,7 @@ pub fn merge(windows: &[&Window], target: u32) -> Window {
 /// several threads woke it, which part was whose is unknown, and the
 /// parts stay apart.
 fn join_futex_waits(stacks: Vec<BlockedStack>) -> Vec<BlockedStack> {
-    type Place = (
-        u32,
-        ThreadState,
-        Stack,
-        Stack,
-        UserStackEnd,
-        Option<LockWait>,
-    );
-    let place = |stack: &BlockedStack| -> Place {
+    let place = |stack: &BlockedStack| -> StackIdentity {
         (
             stack.tid,
             stack.state,
@@ -305,7 +300,7 @@ fn join_futex_waits(stacks: Vec<BlockedStack>) -> Vec<BlockedStack> {
             .filter(|lock| lock.kind == crate::capture::LockKind::Futex)
             .map(|lock| lock.holder_tid)
     };
-    let mut woken: HashMap<Place, Vec<usize>> = HashMap::new();
+    let mut woken: HashMap<StackIdentity, Vec<usize>> = HashMap::new();
     for (index, stack) in stacks.iter().enumerate() {
         if let Some(Some(_)) = futex_waker(stack) {
             woken.entry(place(stack)).or_default().push(index);

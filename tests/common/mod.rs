@@ -86,6 +86,39 @@ pub fn nofp_binary() -> &'static Path {
     BINARY.get_or_init(|| build_without_frame_pointers("nofp.c", "freezeframe-nofp"))
 }
 
+/// `tests/fixtures/JitRequests.java`, compiled once: the directory of its class.
+pub fn jvm_fixture_classes() -> &'static Path {
+    static CLASSES: OnceLock<PathBuf> = OnceLock::new();
+    CLASSES.get_or_init(|| {
+        let classes = Path::new(env!("CARGO_TARGET_TMPDIR")).join("freezeframe-jvm-classes");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/JitRequests.java");
+        let status = Command::new("javac")
+            .arg("-d")
+            .arg(&classes)
+            .arg(&source)
+            .status()
+            .expect("cannot run javac: install Debian's openjdk-17-jdk-headless");
+        assert!(status.success(), "the JVM fixture does not compile");
+        classes
+    })
+}
+
+/// The JVM fixture as the docs say to run Java: frame pointers kept, its
+/// request methods compiled (and not inlined) before they block.
+pub fn jvm_fixture_command() -> Command {
+    let mut java = Command::new("java");
+    java.args([
+        "-XX:+PreserveFramePointer",
+        "-Xbatch",
+        "-XX:CompileCommand=quiet",
+        "-XX:CompileCommand=dontinline,JitRequests::*",
+        "-cp",
+    ])
+    .arg(jvm_fixture_classes())
+    .arg("JitRequests");
+    java
+}
+
 /// The running workload, killed on drop.
 pub struct Workload {
     pub child: Child,
