@@ -507,15 +507,15 @@ fn lock_from_kernel(lock: &types::lock_wait) -> Option<LockWait> {
     })
 }
 
-/// Our own pid namespace, if it is not the initial one: BPF then reports
+/// Our own pid namespace's inode, 0 for the initial one: BPF then reports
 /// (and filters on) pids as we see them, not host pids.
-fn own_pid_namespace() -> Result<Option<(u64, u64)>, CaptureError> {
+fn own_pid_namespace() -> Result<u64, CaptureError> {
     let meta = std::fs::metadata("/proc/self/ns/pid").map_err(CaptureError::PidNamespace)?;
-    if meta.ino() == INITIAL_PIDNS_INO {
-        Ok(None)
+    Ok(if meta.ino() == INITIAL_PIDNS_INO {
+        0
     } else {
-        Ok(Some((meta.dev(), meta.ino())))
-    }
+        meta.ino()
+    })
 }
 
 /// libbpf narrates every load on stderr; keep its warnings (prefixed, so a
@@ -597,9 +597,9 @@ impl<'obj> Probe<'obj> {
         sharing: Option<&Path>,
     ) -> Result<Self, CaptureError> {
         route_libbpf_messages();
-        let pidns = own_pid_namespace()?;
+        let pidns_ino = own_pid_namespace()?;
         let instance = new_instance_id();
-        let hook = Self::supported_hook(pidns);
+        let hook = Self::supported_hook(pidns_ino);
         let node = sharing.and_then(|dir| match Node::lock(dir, VERSION) {
             Ok(node) => Some(node),
             Err(why) => {
@@ -613,7 +613,7 @@ impl<'obj> Probe<'obj> {
                 None
             }
         });
-        let mut open = Self::open_tuned(storage, instance, pidns, hook)?;
+        let mut open = Self::open_tuned(storage, instance, pidns_ino, hook)?;
         let joining = node
             .as_ref()
             .is_some_and(|node| node.maps_pinned("targets"));
@@ -823,11 +823,11 @@ impl<'obj> Probe<'obj> {
 
     /// Which sched_switch hook this kernel takes, learned once per process
     /// by a trial load: `tp_btf`, else `raw_tp`.
-    fn supported_hook(pidns: Option<(u64, u64)>) -> Hook {
+    fn supported_hook(pidns_ino: u64) -> Hook {
         static HOOK: OnceLock<Hook> = OnceLock::new();
         *HOOK.get_or_init(|| {
             let mut trial = MaybeUninit::uninit();
-            let loaded = Self::open_tuned_raw(&mut trial, 1, pidns, Hook::TpBtf)
+            let loaded = Self::open_tuned_raw(&mut trial, 1, pidns_ino, Hook::TpBtf)
                 .and_then(|open| open.load())
                 .is_ok();
             if loaded {
@@ -841,10 +841,10 @@ impl<'obj> Probe<'obj> {
     fn open_tuned<'a>(
         storage: &'a mut MaybeUninit<OpenObject>,
         instance: u64,
-        pidns: Option<(u64, u64)>,
+        pidns_ino: u64,
         hook: Hook,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, CaptureError> {
-        Self::open_tuned_raw(storage, instance, pidns, hook).map_err(|err| CaptureError::Load {
+        Self::open_tuned_raw(storage, instance, pidns_ino, hook).map_err(|err| CaptureError::Load {
             detail: err.to_string(),
         })
     }
@@ -852,7 +852,7 @@ impl<'obj> Probe<'obj> {
     fn open_tuned_raw<'a>(
         storage: &'a mut MaybeUninit<OpenObject>,
         instance: u64,
-        pidns: Option<(u64, u64)>,
+        pidns_ino: u64,
         hook: Hook,
     ) -> Result<offcpu::OpenOffcpuSkel<'a>, libbpf_rs::Error> {
         let mut open = OffcpuSkelBuilder::default().open(storage)?;
@@ -863,7 +863,7 @@ impl<'obj> Probe<'obj> {
             .expect("offcpu.bpf.c declares const volatile globals");
         rodata.instance = types::instance {
             id: instance,
-            pidns_ino: pidns.map_or(0, |(_, ino)| ino),
+            pidns_ino,
         };
         open.progs
             .sched_switch_btf
@@ -963,41 +963,46 @@ impl<'obj> Probe<'obj> {
         let key = self.wanted_key(tgid);
         deleted(self.skel.maps.wanted.delete(pod_bytes(&key)), "wanted")?;
         if let Some(host_tgid) = host {
-            self.unwatch(host_tgid)?;
+            self.unwatch(&HashSet::from([host_tgid]))?;
             self.retired.push(host_tgid);
         }
         Ok(())
     }
 
-    /// Takes a host tgid out of the kernel side: its bit, its target entry
-    /// and its threads' entries (totals, records and stacks stay for the
-    /// owner to read, or for [`Probe::forget_process`]).
-    fn unwatch(&mut self, host_tgid: u32) -> Result<(), CaptureError> {
-        self.bss.clear_target_bit(host_tgid);
-        deleted(
-            self.skel.maps.targets.delete(&host_tgid.to_ne_bytes()),
-            "targets",
-        )?;
-        let threads = &self.skel.maps.threads;
-        for (host_tid, value) in threads
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(map_error("threads"))?
-        {
-            if from_bytes::<types::thread>(&value)?.key.host_tgid == host_tgid {
-                // Gone already if the thread exited meanwhile.
-                let _ = threads.delete(&host_tid);
-                let _ = self.skel.maps.calls_in_progress.delete(&host_tid);
-            }
-        }
-        Ok(())
-    }
-
-    /// Clears everything a gone instance's processes left behind.
-    fn forget_processes(&mut self, host_tgids: &HashSet<u32>) -> Result<(), CaptureError> {
+    /// Takes processes out of the kernel side: their bits, their target
+    /// entries and their threads' entries (totals, records and stacks stay
+    /// for the owner to read, or for [`Probe::forget_processes`]).
+    fn unwatch(&mut self, host_tgids: &HashSet<u32>) -> Result<(), CaptureError> {
         for &host_tgid in host_tgids {
-            self.unwatch(host_tgid)?;
+            self.bss.clear_target_bit(host_tgid);
+            deleted(
+                self.skel.maps.targets.delete(&host_tgid.to_ne_bytes()),
+                "targets",
+            )?;
         }
         let maps = &self.skel.maps;
+        delete_owned(&maps.threads, "threads", host_tgids, |_, value| {
+            Ok(from_bytes::<types::thread>(value)?.key.host_tgid)
+        })?;
+        delete_owned(
+            &maps.calls_in_progress,
+            "calls_in_progress",
+            host_tgids,
+            |_, value| Ok(from_bytes::<types::address_change>(value)?.host_tgid),
+        )
+    }
+
+    /// Clears everything processes left behind: those of a gone instance,
+    /// or our own as we leave.
+    fn forget_processes(&mut self, host_tgids: &HashSet<u32>) -> Result<(), CaptureError> {
+        self.unwatch(host_tgids)?;
+        let maps = &self.skel.maps;
+        delete_owned(
+            &maps.stack_copies,
+            "stack_copies",
+            host_tgids,
+            |_, value| Ok(from_bytes::<types::stack_copy>(value)?.host_tgid),
+        )?;
         delete_owned(&maps.blocked, "blocked", host_tgids, |key, _| {
             Ok(from_bytes::<types::block_key>(key)?.host_tgid)
         })?;
@@ -1085,12 +1090,17 @@ impl<'obj> Probe<'obj> {
         if !self.is_shared() {
             return Ok(());
         }
-        let tgids: Vec<u32> = self.targets.keys().copied().collect();
-        for tgid in tgids {
-            self.remove_target(tgid)?;
+        for &tgid in self.targets.keys() {
+            let key = self.wanted_key(tgid);
+            deleted(self.skel.maps.wanted.delete(pod_bytes(&key)), "wanted")?;
         }
-        let retired: HashSet<u32> = std::mem::take(&mut self.retired).into_iter().collect();
-        self.forget_processes(&retired)?;
+        let ours: HashSet<u32> = self
+            .targets
+            .drain()
+            .filter_map(|(_, host)| host)
+            .chain(self.retired.drain(..))
+            .collect();
+        self.forget_processes(&ours)?;
         let Some(node) = self.lock_node()? else {
             return Ok(());
         };
