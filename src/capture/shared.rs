@@ -316,13 +316,12 @@ pub(super) fn sweep_abandoned(base: &Path, keep: &Path) {
             continue;
         }
         let node = Node { dir, _lock: lock };
-        let abandoned = node
-            .peers(None)
-            .is_ok_and(|peers| peers.iter().all(|peer| !peer.alive));
-        if !abandoned {
+        let Ok(peers) = node.peers(None) else {
+            continue;
+        };
+        if peers.iter().any(|peer| peer.alive) {
             continue;
         }
-        let peers = node.peers(None).unwrap_or_default();
         for peer in &peers {
             let _ = node.forget(peer.id);
         }
