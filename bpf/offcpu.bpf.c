@@ -250,7 +250,8 @@ static __always_inline __u32 current_host_tgid(void)
  * another task to the kernel). Stacks of different processes never share a
  * key (see struct stack). The kernel leaves the scheduler's own frames
  * (schedule, __schedule, ...) out of another task's stack, so a block shows
- * where it waited, not how it went to sleep. A thread without user memory
+ * where it waited, not how it went to sleep; user space leaves them out of
+ * the current task's stacks too, so a wait has one stack. A thread without user memory
  * (a kernel thread, an io_uring worker, an exiting thread) has no user
  * stack, which is not a drop.
  */
@@ -659,13 +660,11 @@ static __always_inline void on_switch_out(void *ctx, bool preempt, unsigned int 
 			thread->key.lock.kind |= LOCK_HOLDER_READER;
 	}
 	/*
-	 * A thread sleeping for a contended kernel lock is on the lock's slow
-	 * path, which costs microseconds anyway, and its stack's top frames
-	 * (rwsem_down_write_slowpath, mutex_lock, ...) are the ones that say
-	 * what it waits in; the kernel leaves them out of a sleeping task's
-	 * stack, so they are taken now, while the waiter is current.
+	 * A kernel lock's wait takes its kernel stack at switch-in like any
+	 * other: the lock is named by the entry, and a stack of the sleeping
+	 * task is what the survey gets for a wait that began before it.
 	 */
-	if (eager || lock)
+	if (eager)
 		thread->key.kernel_stack = current_kernel_stack(ctx);
 	if (eager)
 		name_futex_wait(bpf_get_current_task_btf(), thread);

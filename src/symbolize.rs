@@ -15,8 +15,10 @@ use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
 mod perf_map;
+mod scheduler;
 
 use perf_map::PerfMap;
+use scheduler::SchedulerText;
 
 use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, UserStackEnd, Window};
 use crate::process_map::{Mapping as ProcessMapping, ProcessMap};
@@ -47,6 +49,8 @@ pub struct Symbolizer {
     blazesym: Blazesym,
     normalizer: Normalizer,
     kernel: HashMap<u64, Frame>,
+    /// Read from kallsyms with the first kernel stack.
+    scheduler_text: std::cell::OnceCell<SchedulerText>,
     /// Per process: address to frame. Dropped when the process goes away.
     user: HashMap<u32, ProcessSymbols>,
 }
@@ -209,6 +213,7 @@ impl Symbolizer {
                 .build(),
             normalizer: Normalizer::builder().enable_build_ids(true).build(),
             kernel: HashMap::new(),
+            scheduler_text: std::cell::OnceCell::new(),
             user: HashMap::new(),
         }
     }
@@ -376,9 +381,11 @@ impl Symbolizer {
         mappings: &mut Vec<Mapping>,
         mapping_index: &mut HashMap<(u32, usize), usize>,
     ) -> Sample {
+        let scheduler_text = self.scheduler_text.get_or_init(SchedulerText::read);
         let mut frames: Vec<Frame> = stack
             .kernel_ips
             .iter()
+            .filter(|&&ip| !scheduler_text.contains(ip))
             .map(|ip| {
                 self.kernel
                     .get(ip)
@@ -857,26 +864,12 @@ mod tests {
             count: 1,
             timeline: Vec::new(),
         };
-        let window = Window {
-            start: std::time::SystemTime::UNIX_EPOCH,
-            duration: std::time::Duration::from_secs(1),
-            stacks: vec![
-                stack(1, &[here], UserStackEnd::Walked),
-                stack(2, &[here], UserStackEnd::Complete),
-                stack(3, &[here], UserStackEnd::Truncated),
-                stack(4, &[], UserStackEnd::NotRead),
-            ],
-            lock_holds: Vec::new(),
-            address_changes: Vec::new(),
-            drops: Default::default(),
-            features: crate::capture::Features {
-                hook: crate::capture::Hook::TpBtf,
-                lock_contention: false,
-                mmap_lock_holds: false,
-                address_changes: false,
-                stacks_on_return: false,
-            },
-        };
+        let window = window_of(vec![
+            stack(1, &[here], UserStackEnd::Walked),
+            stack(2, &[here], UserStackEnd::Complete),
+            stack(3, &[here], UserStackEnd::Truncated),
+            stack(4, &[], UserStackEnd::NotRead),
+        ]);
         let profile = Symbolizer::new().profile(&window);
         let markers: Vec<Vec<&str>> = profile
             .samples
@@ -902,6 +895,78 @@ mod tests {
                 vec![NOT_READ_FRAME],
             ]
         );
+    }
+
+    fn window_of(stacks: Vec<BlockedStack>) -> Window {
+        Window {
+            start: std::time::SystemTime::UNIX_EPOCH,
+            duration: std::time::Duration::from_secs(1),
+            stacks,
+            lock_holds: Vec::new(),
+            address_changes: Vec::new(),
+            drops: Default::default(),
+            features: crate::capture::Features {
+                hook: crate::capture::Hook::TpBtf,
+                lock_contention: false,
+                mmap_lock_holds: false,
+                address_changes: false,
+                stacks_on_return: false,
+            },
+        }
+    }
+
+    /// A rwsem wait as a stack taken while the waiter is current has it,
+    /// and as the kernel gives a sleeping task's: one stack once named.
+    #[test]
+    fn a_wait_taken_while_current_loses_the_frames_the_kernel_leaves_out_of_sleepers() {
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+        let call_in = |function: &str| {
+            let line = kallsyms
+                .lines()
+                .find(|line| line.split_ascii_whitespace().nth(2) == Some(function))
+                .unwrap_or_else(|| panic!("{function} is not in kallsyms"));
+            let start = u64::from_str_radix(line.split_ascii_whitespace().next().unwrap(), 16);
+            // A return address inside the function.
+            start.unwrap() + 8
+        };
+        assert!(
+            call_in("schedule") > 8,
+            "kallsyms hides its addresses: run as root"
+        );
+        let stack = |tid, kernel: &[&str]| BlockedStack {
+            tgid: 1,
+            tid,
+            thread_name: "t".into(),
+            state: crate::profile::ThreadState::Disk,
+            kernel_ips: kernel.iter().map(|function| call_in(function)).collect(),
+            user_ips: Stack::from([]),
+            user_end: UserStackEnd::Walked,
+            lock: None,
+            blocked_ns: 1,
+            count: 1,
+            timeline: Vec::new(),
+        };
+        let below = ["vm_mmap_pgoff", "ksys_mmap_pgoff", "do_syscall_64"];
+        let mut current = vec!["__schedule", "schedule", "rwsem_down_write_slowpath"];
+        current.extend(below);
+        let profile = Symbolizer::new().profile(&window_of(vec![
+            stack(1, &current),
+            stack(2, &below),
+            // Spinlocks' text is left out as well.
+            stack(
+                3,
+                &[
+                    "_raw_spin_lock_irqsave",
+                    "vm_mmap_pgoff",
+                    "ksys_mmap_pgoff",
+                    "do_syscall_64",
+                ],
+            ),
+        ]));
+        for sample in &profile.samples {
+            let functions: Vec<&str> = sample.stack.iter().map(Frame::function).collect();
+            assert_eq!(functions, below, "thread {}", sample.labels.thread_id);
+        }
     }
 
     fn hold(tid: u32, lock_addr: u64, ms: u64) -> LockHold {
