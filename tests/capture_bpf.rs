@@ -327,6 +327,10 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
     let profile = load(&unwound);
     let samples = samples_of(&profile, THREAD);
     let (total, whole_ns) = whole_share(&samples);
+    println!(
+        "with stack copies: {:.1} % of {THREAD}'s blocked time under whole stacks",
+        whole_ns as f64 * 100.0 / total as f64
+    );
     assert_close(THREAD, Duration::from_nanos(total), profile.duration, 0.10);
     // (The parts of blocks in progress at a cut are unwound from outside.)
     assert!(
@@ -354,6 +358,10 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
     let samples = samples_of(&profile, THREAD);
     let (total, whole_ns) = whole_share(&samples);
     assert!(total > 0);
+    println!(
+        "without: {:.1} % under whole stacks",
+        whole_ns as f64 * 100.0 / total as f64
+    );
     assert!(
         whole_ns * 2 < total,
         "frame pointers alone cannot give these stacks: {whole_ns} of {total} ns whole"
