@@ -323,4 +323,115 @@ mod tests {
             .iter()
             .any(|&ret| ret > here && ret < here + 4096));
     }
+
+    /// A process that freezes its own address space over and over, as the
+    /// seed incident did: its main thread populates 1 GiB under
+    /// `mmap_lock`, while another thread waits to map (for write), so every
+    /// reader of its memory waits behind that writer.
+    const FREEZER: &str = r#"
+import ctypes, mmap, threading
+# Dies with the test that started it, however that ends.
+ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+def writer(tids):
+    tids.append(threading.get_native_id())
+    while True:
+        mmap.mmap(-1, 1 << 16).close()
+tids = []
+threading.Thread(target=writer, args=(tids,), daemon=True).start()
+while not tids:
+    pass
+print(tids[0], flush=True)
+while True:
+    mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE).close()
+"#;
+
+    /// A child process that is killed, and reaped, when the test ends.
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn state_of(pid: u32, tid: u32) -> Option<char> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        stat.rsplit(") ").next()?.chars().next()
+    }
+
+    /// The registers a blocked thread entered its system call with, from
+    /// `/proc/PID/task/TID/syscall` (which takes no `mmap_lock`).
+    fn syscall_regs(pid: u32, tid: u32) -> Option<SavedRegs> {
+        let line = fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+        let fields: Vec<u64> = line
+            .split_ascii_whitespace()
+            .skip(7)
+            .map(|field| u64::from_str_radix(field.trim_start_matches("0x"), 16).ok())
+            .collect::<Option<_>>()?;
+        let [sp, ip] = fields[..] else { return None };
+        Some(SavedRegs {
+            regs: UserRegs { ip, sp, fp: 0 },
+            entry: Entry::SystemCall,
+        })
+    }
+
+    #[test]
+    fn a_walk_of_a_process_frozen_behind_an_mmap_lock_writer_is_given_up_on_and_retried() {
+        use std::io::BufRead;
+        let freezer = std::process::Command::new("python3")
+            .args(["-c", FREEZER])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the freezer");
+        let pid = freezer.id();
+        let mut freezer = KillOnDrop(freezer);
+        let mut line = String::new();
+        std::io::BufReader::new(freezer.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let writer: u32 = line.trim().parse().unwrap();
+        let mut walker = StackWalker::start().unwrap();
+
+        // The writer sleeps (D) while it waits behind a populate; a walk
+        // asked for then reads memory that is locked for up to a second,
+        // and the tracer must not wait for it.
+        let mut given_up = None;
+        for block in 0..200 {
+            let saved = loop {
+                if state_of(pid, writer) == Some('D') {
+                    if let Some(saved) = syscall_regs(pid, writer) {
+                        break saved;
+                    }
+                }
+                std::thread::yield_now();
+            };
+            // Some reads fall between two freezes and are served.
+            if walker.walk((writer, block), pid, saved).is_none() {
+                given_up = Some(block);
+                break;
+            }
+        }
+        let block = given_up.expect("no walk was ever held up by the frozen process");
+        drop(freezer);
+
+        // The freeze over, the walker comes back: the late answer is taken
+        // for the block it was asked for, and walks are served again.
+        let mut back = false;
+        for _ in 0..100 {
+            walker.take_answers();
+            if !walker.stuck && !walker.pending.contains(&(writer, block)) {
+                back = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(back, "the walker never came back from the frozen process");
+        let own = SavedRegs {
+            regs: crate::unwind::registers_here!(),
+            entry: Entry::Fault,
+        };
+        let unwound = walker.walk((1, 2), std::process::id(), own).unwrap();
+        assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
+    }
 }
