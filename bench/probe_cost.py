@@ -24,7 +24,14 @@ stretch of work, and prints:
   6. what a user stack copy costs: a thread sleeps 2 ms at a time, deep
      enough in its stack that every copy is a whole one, traced with
      every block copied and with copies off: rseq_update's ns per run
-     with a copy, and with the frame-pointer walk it replaces.
+     with a copy, and with the frame-pointer walk it replaces;
+  7. the recorder with long-blocked threads in code without frame
+     pointers (bench/blocked.c): P processes of T threads each, blocked for
+     seconds at a time (across cuts) and for tens of ms (between cuts),
+     each process watched by its own armed sidecar, the sidecars sharing
+     one probe, as one sidecar per pod deploys them: the sidecars' CPU
+     and the probe's BPF time, with the default unwind threshold and with
+     0s (no stack copies), interleaved, medians.
 
 The statistics' own bookkeeping (two clock reads per run, about 20 ns) is
 part of every figure. Statistics are switched off again at the end.
@@ -35,20 +42,31 @@ binary): every freezeframe figure is then given for both.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FREEZEFRAME = ROOT / "target/release/freezeframe"
 OFFCPUTIME = Path("/usr/sbin/offcputime")
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def build_blocked(out_dir: Path) -> Path:
+    """bench/blocked.c, built as distributions build C: no frame pointers."""
+    binary = out_dir / "blocked"
+    subprocess.run(["gcc", "-O2", "-fomit-frame-pointer", "-g", "-pthread", "-Wall",
+                    str(ROOT / "bench/blocked.c"), "-o", str(binary)], check=True)
+    return binary
 
 
 def build_pingpong(out_dir: Path) -> Path:
@@ -105,9 +123,9 @@ def program_ids(pid: int) -> set:
     return ids
 
 
-def programs_of(pid: int) -> dict:
-    """The BPF programs a process holds: {id: (name, run_time_ns, run_cnt)}."""
-    ids = program_ids(pid)
+def programs_of(*pids: int) -> dict:
+    """The BPF programs the processes hold: {id: (name, run_time_ns, run_cnt)}."""
+    ids = set().union(*(program_ids(pid) for pid in pids))
     shown = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], check=True,
                                       capture_output=True, text=True).stdout)
     return {prog["id"]: (prog.get("name", "?"), prog.get("run_time_ns", 0), prog.get("run_cnt", 0))
@@ -167,8 +185,8 @@ class Tracer:
             self.proc.wait()
 
 
-def freezeframe_capture(binary: Path, pid: int, *extra: str):
-    return Tracer([str(binary), "capture", "--pid", str(pid), "--duration", "600s", "--min-block", "1ms",
+def freezeframe_capture(binary: Path, pid: int, *extra: str, min_block="1ms"):
+    return Tracer([str(binary), "capture", "--pid", str(pid), "--duration", "600s", "--min-block", min_block,
                    *extra])
 
 
@@ -180,14 +198,19 @@ def measured(tracer: Tracer, work):
     """Runs `work()` and returns (its result, {program: (ns, runs)}) for the tracer's programs."""
     before = programs_of(tracer.proc.pid)
     result = work()
-    after = programs_of(tracer.proc.pid)
+    return result, by_name(before, programs_of(tracer.proc.pid))
+
+
+def by_name(before: dict, after: dict) -> dict:
+    """What each program (by name, its instances summed) ran between two
+    readings of programs_of(): {name: [ns, runs]}."""
     per_program = {}
     for prog_id, (name, run_ns, runs) in after.items():
         _, run_ns0, runs0 = before.get(prog_id, (name, 0, 0))
         total = per_program.setdefault(name, [0, 0])
         total[0] += run_ns - run_ns0
         total[1] += runs - runs0
-    return result, per_program
+    return per_program
 
 
 def print_programs(title: str, per_program: dict, units: int, unit: str):
@@ -235,26 +258,64 @@ def kernel_side(binaries: dict, pingpong: Path, round_trips: int, calls: int):
 
 
 def stack_copies(binaries: dict, pingpong: Path, sleeps: int, rounds: int):
+    """rseq_update runs for every rseq thread of the node on its way back to
+    user space, so its ns per run mixes the sleeper's blocks with the rest
+    of the machine's runs. What the sleeper's user stack costs is the
+    difference of rseq_update's total time from a run where its sleeps are
+    not recorded at all (min_block above them), per sleep: the rest of the
+    machine adds to every mode alike (interleaved, medians). A private
+    probe, so that no other freezeframe's targets run in these programs."""
     print(f"BPF time per user stack copy: {sleeps} sleeps of 2 ms, 64 KiB down the stack, "
           f"{rounds} rounds (medians)")
+    settings = {"copied": ("1ms", "1ms"), "walked": ("1ms", "0s"), "unrecorded": ("1s", "0s")}
     for label, binary in binaries.items():
-        per_run = {"copied": [], "walked": []}
-        for index in range(rounds):
-            modes = ["copied", "walked"] if index % 2 == 0 else ["walked", "copied"]
-            for mode in modes:
-                sleeper = PingPong(pingpong)
-                threshold = "1ms" if mode == "copied" else "0s"
-                tracer = freezeframe_capture(binary, sleeper.pid, "--unwind-threshold", threshold)
-                try:
-                    _, per_program = measured(tracer, lambda: sleeper.sleeps(sleeps, 2, 64))
-                finally:
-                    tracer.stop()
-                    sleeper.stop()
-                ns, runs = per_program.get("rseq_update", (0, 0))
-                per_run[mode].append(ns / runs if runs else float("nan"))
-        copied, walked = (statistics.median(per_run[mode]) for mode in ("copied", "walked"))
-        print(f"  {label}: rseq_update {copied:8.1f} ns/run copying the stack, "
-              f"{walked:8.1f} ns/run walking its 70 frame pointers instead")
+        def measure(mode):
+            sleeper = PingPong(pingpong)
+            min_block, threshold = settings[mode]
+            tracer = freezeframe_capture(binary, sleeper.pid, "--shared-probe-dir", "off",
+                                         "--unwind-threshold", threshold, min_block=min_block)
+            try:
+                _, per_program = measured(tracer, lambda: sleeper.sleeps(sleeps, 2, 64))
+            finally:
+                tracer.stop()
+                sleeper.stop()
+            return per_program.get("rseq_update", (0, 0))
+
+        rseq = interleaved(list(settings), rounds, measure)
+        for mode, results in rseq.items():
+            per_run = statistics.median(ns / runs for ns, runs in results if runs)
+            runs = statistics.median(runs for _, runs in results) / sleeps
+            line = f"  {label} {mode:10}: rseq_update {per_run:8.1f} ns/run, {runs:5.2f} runs per sleep"
+            if mode != "unrecorded":
+                extra = statistics.median((ns - idle_ns) / sleeps
+                                          for (ns, _), (idle_ns, _) in zip(results, rseq["unrecorded"]))
+                what = "a 16 KiB stack copy" if mode == "copied" else "a walk of 70 frame pointers"
+                line += f"; {extra:8.1f} ns per sleep more than unrecorded: {what}"
+            print(line)
+
+
+@contextlib.contextmanager
+def bpf_stats():
+    """The kernel's BPF run-time statistics on, as they were after."""
+    was = STATS.read_text().strip()
+    STATS.write_text("1")
+    try:
+        yield
+    finally:
+        STATS.write_text(was)
+
+
+@contextlib.contextmanager
+def scratch_bpffs():
+    """A bpffs mounted for the run: sidecars share a probe in it without
+    touching the node's own."""
+    bpffs = Path(tempfile.mkdtemp(prefix="ff-bench-bpffs-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    try:
+        yield bpffs
+    finally:
+        subprocess.run(["umount", str(bpffs)], check=True)
+        bpffs.rmdir()
 
 
 def interleaved(modes: list, rounds: int, measure) -> dict:
@@ -308,6 +369,12 @@ def wall_clock(binaries: dict, pingpong: Path, rounds: int, round_trips: int, ca
                   interleaved(["none", *binaries], rounds, neighbour_calls), "call")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -321,21 +388,26 @@ def rss_mib(pid: int) -> float:
 
 
 class ArmedSidecar:
-    """`freezeframe run`, armed, watching `pid`, with nothing to export."""
+    """`freezeframe run`, armed, watching `pid` (with none, the processes
+    that report their `process.pid` over OTLP), with nothing to export."""
 
-    def __init__(self, binary: Path, pid: int, shared_probe_dir="off"):
+    def __init__(self, binary: Path, pid=None, shared_probe_dir="off", unwind_threshold=None, settle=2.0):
         self.directory = tempfile.TemporaryDirectory()
+        threshold = f'unwind_threshold = "{unwind_threshold}"' if unwind_threshold else ""
+        target = f"[target]\npid = {pid}" if pid else ""
+        self.http = free_port()
         config = Path(self.directory.name) / "freezeframe.toml"
+        self.log = Path(self.directory.name) / "freezeframe.log"
         config.write_text(f"""
 [receiver]
 grpc = "127.0.0.1:0"
-http = "127.0.0.1:0"
-[target]
-pid = {pid}
+http = "127.0.0.1:{self.http}"
+{target}
 [recorder]
 mode = "armed"
 history = "30s"
 shared_probe_dir = "{shared_probe_dir}"
+{threshold}
 [telemetry]
 listen = "127.0.0.1:0"
 [export]
@@ -344,15 +416,34 @@ directory = "{self.directory.name}/captures"
 name = "quiet"
 silence = "1h"
 """)
-        self.proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([str(binary), "run", "--config", str(config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
         started = time.monotonic()
         while not (has_bpf_link(self.proc.pid) or joined_shared_probe(shared_probe_dir, self.proc.pid)):
             if self.proc.poll() is not None or time.monotonic() - started > 30:
                 self.proc.kill()
                 raise RuntimeError("the sidecar did not attach")
             time.sleep(0.01)
-        time.sleep(2)
+        time.sleep(settle)
+
+    def report_pids(self, pids: list):
+        """Sends a gauge from each of `pids`, as their OTLP SDKs would, and
+        waits until the sidecar watches them all."""
+        body = {"resourceMetrics": [{
+            "resource": {"attributes": [{"key": "process.pid", "value": {"intValue": str(pid)}}]},
+            "scopeMetrics": [{"metrics": [{"name": "bench.up", "gauge": {"dataPoints": [
+                {"timeUnixNano": str(time.time_ns()), "asDouble": 1}]}}]}],
+        } for pid in pids]}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}/v1/metrics", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+        deadline = time.monotonic() + 10
+        while self.log.read_text().count("watching a process that reports") < len(pids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sidecar did not watch the reporting processes:\n{self.log.read_text()}")
+            time.sleep(0.05)
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -387,10 +478,6 @@ def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, call
     getppid() loop: what every sidecar on a node costs everyone else. The
     sidecars share one probe (in a bpffs mounted for the run), or each runs
     a private one, as they did before probes were shared."""
-    bpffs = Path(tempfile.mkdtemp(prefix="ff-bench-bpffs-"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
-    shared_dir = bpffs / "freezeframe"
-
     def measure(mode):
         sharing, count = mode
         apps = [PingPong(pingpong) for _ in range(count)]
@@ -399,17 +486,12 @@ def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, call
         neighbour.run(10_000)
         try:
             cpu0, wall0 = [cpu_seconds(armed.proc.pid) for armed in sidecars], time.monotonic()
-            before = {}
-            for armed in sidecars:
-                before.update(programs_of(armed.proc.pid))
+            pids = [armed.proc.pid for armed in sidecars]
+            before = programs_of(*pids)
             storm = neighbour.run(round_trips)
-            middle = {}
-            for armed in sidecars:
-                middle.update(programs_of(armed.proc.pid))
+            middle = programs_of(*pids)
             getppid = neighbour.calls(calls)
-            after = {}
-            for armed in sidecars:
-                after.update(programs_of(armed.proc.pid))
+            after = programs_of(*pids)
 
             def bpf_ns(start, end, units):
                 return sum(end[i][1] - start[i][1] for i in end if i in start) / units
@@ -426,14 +508,9 @@ def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, call
                 app.stop()
 
     modes = [("none", 0)] + [("shared", count) for count in counts if count] + [("private", max(counts))]
-    was = STATS.read_text().strip()
-    STATS.write_text("1")
-    try:
+    with bpf_stats(), scratch_bpffs() as bpffs:
+        shared_dir = bpffs / "freezeframe"
         results = interleaved(modes, rounds, measure)
-    finally:
-        STATS.write_text(was)
-        subprocess.run(["umount", str(bpffs)], check=True)
-        bpffs.rmdir()
 
     def label(mode):
         return "none" if mode[1] == 0 else f"{mode[0]} K={mode[1]}"
@@ -454,6 +531,95 @@ def node_scale(binary: Path, pingpong: Path, rounds: int, round_trips: int, call
               f"CPU median {statistics.median(cpu) * 100:.2f} % of a core")
 
 
+class Blocked:
+    """bench/blocked.c: `threads` threads blocked `long_ms` at a time, then
+    `shorts` times `short_ms`, over and over."""
+
+    def __init__(self, binary: Path, threads: int, long_ms: int, short_ms: int, shorts: int):
+        self.proc = subprocess.Popen([str(binary), str(threads), str(long_ms), str(short_ms), str(shorts)],
+                                     stdout=subprocess.PIPE, text=True)
+        self.pid = int(self.proc.stdout.readline().split()[1])
+        # The same spread of long blocks as blocked.c's serve().
+        cycles = [long_ms * 3 / 4 + long_ms * (index * 37 % 50) / 100 + shorts * short_ms
+                  for index in range(threads)]
+        self.long_per_s = sum(1000 / cycle for cycle in cycles)
+        self.short_per_s = self.long_per_s * shorts
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def blocked_threads(binary: Path, fixture: Path, processes: int, threads: int, seconds: int, rounds: int):
+    """The recorder's own cost where unwinding matters most: many threads
+    that block for long in code without frame pointers. One armed sidecar
+    per process, sharing the node's probe (one sidecar per pod, the
+    deployment docs/operations.md describes); every long block is unwound
+    from its saved registers at the first cut it spans, every short one
+    past the threshold from its stack copy."""
+    long_ms, short_ms, shorts = 3000, 30, 2
+    apps = [Blocked(fixture, threads, long_ms, short_ms, shorts) for _ in range(processes)]
+    long_per_s = sum(app.long_per_s for app in apps)
+    short_per_s = sum(app.short_per_s for app in apps)
+    print(f"the recorder beside {processes} processes x {threads} threads without frame pointers, "
+          f"blocked ~{long_ms} ms at a time (across cuts, {long_per_s:.0f}/s) and {shorts} x {short_ms} ms "
+          f"between (between cuts, {short_per_s:.0f}/s); {processes} armed sidecars sharing one probe, "
+          f"{seconds} s, {rounds} interleaved rounds, medians; unwind_threshold at its default and at 0s "
+          f"(no stack copies; blocks in progress at a cut are unwound either way)")
+
+    def measure(mode):
+        deployment, threshold = mode
+        threshold = "0s" if threshold == "threshold 0s" else None
+        sidecars = []
+        try:
+            if deployment == "1 sidecar":
+                sidecars.append(ArmedSidecar(binary, None, shared_dir, threshold, settle=0))
+                sidecars[0].report_pids([app.pid for app in apps])
+            else:
+                for app in apps:
+                    sidecars.append(ArmedSidecar(binary, app.pid, shared_dir, threshold, settle=0))
+            # Past the start: the blocks in progress at attach are unwound
+            # once, the unwind tables loaded once; neither is steady state.
+            time.sleep(5)
+            pids = [armed.proc.pid for armed in sidecars]
+            before, cpu0, wall0 = programs_of(*pids), [cpu_seconds(pid) for pid in pids], time.monotonic()
+            time.sleep(seconds)
+            after, cpu1, wall = programs_of(*pids), [cpu_seconds(pid) for pid in pids], time.monotonic() - wall0
+            return ([(end - start) / wall for start, end in zip(cpu0, cpu1)],
+                    {name: (ns / wall, runs / wall) for name, (ns, runs) in by_name(before, after).items()})
+        finally:
+            for armed in sidecars:
+                armed.stop()
+
+    # unwind_threshold = "0s" turns off the stack copies only: a block in
+    # progress at a cut is still unwound from its saved registers.
+    modes = [(deployment, threshold) for deployment in (f"{processes} sidecars", "1 sidecar")
+             for threshold in ("default", "threshold 0s")]
+    try:
+        with bpf_stats(), scratch_bpffs() as bpffs:
+            shared_dir = bpffs / "freezeframe"
+            results = interleaved(modes, rounds, measure)
+    finally:
+        for app in apps:
+            app.stop()
+    print(f"  {'':28} {'all sidecars':>13} {'per sidecar':>12} {'BPF, node-wide':>15}   (% of one core)")
+    for mode in modes:
+        total = statistics.median(sum(cpu) for cpu, _ in results[mode])
+        each = statistics.median(share for cpu, _ in results[mode] for share in cpu)
+        bpf = statistics.median(sum(ns for ns, _ in programs.values()) for _, programs in results[mode])
+        print(f"  {', '.join(mode):28} {total * 100:12.3f}% {each * 100:11.3f}% {bpf / 1e7:14.3f}%")
+    print("  BPF programs (medians), ns per run x runs per second, for: " + "; ".join(", ".join(mode) for mode in modes))
+    names = sorted({name for mode in modes for _, programs in results[mode] for name in programs})
+    for name in names:
+        figures = []
+        for mode in modes:
+            rates = [programs[name] for _, programs in results[mode] if programs.get(name, (0, 0))[1]]
+            ns_per_run = statistics.median(ns / runs for ns, runs in rates) if rates else float("nan")
+            runs = statistics.median(runs for _, runs in rates) if rates else 0
+            figures.append(f"{ns_per_run:7.1f} ns x {runs:7.1f}/s")
+        print(f"      {name:18} {'  '.join(figures)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--freezeframe", type=Path, default=FREEZEFRAME, help="the build to measure")
@@ -463,8 +629,12 @@ def main():
     parser.add_argument("--calls", type=int, default=5_000_000)
     parser.add_argument("--sidecar-seconds", type=int, default=10)
     parser.add_argument("--sleeps", type=int, default=2000, help="2 ms sleeps per stack-copy round")
+    parser.add_argument("--blocked-seconds", type=int, default=20,
+                        help="how long each round of the blocked-threads part is measured")
+    parser.add_argument("--blocked", type=int, nargs=2, default=[5, 20], metavar=("PROCESSES", "THREADS"),
+                        help="the blocked-threads part's processes, and threads in each")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["kernel", "wall", "sidecar", "node", "copies"],
+                        choices=["kernel", "wall", "sidecar", "node", "copies", "blocked"],
                         help="leave out a part (repeatable)")
     parser.add_argument("--sidecars", type=int, nargs="+", default=[0, 1, 4, 8],
                         help="sidecar counts for the node-scale part (0 must come first)")
@@ -482,25 +652,19 @@ def main():
     pingpong = build_pingpong(out_dir)
 
     if "kernel" not in args.skip:
-        was = STATS.read_text().strip()
-        STATS.write_text("1")
-        try:
+        with bpf_stats():
             kernel_side(binaries, pingpong, args.round_trips, args.calls)
-        finally:
-            STATS.write_text(was)
     if "copies" not in args.skip:
-        was = STATS.read_text().strip()
-        STATS.write_text("1")
-        try:
+        with bpf_stats():
             stack_copies(binaries, pingpong, args.sleeps, 5)
-        finally:
-            STATS.write_text(was)
     if "wall" not in args.skip:
         wall_clock(binaries, pingpong, args.rounds, args.round_trips, args.calls)
     if "sidecar" not in args.skip:
         sidecar(binaries, pingpong, args.sidecar_seconds)
     if "node" not in args.skip:
         node_scale(args.freezeframe, pingpong, args.rounds, args.round_trips, args.calls, args.sidecars)
+    if "blocked" not in args.skip:
+        blocked_threads(args.freezeframe, build_blocked(out_dir), *args.blocked, args.blocked_seconds, args.rounds)
 
 
 if __name__ == "__main__":
