@@ -430,6 +430,12 @@ silence = "1h"
     def report_pids(self, pids: list):
         """Sends a gauge from each of `pids`, as their OTLP SDKs would, and
         waits until the sidecar watches them all."""
+        deadline = time.monotonic() + 30
+        # The probe is attached before the receivers listen.
+        while "freezeframe is running" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the sidecar's receivers did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
         body = {"resourceMetrics": [{
             "resource": {"attributes": [{"key": "process.pid", "value": {"intValue": str(pid)}}]},
             "scopeMetrics": [{"metrics": [{"name": "bench.up", "gauge": {"dataPoints": [
