@@ -4,7 +4,8 @@
 //! library. Each blocked thread's `sp` and `pc` come from
 //! `/proc/PID/task/TID/syscall`, as the survey's saved registers would.
 //! Prints the first unwind (tables loaded then), the cost per unwound stack
-//! once they are, and the tables' memory. Then the tables' memory for a JVM
+//! once they are, what a cut pays (the module map read again, then every
+//! blocked thread unwound once), and the tables' memory. Then the tables' memory for a JVM
 //! (the JIT fixture, `tests/fixtures/JitRequests.java`, with every thread
 //! unwound once). `cargo bench --bench unwind` (as root, or with ptrace
 //! rights over the fixtures).
@@ -90,6 +91,24 @@ fn main() {
         elapsed.as_secs_f64() * 1e3,
         elapsed.as_secs_f64() * 1e6 / ROUNDS as f64,
         frames as f64 / ROUNDS as f64
+    );
+
+    let cuts = ROUNDS / blocked.len();
+    let started = Instant::now();
+    for _ in 0..cuts {
+        // As the stack walker does at each cut, for every new block.
+        unwinder.begin_cut();
+        for &(_, regs) in &blocked {
+            let memory = ProcessMemory::open(pid).unwrap();
+            unwinder.unwind(pid, regs, Entry::SystemCall, &memory, 127);
+        }
+    }
+    let per_cut = started.elapsed().as_secs_f64() * 1e6 / cuts as f64;
+    println!(
+        "{cuts} cuts of {} blocked threads: {per_cut:.1} µs per cut, {:.1} µs per stack, \
+         the process's module map read once per cut",
+        blocked.len(),
+        per_cut / blocked.len() as f64
     );
     println!(
         "unwind tables for a glibc-only process (fixture, libc, ld.so as touched, vDSO as \

@@ -784,9 +784,11 @@ impl<'obj> Tracer<'obj> {
         Ok(window)
     }
 
-    /// Has the walker start on the user stacks of blocks in progress that
-    /// have none yet, while the rest of a cut goes on.
+    /// Starts the walker's cut, then has it start on the user stacks of
+    /// blocks in progress that have none yet, while the rest of the cut
+    /// goes on.
     fn request_walks(&mut self, in_flight: &[InFlight]) {
+        self.walker.begin_cut();
         for block in in_flight {
             let id = (block.host_tid, block.start_ns);
             if let (Some(saved), false) = (block.regs, self.walked.contains_key(&id)) {

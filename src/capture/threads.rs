@@ -90,6 +90,9 @@ pub(super) struct StackWalker {
 }
 
 enum Job {
+    /// Process maps read before are read again (see
+    /// [`Unwinder::begin_cut`]).
+    BeginCut,
     Walk(Walk),
     Copies {
         copies: Vec<StackCopy>,
@@ -126,6 +129,10 @@ impl StackWalker {
                 let mut unwinder = Unwinder::default();
                 for job in inbox {
                     let answered = match job {
+                        Job::BeginCut => {
+                            unwinder.begin_cut();
+                            true
+                        }
                         Job::Walk(walk) => {
                             let unwound = unwind_user_stack(&mut unwinder, walk.tgid, walk.saved);
                             reply.send((walk.id, unwound)).is_ok()
@@ -155,6 +162,13 @@ impl StackWalker {
             stuck: false,
             stuck_copies: None,
         })
+    }
+
+    /// Starts a cut: the walks and copies asked for from now on see the
+    /// targets' module maps as they are now.
+    pub fn begin_cut(&mut self) {
+        // Only fails once the walker is gone; a walk asked for then says so.
+        let _ = self.requests.send(Job::BeginCut);
     }
 
     /// Asks for a block's user stack without waiting for it.

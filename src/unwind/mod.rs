@@ -31,9 +31,9 @@ use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64};
 use framehop::{FrameAddress, Unwinder as _};
 
 pub use memory::{Memory, ProcessMemory};
-use tables::{Lookup, Tables};
+use tables::{Module, ReturnSite, Rules, Tables};
 
-use crate::process_map::{Mapping, ProcessMap};
+use crate::process_map::ProcessMap;
 
 /// The user registers a thread entered the kernel with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +79,8 @@ pub struct Unwound {
 /// 0.2 MiB, libjvm's about 3 MiB.
 pub const DEFAULT_TABLE_BUDGET: u64 = 64 << 20;
 
-/// How many processes' module maps are kept between unwinds; the least
-/// recently used goes first (an exited process's is never used again).
+/// How many processes' module maps are kept within a cut; the least
+/// recently used goes first.
 const MAX_PROCESSES: usize = 1024;
 
 /// `mov $0xf, %rax; syscall`: glibc's `__restore_rt`, where a signal
@@ -95,8 +95,9 @@ const UCONTEXT_RSP: u64 = 40 + 15 * 8;
 const UCONTEXT_RIP: u64 = 40 + 16 * 8;
 
 /// Unwinds stopped threads. Keeps unwind tables (shared across processes
-/// by build id, within a byte budget) and each process's module map
-/// between calls: one instance should serve every unwind.
+/// by build id, within a byte budget) between calls, and each process's
+/// module map within a cut ([`Unwinder::begin_cut`]): one instance should
+/// serve every unwind.
 ///
 /// Reading a module map takes the target's mmap_lock, as reading its
 /// memory does: call from a thread that may block (see
@@ -104,13 +105,25 @@ const UCONTEXT_RIP: u64 = 40 + 16 * 8;
 pub struct Unwinder {
     tables: Tables,
     processes: HashMap<u32, ProcessState>,
+    /// framehop's rule cache, kept across unwinds as it is meant to be.
     cache: CacheX86_64,
     clock: u64,
 }
 
+/// A process's module map as read in this cut, and the module each
+/// mapping asked about belongs to (by the mapping's start).
 struct ProcessState {
     map: ProcessMap,
+    modules: HashMap<u64, Module>,
     last_used: u64,
+}
+
+/// An executable mapping of a process, and whose code it is.
+#[derive(Clone, Copy)]
+struct Code {
+    start: u64,
+    end: u64,
+    module: Module,
 }
 
 impl Default for Unwinder {
@@ -133,7 +146,7 @@ struct Frame {
 }
 
 /// How a return address was confirmed.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Confirmed {
     Call,
     Trampoline,
@@ -161,6 +174,22 @@ impl Unwinder {
     /// Memory the loaded unwind tables take.
     pub fn table_bytes(&self) -> u64 {
         self.tables.bytes()
+    }
+
+    /// Starts a cut: each process's module map is read again when it is
+    /// next used, then kept for the cut's unwinds.
+    ///
+    /// Once a cut, because a map read after the cut began holds every
+    /// module the threads blocked at that cut have frames in: a thread's
+    /// code was mapped when it blocked, and a module cannot go away under
+    /// a thread that will return into it. A map kept longer could be stale:
+    /// a library unloaded since, another mapped where it was, would lend
+    /// its tables to addresses that are no longer its own. For the same
+    /// reason an address outside every mapping is not worth reading the
+    /// map again for within a cut: it is not code a blocked thread returns
+    /// to, and the stack ends there.
+    pub fn begin_cut(&mut self) {
+        self.processes.clear();
     }
 
     /// Unwinds the user stack of a thread of `pid` stopped with `regs`,
@@ -203,16 +232,16 @@ impl Unwinder {
     /// The caller of `frame`, confirmed.
     fn step(&mut self, pid: u32, frame: Frame, memory: &dyn Memory) -> Step {
         let lookup = frame.address.address_for_lookup();
-        let Some(mapping) = self.code_mapping(pid, lookup) else {
+        let Some(code) = self.code_at(pid, lookup) else {
             return Step::Unconfirmed;
         };
         if frame.at_trampoline {
             return signal_context(frame.regs.sp(), memory).map_or(Step::Unconfirmed, Step::Caller);
         }
         let mut regs = frame.regs;
-        let return_address = match self.tables.lookup(pid, &mapping) {
-            Lookup::Module(table, bias) => match table.dwarf_for(lookup.wrapping_sub(bias)) {
-                Some(dwarf) => {
+        let return_address = match code.module {
+            Module::Table(id, bias) => match self.tables.rules(id, lookup.wrapping_sub(bias)) {
+                Some(Rules::Dwarf(dwarf)) => {
                     let Some(address) = rebase(frame.address, bias) else {
                         return Step::Unconfirmed;
                     };
@@ -227,16 +256,17 @@ impl Unwinder {
                 // them is generated or hand-written, such as V8's builtins
                 // embedded in node: it keeps rbp as a frame pointer, and the
                 // caller's rbp came through the callee's tables.
-                None => match frame_pointer_step(&mut regs, memory) {
+                Some(Rules::NoTable) => match frame_pointer_step(&mut regs, memory) {
                     Some(return_address) => return_address,
                     None => return Step::Unconfirmed,
                 },
+                None => return Step::Unconfirmed,
             },
-            Lookup::Anonymous => match frame_pointer_step(&mut regs, memory) {
+            Module::Anonymous => match frame_pointer_step(&mut regs, memory) {
                 Some(return_address) => return_address,
                 None => return Step::Unconfirmed,
             },
-            Lookup::Unreadable => return Step::Unconfirmed,
+            Module::Unreadable => return Step::Unconfirmed,
         };
         if regs.sp() <= frame.regs.sp() {
             return Step::Unconfirmed;
@@ -265,87 +295,92 @@ impl Unwinder {
 
     /// Whether `address` is a return address: it lands in code right
     /// after a call instruction, or at the signal trampoline, where the
-    /// kernel (not a call) sends a handler back to. One read covers both.
+    /// kernel (not a call) sends a handler back to. One read covers both:
+    /// from the module's file (remembered with its tables), or for code
+    /// without one from memory (JIT code changes: read every time).
     fn confirmed_return(
         &mut self,
         pid: u32,
         address: u64,
         memory: &dyn Memory,
     ) -> Option<Confirmed> {
-        let mapping = self.code_mapping(pid, address.checked_sub(1)?)?;
-        let before = (address - mapping.start).min(MAX_CALL_LENGTH as u64);
-        let after = (mapping.end - address).min(SIGRETURN.len() as u64);
-        let code = self.code(
-            pid,
-            &mapping,
-            address - before,
-            (before + after) as usize,
-            memory,
-        )?;
-        let (before, after) = code.split_at(before as usize);
-        if after == SIGRETURN {
-            Some(Confirmed::Trampoline)
-        } else if ends_with_call(before) {
-            Some(Confirmed::Call)
-        } else {
-            None
-        }
-    }
-
-    /// Code bytes of the process: from the module's file, or (for code
-    /// without one) from its memory.
-    fn code(
-        &mut self,
-        pid: u32,
-        mapping: &Mapping,
-        address: u64,
-        length: usize,
-        memory: &dyn Memory,
-    ) -> Option<Vec<u8>> {
-        if address.checked_add(length as u64)? > mapping.end {
-            return None;
-        }
-        match self.tables.lookup(pid, mapping) {
-            Lookup::Module(table, bias) => table.code(address.wrapping_sub(bias), length),
-            Lookup::Anonymous => {
-                let mut bytes = vec![0; length];
-                memory.read_code(address, &mut bytes).then_some(bytes)
+        let code = self.code_at(pid, address.checked_sub(1)?)?;
+        let before = (address - code.start).min(MAX_CALL_LENGTH as u64) as u8;
+        let after = (code.end - address).min(SIGRETURN.len() as u64) as u8;
+        match code.module {
+            Module::Table(id, bias) => {
+                let site = ReturnSite {
+                    vaddr: address.wrapping_sub(bias),
+                    before,
+                    after,
+                };
+                self.tables.confirm(id, site, judge_return)
             }
-            Lookup::Unreadable => None,
+            Module::Anonymous => {
+                let mut bytes = vec![0; usize::from(before) + usize::from(after)];
+                if !memory.read_code(address - u64::from(before), &mut bytes) {
+                    return None;
+                }
+                let (before, after) = bytes.split_at(usize::from(before));
+                judge_return(before, after)
+            }
+            Module::Unreadable => None,
         }
     }
 
-    /// The executable mapping an address is in. The map is read again
-    /// once when the address is not in it: the process may have loaded a
-    /// library since.
-    fn code_mapping(&mut self, pid: u32, address: u64) -> Option<Mapping> {
+    /// The executable mapping an address is in, as this cut's map of the
+    /// process has it (see [`Unwinder::begin_cut`]).
+    fn code_at(&mut self, pid: u32, address: u64) -> Option<Code> {
         self.clock += 1;
-        if let Some(state) = self.processes.get_mut(&pid) {
-            state.last_used = self.clock;
-            if let Some(mapping) = state.map.code(address) {
-                return Some(mapping.clone());
+        if !self.processes.contains_key(&pid) {
+            let map = ProcessMap::read(pid).ok()?;
+            if self.processes.len() >= MAX_PROCESSES {
+                if let Some(oldest) = self
+                    .processes
+                    .iter()
+                    .min_by_key(|(_, state)| state.last_used)
+                    .map(|(pid, _)| *pid)
+                {
+                    self.processes.remove(&oldest);
+                }
             }
-        }
-        let map = ProcessMap::read(pid).ok()?;
-        let mapping = map.code(address).cloned();
-        if self.processes.len() >= MAX_PROCESSES && !self.processes.contains_key(&pid) {
-            if let Some(oldest) = self
-                .processes
-                .iter()
-                .min_by_key(|(_, state)| state.last_used)
-                .map(|(pid, _)| *pid)
-            {
-                self.processes.remove(&oldest);
-            }
-        }
-        self.processes.insert(
-            pid,
-            ProcessState {
+            let state = ProcessState {
                 map,
-                last_used: self.clock,
-            },
-        );
-        mapping
+                modules: HashMap::new(),
+                last_used: 0,
+            };
+            self.processes.insert(pid, state);
+        }
+        let state = self.processes.get_mut(&pid)?;
+        state.last_used = self.clock;
+        let mapping = state.map.code(address)?;
+        let module = match state.modules.get(&mapping.start) {
+            // Its table was evicted since: loaded again.
+            Some(Module::Table(id, _)) if !self.tables.contains(*id) => None,
+            known => known.copied(),
+        };
+        let module = module.unwrap_or_else(|| {
+            let module = self.tables.module(pid, mapping);
+            state.modules.insert(mapping.start, module);
+            module
+        });
+        Some(Code {
+            start: mapping.start,
+            end: mapping.end,
+            module,
+        })
+    }
+}
+
+/// How the code around a return address confirms it: the signal
+/// trampoline right at it, or a call right before it.
+fn judge_return(before: &[u8], after: &[u8]) -> Option<Confirmed> {
+    if after == SIGRETURN {
+        Some(Confirmed::Trampoline)
+    } else if ends_with_call(before) {
+        Some(Confirmed::Call)
+    } else {
+        None
     }
 }
 

@@ -8,12 +8,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use framehop::x86_64::UnwinderX86_64;
-use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
+use framehop::{ExplicitModuleSectionInfo, Unwinder as _};
 use gimli::{
     BaseAddresses, CieOrFde, DebugFrame, EhFrame, EhFrameHdr, LittleEndian, UnwindSection,
 };
 
 use super::elf::{Elf, Image, Section};
+use super::Confirmed;
 use crate::process_map::{Mapping, ProcessMap};
 
 /// Which file a table was loaded from, for processes that map it later.
@@ -47,8 +48,58 @@ pub(super) struct Table {
     /// pointers where a table has no entry, which in code built without
     /// them yields garbage: such an address ends the stack instead.
     coverage: Coverage,
+    /// Answers about file addresses already asked about. Blocked threads
+    /// of a process wait in the same few places cut after cut; the file's
+    /// bytes do not change under a table, so neither do the answers.
+    covered: Memo<u64, bool>,
+    returns: Memo<ReturnSite, Option<Confirmed>>,
+    /// The tables' bytes, without the memos'.
     bytes: u64,
     last_used: u64,
+}
+
+/// A return address to confirm, as a file address, with how many code
+/// bytes the mapping holds before it (at most a call's length) and after
+/// it (at most the signal trampoline's): the answer depends on both.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct ReturnSite {
+    pub vaddr: u64,
+    pub before: u8,
+    pub after: u8,
+}
+
+/// Answers kept per table, at most [`MEMO_ENTRIES`]; when full it starts
+/// over (the places threads wait in are soon asked about again).
+struct Memo<K, V> {
+    answers: HashMap<K, V>,
+}
+
+/// A few thousand places threads wait in per module: about 100 KiB at most
+/// for both memos of a table.
+const MEMO_ENTRIES: usize = 2048;
+
+impl<K: std::hash::Hash + Eq, V: Copy> Memo<K, V> {
+    fn new() -> Self {
+        Memo {
+            answers: HashMap::new(),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.answers.get(key).copied()
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.answers.len() >= MEMO_ENTRIES {
+            self.answers.clear();
+        }
+        self.answers.insert(key, value);
+    }
+
+    /// What the memo takes, counting the hash table's own overhead.
+    fn bytes(&self) -> u64 {
+        (self.answers.capacity() * (std::mem::size_of::<(K, V)>() + 1)) as u64
+    }
 }
 
 /// How to tell whether the tables describe an address.
@@ -155,7 +206,7 @@ impl Table {
                 ..ExplicitModuleSectionInfo::default()
             };
             let mut unwinder = UnwinderX86_64::new();
-            unwinder.add_module(Module::new(name, code, 0, section_info));
+            unwinder.add_module(framehop::Module::new(name, code, 0, section_info));
             unwinder
         });
         Some(Table {
@@ -163,27 +214,26 @@ impl Table {
             image,
             dwarf,
             coverage,
+            covered: Memo::new(),
+            returns: Memo::new(),
             bytes,
             last_used: 0,
         })
     }
 
-    /// framehop's unwinder for the module, if the tables describe the file
-    /// address `address`.
-    pub fn dwarf_for(&self, address: u64) -> Option<&UnwinderX86_64<Bytes>> {
-        let dwarf = self.dwarf.as_ref()?;
-        self.coverage.covers(address).then_some(dwarf)
+    fn total_bytes(&self) -> u64 {
+        self.bytes + self.covered.bytes() + self.returns.bytes()
     }
 
     /// What to subtract from a process address in `mapping` to get the
     /// file address.
-    pub fn bias(&self, mapping: &Mapping) -> Option<u64> {
+    fn bias(&self, mapping: &Mapping) -> Option<u64> {
         let vaddr = self.elf.vaddr_of_offset(mapping.offset)?;
         Some(mapping.start.wrapping_sub(vaddr))
     }
 
     /// The module's code bytes at a file address.
-    pub fn code(&self, vaddr: u64, length: usize) -> Option<Vec<u8>> {
+    fn code(&self, vaddr: u64, length: usize) -> Option<Vec<u8>> {
         self.image.read(self.elf.offset_of_vaddr(vaddr)?, length)
     }
 }
@@ -235,19 +285,35 @@ where
     }
 }
 
+/// A loaded table, as long as it stays loaded: ids are not reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct TableId(u64);
+
 /// What the tables say about one mapping of a process.
-pub(super) enum Lookup<'a> {
-    Module(&'a Table, u64),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Module {
+    /// The module's table, and what to subtract from a process address in
+    /// the mapping to get the file address.
+    Table(TableId, u64),
     /// Code with no file (JIT): no tables.
     Anonymous,
     /// The file could not be read (gone, not ELF): nothing to unwind by.
     Unreadable,
 }
 
+/// How to step up from a file address of a module.
+pub(super) enum Rules<'a> {
+    Dwarf(&'a UnwinderX86_64<Bytes>),
+    /// The tables do not describe it (or there are none).
+    NoTable,
+}
+
 /// The loaded tables, within a byte budget.
 pub(super) struct Tables {
-    tables: HashMap<TableKey, Table>,
-    files: HashMap<FileId, TableKey>,
+    tables: HashMap<TableId, Table>,
+    ids: HashMap<TableKey, TableId>,
+    files: HashMap<FileId, TableId>,
+    next_id: u64,
     bytes: u64,
     budget: u64,
     clock: u64,
@@ -257,7 +323,9 @@ impl Tables {
     pub fn new(budget: u64) -> Self {
         Tables {
             tables: HashMap::new(),
+            ids: HashMap::new(),
             files: HashMap::new(),
+            next_id: 0,
             bytes: 0,
             budget,
             clock: 0,
@@ -273,45 +341,96 @@ impl Tables {
         self.tables.len()
     }
 
-    /// The table of the module `mapping` belongs to in process `pid`,
-    /// loaded on first use, and the mapping's bias.
-    pub fn lookup(&mut self, pid: u32, mapping: &Mapping) -> Lookup<'_> {
-        self.clock += 1;
-        let key = if mapping.path.as_deref() == Some("[vdso]") {
+    /// Whether the table is (still) loaded.
+    pub fn contains(&self, id: TableId) -> bool {
+        self.tables.contains_key(&id)
+    }
+
+    /// The module `mapping` belongs to in process `pid`, its table loaded
+    /// on first use.
+    pub fn module(&mut self, pid: u32, mapping: &Mapping) -> Module {
+        let id = if mapping.path.as_deref() == Some("[vdso]") {
             self.vdso(mapping)
         } else if mapping.is_file() {
             self.file(pid, mapping)
         } else if mapping.is_anonymous_code() {
-            return Lookup::Anonymous;
+            return Module::Anonymous;
         } else {
             None
         };
-        let Some(key) = key else {
-            return Lookup::Unreadable;
+        let Some(id) = id else {
+            return Module::Unreadable;
         };
-        let clock = self.clock;
-        match self.tables.get_mut(&key) {
-            Some(table) => {
-                table.last_used = clock;
-                match table.bias(mapping) {
-                    Some(bias) => Lookup::Module(table, bias),
-                    None => Lookup::Unreadable,
-                }
-            }
-            None => Lookup::Unreadable,
+        match self.tables.get(&id).and_then(|table| table.bias(mapping)) {
+            Some(bias) => Module::Table(id, bias),
+            None => Module::Unreadable,
         }
     }
 
-    fn file(&mut self, pid: u32, mapping: &Mapping) -> Option<TableKey> {
+    /// How to step up from the file address `vaddr`; `None` if the table
+    /// is no longer loaded.
+    pub fn rules(&mut self, id: TableId, vaddr: u64) -> Option<Rules<'_>> {
+        let table = self.used(id)?;
+        let covered = match table.covered.get(&vaddr) {
+            Some(covered) => covered,
+            None => {
+                let covered = table.coverage.covers(vaddr);
+                let before = table.total_bytes();
+                table.covered.insert(vaddr, covered);
+                let after = table.total_bytes();
+                self.bytes = self.bytes + after - before;
+                covered
+            }
+        };
+        let table = &self.tables[&id];
+        Some(match (&table.dwarf, covered) {
+            (Some(dwarf), true) => Rules::Dwarf(dwarf),
+            _ => Rules::NoTable,
+        })
+    }
+
+    /// How the code around a return address confirms it, judged by
+    /// `judge` on the bytes before and after it; `None` if it does not or
+    /// the bytes cannot be read.
+    pub fn confirm(
+        &mut self,
+        id: TableId,
+        site: ReturnSite,
+        judge: impl FnOnce(&[u8], &[u8]) -> Option<Confirmed>,
+    ) -> Option<Confirmed> {
+        let table = self.used(id)?;
+        if let Some(confirmed) = table.returns.get(&site) {
+            return confirmed;
+        }
+        let start = site.vaddr.checked_sub(u64::from(site.before))?;
+        let code = table.code(start, usize::from(site.before) + usize::from(site.after))?;
+        let (before, after) = code.split_at(usize::from(site.before));
+        let confirmed = judge(before, after);
+        // A read that failed is not remembered: it may succeed next time.
+        let bytes_before = table.total_bytes();
+        table.returns.insert(site, confirmed);
+        let bytes_after = table.total_bytes();
+        self.bytes = self.bytes + bytes_after - bytes_before;
+        confirmed
+    }
+
+    fn used(&mut self, id: TableId) -> Option<&mut Table> {
+        self.clock += 1;
+        let table = self.tables.get_mut(&id)?;
+        table.last_used = self.clock;
+        Some(table)
+    }
+
+    fn file(&mut self, pid: u32, mapping: &Mapping) -> Option<TableId> {
         let path = mapping.path.clone()?;
-        let id = FileId {
+        let file_id = FileId {
             device: mapping.device.clone(),
             inode: mapping.inode,
             path,
         };
-        if let Some(key) = self.files.get(&id) {
-            if self.tables.contains_key(key) {
-                return Some(key.clone());
+        if let Some(&id) = self.files.get(&file_id) {
+            if self.tables.contains_key(&id) {
+                return Some(id);
             }
         }
         // map_files names the very file mapped, even if it was replaced on
@@ -320,54 +439,71 @@ impl Tables {
             "/proc/{pid}/map_files/{:x}-{:x}",
             mapping.start, mapping.end
         ))
-        .or_else(|_| File::open(format!("/proc/{pid}/root{}", id.path)))
+        .or_else(|_| File::open(format!("/proc/{pid}/root{}", file_id.path)))
         .ok()?;
-        let table = Table::load(id.path.clone(), Image::File(file))?;
-        let key = match &table.elf.build_id {
+        let key = |table: &Table| match &table.elf.build_id {
             Some(build_id) => TableKey::BuildId(build_id.clone()),
-            None => TableKey::File(id.clone()),
+            None => TableKey::File(file_id.clone()),
         };
-        self.files.insert(id, key.clone());
-        self.insert(key.clone(), table);
-        Some(key)
+        let table = Table::load(file_id.path.clone(), Image::File(file))?;
+        let key = key(&table);
+        // Another file with the same build id has its table loaded already.
+        let id = match self.ids.get(&key) {
+            Some(&id) if self.tables.contains_key(&id) => id,
+            _ => self.insert(key, table),
+        };
+        self.files.insert(file_id, id);
+        Some(id)
     }
 
     /// Every 64-bit process maps the kernel's one vDSO image, ours
     /// included: its tables are read from our own, which no freeze of the
     /// target can hold up.
-    fn vdso(&mut self, mapping: &Mapping) -> Option<TableKey> {
-        if !self.tables.contains_key(&TableKey::Vdso) {
-            let table = Table::load("[vdso]".into(), Image::Bytes(own_vdso()?))?;
-            self.insert(TableKey::Vdso, table);
-        }
-        let table = &self.tables[&TableKey::Vdso];
-        let length = match &table.image {
+    fn vdso(&mut self, mapping: &Mapping) -> Option<TableId> {
+        let id = match self.ids.get(&TableKey::Vdso) {
+            Some(&id) if self.tables.contains_key(&id) => id,
+            _ => {
+                let table = Table::load("[vdso]".into(), Image::Bytes(own_vdso()?))?;
+                self.insert(TableKey::Vdso, table)
+            }
+        };
+        let length = match &self.tables.get(&id)?.image {
             Image::Bytes(bytes) => bytes.len() as u64,
             Image::File(_) => 0,
         };
-        (mapping.end - mapping.start == length).then_some(TableKey::Vdso)
+        (mapping.end - mapping.start == length).then_some(id)
     }
 
-    fn insert(&mut self, key: TableKey, mut table: Table) {
+    fn insert(&mut self, key: TableKey, mut table: Table) -> TableId {
+        self.clock += 1;
         table.last_used = self.clock;
-        self.bytes += table.bytes;
-        if let Some(old) = self.tables.insert(key, table) {
-            self.bytes -= old.bytes;
+        let id = TableId(self.next_id);
+        self.next_id += 1;
+        self.bytes += table.total_bytes();
+        self.tables.insert(id, table);
+        if let Some(old) = self.ids.insert(key, id) {
+            self.evict(old);
         }
         while self.bytes > self.budget && self.tables.len() > 1 {
             let Some(oldest) = self
                 .tables
                 .iter()
                 .min_by_key(|(_, table)| table.last_used)
-                .map(|(key, _)| key.clone())
+                .map(|(id, _)| *id)
             else {
                 break;
             };
-            if let Some(evicted) = self.tables.remove(&oldest) {
-                self.bytes -= evicted.bytes;
-            }
-            self.files.retain(|_, key| *key != oldest);
+            self.evict(oldest);
         }
+        id
+    }
+
+    fn evict(&mut self, id: TableId) {
+        if let Some(evicted) = self.tables.remove(&id) {
+            self.bytes -= evicted.total_bytes();
+        }
+        self.ids.retain(|_, kept| *kept != id);
+        self.files.retain(|_, kept| *kept != id);
     }
 }
 
@@ -396,22 +532,70 @@ mod tests {
             .unwrap()
     }
 
+    fn loaded(tables: &mut Tables, pid: u32, mapping: &Mapping) -> (TableId, u64) {
+        match tables.module(pid, mapping) {
+            Module::Table(id, bias) => (id, bias),
+            other => panic!("{mapping:?} has tables, not {other:?}"),
+        }
+    }
+
     #[test]
     fn our_own_code_is_covered_and_shared_by_build_id() {
         let here = our_own_code_is_covered_and_shared_by_build_id as *const () as u64;
         let mapping = own_mapping_of(here);
         let mut tables = Tables::new(u64::MAX);
-        let Lookup::Module(table, bias) = tables.lookup(std::process::id(), &mapping) else {
-            panic!("our executable has tables");
-        };
-        assert!(table.dwarf_for(here - bias).is_some());
-        assert!(table.dwarf_for(u64::MAX - 1).is_none());
+        let (id, bias) = loaded(&mut tables, std::process::id(), &mapping);
+        assert!(matches!(
+            tables.rules(id, here - bias),
+            Some(Rules::Dwarf(_))
+        ));
+        assert!(matches!(
+            tables.rules(id, u64::MAX - 1),
+            Some(Rules::NoTable)
+        ));
         let bytes = tables.bytes();
         assert!(bytes > 0);
         // Another process mapping the same file (our parent would not;
         // the same mapping seen again stands for it) adds nothing.
-        tables.lookup(1, &mapping);
+        assert_eq!(loaded(&mut tables, 1, &mapping), (id, bias));
         assert_eq!((tables.bytes(), tables.len()), (bytes, 1));
+    }
+
+    #[test]
+    fn answers_are_remembered_within_the_budget() {
+        let here = answers_are_remembered_within_the_budget as *const () as u64;
+        let mut tables = Tables::new(u64::MAX);
+        let (id, bias) = loaded(&mut tables, std::process::id(), &own_mapping_of(here));
+        let bytes = tables.bytes();
+        let site = ReturnSite {
+            vaddr: here - bias + 1,
+            before: 1,
+            after: 2,
+        };
+        let mut judged = Vec::new();
+        let mut judge = |before: &[u8], after: &[u8]| {
+            judged.push((before.len(), after.len()));
+            Some(Confirmed::Call)
+        };
+        assert_eq!(tables.confirm(id, site, &mut judge), Some(Confirmed::Call));
+        assert!(tables.bytes() > bytes, "the memo counts in the budget");
+        assert_eq!(tables.confirm(id, site, &mut judge), Some(Confirmed::Call));
+        assert_eq!(judged, vec![(1, 2)], "judged once, then remembered");
+        let unreadable = ReturnSite {
+            vaddr: u64::MAX - 4,
+            ..site
+        };
+        assert_eq!(
+            tables.confirm(id, unreadable, |_, _| Some(Confirmed::Call)),
+            None
+        );
+
+        let mut memo = Memo::new();
+        for key in 0..=MEMO_ENTRIES as u64 {
+            memo.insert(key, true);
+        }
+        assert_eq!(memo.get(&(MEMO_ENTRIES as u64)), Some(true));
+        assert!(memo.answers.len() <= MEMO_ENTRIES);
     }
 
     #[test]
@@ -425,15 +609,14 @@ mod tests {
             return; // booted with vdso=0: nothing to test
         };
         let mut tables = Tables::new(u64::MAX);
-        let Lookup::Module(table, bias) = tables.lookup(std::process::id(), vdso) else {
-            panic!("the vDSO's tables load from memory");
-        };
-        let text = table.elf.text.clone().unwrap();
-        assert!(table.dwarf_for(text.start).is_some());
-        assert_eq!(
-            bias.wrapping_add(table.elf.vaddr_of_offset(0).unwrap()),
-            vdso.start
-        );
+        let (id, bias) = loaded(&mut tables, std::process::id(), vdso);
+        let text = tables.tables[&id].elf.text.clone().unwrap();
+        let vaddr_zero = tables.tables[&id].elf.vaddr_of_offset(0).unwrap();
+        assert!(matches!(
+            tables.rules(id, text.start),
+            Some(Rules::Dwarf(_))
+        ));
+        assert_eq!(bias.wrapping_add(vaddr_zero), vdso.start);
     }
 
     #[test]
@@ -443,14 +626,16 @@ mod tests {
         let libc = own_mapping_of(libc::getpid as *const () as u64);
         assert_ne!(ours.path, libc.path);
         let mut tables = Tables::new(1);
-        tables.lookup(std::process::id(), &ours);
-        tables.lookup(std::process::id(), &libc);
+        let (our_id, _) = loaded(&mut tables, std::process::id(), &ours);
+        let (libc_id, _) = loaded(&mut tables, std::process::id(), &libc);
         assert_eq!(tables.len(), 1, "only one table fits");
-        assert!(matches!(
-            tables.lookup(std::process::id(), &libc),
-            Lookup::Module(..)
-        ));
-        assert!(tables.files.len() == 1);
+        assert!(!tables.contains(our_id) && tables.contains(libc_id));
+        assert!(
+            tables.rules(our_id, 0).is_none(),
+            "an evicted id finds nothing"
+        );
+        assert_eq!(loaded(&mut tables, std::process::id(), &libc).0, libc_id);
+        assert!(tables.files.len() == 1 && tables.ids.len() == 1);
     }
 
     #[test]
@@ -465,12 +650,12 @@ mod tests {
             path: None,
         };
         let mut tables = Tables::new(u64::MAX);
-        assert!(matches!(tables.lookup(1, &jit), Lookup::Anonymous));
+        assert_eq!(tables.module(1, &jit), Module::Anonymous);
         let gone = Mapping {
             path: Some("/nonexistent/lib.so".into()),
             inode: 7,
             ..jit
         };
-        assert!(matches!(tables.lookup(u32::MAX, &gone), Lookup::Unreadable));
+        assert_eq!(tables.module(u32::MAX, &gone), Module::Unreadable);
     }
 }
