@@ -814,9 +814,10 @@ impl<'obj> Tracer<'obj> {
         let Some(unwound) = self.walker.walk(id, block.key.tgid, saved) else {
             return Ok(not_read);
         };
-        if self.probe.block_start(block.host_tid)? != Some(block.start_ns) {
+        let start_now = self.probe.block_start(block.host_tid)?;
+        let Some(unwound) = threads::if_still_in(id, start_now, unwound) else {
             return Ok(not_read);
-        }
+        };
         let walked = (Stack::from(unwound.ips), unwound.end.into());
         self.walked.insert(id, walked.clone());
         Ok(walked)

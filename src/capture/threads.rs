@@ -109,6 +109,20 @@ struct Walk {
     saved: SavedRegs,
 }
 
+/// A walk's answer, kept only if its thread is still in the block it was
+/// asked for: `start_now` is the start of the block the thread is in once
+/// the answer is in hand (`None`: on the CPU, gone, or between blocks). A
+/// thread that woke while its stack was read has written over it since;
+/// what was read may mix the frames it blocked in with those it runs in
+/// now, each confirmed on its own and wrong together.
+pub(super) fn if_still_in(
+    block: BlockId,
+    start_now: Option<u64>,
+    unwound: Unwound,
+) -> Option<Unwound> {
+    (start_now == Some(block.1)).then_some(unwound)
+}
+
 /// How long the tracer waits for a walk before it goes on without it.
 /// Loading a module's tables the first time takes a few ms.
 const WALK_DEADLINE: Duration = Duration::from_millis(20);
@@ -316,6 +330,85 @@ mod tests {
             (unwound.ips, unwound.end),
             (vec![0x42], StackEnd::Truncated)
         );
+    }
+
+    /// The thread's count of voluntary context switches: one more each
+    /// time it blocks, so it names the block it is in.
+    fn blocks_so_far(tid: u32) -> u64 {
+        let status = fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Waits until `tid` sleeps, and gives its count of blocks then.
+    fn asleep(tid: u32) -> u64 {
+        loop {
+            let before = blocks_so_far(tid);
+            if state_of(std::process::id(), tid) == Some('S') && blocks_so_far(tid) == before {
+                return before;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_walk_is_kept_only_while_its_thread_is_in_the_block_it_was_asked_for() {
+        use std::io::{Read, Write};
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        let (tids, tid) = mpsc::channel();
+        let sleeper = std::thread::spawn(move || {
+            // Where the walk starts: this frame and those above it hold
+            // still while the thread sleeps below it.
+            let saved = SavedRegs {
+                regs: crate::unwind::registers_here!(),
+                entry: Entry::Fault,
+            };
+            tids.send((unsafe { libc::gettid() } as u32, saved))
+                .unwrap();
+            let mut byte = [0u8];
+            // Two blocks in the same read: the first ends when the test
+            // writes, the second when it closes the pipe.
+            reader.read_exact(&mut byte).unwrap();
+            let _ = reader.read(&mut byte);
+        });
+        let (tid, saved) = tid.recv().unwrap();
+        let first = asleep(tid);
+        let block = (tid, first);
+        let mut walker = StackWalker::start().unwrap();
+        let mut unwound = None;
+        for _ in 0..100 {
+            unwound = walker.walk(block, std::process::id(), saved);
+            if unwound.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let unwound = unwound.expect("the sleeping thread's stack was never read");
+        assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
+
+        // Still in that block: the answer stands.
+        let now = Some(blocks_so_far(tid));
+        assert_eq!(
+            if_still_in(block, now, unwound.clone()),
+            Some(unwound.clone())
+        );
+        // Woken, and blocked again in the very same place: the answer was
+        // read for a block that is over, and it goes.
+        writer.write_all(b"x").unwrap();
+        let second = loop {
+            let now = asleep(tid);
+            if now != first {
+                break now;
+            }
+        };
+        assert_eq!(if_still_in(block, Some(second), unwound.clone()), None);
+        assert_eq!(if_still_in(block, None, unwound), None, "on the CPU");
+        drop(writer);
+        sleeper.join().unwrap();
     }
 
     #[test]
