@@ -662,7 +662,8 @@ def main():
             kernel_side(binaries, pingpong, args.round_trips, args.calls)
     if "copies" not in args.skip:
         with bpf_stats():
-            stack_copies(binaries, pingpong, args.sleeps, 5)
+            # A build from before stack copies has neither the flags nor the copies.
+            stack_copies({"freezeframe": args.freezeframe}, pingpong, args.sleeps, 5)
     if "wall" not in args.skip:
         wall_clock(binaries, pingpong, args.rounds, args.round_trips, args.calls)
     if "sidecar" not in args.skip:

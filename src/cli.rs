@@ -108,8 +108,8 @@ pub struct RunOverrides {
     /// Ignore shorter blocks ([recorder] min_block).
     #[arg(long = "recorder-min-block", env = "FREEZEFRAME_RECORDER_MIN_BLOCK", value_parser = parse_duration)]
     pub min_block: Option<Duration>,
-    /// Blocks at least this long get their user stack unwound without frame
-    /// pointers; 0s turns it off ([recorder] unwind_threshold).
+    /// Blocks at least this long get their user stack copied and unwound
+    /// without frame pointers; 0s turns copies off ([recorder] unwind_threshold).
     #[arg(long = "recorder-unwind-threshold", env = "FREEZEFRAME_RECORDER_UNWIND_THRESHOLD", value_parser = parse_duration)]
     pub unwind_threshold: Option<Duration>,
     /// The bpffs directory where the node's freezeframes share one probe;
@@ -325,7 +325,8 @@ pub struct CaptureArgs {
     #[arg(long, env = "FREEZEFRAME_MAX_BLOCK", value_parser = parse_duration)]
     pub max_block: Option<Duration>,
     /// Blocks at least this long get their user stack copied and unwound
-    /// without frame pointers (shorter ones walk frame pointers); 0s turns it off.
+    /// without frame pointers (shorter ones walk frame pointers); 0s turns
+    /// copies off. A block in progress at a cut is unwound whole either way.
     #[arg(long, env = "FREEZEFRAME_UNWIND_THRESHOLD", default_value = "10ms", value_parser = parse_duration)]
     pub unwind_threshold: Duration,
     /// Thread states to capture: S (sleeping), D (uninterruptible), R (preempted),

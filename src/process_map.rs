@@ -57,9 +57,28 @@ impl ProcessMap {
         fs::read_to_string(format!("/proc/{pid}/maps")).map(|maps| Self::parse(&maps))
     }
 
+    /// Reads the executable mappings of `/proc/PID/maps` only, for what
+    /// needs code alone (the unwinder, at every cut): the rest of the lines
+    /// (thread stacks, heaps, data) are skipped before they are parsed.
+    pub fn read_code(pid: u32) -> io::Result<Self> {
+        fs::read_to_string(format!("/proc/{pid}/maps")).map(|maps| Self::parse_code(&maps))
+    }
+
     /// Lines that do not parse are left out.
     pub fn parse(maps: &str) -> Self {
-        let mut mappings: Vec<Mapping> = maps.lines().filter_map(parse_mapping).collect();
+        Self::from_lines(maps.lines())
+    }
+
+    /// [`ProcessMap::parse`], executable mappings only.
+    pub fn parse_code(maps: &str) -> Self {
+        Self::from_lines(maps.lines().filter(|line| {
+            let perms = line.split_ascii_whitespace().nth(1).unwrap_or_default();
+            perms.as_bytes().get(2) == Some(&b'x')
+        }))
+    }
+
+    fn from_lines<'a>(lines: impl Iterator<Item = &'a str>) -> Self {
+        let mut mappings: Vec<Mapping> = lines.filter_map(parse_mapping).collect();
         mappings.sort_by_key(|mapping| mapping.start);
         ProcessMap { mappings }
     }
@@ -134,6 +153,22 @@ garbage
         );
         assert_eq!(map.mappings()[4].path.as_deref(), Some("[stack]"));
         assert_eq!(map.mappings()[3].path, None);
+    }
+
+    #[test]
+    fn reading_code_only_keeps_exactly_the_executable_mappings() {
+        let all = ProcessMap::parse(MAPS);
+        let code = ProcessMap::parse_code(MAPS);
+        let executable: Vec<&Mapping> = all.mappings().iter().filter(|m| m.executable).collect();
+        assert_eq!(code.mappings().iter().collect::<Vec<_>>(), executable);
+        assert_eq!(code.mappings().len(), 4);
+        let here = reading_code_only_keeps_exactly_the_executable_mappings as *const () as u64;
+        let ours = ProcessMap::read_code(std::process::id()).unwrap();
+        assert!(ours.code(here).is_some());
+        assert_eq!(
+            ours.code(here),
+            ProcessMap::read(std::process::id()).unwrap().code(here)
+        );
     }
 
     #[test]

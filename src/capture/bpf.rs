@@ -41,7 +41,22 @@ const _: () = assert!(types::drop_reason::DROP_REASON_COUNT.0 as usize == super:
 
 /// `/proc/self/ns/pid` of the initial pid namespace (PROC_PID_INIT_INO).
 const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
-const BATCH: u32 = 4096;
+/// How many entries one batched read of a map asks for: as many as fit in
+/// [`BATCH_BYTES`] of keys and values, between [`MIN_BATCH`] and
+/// [`MAX_BATCH`]. libbpf-rs zeroes buffers for the whole batch on every
+/// read, and a cut reads half a dozen maps twice a second: 4096 entries of
+/// a thread's state or a stack copy are megabytes zeroed for a few dozen
+/// entries read.
+fn batch_of(map: &impl MapCore) -> u32 {
+    let entry = (map.key_size() + map.value_size()).max(1);
+    (BATCH_BYTES / entry).clamp(MIN_BATCH, MAX_BATCH)
+}
+
+const BATCH_BYTES: u32 = 64 << 10;
+/// The kernel refuses a batch smaller than the hash bucket it is at
+/// (ENOSPC), which would end a read early; no bucket holds this many.
+const MIN_BATCH: u32 = 64;
+const MAX_BATCH: u32 = 4096;
 /// `TARGET_WORDS` in offcpu.h: the length of `target_bits`.
 const TARGET_WORDS: usize = 1 << 16;
 const _: () = assert!(size_of::<types::bss>() >= TARGET_WORDS * size_of::<u64>());
@@ -568,7 +583,7 @@ fn delete_owned(
     owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
 ) -> Result<(), CaptureError> {
     for (key, value) in table
-        .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+        .lookup_batch(batch_of(table), MapFlags::ANY, MapFlags::ANY)
         .map_err(map_error(map))?
     {
         if host_tgids.contains(&owner_of(&key, &value)?) {
@@ -1037,7 +1052,11 @@ impl<'obj> Probe<'obj> {
                 .skel
                 .maps
                 .targets
-                .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .lookup_batch(
+                    batch_of(&self.skel.maps.targets),
+                    MapFlags::ANY,
+                    MapFlags::ANY,
+                )
                 .map_err(map_error("targets"))?
             {
                 if gone.contains(&from_bytes::<types::target>(&value)?.owner) {
@@ -1048,7 +1067,11 @@ impl<'obj> Probe<'obj> {
                 .skel
                 .maps
                 .wanted
-                .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .lookup_batch(
+                    batch_of(&self.skel.maps.wanted),
+                    MapFlags::ANY,
+                    MapFlags::ANY,
+                )
                 .map_err(map_error("wanted"))?
             {
                 if gone.contains(&from_bytes::<types::wanted_key>(&key)?.owner) {
@@ -1150,7 +1173,11 @@ impl<'obj> Probe<'obj> {
             .skel
             .maps
             .threads
-            .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+            .lookup_batch(
+                batch_of(&self.skel.maps.threads),
+                MapFlags::ANY,
+                MapFlags::ANY,
+            )
             .map_err(map_error("threads"))?;
         let mut blocks = Vec::new();
         for (key, value) in entries {
@@ -1196,7 +1223,7 @@ impl<'obj> Probe<'obj> {
         let taken = if self.is_shared() {
             let mut taken = Vec::new();
             for (key, value) in table
-                .lookup_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .lookup_batch(batch_of(table), MapFlags::ANY, MapFlags::ANY)
                 .map_err(map_error(map))?
             {
                 if !owned.contains(&owner_of(&key, &value)?) {
@@ -1210,7 +1237,7 @@ impl<'obj> Probe<'obj> {
             taken
         } else {
             table
-                .lookup_and_delete_batch(BATCH, MapFlags::ANY, MapFlags::ANY)
+                .lookup_and_delete_batch(batch_of(table), MapFlags::ANY, MapFlags::ANY)
                 .map_err(map_error(map))?
                 .collect()
         };

@@ -9,6 +9,7 @@
 //! blocked with. A read outside the copy fails, so a stack deeper than what
 //! was copied ends early, marked truncated; it is never made up.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 
 use super::{Stack, UserRegs, UserStackEnd};
@@ -58,16 +59,17 @@ impl StackCopy {
     pub fn unwind(&self, unwinder: &mut Unwinder, max_depth: usize) -> Unwound {
         let memory = CopiedStack {
             copy: self,
-            process: ProcessMemory::open(self.tgid).ok(),
+            process: OnceCell::new(),
         };
         unwinder.unwind(self.tgid, self.regs, self.entry, &memory, max_depth)
     }
 }
 
-/// A copy's stack, and the live process's JIT code.
+/// A copy's stack, and the live process's JIT code: the process is opened
+/// only for a stack that returns into such code.
 struct CopiedStack<'a> {
     copy: &'a StackCopy,
-    process: Option<ProcessMemory>,
+    process: OnceCell<Option<ProcessMemory>>,
 }
 
 impl Memory for CopiedStack<'_> {
@@ -77,6 +79,7 @@ impl Memory for CopiedStack<'_> {
 
     fn read_code(&self, address: u64, buffer: &mut [u8]) -> bool {
         self.process
+            .get_or_init(|| ProcessMemory::open(self.copy.tgid).ok())
             .as_ref()
             .is_some_and(|process| process.read(address, buffer))
     }
@@ -155,7 +158,7 @@ mod tests {
         copied.tgid = std::process::id();
         let memory = CopiedStack {
             copy: &copied,
-            process: ProcessMemory::open(copied.tgid).ok(),
+            process: OnceCell::new(),
         };
         let address = CODE.as_ptr() as u64;
         let mut bytes = [0u8; 8];

@@ -11,8 +11,8 @@
 //!
 //! The probe's cost is in its stack walks, so a block learns its identity
 //! in stages, and only a block that reaches `min_block` is walked at all:
-//! - at switch-out: its start, state and any contended kernel lock (and,
-//!   for such a lock, its kernel stack: see `on_switch_out`);
+//! - at switch-out: its start, state and any contended kernel lock (its
+//!   stacks too where the switch-in cannot take them: see `on_switch_out`);
 //! - at switch-in: its kernel stack, taken from the still-sleeping thread,
 //!   its futex word and the thread that woke it;
 //! - on the thread's way back to user space: its user stack. Only then is
@@ -152,11 +152,12 @@ pub fn shares_probe(dir: &std::path::Path) -> bool {
 /// allocator's ordinary traffic, well below a big table's resize.
 pub const DEFAULT_MIN_ADDRESS_CHANGE: u64 = 64 << 20;
 
-/// The default for [`CaptureConfig::unwind_threshold`]. A copy costs about
-/// 1.4 µs of BPF time for 4 KiB and 2.4–3.4 µs for 16 KiB
-/// (`bench/probe_cost.py`), and user space a few µs more to unwind it:
-/// under 10 µs per block, so a thread blocking back to back for 10 ms at a
-/// time costs under 0.1 % of a core. The waits a freeze is made of are far
+/// The default for [`CaptureConfig::unwind_threshold`]. A recorded block
+/// with a 16 KiB copy costs about 16.6 µs of BPF time (`bench/probe_cost.py`,
+/// `copies`: 18.3 µs with a 70-frame frame-pointer walk instead), and user
+/// space about 22 µs to unwind it (`cargo bench --bench unwind`): under
+/// 40 µs per block, so a thread blocking back to back for 10 ms at a time
+/// costs under 0.4 % of a core. The waits a freeze is made of are far
 /// longer; the many short ones (lock handoffs, fast I/O) stay with the
 /// frame-pointer walk, which costs hundreds of ns on a shallow stack and
 /// would otherwise flood the copy buffer.

@@ -333,7 +333,7 @@ impl Unwinder {
     fn code_at(&mut self, pid: u32, address: u64) -> Option<Code> {
         self.clock += 1;
         if !self.processes.contains_key(&pid) {
-            let map = ProcessMap::read(pid).ok()?;
+            let map = ProcessMap::read_code(pid).ok()?;
             if self.processes.len() >= MAX_PROCESSES {
                 if let Some(oldest) = self
                     .processes
