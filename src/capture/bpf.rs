@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
+use super::batch;
 use super::copies::StackCopy;
 use super::shared::{self, Membership, Node};
 use super::{
@@ -41,22 +42,6 @@ const _: () = assert!(types::drop_reason::DROP_REASON_COUNT.0 as usize == super:
 
 /// `/proc/self/ns/pid` of the initial pid namespace (PROC_PID_INIT_INO).
 const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
-/// How many entries one batched read of a map asks for: as many as fit in
-/// [`BATCH_BYTES`] of keys and values, between [`MIN_BATCH`] and
-/// [`MAX_BATCH`]. libbpf-rs zeroes buffers for the whole batch on every
-/// read, and a cut reads half a dozen maps twice a second: 4096 entries of
-/// a thread's state or a stack copy are megabytes zeroed for a few dozen
-/// entries read.
-fn batch_of(map: &impl MapCore) -> u32 {
-    let entry = (map.key_size() + map.value_size()).max(1);
-    (BATCH_BYTES / entry).clamp(MIN_BATCH, MAX_BATCH)
-}
-
-const BATCH_BYTES: u32 = 64 << 10;
-/// The kernel refuses a batch smaller than the hash bucket it is at
-/// (ENOSPC), which would end a read early; no bucket holds this many.
-const MIN_BATCH: u32 = 64;
-const MAX_BATCH: u32 = 4096;
 /// `TARGET_WORDS` in offcpu.h: the length of `target_bits`.
 const TARGET_WORDS: usize = 1 << 16;
 const _: () = assert!(size_of::<types::bss>() >= TARGET_WORDS * size_of::<u64>());
@@ -471,7 +456,7 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
 }
 
 /// A map entry's key and value bytes.
-type MapEntry = (Vec<u8>, Vec<u8>);
+type MapEntry = batch::Entry;
 
 /// A 4-byte map key, as the kernel hands it back.
 fn u32_key(key: &[u8]) -> Result<u32, CaptureError> {
@@ -582,10 +567,7 @@ fn delete_owned(
     host_tgids: &HashSet<u32>,
     owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
 ) -> Result<(), CaptureError> {
-    for (key, value) in table
-        .lookup_batch(batch_of(table), MapFlags::ANY, MapFlags::ANY)
-        .map_err(map_error(map))?
-    {
+    for (key, value) in batch::entries(table, false).map_err(map_error(map))? {
         if host_tgids.contains(&owner_of(&key, &value)?) {
             deleted(table.delete(&key), map)?;
         }
@@ -1048,31 +1030,15 @@ impl<'obj> Probe<'obj> {
             .collect();
         if !gone.is_empty() {
             let mut orphans = HashSet::new();
-            for (host_tgid, value) in self
-                .skel
-                .maps
-                .targets
-                .lookup_batch(
-                    batch_of(&self.skel.maps.targets),
-                    MapFlags::ANY,
-                    MapFlags::ANY,
-                )
-                .map_err(map_error("targets"))?
+            for (host_tgid, value) in
+                batch::entries(&self.skel.maps.targets, false).map_err(map_error("targets"))?
             {
                 if gone.contains(&from_bytes::<types::target>(&value)?.owner) {
                     orphans.insert(u32_key(&host_tgid)?);
                 }
             }
-            for (key, _) in self
-                .skel
-                .maps
-                .wanted
-                .lookup_batch(
-                    batch_of(&self.skel.maps.wanted),
-                    MapFlags::ANY,
-                    MapFlags::ANY,
-                )
-                .map_err(map_error("wanted"))?
+            for (key, _) in
+                batch::entries(&self.skel.maps.wanted, false).map_err(map_error("wanted"))?
             {
                 if gone.contains(&from_bytes::<types::wanted_key>(&key)?.owner) {
                     deleted(self.skel.maps.wanted.delete(&key), "wanted")?;
@@ -1169,16 +1135,8 @@ impl<'obj> Probe<'obj> {
     /// stack, by host tid: ours only.
     pub fn in_flight(&self) -> Result<Vec<InFlight>, CaptureError> {
         let owned = self.owned();
-        let entries = self
-            .skel
-            .maps
-            .threads
-            .lookup_batch(
-                batch_of(&self.skel.maps.threads),
-                MapFlags::ANY,
-                MapFlags::ANY,
-            )
-            .map_err(map_error("threads"))?;
+        let entries =
+            batch::entries(&self.skel.maps.threads, false).map_err(map_error("threads"))?;
         let mut blocks = Vec::new();
         for (key, value) in entries {
             let host_tid = u32_key(&key)?;
@@ -1222,10 +1180,7 @@ impl<'obj> Probe<'obj> {
         let owned = self.owned();
         let taken = if self.is_shared() {
             let mut taken = Vec::new();
-            for (key, value) in table
-                .lookup_batch(batch_of(table), MapFlags::ANY, MapFlags::ANY)
-                .map_err(map_error(map))?
-            {
+            for (key, value) in batch::entries(table, false).map_err(map_error(map))? {
                 if !owned.contains(&owner_of(&key, &value)?) {
                     continue;
                 }
@@ -1236,10 +1191,7 @@ impl<'obj> Probe<'obj> {
             }
             taken
         } else {
-            table
-                .lookup_and_delete_batch(batch_of(table), MapFlags::ANY, MapFlags::ANY)
-                .map_err(map_error(map))?
-                .collect()
+            batch::entries(table, true).map_err(map_error(map))?
         };
         Ok(taken)
     }

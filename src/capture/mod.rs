@@ -51,6 +51,7 @@
 //! A private probe is the same with a single owner; it is what runs where
 //! bpffs is not there to share.
 
+mod batch;
 mod bpf;
 mod calls;
 mod copies;
