@@ -71,10 +71,10 @@ impl ProcessMap {
 
     /// [`ProcessMap::parse`], executable mappings only.
     pub fn parse_code(maps: &str) -> Self {
-        Self::from_lines(maps.lines().filter(|line| {
-            let perms = line.split_ascii_whitespace().nth(1).unwrap_or_default();
-            perms.as_bytes().get(2) == Some(&b'x')
-        }))
+        Self::from_lines(
+            maps.lines()
+                .filter(|line| line.split_ascii_whitespace().nth(1).is_some_and(executable)),
+        )
     }
 
     fn from_lines<'a>(lines: impl Iterator<Item = &'a str>) -> Self {
@@ -102,6 +102,11 @@ impl ProcessMap {
     }
 }
 
+/// Whether a line's permissions (`r-xp`) let its mapping run.
+fn executable(perms: &str) -> bool {
+    perms.as_bytes().get(2) == Some(&b'x')
+}
+
 fn parse_mapping(line: &str) -> Option<Mapping> {
     let mut fields = line.split_whitespace();
     let (start, end) = fields.next()?.split_once('-')?;
@@ -114,7 +119,7 @@ fn parse_mapping(line: &str) -> Option<Mapping> {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
         offset: u64::from_str_radix(offset, 16).ok()?,
-        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        executable: executable(perms),
         device: device.to_string(),
         inode: inode.parse().ok()?,
         path: (!path.is_empty()).then_some(path),

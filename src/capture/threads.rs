@@ -343,6 +343,23 @@ mod tests {
             .unwrap()
     }
 
+    /// A walk of one of our own threads, asked for again as the tracer would
+    /// at its next cut while it is not served: loading this test binary's
+    /// tables may itself take longer than a walk's deadline. For 5 s at most.
+    fn walk_until_served(
+        walker: &mut StackWalker,
+        id: BlockId,
+        saved: SavedRegs,
+    ) -> Option<Unwound> {
+        for _ in 0..100 {
+            if let Some(unwound) = walker.walk(id, std::process::id(), saved) {
+                return Some(unwound);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Waits until `tid` sleeps, and gives its count of blocks then.
     fn asleep(tid: u32) -> u64 {
         loop {
@@ -379,15 +396,8 @@ mod tests {
         let first = asleep(tid);
         let block = (tid, first);
         let mut walker = StackWalker::start().unwrap();
-        let mut unwound = None;
-        for _ in 0..100 {
-            unwound = walker.walk(block, std::process::id(), saved);
-            if unwound.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let unwound = unwound.expect("the sleeping thread's stack was never read");
+        let unwound = walk_until_served(&mut walker, block, saved)
+            .expect("the sleeping thread's stack was never read");
         assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
 
         // Still in that block: the answer stands.
@@ -538,17 +548,8 @@ while True:
             regs: crate::unwind::registers_here!(),
             entry: Entry::Fault,
         };
-        // Loading this test binary's tables may itself take longer than a
-        // walk's deadline; the tracer then asks again at its next cut.
-        let mut unwound = None;
-        for _ in 0..100 {
-            unwound = walker.walk((1, 2), std::process::id(), own);
-            if unwound.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let unwound = unwound.expect("the walker never served a walk after the freeze");
+        let unwound = walk_until_served(&mut walker, (1, 2), own)
+            .expect("the walker never served a walk after the freeze");
         assert_eq!(unwound.end, StackEnd::Complete, "{:x?}", unwound.ips);
     }
 }

@@ -375,10 +375,7 @@ impl Tables {
             Some(covered) => covered,
             None => {
                 let covered = table.coverage.covers(vaddr);
-                let before = table.total_bytes();
-                table.covered.insert(vaddr, covered);
-                let after = table.total_bytes();
-                self.bytes = self.bytes + after - before;
+                self.remember(id, |table| table.covered.insert(vaddr, covered));
                 covered
             }
         };
@@ -407,11 +404,17 @@ impl Tables {
         let (before, after) = code.split_at(usize::from(site.before));
         let confirmed = judge(before, after);
         // A read that failed is not remembered: it may succeed next time.
-        let bytes_before = table.total_bytes();
-        table.returns.insert(site, confirmed);
-        let bytes_after = table.total_bytes();
-        self.bytes = self.bytes + bytes_after - bytes_before;
+        self.remember(id, |table| table.returns.insert(site, confirmed));
         confirmed
+    }
+
+    /// Adds an answer to a table's memos, its bytes counted with the rest.
+    fn remember(&mut self, id: TableId, add: impl FnOnce(&mut Table)) {
+        if let Some(table) = self.tables.get_mut(&id) {
+            let before = table.total_bytes();
+            add(table);
+            self.bytes = self.bytes + table.total_bytes() - before;
+        }
     }
 
     fn used(&mut self, id: TableId) -> Option<&mut Table> {
