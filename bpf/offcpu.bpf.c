@@ -530,7 +530,7 @@ static __always_inline void add_block(struct block_key *key, __u64 blocked_ns, c
  * those of the blocking call. Its key (STACK_COPY), or STACK_NONE when there
  * is nothing to copy or no room for it.
  */
-static __always_inline __u64 copy_user_stack(__u32 tgid, __u32 host_tgid)
+static __always_inline __u64 copy_user_stack(struct thread *thread)
 {
 	struct task_struct *me = bpf_get_current_task_btf();
 	struct stack_copy_scratch *copy;
@@ -568,8 +568,10 @@ static __always_inline __u64 copy_user_stack(__u32 tgid, __u32 host_tgid)
 	copy->copy.ip = PT_REGS_IP_CORE(regs);
 	copy->copy.sp = sp;
 	copy->copy.fp = PT_REGS_FP_CORE(regs);
-	copy->copy.tgid = tgid;
-	copy->copy.host_tgid = host_tgid;
+	copy->copy.tgid = thread->key.tgid;
+	copy->copy.host_tgid = thread->key.host_tgid;
+	copy->copy.host_tid = (__u32)bpf_get_current_pid_tgid();
+	copy->copy.start_ns = thread->start_ns;
 	copy->copy.size = size;
 	copy->copy.flags = (long)SYSCALL_NR(regs) < 0 ? STACK_COPY_FAULT : 0;
 	if (bpf_map_update_elem(&stack_copies, &copy->copy.id, &copy->copy, BPF_NOEXIST)) {
@@ -590,7 +592,7 @@ static __always_inline void settle_owed(void *ctx, struct thread *thread)
 
 	thread->key.user_stack = STACK_NONE;
 	if (thread->owed_ns >= thread->config.unwind_threshold_ns)
-		thread->key.user_stack = copy_user_stack(thread->key.tgid, thread->key.host_tgid);
+		thread->key.user_stack = copy_user_stack(thread);
 	if (thread->key.user_stack == STACK_NONE)
 		thread->key.user_stack = current_user_stack(ctx);
 	bpf_get_current_comm(comm, sizeof(comm));
@@ -1129,6 +1131,17 @@ static __always_inline struct target *watch(struct task_struct *task, struct wan
  *     walk its user stack: a frozen thread is reported while it is frozen.
  * Run by user space at every cut and whenever a target is added.
  */
+/* Which address space a target has now, and how often it was changed (struct target). */
+static __always_inline void note_address_space(struct target *target, struct task_struct *task)
+{
+	struct mm_struct *mm = task->mm;
+
+	target->mm = (__u64)mm;
+	target->mm_seq = 0;
+	if (mm && bpf_core_field_exists(mm->mm_lock_seq))
+		target->mm_seq = BPF_CORE_READ(mm, mm_lock_seq.sequence);
+}
+
 SEC("iter/task")
 int survey(struct bpf_iter__task *ctx)
 {
@@ -1161,6 +1174,7 @@ int survey(struct bpf_iter__task *ctx)
 			want->status = WANTED_ELSEWHERE;
 		return 0;
 	}
+	note_address_space(target, task);
 	state = task->__state;
 	if (state == TASK_RUNNING || task->on_cpu || state & TASK_DEAD)
 		return 0;

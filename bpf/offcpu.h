@@ -278,6 +278,8 @@ struct stack_copy {
 	__u32 size;
 	__u32 flags;		/* enum stack_copy_flags */
 	__u32 host_tgid;	/* whose copy this is (see struct block_key) */
+	__u32 host_tid;		/* the block it was taken for: its thread ... */
+	__u64 start_ns;		/* ... and its start, as struct thread had it */
 	__u8 bytes[STACK_COPY_BYTES];
 };
 
@@ -362,7 +364,15 @@ struct target {
 	struct pid_view view;
 	struct target_config config;
 	__u32 ns_tgid;		/* its tgid in its owner's namespace */
-	__u32 _pad;
+	/*
+	 * Its address space as the owner's last survey found it: which one
+	 * (the mm_struct's address, 0 if none) and how many times it has been
+	 * locked for writing (mm->mm_lock_seq, odd while it is; 0 where the
+	 * kernel has no such count). A module map read since is still whole
+	 * while both stay the same: every change of a mapping takes that lock.
+	 */
+	__u32 mm_seq;
+	__u64 mm;
 };
 
 /* A process an instance asked for, by its tgid in that instance's namespace. */

@@ -44,6 +44,27 @@ impl Mapping {
     }
 }
 
+/// Which address space a process has, and how many times it has been
+/// locked for writing, as the probe last found them (`struct target` in
+/// `bpf/offcpu.h`). Every change of a mapping takes that lock, so a map read
+/// after a [`AddressSpace::is_settled`] one was found is still whole while
+/// the process is found with the same one again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressSpace {
+    /// The kernel's `mm_struct` (an exec gives the process another).
+    pub id: u64,
+    /// `mm->mm_lock_seq`: odd while a writer holds the lock, 0 where the
+    /// kernel does not count.
+    pub writes: u32,
+}
+
+impl AddressSpace {
+    /// Known, and no writer at work on it.
+    pub fn is_settled(&self) -> bool {
+        self.id != 0 && self.writes != 0 && self.writes.is_multiple_of(2)
+    }
+}
+
 /// A process's mappings, sorted by address (as the kernel lists them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessMap {

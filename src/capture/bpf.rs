@@ -20,6 +20,7 @@ use super::{
     AddressCall, BlockKey, CaptureError, DropCounts, InFlight, LockKind, LockMode, LockWait,
     SavedRegs, StackRef, UserRegs,
 };
+use crate::process_map::AddressSpace;
 use crate::profile::ThreadState;
 use crate::unwind;
 
@@ -429,6 +430,7 @@ fn stack_copy_from_bytes(value: &[u8]) -> Result<StackCopy, CaptureError> {
     let size = (copy.size as usize).min(copy.bytes.len());
     Ok(StackCopy {
         id: copy.id,
+        block: (copy.host_tid, copy.start_ns),
         tgid: copy.tgid,
         regs: UserRegs {
             ip: copy.ip,
@@ -939,6 +941,33 @@ impl<'obj> Probe<'obj> {
             }
         }
         Ok(())
+    }
+
+    /// Each watched target's address space as the last survey found it, by
+    /// its pid in our namespace.
+    pub fn address_spaces(&self) -> Result<HashMap<u32, AddressSpace>, CaptureError> {
+        let mut spaces = HashMap::new();
+        for (&tgid, host) in &self.targets {
+            let Some(host_tgid) = host else { continue };
+            let Some(bytes) = self
+                .skel
+                .maps
+                .targets
+                .lookup(&host_tgid.to_ne_bytes(), MapFlags::ANY)
+                .map_err(map_error("targets"))?
+            else {
+                continue;
+            };
+            let target: types::target = from_bytes(&bytes)?;
+            spaces.insert(
+                tgid,
+                AddressSpace {
+                    id: target.mm,
+                    writes: target.mm_seq,
+                },
+            );
+        }
+        Ok(spaces)
     }
 
     /// Host tgids whose kernel entries are ours to read.
@@ -1482,6 +1511,47 @@ mod tests {
         fn my_tid() -> u32 {
             // SAFETY: gettid has no preconditions.
             unsafe { libc::gettid() as u32 }
+        }
+
+        #[test]
+        fn the_survey_finds_a_target_s_address_space_and_counts_every_change_of_it() {
+            let mut storage = MaybeUninit::uninit();
+            let mut probe = probe(&mut storage, 0);
+            let pid = std::process::id();
+            // The other tests' threads map memory too: a look that finds a
+            // writer at work is taken again.
+            let mut look = || {
+                for _ in 0..100 {
+                    probe.survey().unwrap();
+                    let spaces = probe.address_spaces().unwrap();
+                    let space = *spaces.get(&pid).expect("the survey saw its target");
+                    if space.is_settled() {
+                        return space;
+                    }
+                }
+                panic!("a writer held our mmap_lock at each of 100 surveys");
+            };
+            let before = look();
+            // SAFETY: a fresh private anonymous page, unmapped at once.
+            unsafe {
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(page, libc::MAP_FAILED);
+                assert_eq!(libc::munmap(page, 4096), 0);
+            }
+            let after = look();
+            assert_eq!(after.id, before.id, "the same address space");
+            // Each of mmap and munmap locked it for writing: 2 each.
+            assert!(
+                after.writes.wrapping_sub(before.writes) >= 4,
+                "{before:?}, then {after:?}"
+            );
         }
 
         #[test]

@@ -12,6 +12,7 @@
 use std::cell::OnceCell;
 use std::collections::HashMap;
 
+use super::ledger::BlockId;
 use super::{Stack, UserRegs, UserStackEnd};
 use crate::unwind::{Entry, Memory, ProcessMemory, Unwinder, Unwound};
 
@@ -20,6 +21,8 @@ use crate::unwind::{Entry, Memory, ProcessMemory, Unwinder, Unwound};
 pub(super) struct StackCopy {
     /// The reference to it in its block's key ([`super::StackRef::Copy`]).
     pub id: u64,
+    /// The block it was taken for, at its end: `(host tid, start_ns)`.
+    pub block: BlockId,
     pub tgid: u32,
     pub regs: UserRegs,
     /// How it entered the kernel: by an exception or interrupt (a page
@@ -106,6 +109,11 @@ impl Copies {
         }
     }
 
+    /// Keeps `stack` for a copy whose block's stack was read already.
+    pub fn keep(&mut self, id: u64, (stack, end): (Stack, UserStackEnd)) {
+        self.unwound.insert(id, (stack, end, 0));
+    }
+
     /// The unwound stack of a copy; empty and not read if it was let go
     /// (see [`super::threads::StackWalker::unwind_copies`]).
     pub fn stack(&self, id: u64) -> (Stack, UserStackEnd) {
@@ -140,6 +148,7 @@ mod tests {
     fn copy(id: u64, words: &[u64]) -> StackCopy {
         StackCopy {
             id,
+            block: (1, id),
             tgid: 1,
             regs: UserRegs {
                 ip: 0x40_0100,
@@ -207,6 +216,7 @@ mod tests {
         let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, bytes) }.to_vec();
         let copy = StackCopy {
             id: 1,
+            block: (std::process::id(), 1),
             tgid: std::process::id(),
             regs: UserRegs { ip, sp, fp },
             entry: Entry::Fault,

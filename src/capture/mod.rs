@@ -630,7 +630,7 @@ impl<'obj> Loaded<'obj> {
         // Threads blocked before we came: their stacks are read from now
         // on, not when the first cut wants them.
         let in_flight = tracer.probe.in_flight()?;
-        tracer.request_walks(&in_flight);
+        tracer.request_walks(&in_flight)?;
         Ok(tracer)
     }
 }
@@ -690,10 +690,19 @@ impl<'obj> Tracer<'obj> {
         let finished = self.probe.drain_blocked()?;
         self.probe.survey()?;
         let in_flight = self.probe.in_flight()?;
-        self.request_walks(&in_flight);
+        self.request_walks(&in_flight)?;
         // After the drain: every copy a drained total refers to was put in
         // before its total was.
         let copies = self.probe.take_stack_copies()?;
+        // A block walked from its saved registers while it lasted left the
+        // same stack in its copy: the thread ran no user instruction since.
+        // Only the others are unwound.
+        let (walked, copies): (Vec<copies::StackCopy>, Vec<_>) = copies
+            .into_iter()
+            .partition(|copy| self.walked.contains_key(&copy.block));
+        for copy in walked {
+            self.copies.keep(copy.id, self.walked[&copy.block].clone());
+        }
         self.copies.receive(self.walker.unwind_copies(copies));
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
@@ -809,14 +818,15 @@ impl<'obj> Tracer<'obj> {
     /// Starts the walker's cut, then has it start on the user stacks of
     /// blocks in progress that have none yet, while the rest of the cut
     /// goes on.
-    fn request_walks(&mut self, in_flight: &[InFlight]) {
-        self.walker.begin_cut();
+    fn request_walks(&mut self, in_flight: &[InFlight]) -> Result<(), CaptureError> {
+        self.walker.begin_cut(self.probe.address_spaces()?);
         for block in in_flight {
             let id = (block.host_tid, block.start_ns);
             if let (Some(saved), false) = (block.regs, self.walked.contains_key(&id)) {
                 self.walker.request(id, block.key.tgid, saved);
             }
         }
+        Ok(())
     }
 
     /// The user stacks of the blocks in progress that a cut may credit, by

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::bpf::MAX_STACK_DEPTH;
 use super::copies::StackCopy;
 use super::SavedRegs;
+use crate::process_map::AddressSpace;
 use crate::telemetry;
 use crate::unwind::{Memory, ProcessMemory, Unwinder, Unwound};
 
@@ -90,9 +91,10 @@ pub(super) struct StackWalker {
 }
 
 enum Job {
-    /// Process maps read before are read again (see
+    /// A cut begins, with the targets' address spaces as it found them:
+    /// process maps read before are kept only while they are whole (see
     /// [`Unwinder::begin_cut`]).
-    BeginCut,
+    BeginCut(HashMap<u32, AddressSpace>),
     Walk(Walk),
     Copies {
         copies: Vec<StackCopy>,
@@ -143,8 +145,8 @@ impl StackWalker {
                 let mut unwinder = Unwinder::default();
                 for job in inbox {
                     let answered = match job {
-                        Job::BeginCut => {
-                            unwinder.begin_cut();
+                        Job::BeginCut(spaces) => {
+                            unwinder.begin_cut(spaces);
                             true
                         }
                         Job::Walk(walk) => {
@@ -178,11 +180,12 @@ impl StackWalker {
         })
     }
 
-    /// Starts a cut: the walks and copies asked for from now on see the
-    /// targets' module maps as they are now.
-    pub fn begin_cut(&mut self) {
+    /// Starts a cut at which the targets have the address spaces `spaces`
+    /// (by pid): the walks and copies asked for from now on see their
+    /// module maps as they are now.
+    pub fn begin_cut(&mut self, spaces: HashMap<u32, AddressSpace>) {
         // Only fails once the walker is gone; a walk asked for then says so.
-        let _ = self.requests.send(Job::BeginCut);
+        let _ = self.requests.send(Job::BeginCut(spaces));
     }
 
     /// Asks for a block's user stack without waiting for it.

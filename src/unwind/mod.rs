@@ -33,7 +33,7 @@ use framehop::{FrameAddress, Unwinder as _};
 pub use memory::{Memory, ProcessMemory};
 use tables::{Module, ReturnSite, Rules, Tables};
 
-use crate::process_map::ProcessMap;
+use crate::process_map::{AddressSpace, ProcessMap};
 
 /// The user registers a thread entered the kernel with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +96,8 @@ const UCONTEXT_RIP: u64 = 40 + 16 * 8;
 
 /// Unwinds stopped threads. Keeps unwind tables (shared across processes
 /// by build id, within a byte budget) between calls, and each process's
-/// module map within a cut ([`Unwinder::begin_cut`]): one instance should
-/// serve every unwind.
+/// module map for as long as it is known to be whole
+/// ([`Unwinder::begin_cut`]): one instance should serve every unwind.
 ///
 /// Reading a module map takes the target's mmap_lock, as reading its
 /// memory does: call from a thread that may block (see
@@ -105,15 +105,19 @@ const UCONTEXT_RIP: u64 = 40 + 16 * 8;
 pub struct Unwinder {
     tables: Tables,
     processes: HashMap<u32, ProcessState>,
+    /// Each process's address space as this cut found it.
+    spaces: HashMap<u32, AddressSpace>,
     /// framehop's rule cache, kept across unwinds as it is meant to be.
     cache: CacheX86_64,
     clock: u64,
 }
 
-/// A process's module map as read in this cut, and the module each
-/// mapping asked about belongs to (by the mapping's start).
+/// A process's module map, and the module each mapping asked about belongs
+/// to (by the mapping's start).
 struct ProcessState {
     map: ProcessMap,
+    /// The address space the map was read from, where it was known then.
+    read_from: Option<AddressSpace>,
     modules: HashMap<u64, Module>,
     last_used: u64,
 }
@@ -166,6 +170,7 @@ impl Unwinder {
         Unwinder {
             tables: Tables::new(table_budget),
             processes: HashMap::new(),
+            spaces: HashMap::new(),
             cache: CacheX86_64::new(),
             clock: 0,
         }
@@ -176,20 +181,27 @@ impl Unwinder {
         self.tables.bytes()
     }
 
-    /// Starts a cut: each process's module map is read again when it is
-    /// next used, then kept for the cut's unwinds.
+    /// Starts a cut, at which each process has the address space `spaces`
+    /// gives. A module map is kept from one cut to the next only if its
+    /// process is found with the settled address space the map was read
+    /// from; any other is read again when it is next used, then kept.
     ///
-    /// Once a cut, because a map read after the cut began holds every
-    /// module the threads blocked at that cut have frames in: a thread's
-    /// code was mapped when it blocked, and a module cannot go away under
-    /// a thread that will return into it. A map kept longer could be stale:
-    /// a library unloaded since, another mapped where it was, would lend
-    /// its tables to addresses that are no longer its own. For the same
-    /// reason an address outside every mapping is not worth reading the
-    /// map again for within a cut: it is not code a blocked thread returns
-    /// to, and the stack ends there.
-    pub fn begin_cut(&mut self) {
-        self.processes.clear();
+    /// A map read after the cut began holds every module the threads
+    /// blocked at that cut have frames in: a thread's code was mapped when
+    /// it blocked, and a module cannot go away under a thread that will
+    /// return into it. A map kept once its process changed a mapping could
+    /// be stale: a library unloaded since, another mapped where it was,
+    /// would lend its tables to addresses that are no longer its own. For
+    /// the same reason an address outside every mapping of a whole map is
+    /// not worth reading the map again for: it is not code a blocked thread
+    /// returns to, and the stack ends there.
+    pub fn begin_cut(&mut self, spaces: HashMap<u32, AddressSpace>) {
+        self.processes.retain(|pid, state| {
+            state.read_from.is_some_and(|read_from| {
+                read_from.is_settled() && spaces.get(pid) == Some(&read_from)
+            })
+        });
+        self.spaces = spaces;
     }
 
     /// Unwinds the user stack of a thread of `pid` stopped with `regs`,
@@ -328,8 +340,8 @@ impl Unwinder {
         }
     }
 
-    /// The executable mapping an address is in, as this cut's map of the
-    /// process has it (see [`Unwinder::begin_cut`]).
+    /// The executable mapping an address is in, as the process's map kept
+    /// for this cut has it (see [`Unwinder::begin_cut`]).
     fn code_at(&mut self, pid: u32, address: u64) -> Option<Code> {
         self.clock += 1;
         if !self.processes.contains_key(&pid) {
@@ -346,6 +358,7 @@ impl Unwinder {
             }
             let state = ProcessState {
                 map,
+                read_from: self.spaces.get(&pid).copied(),
                 modules: HashMap::new(),
                 last_used: 0,
             };

@@ -334,3 +334,65 @@ fn call_instructions_are_recognised_in_every_form() {
         assert!(!ends_with_call(code), "{code:x?}");
     }
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn a_module_map_is_kept_across_cuts_only_while_its_address_space_is_found_settled_and_the_same() {
+    let pid = std::process::id();
+    let settled = AddressSpace {
+        id: 0xffff_8880_0001_0000,
+        writes: 40,
+    };
+    let mut unwinder = Unwinder::default();
+    // Begins a cut at which the process has `space`, and says whether its
+    // map was kept; then unwinds, which reads it if it was not.
+    let mut cut = |space: Option<AddressSpace>| {
+        let spaces = space.map(|space| HashMap::from([(pid, space)]));
+        unwinder.begin_cut(spaces.unwrap_or_default());
+        let kept = unwinder.processes.contains_key(&pid);
+        assert_eq!(unwind_here(&mut unwinder).end, StackEnd::Complete);
+        kept
+    };
+    let changed = AddressSpace {
+        writes: settled.writes + 2,
+        ..settled
+    };
+    let being_changed = AddressSpace {
+        writes: changed.writes + 1,
+        ..changed
+    };
+    let after_exec = AddressSpace {
+        id: settled.id + 0x1000,
+        ..changed
+    };
+    let steps = [
+        (Some(settled), false, "nothing read yet"),
+        (Some(settled), true, "found the same"),
+        (Some(changed), false, "a mapping changed"),
+        (Some(changed), true, "found the same again"),
+        (Some(being_changed), false, "a writer at work"),
+        (
+            Some(being_changed),
+            false,
+            "read while a writer was at work",
+        ),
+        (None, false, "not found by the probe"),
+        (
+            Some(changed),
+            false,
+            "read while its address space was unknown",
+        ),
+        (Some(after_exec), false, "another address space"),
+        (
+            Some(AddressSpace {
+                writes: 0,
+                ..after_exec
+            }),
+            false,
+            "a kernel that does not count",
+        ),
+    ];
+    for (space, kept, why) in steps {
+        assert_eq!(cut(space), kept, "{why}: {space:?}");
+    }
+}
