@@ -556,13 +556,14 @@ class Blocked:
         self.proc.wait()
 
 
-def blocked_threads(binary: Path, fixture: Path, processes: int, threads: int, seconds: int, rounds: int):
+def blocked_threads(binaries: dict, fixture: Path, processes: int, threads: int, seconds: int, rounds: int):
     """The recorder's own cost where unwinding matters most: many threads
     that block for long in code without frame pointers. One armed sidecar
     per process, sharing the node's probe (one sidecar per pod, the
     deployment docs/operations.md describes); every long block is unwound
     from its saved registers at the first cut it spans, every short one
-    past the threshold from its stack copy."""
+    past the threshold from its stack copy. With a baseline, both builds'
+    rounds are interleaved."""
     long_ms, short_ms, shorts = 3000, 30, 2
     apps = [Blocked(fixture, threads, long_ms, short_ms, shorts) for _ in range(processes)]
     long_per_s = sum(app.long_per_s for app in apps)
@@ -574,7 +575,8 @@ def blocked_threads(binary: Path, fixture: Path, processes: int, threads: int, s
           f"(no stack copies; blocks in progress at a cut are unwound either way)")
 
     def measure(mode):
-        deployment, threshold = mode
+        build, deployment, threshold = mode
+        binary = binaries[build]
         threshold = "0s" if threshold == "threshold 0s" else None
         sidecars = []
         try:
@@ -599,8 +601,8 @@ def blocked_threads(binary: Path, fixture: Path, processes: int, threads: int, s
 
     # unwind_threshold = "0s" turns off the stack copies only: a block in
     # progress at a cut is still unwound from its saved registers.
-    modes = [(deployment, threshold) for deployment in (f"{processes} sidecars", "1 sidecar")
-             for threshold in ("default", "threshold 0s")]
+    modes = [(build, deployment, threshold) for deployment in (f"{processes} sidecars", "1 sidecar")
+             for threshold in ("default", "threshold 0s") for build in binaries]
     try:
         with bpf_stats(), scratch_bpffs() as bpffs:
             shared_dir = bpffs / "freezeframe"
@@ -608,12 +610,12 @@ def blocked_threads(binary: Path, fixture: Path, processes: int, threads: int, s
     finally:
         for app in apps:
             app.stop()
-    print(f"  {'':28} {'all sidecars':>13} {'per sidecar':>12} {'BPF, node-wide':>15}   (% of one core)")
+    print(f"  {'':40} {'all sidecars':>13} {'per sidecar':>12} {'BPF, node-wide':>15}   (% of one core)")
     for mode in modes:
         total = statistics.median(sum(cpu) for cpu, _ in results[mode])
         each = statistics.median(share for cpu, _ in results[mode] for share in cpu)
         bpf = statistics.median(sum(ns for ns, _ in programs.values()) for _, programs in results[mode])
-        print(f"  {', '.join(mode):28} {total * 100:12.3f}% {each * 100:11.3f}% {bpf / 1e7:14.3f}%")
+        print(f"  {', '.join(mode):40} {total * 100:12.3f}% {each * 100:11.3f}% {bpf / 1e7:14.3f}%")
     print("  BPF programs (medians), ns per run x runs per second, for: " + "; ".join(", ".join(mode) for mode in modes))
     names = sorted({name for mode in modes for _, programs in results[mode] for name in programs})
     for name in names:
@@ -671,7 +673,7 @@ def main():
     if "node" not in args.skip:
         node_scale(args.freezeframe, pingpong, args.rounds, args.round_trips, args.calls, args.sidecars)
     if "blocked" not in args.skip:
-        blocked_threads(args.freezeframe, build_blocked(out_dir), *args.blocked, args.blocked_seconds, args.rounds)
+        blocked_threads(binaries, build_blocked(out_dir), *args.blocked, args.blocked_seconds, args.rounds)
 
 
 if __name__ == "__main__":

@@ -578,6 +578,15 @@ fn delete_owned(
 }
 
 /// A map operation's "not there": fine when deleting.
+/// Whether a map's entries may change once they are in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entries {
+    /// Totals the probe adds to: what was read may be out of date.
+    Growing,
+    /// Put in once, whole (a stack copy, with `BPF_NOEXIST`).
+    WrittenOnce,
+}
+
 fn deleted(result: libbpf_rs::Result<()>, map: &'static str) -> Result<(), CaptureError> {
     match result {
         Err(err) if err.kind() != libbpf_rs::ErrorKind::NotFound => Err(map_error(map)(err)),
@@ -1204,6 +1213,7 @@ impl<'obj> Probe<'obj> {
         &self,
         table: &libbpf_rs::MapMut<'obj>,
         map: &'static str,
+        entries: Entries,
         owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
     ) -> Result<Vec<MapEntry>, CaptureError> {
         let owned = self.owned();
@@ -1213,9 +1223,21 @@ impl<'obj> Probe<'obj> {
                 if !owned.contains(&owner_of(&key, &value)?) {
                     continue;
                 }
-                // Read again as it is taken: it may have grown since.
-                if let Some(value) = table.lookup_and_delete(&key).map_err(map_error(map))? {
-                    taken.push((key, value));
+                match entries {
+                    // Read again as it is taken: it may have grown since.
+                    Entries::Growing => {
+                        if let Some(value) =
+                            table.lookup_and_delete(&key).map_err(map_error(map))?
+                        {
+                            taken.push((key, value));
+                        }
+                    }
+                    // As read, if it is still there to take.
+                    Entries::WrittenOnce => match table.delete(&key) {
+                        Ok(()) => taken.push((key, value)),
+                        Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                        Err(err) => return Err(map_error(map)(err)),
+                    },
                 }
             }
             taken
@@ -1245,10 +1267,12 @@ impl<'obj> Probe<'obj> {
     /// Takes our user stack copies out of the kernel: their memory there
     /// is free again for the next ones.
     pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
-        let entries =
-            self.take_owned(&self.skel.maps.stack_copies, "stack_copies", |_, value| {
-                Ok(from_bytes::<types::stack_copy>(value)?.host_tgid)
-            })?;
+        let entries = self.take_owned(
+            &self.skel.maps.stack_copies,
+            "stack_copies",
+            Entries::WrittenOnce,
+            |_, value| Ok(from_bytes::<types::stack_copy>(value)?.host_tgid),
+        )?;
         entries
             .iter()
             .map(|(_, value)| stack_copy_from_bytes(value))
@@ -1258,9 +1282,12 @@ impl<'obj> Probe<'obj> {
     /// Takes our finished-block totals out of the kernel. Retired targets'
     /// last totals are taken too, and then they are forgotten.
     pub fn drain_blocked(&self) -> Result<Vec<RawTotal>, CaptureError> {
-        let entries = self.take_owned(&self.skel.maps.blocked, "blocked", |key, _| {
-            Ok(from_bytes::<types::block_key>(key)?.host_tgid)
-        })?;
+        let entries = self.take_owned(
+            &self.skel.maps.blocked,
+            "blocked",
+            Entries::Growing,
+            |key, _| Ok(from_bytes::<types::block_key>(key)?.host_tgid),
+        )?;
         let mut totals = Vec::new();
         for (key, value) in entries {
             let key: types::block_key = from_bytes(&key)?;
@@ -1283,9 +1310,12 @@ impl<'obj> Probe<'obj> {
     /// Takes our finished mmap_lock holds out of the kernel.
     pub fn drain_lock_holds(&self) -> Result<Vec<RawHold>, CaptureError> {
         use types::hold_flags as flags;
-        let entries = self.take_owned(&self.skel.maps.lock_holds, "lock_holds", |_, value| {
-            Ok(from_bytes::<types::lock_hold>(value)?.host_tgid)
-        })?;
+        let entries = self.take_owned(
+            &self.skel.maps.lock_holds,
+            "lock_holds",
+            Entries::Growing,
+            |_, value| Ok(from_bytes::<types::lock_hold>(value)?.host_tgid),
+        )?;
         let mut holds = Vec::new();
         for (_, value) in entries {
             let hold: types::lock_hold = from_bytes(&value)?;
@@ -1311,6 +1341,7 @@ impl<'obj> Probe<'obj> {
         let entries = self.take_owned(
             &self.skel.maps.address_changes,
             "address_changes",
+            Entries::Growing,
             |_, value| Ok(from_bytes::<types::address_change>(value)?.host_tgid),
         )?;
         let mut changes = Vec::new();
