@@ -394,9 +394,16 @@ impl Symbolizer {
             })
             .skip_while(is_tracing_machinery)
             .collect();
-        frames.extend(self.user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index));
+        let user_ips = match stack.user_end {
+            UserStackEnd::Walked => walked_part(&stack.user_ips),
+            _ => &stack.user_ips[..],
+        };
+        frames.extend(self.user_frames(stack.tgid, user_ips, mappings, mapping_index));
         let truncated = match stack.user_end {
-            UserStackEnd::Walked => user_stack_truncated(&stack.user_ips, &frames),
+            UserStackEnd::Walked => {
+                user_ips.len() < stack.user_ips.len()
+                    || user_stack_truncated(&stack.user_ips, &frames)
+            }
             UserStackEnd::Complete => false,
             UserStackEnd::Truncated => true,
             UserStackEnd::NotRead => {
@@ -730,6 +737,23 @@ fn unknown_kernel_frame(ip: u64) -> Frame {
 }
 
 /// Whether the walk stopped before reaching the thread's first frame.
+/// No mapping can start below this (`vm.mmap_min_addr`'s default, and what
+/// x86-64 kernels enforce at least for unprivileged processes).
+const LOWEST_MAPPING: u64 = 0x10000;
+
+/// The part of a frame-pointer walk that can be return addresses. In code
+/// built without frame pointers `rbp` is an ordinary register, and the walk
+/// the kernel made from it may go on through whatever it pointed at: a value
+/// no mapping can hold (0, a small integer) is not a return address, and
+/// the stack is cut before it.
+fn walked_part(user_ips: &[u64]) -> &[u64] {
+    let end = user_ips
+        .iter()
+        .position(|&ip| ip < LOWEST_MAPPING)
+        .unwrap_or(user_ips.len());
+    &user_ips[..end]
+}
+
 fn user_stack_truncated(user_ips: &[u64], frames: &[Frame]) -> bool {
     if user_ips.is_empty() {
         // No user stack at all: a kernel-only thread, nothing to truncate.
@@ -844,6 +868,14 @@ mod tests {
         assert!(user_stack_truncated(&[1, 2], &frames));
         // Kernel threads have no user stack to truncate.
         assert!(!user_stack_truncated(&[], &[]));
+    }
+
+    #[test]
+    fn a_frame_pointer_walk_is_cut_before_a_value_no_mapping_can_hold() {
+        let ips = [0x7f00_0000_1000, 0x55_0000_2000, 0, 0x55_0000_3000];
+        assert_eq!(walked_part(&ips), &ips[..2]);
+        assert_eq!(walked_part(&ips[..2]), &ips[..2]);
+        assert_eq!(walked_part(&[0x1234, 0x55_0000_2000]), &[] as &[u64]);
     }
 
     /// One sample per way a user stack can end, of a frame of ours that
