@@ -121,7 +121,7 @@ fn capture(args: CaptureArgs) -> Result<()> {
             next_cut += CAPTURE_TICK;
         }
     }
-    windows.push(tracer.collect_last()?);
+    windows.push(tracer.collect()?);
     drop(tracer);
     let window = merge(&windows.iter().collect::<Vec<_>>(), args.pid);
 

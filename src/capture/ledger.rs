@@ -13,13 +13,8 @@
 //! drain, so its credit cannot be owed by this drain; a credited block missing
 //! from it ended, and normally before the drain. (One that ends in the
 //! microseconds between the two reads is repaid at the next cut instead.)
-//!
-//! A block in progress is credited only once it has its stacks: its parts
-//! must stand under the same stacks as its total. One whose stacks are not
-//! read yet waits, and a later cut (or its total) gives it the time it
-//! waited for.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::{BlockKey, InFlight};
 
@@ -61,15 +56,12 @@ impl Ledger {
     }
 
     /// Closes a window at `now_ns`. `finished` must have been drained from
-    /// the kernel before `in_flight` was read. Blocks in `unread` are in
-    /// progress, but their user stacks could not be read at this cut: they
-    /// are not credited now.
+    /// the kernel before `in_flight` was read.
     pub fn settle(
         &mut self,
         now_ns: u64,
         finished: &[(BlockKey, u64, u64)],
         in_flight: &[InFlight],
-        unread: &HashSet<BlockId>,
     ) -> Settled {
         let still_blocked: HashMap<BlockId, &InFlight> = in_flight
             .iter()
@@ -126,10 +118,9 @@ impl Ledger {
         });
 
         for block in in_flight {
-            let id = (block.host_tid, block.start_ns);
             // Ended, its total on the way, or not yet given its stacks: the
-            // credit (if any) stays, and grows no more until it has them.
-            if block.owed || !block.surveyed || unread.contains(&id) {
+            // credit (if any) stays, and grows no more.
+            if block.owed || !block.surveyed {
                 continue;
             }
             let age_ns = now_ns.saturating_sub(block.start_ns);
@@ -138,6 +129,7 @@ impl Ledger {
             if age_ns < self.min_block_ns || self.max_block_ns.is_some_and(|max| age_ns > max) {
                 continue;
             }
+            let id = (block.host_tid, block.start_ns);
             let credit = self.credits.entry(id).or_insert(Credit {
                 key: block.key,
                 until_ns: block.start_ns,
@@ -217,16 +209,6 @@ mod tests {
         }
     }
 
-    /// Settles a cut at which every stack was read.
-    fn settle(
-        ledger: &mut Ledger,
-        now_ns: u64,
-        finished: &[(BlockKey, u64, u64)],
-        in_flight: &[InFlight],
-    ) -> Settled {
-        ledger.settle(now_ns, finished, in_flight, &HashSet::new())
-    }
-
     fn totals(settled: Settled) -> HashMap<u32, (u64, u64)> {
         settled
             .into_iter()
@@ -237,7 +219,7 @@ mod tests {
     #[test]
     fn finished_blocks_pass_through() {
         let mut ledger = Ledger::new(MS, None);
-        let window = totals(settle(&mut ledger, 1000 * MS, &[(key(1), 40 * MS, 4)], &[]));
+        let window = totals(ledger.settle(1000 * MS, &[(key(1), 40 * MS, 4)], &[]));
         assert_eq!(window[&1], (40 * MS, 4));
     }
 
@@ -245,27 +227,12 @@ mod tests {
     fn a_block_spanning_windows_is_split_at_each_cut() {
         let mut ledger = Ledger::new(MS, None);
         // Blocked at 100 ms; cuts at 1 s and 2 s; wakes at 2.5 s.
-        let first = totals(settle(
-            &mut ledger,
-            1000 * MS,
-            &[],
-            &[in_flight(1, 100 * MS)],
-        ));
+        let first = totals(ledger.settle(1000 * MS, &[], &[in_flight(1, 100 * MS)]));
         assert_eq!(first[&1], (900 * MS, 1));
-        let second = totals(settle(
-            &mut ledger,
-            2000 * MS,
-            &[],
-            &[in_flight(1, 100 * MS)],
-        ));
+        let second = totals(ledger.settle(2000 * MS, &[], &[in_flight(1, 100 * MS)]));
         assert_eq!(second[&1], (1000 * MS, 0));
         // The kernel reports the whole 2.4 s when it ends.
-        let third = totals(settle(
-            &mut ledger,
-            3000 * MS,
-            &[(key(1), 2400 * MS, 1)],
-            &[],
-        ));
+        let third = totals(ledger.settle(3000 * MS, &[(key(1), 2400 * MS, 1)], &[]));
         assert_eq!(third[&1], (500 * MS, 0));
         assert_eq!(first[&1].0 + second[&1].0 + third[&1].0, 2400 * MS);
     }
@@ -273,24 +240,18 @@ mod tests {
     #[test]
     fn other_blocks_of_the_same_key_are_not_eaten_by_credit() {
         let mut ledger = Ledger::new(MS, None);
-        settle(&mut ledger, 1000 * MS, &[], &[in_flight(1, 500 * MS)]);
+        ledger.settle(1000 * MS, &[], &[in_flight(1, 500 * MS)]);
         // Ends at 1.2 s (700 ms in all), then another 50 ms block of the key.
-        let window = totals(settle(
-            &mut ledger,
-            2000 * MS,
-            &[(key(1), 750 * MS, 2)],
-            &[],
-        ));
+        let window = totals(ledger.settle(2000 * MS, &[(key(1), 750 * MS, 2)], &[]));
         assert_eq!(window[&1], (250 * MS, 1));
     }
 
     #[test]
     fn a_new_block_of_the_same_thread_starts_a_new_credit() {
         let mut ledger = Ledger::new(MS, None);
-        settle(&mut ledger, 1000 * MS, &[], &[in_flight(1, 900 * MS)]);
+        ledger.settle(1000 * MS, &[], &[in_flight(1, 900 * MS)]);
         // Woke at 1.1 s (200 ms in all), blocked again at 1.5 s.
-        let window = totals(settle(
-            &mut ledger,
+        let window = totals(ledger.settle(
             2000 * MS,
             &[(key(1), 200 * MS, 1)],
             &[in_flight(1, 1500 * MS)],
@@ -298,50 +259,42 @@ mod tests {
         // 100 ms rest of the first block + 500 ms of the second, 1 new block.
         assert_eq!(window[&1], (600 * MS, 1));
         // The second ends at 2.2 s: only its last 200 ms are left.
-        let next = totals(settle(
-            &mut ledger,
-            3000 * MS,
-            &[(key(1), 700 * MS, 1)],
-            &[],
-        ));
+        let next = totals(ledger.settle(3000 * MS, &[(key(1), 700 * MS, 1)], &[]));
         assert_eq!(next[&1], (200 * MS, 0));
     }
 
     #[test]
     fn a_block_that_ends_after_the_drain_is_repaid_at_the_next_cut() {
         let mut ledger = Ledger::new(MS, None);
-        settle(&mut ledger, 1000 * MS, &[], &[in_flight(1, 400 * MS)]);
+        ledger.settle(1000 * MS, &[], &[in_flight(1, 400 * MS)]);
         // Ended between the drain and the read at 2 s: not in either.
-        assert!(settle(&mut ledger, 2000 * MS, &[], &[]).is_empty());
+        assert!(ledger.settle(2000 * MS, &[], &[]).is_empty());
         // Its 1.1 s total arrives with the next drain.
-        let window = totals(settle(
-            &mut ledger,
-            3000 * MS,
-            &[(key(1), 1100 * MS, 1)],
-            &[],
-        ));
+        let window = totals(ledger.settle(3000 * MS, &[(key(1), 1100 * MS, 1)], &[]));
         assert_eq!(window[&1], (500 * MS, 0));
     }
 
     #[test]
     fn blocks_younger_than_min_block_are_not_credited() {
         let mut ledger = Ledger::new(10 * MS, None);
-        assert!(settle(&mut ledger, 1000 * MS, &[], &[in_flight(1, 995 * MS)]).is_empty());
+        assert!(ledger
+            .settle(1000 * MS, &[], &[in_flight(1, 995 * MS)])
+            .is_empty());
         // When it does end long enough, it is counted whole.
-        let window = totals(settle(&mut ledger, 2000 * MS, &[(key(1), 20 * MS, 1)], &[]));
+        let window = totals(ledger.settle(2000 * MS, &[(key(1), 20 * MS, 1)], &[]));
         assert_eq!(window[&1], (20 * MS, 1));
     }
 
     #[test]
     fn credit_for_a_block_the_kernel_refused_is_written_off() {
         let mut ledger = Ledger::new(MS, Some(1500 * MS));
-        settle(&mut ledger, 1000 * MS, &[], &[in_flight(1, 0)]);
+        ledger.settle(1000 * MS, &[], &[in_flight(1, 0)]);
         // Past max_block: no longer credited; the kernel drops it when it ends.
-        assert!(settle(&mut ledger, 2000 * MS, &[], &[in_flight(1, 0)]).is_empty());
-        settle(&mut ledger, 3000 * MS, &[], &[]);
-        settle(&mut ledger, 4000 * MS, &[], &[]);
+        assert!(ledger.settle(2000 * MS, &[], &[in_flight(1, 0)]).is_empty());
+        ledger.settle(3000 * MS, &[], &[]);
+        ledger.settle(4000 * MS, &[], &[]);
         // A later ordinary block of the key is reported whole.
-        let window = totals(settle(&mut ledger, 5000 * MS, &[(key(1), 30 * MS, 1)], &[]));
+        let window = totals(ledger.settle(5000 * MS, &[(key(1), 30 * MS, 1)], &[]));
         assert_eq!(window[&1], (30 * MS, 1));
     }
 
@@ -356,7 +309,7 @@ mod tests {
             },
             ..in_flight(1, 0)
         };
-        let first = totals(settle(&mut ledger, 1000 * MS, &[], &[flying]));
+        let first = totals(ledger.settle(1000 * MS, &[], &[flying]));
         assert_eq!(first[&1], (1000 * MS, 1));
         // Ended at 1.5 s; its user stack is owed until the thread heads back
         // to user space: no more credit, and the credit is not written off.
@@ -365,10 +318,10 @@ mod tests {
             ..flying
         };
         for cut in 2..5 {
-            assert!(settle(&mut ledger, cut * 1000 * MS, &[], &[owed]).is_empty());
+            assert!(ledger.settle(cut * 1000 * MS, &[], &[owed]).is_empty());
         }
         // The total arrives under the stack the kernel took: only the rest.
-        let last = settle(&mut ledger, 5000 * MS, &[(key(1), 1500 * MS, 1)], &[]);
+        let last = ledger.settle(5000 * MS, &[(key(1), 1500 * MS, 1)], &[]);
         assert_eq!(last, vec![(key(1), 500 * MS, 0)]);
     }
 
@@ -382,7 +335,7 @@ mod tests {
             },
             ..in_flight(1, 0)
         };
-        let first = settle(&mut ledger, 1000 * MS, &[], &[flying]);
+        let first = ledger.settle(1000 * MS, &[], &[flying]);
         assert_eq!(first, vec![(flying.key, 1000 * MS, 1)]);
         // It reached the unwind threshold: its total arrives under a copy
         // of its user stack, which the in-flight part never had.
@@ -390,7 +343,7 @@ mod tests {
             user_stack: StackRef::Copy(7 << 24 | 4),
             ..key(1)
         };
-        let second = settle(&mut ledger, 2000 * MS, &[(copied, 1200 * MS, 1)], &[]);
+        let second = ledger.settle(2000 * MS, &[(copied, 1200 * MS, 1)], &[]);
         assert_eq!(second, vec![(copied, 200 * MS, 0)]);
         let counted: u64 = first.iter().chain(&second).map(|(_, ns, _)| ns).sum();
         assert_eq!(counted, 1200 * MS, "each nanosecond once");
@@ -403,62 +356,10 @@ mod tests {
             surveyed: false,
             ..in_flight(1, 0)
         };
-        assert!(settle(&mut ledger, 1000 * MS, &[], &[unsurveyed]).is_empty());
+        assert!(ledger.settle(1000 * MS, &[], &[unsurveyed]).is_empty());
         // Its total arrives whole.
-        let window = totals(settle(
-            &mut ledger,
-            2000 * MS,
-            &[(key(1), 1500 * MS, 1)],
-            &[],
-        ));
+        let window = totals(ledger.settle(2000 * MS, &[(key(1), 1500 * MS, 1)], &[]));
         assert_eq!(window[&1], (1500 * MS, 1));
-    }
-
-    #[test]
-    fn a_block_whose_user_stack_is_not_read_yet_is_credited_when_it_is() {
-        let mut ledger = Ledger::new(MS, None);
-        let block = in_flight(1, 600 * MS);
-        let unread = HashSet::from([(1, 600 * MS)]);
-        // Its process's memory is locked at the first cut: nothing yet.
-        assert!(ledger.settle(1000 * MS, &[], &[block], &unread).is_empty());
-        // Read at the second: credited from its start, counted once.
-        let second = totals(settle(&mut ledger, 2000 * MS, &[], &[block]));
-        assert_eq!(second[&1], (1400 * MS, 1));
-        // Its total repays the credit: only the rest is new.
-        let third = totals(settle(
-            &mut ledger,
-            3000 * MS,
-            &[(key(1), 1500 * MS, 1)],
-            &[],
-        ));
-        assert_eq!(third[&1], (100 * MS, 0));
-    }
-
-    #[test]
-    fn a_credited_block_whose_stack_goes_unread_is_credited_the_rest_later() {
-        let mut ledger = Ledger::new(MS, None);
-        let block = in_flight(1, 0);
-        let unread = HashSet::from([(1, 0)]);
-        let first = totals(settle(&mut ledger, 1000 * MS, &[], &[block]));
-        assert!(ledger.settle(2000 * MS, &[], &[block], &unread).is_empty());
-        let third = totals(settle(&mut ledger, 3000 * MS, &[], &[block]));
-        assert_eq!((first[&1], third[&1]), ((1000 * MS, 1), (2000 * MS, 0)));
-    }
-
-    #[test]
-    fn a_block_that_ends_unread_comes_whole_with_its_total() {
-        let mut ledger = Ledger::new(MS, None);
-        let unread = HashSet::from([(1, 500 * MS)]);
-        assert!(ledger
-            .settle(1000 * MS, &[], &[in_flight(1, 500 * MS)], &unread)
-            .is_empty());
-        let window = totals(settle(
-            &mut ledger,
-            2000 * MS,
-            &[(key(1), 900 * MS, 1)],
-            &[],
-        ));
-        assert_eq!(window[&1], (900 * MS, 1));
     }
 
     /// Thread 1 waiting on futex word 0x1000, woken by `waker` if known.
@@ -478,10 +379,10 @@ mod tests {
             key: waiting,
             ..in_flight(1, 0)
         };
-        let first = settle(&mut ledger, 1000 * MS, &[], &[block]);
+        let first = ledger.settle(1000 * MS, &[], &[block]);
         assert_eq!(first, vec![(waiting, 1000 * MS, 1)]);
         // Woken by tid 7 at 1.5 s: only the last 500 ms are new, under the waker.
-        let second = settle(&mut ledger, 2000 * MS, &[(woken, 1500 * MS, 1)], &[]);
+        let second = ledger.settle(2000 * MS, &[(woken, 1500 * MS, 1)], &[]);
         assert_eq!(second, vec![(woken, 500 * MS, 0)]);
     }
 
@@ -497,8 +398,8 @@ mod tests {
                 key: futex_wait(None),
                 ..in_flight(1, 0)
             };
-            let first = settle(&mut ledger, 1000 * MS, &[], &[block]);
-            let mut second = settle(&mut ledger, 2000 * MS, &finished, &[]);
+            let first = ledger.settle(1000 * MS, &[], &[block]);
+            let mut second = ledger.settle(2000 * MS, &finished, &[]);
             second.sort_by_key(|(key, _, _)| key.lock.and_then(|lock| lock.holder_tid));
             assert_eq!(
                 second,

@@ -60,7 +60,7 @@ pub mod recorder;
 mod shared;
 mod threads;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,7 +70,7 @@ pub use bpf::{Features, Hook};
 use libbpf_rs::OpenObject;
 
 use crate::profile::{ThreadState, TimeSlice};
-use ledger::{BlockId, Ledger};
+use ledger::Ledger;
 
 /// Storage the loaded BPF object lives in; the caller owns it so that a
 /// [`Tracer`] can borrow it for as long as it stays attached.
@@ -521,25 +521,13 @@ pub struct Tracer<'obj> {
     stack_cache: HashMap<u64, Stack>,
     /// User stacks unwound from saved registers, per block in progress
     /// (host tid, start): unwound once, however many cuts the block spans.
-    walked: HashMap<BlockId, UserStack>,
+    walked: HashMap<(u32, u64), (Stack, UserStackEnd)>,
     walker: threads::StackWalker,
     copies: copies::Copies,
     calls: calls::Calls,
     /// The kernel's drop counters at the last cut.
     drops_so_far: DropCounts,
 }
-
-/// A user stack's frames and how it ends.
-type UserStack = (Stack, UserStackEnd);
-
-/// How long a block in progress waits to be credited while its user stack
-/// cannot be read. A thread's memory is unreadable while a writer holds its
-/// process's mmap_lock (the very freeze freezeframe is for), and such waits
-/// mostly end within a cut or two; then the copy taken as the thread leaves
-/// the kernel gives all of the wait its frames. A freeze that lasts longer
-/// is shown as it goes, marked [`UserStackEnd::NotRead`], rather than late.
-/// The last window of a capture waits for nothing.
-pub const WAIT_FOR_UNREAD_STACK: Duration = Duration::from_secs(2);
 
 /// How often a tracer on the node's shared probe looks for instances that
 /// ended without leaving it.
@@ -670,20 +658,8 @@ impl<'obj> Tracer<'obj> {
     }
 
     /// Ends the current window now and returns its off-CPU time: blocks that
-    /// ended in it, and blocks still in progress up to now (but one whose
-    /// user stack cannot be read yet is left for a later window; see
-    /// [`WAIT_FOR_UNREAD_STACK`]).
+    /// ended in it, and blocks still in progress up to now.
     pub fn collect(&mut self) -> Result<Window, CaptureError> {
-        self.cut(false)
-    }
-
-    /// [`Tracer::collect`] for the last window of a capture: nothing is left
-    /// for a later one, and a user stack not read by now is marked so.
-    pub fn collect_last(&mut self) -> Result<Window, CaptureError> {
-        self.cut(true)
-    }
-
-    fn cut(&mut self, last: bool) -> Result<Window, CaptureError> {
         // Finished totals first, then the blocks still in progress: the
         // ledger relies on that order (see its docs). The survey in between
         // gives blocks in progress their stacks before they are read.
@@ -709,8 +685,7 @@ impl<'obj> Tracer<'obj> {
             .iter()
             .map(|total| (total.key, total.blocked_ns, total.count))
             .collect();
-        let (walked, unread) = self.walked_stacks(&in_flight, end_ns, last)?;
-        let settled = self.ledger.settle(end_ns, &totals, &in_flight, &unread);
+        let settled = self.ledger.settle(end_ns, &totals, &in_flight);
         let holds = self.probe.drain_lock_holds()?;
         let changes = self
             .calls
@@ -724,11 +699,16 @@ impl<'obj> Tracer<'obj> {
             .iter()
             .map(|total| (total.key, total.comm))
             .collect();
+        let saved_regs: HashMap<BlockKey, &InFlight> = in_flight
+            .iter()
+            .filter(|block| block.regs.is_some())
+            .map(|block| (block.key, block))
+            .collect();
         let mut stacks = Vec::with_capacity(settled.len());
         for (key, blocked_ns, count) in settled {
             let kernel_ips = self.stack_of(key.kernel_stack)?;
-            let (user_ips, user_end) = match (key.user_stack, walked.get(&key)) {
-                (StackRef::SavedRegs, Some(walked)) => walked.clone(),
+            let (user_ips, user_end) = match (key.user_stack, saved_regs.get(&key)) {
+                (StackRef::SavedRegs, Some(block)) => self.walked_stack(block)?,
                 (StackRef::Copy(id), _) => self.copies.stack(id),
                 (stack, _) => (self.stack_of(stack)?, UserStackEnd::Walked),
             };
@@ -793,7 +773,7 @@ impl<'obj> Tracer<'obj> {
         }
         // Only now that every stack of this window is read may slots be freed.
         self.reclaim_stacks(&in_flight)?;
-        let flying: HashSet<BlockId> = in_flight
+        let flying: std::collections::HashSet<(u32, u64)> = in_flight
             .iter()
             .map(|block| (block.host_tid, block.start_ns))
             .collect();
@@ -829,40 +809,12 @@ impl<'obj> Tracer<'obj> {
         Ok(())
     }
 
-    /// The user stacks of the blocks in progress that a cut may credit, by
-    /// key, and the blocks among them whose stacks are not read yet and
-    /// wait for a later cut (none at the `last`).
-    fn walked_stacks(
-        &mut self,
-        in_flight: &[InFlight],
-        now_ns: u64,
-        last: bool,
-    ) -> Result<(HashMap<BlockKey, UserStack>, HashSet<BlockId>), CaptureError> {
-        let mut walked = HashMap::new();
-        let mut unread = HashSet::new();
-        let wait_ns = WAIT_FOR_UNREAD_STACK.as_nanos() as u64;
-        for block in in_flight {
-            if block.owed || !block.surveyed || block.key.user_stack != StackRef::SavedRegs {
-                continue;
-            }
-            let stack = self.walked_stack(block)?;
-            if stack.1 == UserStackEnd::NotRead
-                && !last
-                && now_ns.saturating_sub(block.start_ns) < wait_ns
-            {
-                unread.insert((block.host_tid, block.start_ns));
-            }
-            walked.insert(block.key, stack);
-        }
-        Ok((walked, unread))
-    }
-
     /// The user stack of a block in progress, unwound once from the
     /// registers the survey saved: the thread sleeps, so its stack holds
     /// the frames it blocked in. Empty and [`UserStackEnd::NotRead`] for
     /// this cut if its memory could not be read in time, or the thread woke
     /// while it was read (what was read may be the running thread's).
-    fn walked_stack(&mut self, block: &InFlight) -> Result<UserStack, CaptureError> {
+    fn walked_stack(&mut self, block: &InFlight) -> Result<(Stack, UserStackEnd), CaptureError> {
         let id = (block.host_tid, block.start_ns);
         if let Some(walked) = self.walked.get(&id) {
             return Ok(walked.clone());
@@ -890,7 +842,7 @@ impl<'obj> Tracer<'obj> {
         if self.stack_cache.len() * 2 < self.probe.stack_capacity() as usize {
             return Ok(());
         }
-        let in_use: HashSet<StackRef> = in_flight
+        let in_use: std::collections::HashSet<StackRef> = in_flight
             .iter()
             .flat_map(|block| [block.key.kernel_stack, block.key.user_stack])
             .collect();

@@ -505,17 +505,7 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
     /// Cuts a window, and answers the captures that are due (all of them
     /// when the recorder is ending: they get what was recorded so far).
     fn tick(&mut self, ending: bool) {
-        // A capture's last window leaves nothing for the next one, which it
-        // would not see.
-        let now = SystemTime::now();
-        let due = |waiting: &Pending| ending || waiting.request.until <= now;
-        let last = self.pending.iter().any(due);
-        let cut = if last {
-            self.tracer.collect_last()
-        } else {
-            self.tracer.collect()
-        };
-        match cut {
+        match self.tracer.collect() {
             Ok(window) => {
                 if let Some(observer) = &self.config.observer {
                     (observer.0)(&window);
@@ -532,9 +522,10 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
                 }
             }
         }
+        let now = SystemTime::now();
         let history = &self.history;
         self.pending.retain(|waiting| {
-            if !due(waiting) {
+            if waiting.request.until > now && !ending {
                 return true;
             }
             let request = &waiting.request;
