@@ -736,7 +736,6 @@ fn unknown_kernel_frame(ip: u64) -> Frame {
     }
 }
 
-/// Whether the walk stopped before reaching the thread's first frame.
 /// No mapping can start below this (`vm.mmap_min_addr`'s default, and what
 /// x86-64 kernels enforce at least for unprivileged processes).
 const LOWEST_MAPPING: u64 = 0x10000;
@@ -754,6 +753,7 @@ fn walked_part(user_ips: &[u64]) -> &[u64] {
     &user_ips[..end]
 }
 
+/// Whether the walk stopped before reaching the thread's first frame.
 fn user_stack_truncated(user_ips: &[u64], frames: &[Frame]) -> bool {
     if user_ips.is_empty() {
         // No user stack at all: a kernel-only thread, nothing to truncate.

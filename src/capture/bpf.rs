@@ -577,7 +577,6 @@ fn delete_owned(
     Ok(())
 }
 
-/// A map operation's "not there": fine when deleting.
 /// Whether a map's entries may change once they are in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entries {
@@ -587,6 +586,7 @@ enum Entries {
     WrittenOnce,
 }
 
+/// A map operation's "not there": fine when deleting.
 fn deleted(result: libbpf_rs::Result<()>, map: &'static str) -> Result<(), CaptureError> {
     match result {
         Err(err) if err.kind() != libbpf_rs::ErrorKind::NotFound => Err(map_error(map)(err)),

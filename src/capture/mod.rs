@@ -673,13 +673,14 @@ impl<'obj> Tracer<'obj> {
         // A block walked from its saved registers while it lasted left the
         // same stack in its copy: the thread ran no user instruction since.
         // Only the others are unwound.
-        let (walked, copies): (Vec<copies::StackCopy>, Vec<_>) = copies
-            .into_iter()
-            .partition(|copy| self.walked.contains_key(&copy.block));
-        for copy in walked {
-            self.copies.keep(copy.id, self.walked[&copy.block].clone());
+        let mut to_unwind = Vec::with_capacity(copies.len());
+        for copy in copies {
+            match self.walked.get(&copy.block) {
+                Some(walked) => self.copies.keep(copy.id, walked.clone()),
+                None => to_unwind.push(copy),
+            }
         }
-        self.copies.receive(self.walker.unwind_copies(copies));
+        self.copies.receive(self.walker.unwind_copies(to_unwind));
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
             .iter()
