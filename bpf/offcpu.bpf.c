@@ -1117,8 +1117,9 @@ static __always_inline struct target *watch(struct task_struct *task, struct wan
 }
 
 /*
- * Walks every task of our namespace and completes what the switch hooks
- * cannot see, for our own targets only:
+ * Walks the tasks of our namespace (every one while a target is still to
+ * be found, else only the targets', one process at a time) and completes
+ * what the switch hooks cannot see, for our own targets only:
  *   - a process we asked for and see for the first time becomes a target
  *     and gets its host tgid bit;
  *   - a target thread already off the CPU with no entry (it blocked before

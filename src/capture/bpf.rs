@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Iter, Link, MapCore, MapFlags, OpenObject, PrintLevel};
+use libbpf_rs::{Link, MapCore, MapFlags, OpenObject, PrintLevel};
 
 use super::batch;
 use super::copies::StackCopy;
@@ -263,6 +263,8 @@ pub(super) struct Probe<'obj> {
     /// Host tgids of targets removed since the last drain: their last
     /// totals are still ours to read.
     retired: Vec<u32>,
+    /// Whether the kernel lets the survey visit one process at a time.
+    survey_by_process: bool,
 }
 
 impl Drop for Probe<'_> {
@@ -675,6 +677,7 @@ impl<'obj> Probe<'obj> {
             attached: false,
             targets: HashMap::new(),
             retired: Vec::new(),
+            survey_by_process: true,
         };
         if let Some(node) = &node {
             probe.reap(node)?;
@@ -1148,25 +1151,71 @@ impl<'obj> Probe<'obj> {
     /// their bits, threads already off the CPU are entered as blocks that
     /// start now, and blocks in progress get their stacks and registers.
     pub fn survey(&mut self) -> Result<(), CaptureError> {
-        let link = self
-            .skel
-            .progs
-            .survey
-            .attach()
-            .map_err(|err| CaptureError::Attach {
-                what: "task iterator",
-                source: err,
-            })?;
-        let mut iter = Iter::new(&link).map_err(|err| CaptureError::Attach {
+        // Once every target is known, only their threads need a look: a
+        // survey of the whole node costs every sidecar on it a visit to
+        // every task, each second.
+        let known: Option<Vec<u32>> = self
+            .targets
+            .iter()
+            .map(|(&tgid, host)| host.map(|_| tgid))
+            .collect();
+        match known {
+            Some(tgids) if self.survey_by_process => {
+                for tgid in tgids {
+                    if let Err(err) = self.run_survey(Some(tgid)) {
+                        // Before Linux 6.1 a task iterator cannot be given
+                        // one process; the whole node is still surveyed.
+                        tracing::debug!("surveying the whole node from now on: {err}");
+                        self.survey_by_process = false;
+                        self.run_survey(None)?;
+                        break;
+                    }
+                }
+            }
+            _ => self.run_survey(None)?,
+        }
+        self.learn_targets()
+    }
+
+    /// Runs the survey over the threads of one process (by its tgid in our
+    /// namespace, where the kernel looks it up), or over every task.
+    fn run_survey(&self, process: Option<u32>) -> Result<(), CaptureError> {
+        use libbpf_rs::libbpf_sys;
+        use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+        let attach_error = |code: i32| CaptureError::Attach {
             what: "task iterator",
-            source: err,
-        })?;
+            source: libbpf_rs::Error::from_raw_os_error(code.abs()),
+        };
+        let mut info = libbpf_sys::bpf_iter_link_info::default();
+        // SAFETY: both are plain C structs, for which zeroes are "unset".
+        let mut opts: libbpf_sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+        opts.sz = size_of::<libbpf_sys::bpf_link_create_opts>() as _;
+        if let Some(tgid) = process {
+            info.task.pid = tgid;
+            opts.iter_info = &mut info;
+            opts.iter_info_len = size_of::<libbpf_sys::bpf_iter_link_info>() as _;
+        }
+        let program = self.skel.progs.survey.as_fd().as_raw_fd();
+        // SAFETY: `opts` and the `info` it points to outlive the call.
+        let link =
+            unsafe { libbpf_sys::bpf_link_create(program, 0, libbpf_sys::BPF_TRACE_ITER, &opts) };
+        if link < 0 {
+            return Err(attach_error(link));
+        }
+        // SAFETY: the kernel just gave us this descriptor, and nothing else owns it.
+        let link = unsafe { OwnedFd::from_raw_fd(link) };
+        // SAFETY: `link` is an iterator link, open for the call.
+        let iter = unsafe { libbpf_sys::bpf_iter_create(link.as_raw_fd()) };
+        if iter < 0 {
+            return Err(attach_error(iter));
+        }
+        // SAFETY: as for `link`.
+        let mut iter = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(iter) });
         // The program writes nothing; reading to the end is what runs it.
         let mut sink = Vec::new();
         iter.read_to_end(&mut sink).map_err(CaptureError::Iterate)?;
-        drop(iter);
-        drop(link);
-        self.learn_targets()
+        Ok(())
     }
 
     /// Blocks still in progress, and ended ones still owed their user
@@ -1475,6 +1524,7 @@ mod tests {
     /// on this thread with made-up tracepoint arguments. Needs root.
     mod bookkeeping {
         use super::*;
+        use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
         const MM_A: u64 = 0xffff_8880_0000_1000;
         const MM_B: u64 = 0xffff_8880_0000_9000;
@@ -1500,7 +1550,6 @@ mod tests {
         }
 
         fn run(program: &libbpf_rs::ProgramMut, args: &[u64]) {
-            use std::os::fd::{AsFd, AsRawFd};
             run_fd(program.as_fd().as_raw_fd(), args);
         }
 
@@ -1582,6 +1631,78 @@ mod tests {
             assert!(
                 after.writes.wrapping_sub(before.writes) >= 4,
                 "{before:?}, then {after:?}"
+            );
+        }
+
+        /// How often the survey program has run, while `stats` keeps the
+        /// kernel counting: once per task it visits, and once at the end.
+        fn survey_runs(probe: &Probe, _stats: &OwnedFd) -> u64 {
+            use libbpf_rs::libbpf_sys;
+            let mut info = libbpf_sys::bpf_prog_info::default();
+            let mut len = size_of::<libbpf_sys::bpf_prog_info>() as u32;
+            let fd = probe.skel.progs.survey.as_fd().as_raw_fd();
+            // SAFETY: `info` is as large as `len` says.
+            let rc = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
+            assert_eq!(rc, 0, "BPF_OBJ_GET_INFO_BY_FD on the survey");
+            info.run_cnt
+        }
+
+        #[test]
+        fn once_its_targets_are_known_the_survey_visits_their_threads_only() {
+            use libbpf_rs::libbpf_sys;
+            // Other tasks on the node: 200 processes nobody watches.
+            struct Crowd(Vec<std::process::Child>);
+            impl Drop for Crowd {
+                fn drop(&mut self) {
+                    for child in &mut self.0 {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+            }
+            let crowd = Crowd(
+                (0..200)
+                    .map(|_| {
+                        std::process::Command::new("sleep")
+                            .arg("60")
+                            .spawn()
+                            .unwrap()
+                    })
+                    .collect(),
+            );
+            let mut storage = MaybeUninit::uninit();
+            let mut probe = probe(&mut storage, 0);
+            assert!(
+                probe.targets.values().all(Option::is_some),
+                "the target is known"
+            );
+            // SAFETY: no preconditions; the kernel counts runs while the fd is open.
+            let stats = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
+            assert!(stats >= 0, "BPF_ENABLE_STATS");
+            // SAFETY: a descriptor the kernel just gave us.
+            let stats = unsafe { OwnedFd::from_raw_fd(stats) };
+
+            let before = survey_runs(&probe, &stats);
+            probe.survey().unwrap();
+            let by_process = survey_runs(&probe, &stats) - before;
+            let threads = std::fs::read_dir("/proc/self/task").unwrap().count() as u64;
+            assert!(
+                probe.survey_by_process,
+                "Linux 6.1 and later survey one process"
+            );
+            // This test binary's threads come and go as the other tests run.
+            assert!(
+                by_process >= 2 && by_process <= threads + 16,
+                "{by_process} visits for a process of about {threads} threads"
+            );
+
+            probe.survey_by_process = false;
+            let before = survey_runs(&probe, &stats);
+            probe.survey().unwrap();
+            let whole_node = survey_runs(&probe, &stats) - before;
+            assert!(
+                whole_node >= by_process + crowd.0.len() as u64,
+                "the whole node: {whole_node} visits, {by_process} for the target"
             );
         }
 
