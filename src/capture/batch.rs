@@ -59,6 +59,22 @@ thread_local! {
 /// Every entry of `map`, read in batches; with `delete`, each batch is
 /// deleted as it is read (`BPF_MAP_LOOKUP_AND_DELETE_BATCH`).
 pub(super) fn entries(map: &impl MapCore, delete: bool) -> libbpf_rs::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    visit(map, delete, |key, value| {
+        entries.push((key.to_vec(), value.to_vec()));
+    })?;
+    Ok(entries)
+}
+
+/// Shows `each` every entry of `map` where the kernel put it, read as
+/// [`entries`] reads them: for large values of which the caller keeps a
+/// part, or nothing. `each` must not read a map through this module: the
+/// buffers are its caller's while it runs.
+pub(super) fn visit(
+    map: &impl MapCore,
+    delete: bool,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> libbpf_rs::Result<()> {
     let key_size = map.key_size() as usize;
     // Where a batch starts is a bucket or an index: 4 bytes at least.
     let position_size = key_size.max(4);
@@ -70,7 +86,6 @@ pub(super) fn entries(map: &impl MapCore, delete: bool) -> libbpf_rs::Result<Vec
     };
     let fd = map.as_fd().as_raw_fd();
     BUFFERS.with_borrow_mut(|buffers| {
-        let mut entries = Vec::new();
         let mut first = true;
         loop {
             buffers.fit(count, key_size, value_size, position_size);
@@ -112,14 +127,14 @@ pub(super) fn entries(map: &impl MapCore, delete: bool) -> libbpf_rs::Result<Vec
                 _ => {}
             }
             let got = (got as usize).min(count);
-            entries.extend((0..got).map(|index| {
-                (
-                    buffers.keys[index * key_size..(index + 1) * key_size].to_vec(),
-                    buffers.values[index * value_size..(index + 1) * value_size].to_vec(),
-                )
-            }));
+            for index in 0..got {
+                each(
+                    &buffers.keys[index * key_size..(index + 1) * key_size],
+                    &buffers.values[index * value_size..(index + 1) * value_size],
+                );
+            }
             if error == Some(libc::ENOENT) {
-                return Ok(entries);
+                return Ok(());
             }
             std::mem::swap(&mut buffers.from, &mut buffers.next);
             first = false;

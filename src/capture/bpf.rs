@@ -428,24 +428,44 @@ fn stack_ref(key: u64) -> StackRef {
 
 /// A value of `stack_copies`: the registers, then the copied stack.
 fn stack_copy_from_bytes(value: &[u8]) -> Result<StackCopy, CaptureError> {
-    let copy: types::stack_copy = from_bytes(value)?;
-    let size = (copy.size as usize).min(copy.bytes.len());
+    use std::mem::offset_of;
+    type Copy = types::stack_copy;
+    // Its fields one by one: the copy is 16 KiB, of which `size` are used.
+    if value.len() < size_of::<Copy>() {
+        return Err(CaptureError::MapLayout {
+            expected: size_of::<Copy>(),
+            got: value.len(),
+        });
+    }
+    let u64_at = |offset| field_at::<u64>(value, offset);
+    let u32_at = |offset| field_at::<u32>(value, offset);
+    let bytes = offset_of!(Copy, bytes);
+    let size = (u32_at(offset_of!(Copy, size))? as usize).min(value.len() - bytes);
+    let flags = u32_at(offset_of!(Copy, flags))?;
     Ok(StackCopy {
-        id: copy.id,
-        block: (copy.host_tid, copy.start_ns),
-        tgid: copy.tgid,
+        id: u64_at(offset_of!(Copy, id))?,
+        block: (
+            u32_at(offset_of!(Copy, host_tid))?,
+            u64_at(offset_of!(Copy, start_ns))?,
+        ),
+        tgid: u32_at(offset_of!(Copy, tgid))?,
         regs: UserRegs {
-            ip: copy.ip,
-            sp: copy.sp,
-            fp: copy.fp,
+            ip: u64_at(offset_of!(Copy, ip))?,
+            sp: u64_at(offset_of!(Copy, sp))?,
+            fp: u64_at(offset_of!(Copy, fp))?,
         },
-        entry: if copy.flags & types::stack_copy_flags::STACK_COPY_FAULT.0 != 0 {
+        entry: if flags & types::stack_copy_flags::STACK_COPY_FAULT.0 != 0 {
             unwind::Entry::Fault
         } else {
             unwind::Entry::SystemCall
         },
-        bytes: copy.bytes[..size].to_vec(),
+        bytes: value[bytes..bytes + size].to_vec(),
     })
+}
+
+/// The field at `offset` of a value's bytes, read alone.
+fn field_at<F: Pod>(bytes: &[u8], offset: usize) -> Result<F, CaptureError> {
+    from_bytes(bytes.get(offset..).unwrap_or_default())
 }
 
 fn key_from_kernel(key: &types::block_key) -> BlockKey {
@@ -461,6 +481,11 @@ fn key_from_kernel(key: &types::block_key) -> BlockKey {
 
 /// A map entry's key and value bytes.
 type MapEntry = batch::Entry;
+
+/// An entry's bytes, as they are.
+fn raw_entry(key: &[u8], value: &[u8]) -> Result<MapEntry, CaptureError> {
+    Ok((key.to_vec(), value.to_vec()))
+}
 
 /// A 4-byte map key, as the kernel hands it back.
 fn u32_key(key: &[u8]) -> Result<u32, CaptureError> {
@@ -578,6 +603,10 @@ fn delete_owned(
     }
     Ok(())
 }
+
+/// One of our entries as the batch read found it: its key, and for an
+/// entry written once, what it holds (see [`Probe::take_owned`]).
+type OwnedEntry<T> = (Vec<u8>, Option<Result<T, CaptureError>>);
 
 /// Whether a map's entries may change once they are in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1256,43 +1285,61 @@ impl<'obj> Probe<'obj> {
     }
 
     /// Takes the entries of `map` that `owner_of` says are ours out of the
-    /// kernel, each atomically (another instance's stay for it to read).
-    /// A private probe owns everything and takes it in batches.
-    fn take_owned(
+    /// kernel, each atomically (another instance's stay for it to read),
+    /// as `parse` reads them. A private probe owns everything and takes it
+    /// in batches.
+    fn take_owned<T>(
         &self,
         table: &libbpf_rs::MapMut<'obj>,
         map: &'static str,
         entries: Entries,
         owner_of: impl Fn(&[u8], &[u8]) -> Result<u32, CaptureError>,
-    ) -> Result<Vec<MapEntry>, CaptureError> {
+        parse: impl Fn(&[u8], &[u8]) -> Result<T, CaptureError>,
+    ) -> Result<Vec<T>, CaptureError> {
+        let mut taken = Vec::new();
+        let mut failed = None;
+        if !self.is_shared() {
+            batch::visit(table, true, |key, value| match parse(key, value) {
+                Ok(entry) => taken.push(entry),
+                Err(err) => {
+                    failed.get_or_insert(err);
+                }
+            })
+            .map_err(map_error(map))?;
+            return failed.map_or(Ok(taken), Err);
+        }
         let owned = self.owned();
-        let taken = if self.is_shared() {
-            let mut taken = Vec::new();
-            for (key, value) in batch::entries(table, false).map_err(map_error(map))? {
-                if !owned.contains(&owner_of(&key, &value)?) {
-                    continue;
-                }
-                match entries {
-                    // Read again as it is taken: it may have grown since.
-                    Entries::Growing => {
-                        if let Some(value) =
-                            table.lookup_and_delete(&key).map_err(map_error(map))?
-                        {
-                            taken.push((key, value));
-                        }
-                    }
-                    // As read, if it is still there to take.
-                    Entries::WrittenOnce => match table.delete(&key) {
-                        Ok(()) => taken.push((key, value)),
-                        Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => {}
-                        Err(err) => return Err(map_error(map)(err)),
-                    },
-                }
+        let mut ours: Vec<OwnedEntry<T>> = Vec::new();
+        batch::visit(table, false, |key, value| match owner_of(key, value) {
+            Ok(owner) if owned.contains(&owner) => ours.push((
+                key.to_vec(),
+                (entries == Entries::WrittenOnce).then(|| parse(key, value)),
+            )),
+            Ok(_) => {}
+            Err(err) => {
+                failed.get_or_insert(err);
             }
-            taken
-        } else {
-            batch::entries(table, true).map_err(map_error(map))?
-        };
+        })
+        .map_err(map_error(map))?;
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        for (key, parsed) in ours {
+            match parsed {
+                // Read again as it is taken: it may have grown since.
+                None => {
+                    if let Some(value) = table.lookup_and_delete(&key).map_err(map_error(map))? {
+                        taken.push(parse(&key, &value)?);
+                    }
+                }
+                // As read, if it is still there to take.
+                Some(parsed) => match table.delete(&key) {
+                    Ok(()) => taken.push(parsed?),
+                    Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(err) => return Err(map_error(map)(err)),
+                },
+            }
+        }
         Ok(taken)
     }
 
@@ -1316,16 +1363,13 @@ impl<'obj> Probe<'obj> {
     /// Takes our user stack copies out of the kernel: their memory there
     /// is free again for the next ones.
     pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
-        let entries = self.take_owned(
+        self.take_owned(
             &self.skel.maps.stack_copies,
             "stack_copies",
             Entries::WrittenOnce,
-            |_, value| Ok(from_bytes::<types::stack_copy>(value)?.host_tgid),
-        )?;
-        entries
-            .iter()
-            .map(|(_, value)| stack_copy_from_bytes(value))
-            .collect()
+            |_, value| field_at(value, std::mem::offset_of!(types::stack_copy, host_tgid)),
+            |_, value| stack_copy_from_bytes(value),
+        )
     }
 
     /// Takes our finished-block totals out of the kernel. Retired targets'
@@ -1336,6 +1380,7 @@ impl<'obj> Probe<'obj> {
             "blocked",
             Entries::Growing,
             |key, _| Ok(from_bytes::<types::block_key>(key)?.host_tgid),
+            raw_entry,
         )?;
         let mut totals = Vec::new();
         for (key, value) in entries {
@@ -1364,6 +1409,7 @@ impl<'obj> Probe<'obj> {
             "lock_holds",
             Entries::Growing,
             |_, value| Ok(from_bytes::<types::lock_hold>(value)?.host_tgid),
+            raw_entry,
         )?;
         let mut holds = Vec::new();
         for (_, value) in entries {
@@ -1392,6 +1438,7 @@ impl<'obj> Probe<'obj> {
             "address_changes",
             Entries::Growing,
             |_, value| Ok(from_bytes::<types::address_change>(value)?.host_tgid),
+            raw_entry,
         )?;
         let mut changes = Vec::new();
         for (_, value) in entries {
@@ -1505,6 +1552,46 @@ mod tests {
             stack_ref(0x9e37_79b9_7f4a_7c15),
             StackRef::Id(0x9e37_79b9_7f4a_7c15)
         );
+    }
+
+    #[test]
+    fn a_stack_copy_is_read_field_by_field_and_only_its_used_bytes_kept() {
+        let mut copy = types::stack_copy {
+            id: 3 << 24 | 1 << 8 | 4,
+            ip: 0x5555_0000_1234,
+            sp: 0x7ffc_0000_0100,
+            fp: 0x7ffc_0000_0180,
+            tgid: 7,
+            host_tgid: 4007,
+            host_tid: 4011,
+            start_ns: 123_456_789,
+            flags: types::stack_copy_flags::STACK_COPY_FAULT.0,
+            size: 24,
+            ..Default::default()
+        };
+        for (index, byte) in copy.bytes.iter_mut().enumerate() {
+            *byte = index as u8;
+        }
+        let parsed = stack_copy_from_bytes(pod_bytes(&copy)).unwrap();
+        assert_eq!(parsed.id, copy.id);
+        assert_eq!(parsed.block, (4011, 123_456_789));
+        assert_eq!(parsed.tgid, 7);
+        assert_eq!(
+            (parsed.regs.ip, parsed.regs.sp, parsed.regs.fp),
+            (copy.ip, copy.sp, copy.fp)
+        );
+        assert_eq!(parsed.entry, unwind::Entry::Fault);
+        assert_eq!(parsed.bytes, (0..24).collect::<Vec<u8>>());
+
+        // A size beyond the buffer keeps the buffer, no more.
+        copy.size = u32::MAX;
+        let parsed = stack_copy_from_bytes(pod_bytes(&copy)).unwrap();
+        assert_eq!(parsed.bytes.len(), copy.bytes.len());
+        let short = &pod_bytes(&copy)[..100];
+        assert!(matches!(
+            stack_copy_from_bytes(short),
+            Err(CaptureError::MapLayout { got: 100, .. })
+        ));
     }
 
     #[test]
