@@ -157,7 +157,15 @@ fn run(config: Result<Config, freezeframe::config::ConfigError>) -> Result<()> {
         .thread_name("ff-runtime")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(freezeframe::app::run(config))
+    // On a worker, not on this thread: the worker that drives the timers
+    // then runs the trigger loop's ticks itself, without waking another
+    // thread ten times a second.
+    let app = runtime.spawn(freezeframe::app::run(config));
+    match runtime.block_on(app) {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(err) => Err(anyhow::anyhow!("the sidecar's main task ended: {err}")),
+    }
 }
 
 fn check_config(args: CheckConfigArgs) -> Result<()> {
