@@ -62,6 +62,9 @@ struct ProcessSymbols {
     /// seen: frames refer to them by index, so the list only grows, and it
     /// outlives the process, whose frames keep their files.
     regions: Vec<Region>,
+    /// Every executable range seen in the process (files, the vDSO and
+    /// JIT code alike): where a return address can point.
+    code: Vec<(u64, u64)>,
 }
 
 impl ProcessSymbols {
@@ -77,6 +80,26 @@ impl ProcessSymbols {
                 self.regions.push(region);
             }
         }
+    }
+
+    /// Adds the executable ranges of a fresh read of the maps.
+    fn learn_code(&mut self, map: &ProcessMap) {
+        for mapping in map.mappings().iter().filter(|mapping| mapping.executable) {
+            let range = (mapping.start, mapping.end);
+            if !self.code.contains(&range) {
+                self.code.push(range);
+            }
+        }
+    }
+
+    /// Whether an address was code in the process, as far as its maps were
+    /// read; `None` if they never were (it was gone before the first read).
+    fn is_code(&self, ip: u64) -> Option<bool> {
+        (!self.code.is_empty()).then(|| {
+            self.code
+                .iter()
+                .any(|&(start, end)| (start..end).contains(&ip))
+        })
     }
 
     /// The region an address falls in; the latest one seen, should a range
@@ -395,7 +418,7 @@ impl Symbolizer {
             .skip_while(is_tracing_machinery)
             .collect();
         let user_ips = match stack.user_end {
-            UserStackEnd::Walked => walked_part(&stack.user_ips),
+            UserStackEnd::Walked => walked_part(&stack.user_ips, self.user.get(&stack.tgid)),
             _ => &stack.user_ips[..],
         };
         frames.extend(self.user_frames(stack.tgid, user_ips, mappings, mapping_index));
@@ -551,7 +574,9 @@ impl Symbolizer {
         wanted.sort_unstable();
         // Regions are re-read for every batch: a new library may have been
         // loaded since the last one.
-        symbols.learn_regions(read_regions(pid));
+        let map = ProcessMap::read(pid).unwrap_or_default();
+        symbols.learn_regions(regions_of(&map));
+        symbols.learn_code(&map);
         let build_ids = build_ids(&self.normalizer, pid, &wanted);
         for region in &mut symbols.regions {
             if let Some(build_id) = build_ids.get(&region.path) {
@@ -742,13 +767,18 @@ const LOWEST_MAPPING: u64 = 0x10000;
 
 /// The part of a frame-pointer walk that can be return addresses. In code
 /// built without frame pointers `rbp` is an ordinary register, and the walk
-/// the kernel made from it may go on through whatever it pointed at: a value
-/// no mapping can hold (0, a small integer) is not a return address, and
-/// the stack is cut before it.
-fn walked_part(user_ips: &[u64]) -> &[u64] {
+/// the kernel made from it may go on through whatever it pointed at. A
+/// value no mapping can hold (0, a small integer), or one outside the code
+/// the process was seen to have (a heap or stack address), is not a return
+/// address, and the stack is cut before it. A value that does point into
+/// code is kept: only an unwinder that reads the call before it could
+/// refuse it.
+fn walked_part<'a>(user_ips: &'a [u64], process: Option<&ProcessSymbols>) -> &'a [u64] {
     let end = user_ips
         .iter()
-        .position(|&ip| ip < LOWEST_MAPPING)
+        .position(|&ip| {
+            ip < LOWEST_MAPPING || process.and_then(|process| process.is_code(ip)) == Some(false)
+        })
         .unwrap_or(user_ips.len());
     &user_ips[..end]
 }
@@ -771,10 +801,6 @@ fn user_stack_truncated(user_ips: &[u64], frames: &[Frame]) -> bool {
 
 /// The regions of a process's mappings that have a name (files, and the
 /// kernel's `[vdso]` and kind); none if the process is gone.
-fn read_regions(pid: u32) -> Vec<Region> {
-    regions_of(&ProcessMap::read(pid).unwrap_or_default())
-}
-
 fn regions_of(map: &ProcessMap) -> Vec<Region> {
     map.mappings().iter().filter_map(Region::of).collect()
 }
@@ -873,9 +899,35 @@ mod tests {
     #[test]
     fn a_frame_pointer_walk_is_cut_before_a_value_no_mapping_can_hold() {
         let ips = [0x7f00_0000_1000, 0x55_0000_2000, 0, 0x55_0000_3000];
-        assert_eq!(walked_part(&ips), &ips[..2]);
-        assert_eq!(walked_part(&ips[..2]), &ips[..2]);
-        assert_eq!(walked_part(&[0x1234, 0x55_0000_2000]), &[] as &[u64]);
+        assert_eq!(walked_part(&ips, None), &ips[..2]);
+        assert_eq!(walked_part(&ips[..2], None), &ips[..2]);
+        assert_eq!(walked_part(&[0x1234, 0x55_0000_2000], None), &[] as &[u64]);
+    }
+
+    #[test]
+    fn a_frame_pointer_walk_is_cut_before_an_address_outside_the_process_s_code() {
+        let map = ProcessMap::parse(
+            "55000000-55010000 r-xp 00000000 08:01 42 /usr/bin/app\n\
+             55010000-55020000 rw-p 00010000 08:01 42 /usr/bin/app\n\
+             56000000-56100000 rw-p 00000000 00:00 0 [heap]\n\
+             7f0000000000-7f0000100000 rwxp 00000000 00:00 0\n",
+        );
+        let mut process = ProcessSymbols::default();
+        process.learn_code(&map);
+        // Code of the binary, then JIT code, then a heap address (a mutex,
+        // say, that rbp held), then code again.
+        let ips = [0x5500_1000, 0x7f00_0000_2000, 0x5600_0040, 0x5500_2000];
+        assert_eq!(walked_part(&ips, Some(&process)), &ips[..2]);
+        // Data of the binary is not code either.
+        assert_eq!(
+            walked_part(&[0x5500_1000, 0x5501_0008], Some(&process)),
+            &[0x5500_1000]
+        );
+        // A process whose maps were never read keeps the rule above only.
+        assert_eq!(
+            walked_part(&ips, Some(&ProcessSymbols::default())),
+            &ips[..]
+        );
     }
 
     /// One sample per way a user stack can end, of a frame of ours that
