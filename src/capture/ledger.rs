@@ -14,7 +14,7 @@
 //! from it ended, and normally before the drain. (One that ends in the
 //! microseconds between the two reads is repaid at the next cut instead.)
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{BlockKey, InFlight};
 
@@ -51,7 +51,7 @@ impl Ledger {
         Ledger {
             min_block_ns,
             max_block_ns,
-            credits: HashMap::new(),
+            credits: HashMap::default(),
         }
     }
 
@@ -67,12 +67,12 @@ impl Ledger {
             .iter()
             .map(|block| ((block.host_tid, block.start_ns), block))
             .collect();
-        let mut window: HashMap<BlockKey, (u64, u64)> = HashMap::new();
+        let mut window: HashMap<BlockKey, (u64, u64)> = HashMap::default();
 
         // Credits of blocks that have ended, by key (as far as it is
         // settled while the block runs: a futex wait is credited before its
         // waker is known, and ends with it).
-        let mut ended: HashMap<BlockKey, Vec<BlockId>> = HashMap::new();
+        let mut ended: HashMap<BlockKey, Vec<BlockId>> = HashMap::default();
         for (&id, credit) in &self.credits {
             if !still_blocked.contains_key(&id) {
                 ended
@@ -83,7 +83,7 @@ impl Ledger {
         }
         // A futex word woken by several threads ends under one key per
         // waker: totals that share a settled identity are repaid together.
-        let mut by_identity: HashMap<BlockKey, Vec<(BlockKey, u64, u64)>> = HashMap::new();
+        let mut by_identity: HashMap<BlockKey, Vec<(BlockKey, u64, u64)>> = HashMap::default();
         for &(key, blocked_ns, count) in finished {
             by_identity
                 .entry(key.settled_identity())

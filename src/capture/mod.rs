@@ -696,11 +696,11 @@ impl<'obj> Tracer<'obj> {
         self.drops_so_far = drops_so_far;
 
         // A key's kernel-recorded name, for threads that may have exited.
-        let names: HashMap<BlockKey, bpf::Comm> = finished
+        let names: foldhash::HashMap<BlockKey, bpf::Comm> = finished
             .iter()
             .map(|total| (total.key, total.comm))
             .collect();
-        let saved_regs: HashMap<BlockKey, &InFlight> = in_flight
+        let saved_regs: foldhash::HashMap<BlockKey, &InFlight> = in_flight
             .iter()
             .filter(|block| block.regs.is_some())
             .map(|block| (block.key, block))

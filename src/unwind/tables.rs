@@ -2,7 +2,7 @@
 //! process mapping the same library shares them), kept within a byte
 //! budget, least recently used first out.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
@@ -81,7 +81,7 @@ const MEMO_ENTRIES: usize = 2048;
 impl<K: std::hash::Hash + Eq, V: Copy> Memo<K, V> {
     fn new() -> Self {
         Memo {
-            answers: HashMap::new(),
+            answers: HashMap::default(),
         }
     }
 
@@ -322,9 +322,9 @@ pub(super) struct Tables {
 impl Tables {
     pub fn new(budget: u64) -> Self {
         Tables {
-            tables: HashMap::new(),
-            ids: HashMap::new(),
-            files: HashMap::new(),
+            tables: HashMap::default(),
+            ids: HashMap::default(),
+            files: HashMap::default(),
             next_id: 0,
             bytes: 0,
             budget,
