@@ -15,7 +15,7 @@ use crate::export::files::{CaptureEvent, FileSink, Outcome, WindowRecord};
 use crate::profile::{FrameKind, Profile};
 use crate::symbolize::SymbolizerThread;
 use crate::telemetry;
-use crate::trigger::{Cause, Condition, Engine, Firing, Rule};
+use crate::trigger::{Cause, Condition, Engine, EngineCounters, Firing, Rule, RuleStatus};
 
 use super::exports::{self, Exports, Finished};
 use super::targets::Tracker;
@@ -323,9 +323,19 @@ pub fn describe(firing: &Firing) -> String {
     }
 }
 
-/// Publishes each rule's state as gauges and counters.
-pub fn export_rule_status(engine: &Engine) {
-    for status in engine.status() {
+/// The rules' state as last published.
+pub type PublishedStatus = Option<(Vec<RuleStatus>, EngineCounters)>;
+
+/// Publishes each rule's state as gauges and counters, if it has changed
+/// since `published`: the trigger loop asks ten times a second, and the
+/// state moves far less often.
+pub fn export_rule_status(engine: &Engine, published: &mut PublishedStatus) {
+    let now = (engine.status(), engine.counters());
+    if published.as_ref() == Some(&now) {
+        return;
+    }
+    let (statuses, counters) = published.insert(now);
+    for status in statuses.iter() {
         let rule = status.rule.clone();
         // NaN, not the last value, once the rule has none (its series expired).
         metrics::gauge!(telemetry::TRIGGER_VALUE, "rule" => rule.clone())
@@ -346,7 +356,6 @@ pub fn export_rule_status(engine: &Engine) {
         metrics::counter!(telemetry::TRIGGER_SKIPPED, "rule" => rule, "reason" => "unsupported")
             .absolute(status.counters.unsupported_points);
     }
-    let counters = engine.counters();
     metrics::gauge!(telemetry::SERIES).set(counters.series as f64);
     metrics::counter!(telemetry::SERIES_REFUSED).absolute(counters.series_refused);
 }

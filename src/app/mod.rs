@@ -275,6 +275,7 @@ pub async fn run_until(
     let mut learned: HashSet<u32> = HashSet::new();
     let mut every = tokio::time::interval(TRIGGER_TICK);
     let mut target_refresh = tokio::time::interval(Duration::from_secs(1));
+    let mut published = None;
     let terminate = stop;
     tokio::pin!(terminate);
     loop {
@@ -303,7 +304,7 @@ pub async fn run_until(
                 for firing in engine.tick(SystemTime::now()) {
                     captures.fire(firing);
                 }
-                captures::export_rule_status(&engine);
+                captures::export_rule_status(&engine, &mut published);
             }
         }
     }
