@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
 use freezeframe::capture::recorder::merge;
-use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer};
+use freezeframe::capture::{CaptureConfig, ProbeStorage, Tracer, Window};
 use freezeframe::cli::{
     CaptureArgs, CheckConfigArgs, Cli, Command, ExportArgs, ReportArgs, RunOverrides, Views,
 };
@@ -116,12 +116,15 @@ fn capture(args: CaptureArgs) -> Result<()> {
         );
         if Instant::now() >= next_cut {
             let window = tracer.collect()?;
+            Window::revise(&window.revisions, windows.iter_mut());
             symbolizer.learn(&window);
             windows.push(window);
             next_cut += CAPTURE_TICK;
         }
     }
-    windows.push(tracer.collect()?);
+    let last = tracer.collect()?;
+    Window::revise(&last.revisions, windows.iter_mut());
+    windows.push(last);
     drop(tracer);
     let window = merge(&windows.iter().collect::<Vec<_>>(), args.pid);
 

@@ -996,6 +996,7 @@ mod tests {
                 address_changes: false,
                 stacks_on_return: false,
             },
+            revisions: Vec::new(),
         }
     }
 

@@ -443,6 +443,71 @@ fn a_kernel_lock_wait_has_one_stack_whether_it_began_before_the_capture_or_durin
     assert_eq!(label("lock_holder_tid"), Some(holder.to_string()));
 }
 
+/// Whether a sample's user stack is the marker for one not read in time.
+fn not_read(sample: &Sample) -> bool {
+    functions(&[sample], FrameKind::Truncated)
+        .iter()
+        .any(|f| f == freezeframe::profile::NOT_READ_FRAME)
+}
+
+#[test]
+fn a_wait_behind_a_frozen_address_space_keeps_its_user_stack_across_cuts() {
+    require_root();
+    let dir = tempdir("freeze");
+    let mut workload = Workload::start();
+    let pid = workload.pid;
+    let output = dir.join("freeze.pb.gz");
+    // Two freezes of most of a second each, within a 5 s capture cut every
+    // 500 ms: a cut falls inside each wait, while the waiter's memory cannot
+    // be read, and both waits are over well before the last cut.
+    let mut waits_ms: Vec<u64> = Vec::new();
+    capture_for("5s", pid, &[], &output, || {
+        workload.command("freeze 2", 2);
+        loop {
+            let line = workload.next_line();
+            if line == "thawed" {
+                break;
+            }
+            if let Some(ms) = line.strip_prefix("waited ") {
+                waits_ms.push(ms.parse().unwrap());
+            }
+        }
+    });
+    assert!(
+        waits_ms.iter().any(|&ms| ms > 500),
+        "no wait outlasted a cut, so none was cut in two: {waits_ms:?} ms"
+    );
+    let profile = load(&output);
+    let in_mmap = |sample: &&Sample| {
+        functions(&[sample], FrameKind::Kernel)
+            .first()
+            .is_some_and(|f| f == "vm_mmap_pgoff" || f == "__vm_munmap")
+    };
+    let waits: Vec<&Sample> = samples_of(&profile, "ff-frozen")
+        .into_iter()
+        .filter(in_mmap)
+        .collect();
+    // The part of a wait before a cut, while the waiter's memory could not
+    // be read, is not left without its user frames: its window's stack is
+    // revised once they are read, at a later cut.
+    for sample in &waits {
+        let user = functions(&[sample], FrameKind::User);
+        assert!(
+            !not_read(sample) && user.iter().any(|f| f == "workload::ff_wait_through_freeze"),
+            "{} ms of the wait without the waiter's frames: {user:?} (not read: {})",
+            sample.value / 1_000_000,
+            not_read(sample)
+        );
+    }
+    // And no time is lost, or moved, by revising.
+    let counted_ms = waits.iter().map(|sample| sample.value).sum::<u64>() / 1_000_000;
+    let reported_ms: u64 = waits_ms.iter().sum();
+    assert!(
+        counted_ms * 10 >= reported_ms * 9,
+        "{counted_ms} ms of waits counted, {reported_ms} ms timed by the waiter"
+    );
+}
+
 #[test]
 fn kernel_lock_waits_name_the_lock_and_its_holder() {
     require_root();

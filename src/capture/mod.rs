@@ -504,6 +504,50 @@ pub struct Window {
     /// What the kernel side dropped during this window.
     pub drops: DropCounts,
     pub features: Features,
+    /// User stacks of earlier windows of the same tracer that were not
+    /// read in time then and are known now.
+    pub revisions: Vec<Revision>,
+}
+
+/// A user stack, read late, for a stack of an earlier window whose user
+/// stack was not read in time: the same block's, so its time stays in the
+/// window it was spent in and only gains its frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    /// Which window: 1 is the one cut just before the window that carries
+    /// this, 2 the one before that, and so on.
+    pub windows_back: usize,
+    /// The stack's index in that window's `stacks`.
+    pub index: usize,
+    pub user_ips: Stack,
+    pub user_end: UserStackEnd,
+}
+
+/// How many windows back a stack not read in time is still revised: a
+/// block frozen for longer keeps its marker in the windows before.
+const REVISE_BACK: usize = 8;
+
+impl Window {
+    /// Applies `revisions` to the windows cut before this one, `earlier`,
+    /// oldest first (the newest of them is 1 window back).
+    pub fn revise<'a>(
+        revisions: &[Revision],
+        earlier: impl DoubleEndedIterator<Item = &'a mut Window>,
+    ) {
+        if revisions.is_empty() {
+            return;
+        }
+        for (back, window) in earlier.rev().enumerate().take(REVISE_BACK) {
+            for revision in revisions.iter().filter(|r| r.windows_back == back + 1) {
+                if let Some(stack) = window.stacks.get_mut(revision.index) {
+                    if stack.user_end == UserStackEnd::NotRead {
+                        stack.user_ips = Stack::clone(&revision.user_ips);
+                        stack.user_end = revision.user_end;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// An attached off-CPU probe and the bookkeeping that cuts windows out of it.
@@ -522,6 +566,9 @@ pub struct Tracer<'obj> {
     /// User stacks unwound from saved registers, per block in progress
     /// (host tid, start): unwound once, however many cuts the block spans.
     walked: HashMap<(u32, u64), (Stack, UserStackEnd)>,
+    /// Stacks of earlier windows whose user stack was not read in time,
+    /// by block: how many windows back, and the index there.
+    unread: Vec<((u32, u64), usize, usize)>,
     walker: threads::StackWalker,
     copies: copies::Copies,
     calls: calls::Calls,
@@ -610,6 +657,7 @@ impl<'obj> Loaded<'obj> {
             window_start_wall,
             stack_cache: HashMap::new(),
             walked: HashMap::new(),
+            unread: Vec::new(),
             walker: threads::StackWalker::start().map_err(CaptureError::Walker)?,
             copies: copies::Copies::default(),
             calls: calls::Calls::default(),
@@ -674,6 +722,8 @@ impl<'obj> Tracer<'obj> {
         // same stack in its copy: the thread ran no user instruction since.
         // Only the others are unwound.
         let mut to_unwind = Vec::with_capacity(copies.len());
+        let copy_of_block: HashMap<(u32, u64), u64> =
+            copies.iter().map(|copy| (copy.block, copy.id)).collect();
         for copy in copies {
             match self.walked.get(&copy.block) {
                 Some(walked) => self.copies.keep(copy.id, walked.clone()),
@@ -706,10 +756,17 @@ impl<'obj> Tracer<'obj> {
             .map(|block| (block.key, block))
             .collect();
         let mut stacks = Vec::with_capacity(settled.len());
+        let mut unread = Vec::new();
         for (key, blocked_ns, count) in settled {
             let kernel_ips = self.stack_of(key.kernel_stack)?;
             let (user_ips, user_end) = match (key.user_stack, saved_regs.get(&key)) {
-                (StackRef::SavedRegs, Some(block)) => self.walked_stack(block)?,
+                (StackRef::SavedRegs, Some(block)) => {
+                    let walked = self.walked_stack(block)?;
+                    if walked.1 == UserStackEnd::NotRead {
+                        unread.push(((block.host_tid, block.start_ns), stacks.len()));
+                    }
+                    walked
+                }
                 (StackRef::Copy(id), _) => self.copies.stack(id),
                 (stack, _) => (self.stack_of(stack)?, UserStackEnd::Walked),
             };
@@ -778,6 +835,7 @@ impl<'obj> Tracer<'obj> {
             .iter()
             .map(|block| (block.host_tid, block.start_ns))
             .collect();
+        let revisions = self.revisions(unread, &copy_of_block, &flying);
         self.walked.retain(|block, _| flying.contains(block));
         self.walker.retain(&flying);
         self.copies.end_cut();
@@ -790,10 +848,50 @@ impl<'obj> Tracer<'obj> {
             address_changes,
             drops,
             features: self.probe.features,
+            revisions,
         };
         self.window_start_wall += window.duration;
         self.window_start_ns = end_ns;
         Ok(window)
+    }
+
+    /// The user stacks, known by now, of the stacks of earlier windows that
+    /// were not read in time: the block's walk, if it lasts and was walked
+    /// at this cut, or the copy taken as it ended. A block still frozen is
+    /// looked for again at the next cut; one that ended without either is
+    /// not. `unread` are this window's, to look for from the next cut on.
+    fn revisions(
+        &mut self,
+        unread: Vec<((u32, u64), usize)>,
+        copy_of_block: &HashMap<(u32, u64), u64>,
+        flying: &std::collections::HashSet<(u32, u64)>,
+    ) -> Vec<Revision> {
+        let mut revisions = Vec::new();
+        let mut still_unread = Vec::new();
+        for (block, windows_back, index) in std::mem::take(&mut self.unread) {
+            let known = match (self.walked.get(&block), copy_of_block.get(&block)) {
+                (Some(walked), _) => Some(walked.clone()),
+                (None, Some(&copy)) => Some(self.copies.stack(copy)),
+                (None, None) => None,
+            };
+            match known {
+                Some((user_ips, user_end)) if user_end != UserStackEnd::NotRead => {
+                    revisions.push(Revision {
+                        windows_back,
+                        index,
+                        user_ips,
+                        user_end,
+                    });
+                }
+                _ if flying.contains(&block) && windows_back < REVISE_BACK => {
+                    still_unread.push((block, windows_back + 1, index));
+                }
+                _ => {}
+            }
+        }
+        still_unread.extend(unread.into_iter().map(|(block, index)| (block, 1, index)));
+        self.unread = still_unread;
+        revisions
     }
 
     /// Starts the walker's cut, then has it start on the user stacks of

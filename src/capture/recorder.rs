@@ -273,6 +273,7 @@ pub fn merge(windows: &[&Window], target: u32) -> Window {
         address_changes,
         drops,
         features: last.features,
+        revisions: Vec::new(),
     }
 }
 
@@ -507,6 +508,7 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
     fn tick(&mut self, ending: bool) {
         match self.tracer.collect() {
             Ok(window) => {
+                Window::revise(&window.revisions, self.history.windows.iter_mut());
                 if let Some(observer) = &self.config.observer {
                     (observer.0)(&window);
                 }
@@ -541,7 +543,7 @@ impl<'obj, 'cfg> Session<'obj, 'cfg> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{Features, Hook};
+    use crate::capture::{Features, Hook, Revision};
     use std::sync::Arc;
 
     fn window(start_s: u64, stacks: Vec<BlockedStack>) -> Window {
@@ -559,6 +561,7 @@ mod tests {
                 address_changes: true,
                 stacks_on_return: true,
             },
+            revisions: Vec::new(),
         }
     }
 
@@ -623,6 +626,44 @@ mod tests {
             vec![(at(1), 1000), (at(2), 1000), (at(3), 1000)],
             "the merge remembers when each part of the time was spent"
         );
+    }
+
+    #[test]
+    fn a_revision_gives_an_unread_stack_of_an_earlier_window_its_frames() {
+        let unread = |tid| BlockedStack {
+            user_ips: Stack::from([]),
+            user_end: UserStackEnd::NotRead,
+            ..stack(10, tid, &Stack::from([0xffff_1000]), 100)
+        };
+        let read = stack(10, 3, &Stack::from([0xffff_1000]), 100);
+        let mut earlier = [
+            window(1, vec![unread(1)]),
+            window(2, vec![read.clone(), unread(2)]),
+        ];
+        let frames = Stack::from([0x5555_1000, 0x5555_2000]);
+        let revision = |windows_back, index| Revision {
+            windows_back,
+            index,
+            user_ips: Stack::clone(&frames),
+            user_end: UserStackEnd::Complete,
+        };
+        Window::revise(
+            &[
+                revision(1, 1),
+                revision(2, 0),
+                revision(1, 0),
+                revision(1, 7),
+            ],
+            earlier.iter_mut(),
+        );
+        for (window, index) in [(0, 0), (1, 1)] {
+            let revised = &earlier[window].stacks[index];
+            assert_eq!(revised.user_ips, frames);
+            assert_eq!(revised.user_end, UserStackEnd::Complete);
+            assert_eq!(revised.blocked_ns, 100_000_000, "the time stays as it was");
+        }
+        // A stack that was read is left as it is; an index past the end is no panic.
+        assert_eq!(earlier[1].stacks[0], read);
     }
 
     #[test]

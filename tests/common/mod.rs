@@ -183,11 +183,7 @@ impl Workload {
     }
 
     pub fn next_announcement(&mut self) -> Announced {
-        let mut line = String::new();
-        assert!(
-            self.stdout.read_line(&mut line).unwrap() > 0,
-            "the workload exited"
-        );
+        let line = self.next_line();
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(fields[0], "blocked", "unexpected workload output {line:?}");
         Announced {
@@ -195,6 +191,16 @@ impl Workload {
             tid: fields[2].parse().unwrap(),
             since: UNIX_EPOCH + Duration::from_nanos(fields[3].parse().unwrap()),
         }
+    }
+
+    /// The next line the workload prints, without its newline.
+    pub fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        assert!(
+            self.stdout.read_line(&mut line).unwrap() > 0,
+            "the workload exited"
+        );
+        line.trim_end().to_string()
     }
 }
 

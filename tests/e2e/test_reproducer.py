@@ -181,6 +181,10 @@ def test_freezeframe_demo_reproduces_explains_and_shows_the_fix(tmp_path):
     # The explanation: who waited, on what, who held it, doing what, how big.
     assert re.search(r"waiting for the process's mmap_lock", text), text
     assert re.search(r"feeddb-req-\d \(tid \d+\) waited", text), text
+    # Where in feeddb they asked for it: the user frames of a wait that a cut
+    # may have fallen inside of, while feeddb's memory could not be read.
+    asked = text.split("They asked for it", 1)[-1].split(" held it", 1)[0]
+    assert "feeddb::requests::respond" in asked, text
     writer = json.loads((output / "feeddb-frozen.json").read_text())["writer_tid"]
     assert f"feeddb-writer (tid {writer}) held it" in text, text
     assert "reserve_rehash" in text, text
