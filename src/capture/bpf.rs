@@ -1737,26 +1737,38 @@ mod tests {
         #[test]
         fn once_its_targets_are_known_the_survey_visits_their_threads_only() {
             use libbpf_rs::libbpf_sys;
-            // Other tasks on the node: 200 processes nobody watches.
-            struct Crowd(Vec<std::process::Child>);
+            // Other tasks on the node: a process nobody watches, with 200
+            // sleeping threads. One process, so that starting it does not
+            // load the machine the other tests time walks on.
+            const CROWD: usize = 200;
+            struct Crowd(std::process::Child);
             impl Drop for Crowd {
                 fn drop(&mut self) {
-                    for child in &mut self.0 {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
+                    let _ = self.0.kill();
+                    let _ = self.0.wait();
                 }
             }
             let crowd = Crowd(
-                (0..200)
-                    .map(|_| {
-                        std::process::Command::new("sleep")
-                            .arg("60")
-                            .spawn()
-                            .unwrap()
-                    })
-                    .collect(),
+                std::process::Command::new("python3")
+                    .args([
+                        "-c",
+                        "import threading, time\n\
+                         for _ in range(200):\n    \
+                         threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\
+                         time.sleep(60)",
+                    ])
+                    .spawn()
+                    .unwrap(),
             );
+            let tasks = format!("/proc/{}/task", crowd.0.id());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::fs::read_dir(&tasks).map_or(0, |dir| dir.count()) <= CROWD {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the crowd never gathered"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             let mut storage = MaybeUninit::uninit();
             let mut probe = probe(&mut storage, 0);
             assert!(
@@ -1788,7 +1800,7 @@ mod tests {
             probe.survey().unwrap();
             let whole_node = survey_runs(&probe, &stats) - before;
             assert!(
-                whole_node >= by_process + crowd.0.len() as u64,
+                whole_node >= by_process + CROWD as u64,
                 "the whole node: {whole_node} visits, {by_process} for the target"
             );
         }
