@@ -43,8 +43,12 @@ use probe::ProbeTarget;
 /// How often the flight recorder cuts a window: the resolution of a
 /// capture's start.
 const RECORDER_TICK: Duration = Duration::from_millis(500);
-/// How often rules are evaluated between points (silence, `for`).
+/// How soon rules are evaluated after points arrive, and how often while a
+/// silence rule watches a live series.
 const TRIGGER_TICK: Duration = Duration::from_millis(100);
+/// How often otherwise: nothing then changes between points but the
+/// expiry of series.
+const IDLE_TRIGGER_TICK: Duration = Duration::from_secs(1);
 /// Export requests waiting for the trigger loop; beyond this, receivers
 /// answer "try later" rather than queue without bound.
 const METRIC_QUEUE: usize = 256;
@@ -273,7 +277,8 @@ pub async fn run_until(
 
     let mut engine = Engine::new(config.rules.clone(), MAX_SERIES);
     let mut learned: HashSet<u32> = HashSet::new();
-    let mut every = tokio::time::interval(TRIGGER_TICK);
+    let mut last_tick = tokio::time::Instant::now();
+    let mut next_tick = last_tick;
     let mut target_refresh = tokio::time::interval(Duration::from_secs(1));
     let mut published = None;
     let terminate = stop;
@@ -289,22 +294,32 @@ pub async fn run_until(
                 if config.target == Target::FromResource && learned.len() < MAX_LEARNED_TARGETS {
                     targets.learn_from(&batch, &mut learned);
                 }
+                next_tick = next_tick.min(last_tick + TRIGGER_TICK);
             }
             Some((rule, at, outcome)) = probe_results.recv() => {
                 if let Err(err) = engine.probe_result(&rule, at, outcome) {
                     tracing::warn!("probe result for an unknown rule: {err}");
                 }
+                next_tick = next_tick.min(last_tick + TRIGGER_TICK);
             }
             _ = target_refresh.tick() => {
                 if let Err(err) = targets.refresh() {
                     tracing::warn!("cannot watch the target: {err:#}");
                 }
             }
-            _ = every.tick() => {
+            () = tokio::time::sleep_until(next_tick) => {
                 for firing in engine.tick(SystemTime::now()) {
                     captures.fire(firing);
                 }
                 captures::export_rule_status(&engine, &mut published);
+                // An idle sidecar wakes once a second, not ten times.
+                last_tick = tokio::time::Instant::now();
+                next_tick = last_tick
+                    + if engine.judges_silence() {
+                        TRIGGER_TICK
+                    } else {
+                        IDLE_TRIGGER_TICK
+                    };
             }
         }
     }

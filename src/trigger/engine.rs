@@ -367,6 +367,20 @@ impl Engine {
         firings
     }
 
+    /// Whether a tick may find something between points: a silence rule
+    /// watching a series that has reported more than once (see
+    /// [`Engine::tick`]). Breaches of thresholds and probes come with points
+    /// and probe results; without a silence to judge, a tick only expires
+    /// series.
+    pub fn judges_silence(&self) -> bool {
+        self.series.values().any(|tracked| {
+            tracked.points_received >= 2
+                && tracked.trackers.iter().any(|(index, _)| {
+                    matches!(self.rules[*index].rule.condition, Condition::Silence(_))
+                })
+        })
+    }
+
     /// Each rule's current value, state and counters, in rule order.
     pub fn status(&self) -> Vec<RuleStatus> {
         self.rules

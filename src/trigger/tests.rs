@@ -684,6 +684,36 @@ fn silence_needs_a_series_that_was_reporting_and_matches() {
 }
 
 #[test]
+fn ticks_between_points_matter_only_while_a_silence_rule_watches_a_live_series() {
+    let mut silence = engine(SILENCE_RULE);
+    assert!(!silence.judges_silence(), "no series yet");
+    send(&mut silence, &gauge("queue.depth", "1", 0, 1.0));
+    assert!(
+        !silence.judges_silence(),
+        "one point is not a source that reports"
+    );
+    send(&mut silence, &gauge("queue.depth", "1", 500, 1.0));
+    assert!(silence.judges_silence());
+
+    let mut thresholds = engine(
+        r#"
+        [[trigger]]
+        name = "depth"
+        metric = "queue.depth"
+        statistic = "value"
+        above = 10
+        "#,
+    );
+    for ms in [0, 500, 1000] {
+        send(&mut thresholds, &gauge("queue.depth", "1", ms, 1.0));
+    }
+    assert!(
+        !thresholds.judges_silence(),
+        "a threshold is judged on points"
+    );
+}
+
+#[test]
 fn probes_breach_on_latency_or_failure_from_when_the_slow_probe_was_sent() {
     let mut engine = engine(
         r#"
