@@ -70,7 +70,7 @@ pub use bpf::{Features, Hook};
 use libbpf_rs::OpenObject;
 
 use crate::profile::{ThreadState, TimeSlice};
-use ledger::Ledger;
+use ledger::{BlockId, Ledger};
 
 /// Storage the loaded BPF object lives in; the caller owns it so that a
 /// [`Tracer`] can borrow it for as long as it stays attached.
@@ -565,10 +565,10 @@ pub struct Tracer<'obj> {
     stack_cache: HashMap<u64, Stack>,
     /// User stacks unwound from saved registers, per block in progress
     /// (host tid, start): unwound once, however many cuts the block spans.
-    walked: HashMap<(u32, u64), (Stack, UserStackEnd)>,
+    walked: HashMap<BlockId, (Stack, UserStackEnd)>,
     /// Stacks of earlier windows whose user stack was not read in time,
     /// by block: how many windows back, and the index there.
-    unread: Vec<((u32, u64), usize, usize)>,
+    unread: Vec<(BlockId, usize, usize)>,
     walker: threads::StackWalker,
     copies: copies::Copies,
     calls: calls::Calls,
@@ -722,7 +722,7 @@ impl<'obj> Tracer<'obj> {
         // same stack in its copy: the thread ran no user instruction since.
         // Only the others are unwound.
         let mut to_unwind = Vec::with_capacity(copies.len());
-        let copy_of_block: HashMap<(u32, u64), u64> =
+        let copy_of_block: HashMap<BlockId, u64> =
             copies.iter().map(|copy| (copy.block, copy.id)).collect();
         for copy in copies {
             match self.walked.get(&copy.block) {
@@ -831,7 +831,7 @@ impl<'obj> Tracer<'obj> {
         }
         // Only now that every stack of this window is read may slots be freed.
         self.reclaim_stacks(&in_flight)?;
-        let flying: std::collections::HashSet<(u32, u64)> = in_flight
+        let flying: std::collections::HashSet<BlockId> = in_flight
             .iter()
             .map(|block| (block.host_tid, block.start_ns))
             .collect();
@@ -862,9 +862,9 @@ impl<'obj> Tracer<'obj> {
     /// not. `unread` are this window's, to look for from the next cut on.
     fn revisions(
         &mut self,
-        unread: Vec<((u32, u64), usize)>,
-        copy_of_block: &HashMap<(u32, u64), u64>,
-        flying: &std::collections::HashSet<(u32, u64)>,
+        unread: Vec<(BlockId, usize)>,
+        copy_of_block: &HashMap<BlockId, u64>,
+        flying: &std::collections::HashSet<BlockId>,
     ) -> Vec<Revision> {
         let mut revisions = Vec::new();
         let mut still_unread = Vec::new();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::bpf::MAX_STACK_DEPTH;
 use super::copies::StackCopy;
+use super::ledger::BlockId;
 use super::SavedRegs;
 use crate::process_map::AddressSpace;
 use crate::telemetry;
@@ -101,9 +102,6 @@ enum Job {
         reply: mpsc::Sender<Vec<(u64, Unwound)>>,
     },
 }
-
-/// A block in progress: host tid and start.
-pub(super) type BlockId = (u32, u64);
 
 struct Walk {
     id: BlockId,
