@@ -4,7 +4,7 @@
 //! the unwind tables and confirms return addresses with it, so both read
 //! one process's maps the same way.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io;
 
 /// One line of `/proc/PID/maps`.
@@ -41,6 +41,23 @@ impl Mapping {
 
     pub fn contains(&self, address: u64) -> bool {
         (self.start..self.end).contains(&address)
+    }
+
+    /// Opens the file mapped here in process `pid`. `map_files` names the
+    /// very file mapped, even if it was replaced on disk since or lives in
+    /// another mount namespace; the path under the process's root serves
+    /// where `map_files` is refused.
+    pub fn open(&self, pid: u32) -> io::Result<File> {
+        let path = self
+            .path
+            .as_deref()
+            .filter(|_| self.is_file())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no file is mapped here"))?;
+        File::open(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
+        .or_else(|_| File::open(format!("/proc/{pid}/root{path}")))
     }
 }
 

@@ -436,14 +436,7 @@ impl Tables {
                 return Some(id);
             }
         }
-        // map_files names the very file mapped, even if it was replaced on
-        // disk since or lives in another mount namespace.
-        let file = File::open(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            mapping.start, mapping.end
-        ))
-        .or_else(|_| File::open(format!("/proc/{pid}/root{}", file_id.path)))
-        .ok()?;
+        let file = mapping.open(pid).ok()?;
         let key = |table: &Table| match &table.elf.build_id {
             Some(build_id) => TableKey::BuildId(build_id.clone()),
             None => TableKey::File(file_id.clone()),
