@@ -15,9 +15,11 @@ use blazesym::symbolize::{CodeInfo, Input, Symbolized, Symbolizer as Blazesym};
 use blazesym::Pid;
 
 mod perf_map;
+mod returns;
 mod scheduler;
 
 use perf_map::PerfMap;
+use returns::ReturnSites;
 use scheduler::SchedulerText;
 
 use crate::capture::{BlockedStack, LockHold, LockKind, LockMode, LockWait, UserStackEnd, Window};
@@ -65,6 +67,9 @@ struct ProcessSymbols {
     /// Every executable range seen in the process (files, the vDSO and
     /// JIT code alike): where a return address can point.
     code: Vec<(u64, u64)>,
+    /// Addresses a frame-pointer walk returned to, and whether the code
+    /// there confirmed them (see [`ReturnSites`]).
+    returns: HashMap<u64, bool>,
 }
 
 impl ProcessSymbols {
@@ -102,6 +107,16 @@ impl ProcessSymbols {
         })
     }
 
+    /// Whether a frame-pointer walk may go on at `ip`, its `depth`-th
+    /// address: one outside the code the process was seen to have is not
+    /// code at all, and below the first one (the instruction the thread
+    /// entered the kernel at) each must be confirmed as a return address.
+    /// An address never judged (its process was gone first) is kept.
+    fn may_walk_to(&self, ip: u64, depth: usize) -> bool {
+        self.is_code(ip) != Some(false)
+            && (depth == 0 || self.returns.get(&ip).copied() != Some(false))
+    }
+
     /// The region an address falls in; the latest one seen, should a range
     /// have been mapped again.
     fn region_of(&self, ip: u64) -> Option<usize> {
@@ -109,6 +124,14 @@ impl ProcessSymbols {
             .iter()
             .rposition(|region| (region.start..region.end).contains(&ip))
     }
+}
+
+/// A process's addresses to look up in a batch, and those among them a
+/// frame-pointer walk returned to, whose code must confirm them.
+#[derive(Default)]
+struct Wanted {
+    ips: HashSet<u64>,
+    returns: HashSet<u64>,
 }
 
 #[derive(Clone)]
@@ -277,13 +300,13 @@ impl Symbolizer {
                 value: change.size,
                 count: 1,
             };
-            let mut stack = self.user_frames(
+            let (mut stack, truncated) = self.walked_user_frames(
                 change.tgid,
                 &change.user_ips,
                 &mut mappings,
                 &mut mapping_index,
             );
-            if user_stack_truncated(&change.user_ips, &stack) {
+            if truncated {
                 stack.push(Frame::marker_truncated());
             }
             samples.push(Sample {
@@ -336,27 +359,29 @@ impl Symbolizer {
                         .flat_map(|hold| hold.kernel_ips.iter()),
                 ),
         );
-        let mut by_process: HashMap<u32, HashSet<u64>> = HashMap::new();
+        let mut by_process: HashMap<u32, Wanted> = HashMap::new();
+        let mut want = |tgid: u32, ips: &[u64], walked: bool| {
+            let wanted = by_process.entry(tgid).or_default();
+            wanted.ips.extend(ips);
+            if walked {
+                wanted.returns.extend(ips.iter().skip(1));
+            }
+        };
         for stack in &window.stacks {
-            by_process
-                .entry(stack.tgid)
-                .or_default()
-                .extend(stack.user_ips.iter());
+            want(
+                stack.tgid,
+                &stack.user_ips,
+                stack.user_end == UserStackEnd::Walked,
+            );
         }
         for hold in &window.lock_holds {
-            by_process
-                .entry(hold.tgid)
-                .or_default()
-                .extend(hold.user_ips.iter());
+            want(hold.tgid, &hold.user_ips, true);
         }
         for change in &window.address_changes {
-            by_process
-                .entry(change.tgid)
-                .or_default()
-                .extend(change.user_ips.iter());
+            want(change.tgid, &change.user_ips, true);
         }
-        for (pid, ips) in by_process {
-            self.symbolize_process(pid, ips);
+        for (pid, wanted) in by_process {
+            self.symbolize_process(pid, wanted);
         }
     }
 
@@ -417,21 +442,28 @@ impl Symbolizer {
             })
             .skip_while(is_tracing_machinery)
             .collect();
-        let user_ips = match stack.user_end {
-            UserStackEnd::Walked => walked_part(&stack.user_ips, self.user.get(&stack.tgid)),
-            _ => &stack.user_ips[..],
-        };
-        frames.extend(self.user_frames(stack.tgid, user_ips, mappings, mapping_index));
         let truncated = match stack.user_end {
             UserStackEnd::Walked => {
-                user_ips.len() < stack.user_ips.len()
-                    || user_stack_truncated(&stack.user_ips, &frames)
+                let (user, truncated) =
+                    self.walked_user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index);
+                frames.extend(user);
+                truncated
             }
-            UserStackEnd::Complete => false,
-            UserStackEnd::Truncated => true,
-            UserStackEnd::NotRead => {
-                frames.push(Frame::marker_not_read());
-                false
+            end => {
+                frames.extend(self.user_frames(
+                    stack.tgid,
+                    &stack.user_ips,
+                    mappings,
+                    mapping_index,
+                ));
+                match end {
+                    UserStackEnd::Truncated => true,
+                    UserStackEnd::NotRead => {
+                        frames.push(Frame::marker_not_read());
+                        false
+                    }
+                    UserStackEnd::Complete | UserStackEnd::Walked => false,
+                }
             }
         };
         if truncated {
@@ -455,6 +487,21 @@ impl Symbolizer {
 
     /// The user frames of a stack, with the mappings they point into added
     /// to `mappings` once per process and region.
+    /// The frames of a frame-pointer walk, as far as it holds up (see
+    /// [`walked_part`]), and whether it stops short of the thread's root.
+    fn walked_user_frames(
+        &self,
+        tgid: u32,
+        ips: &[u64],
+        mappings: &mut Vec<Mapping>,
+        mapping_index: &mut HashMap<(u32, usize), usize>,
+    ) -> (Vec<Frame>, bool) {
+        let walked = walked_part(ips, self.user.get(&tgid));
+        let frames = self.user_frames(tgid, walked, mappings, mapping_index);
+        let truncated = walked.len() < ips.len() || user_stack_truncated(ips, &frames);
+        (frames, truncated)
+    }
+
     fn user_frames(
         &self,
         tgid: u32,
@@ -505,7 +552,8 @@ impl Symbolizer {
         };
         labels.set(Key::LockHolderMode, mode);
         labels.set(Key::LockHoldNs, hold.duration.as_nanos().to_string());
-        let stack = self.user_functions(hold.tgid, &hold.user_ips);
+        let walked = walked_part(&hold.user_ips, self.user.get(&hold.tgid));
+        let stack = self.user_functions(hold.tgid, walked);
         if !stack.is_empty() {
             labels.set(Key::LockHolderStack, stack.join(STACK_SEPARATOR));
         }
@@ -562,21 +610,39 @@ impl Symbolizer {
         }
     }
 
-    fn symbolize_process(&mut self, pid: u32, ips: HashSet<u64>) {
+    fn symbolize_process(&mut self, pid: u32, wanted: Wanted) {
         let symbols = self.user.entry(pid).or_default();
-        let mut wanted: Vec<u64> = ips
+        let mut returns: Vec<u64> = wanted
+            .returns
+            .into_iter()
+            .filter(|ip| !symbols.returns.contains_key(ip))
+            .collect();
+        let mut wanted: Vec<u64> = wanted
+            .ips
             .into_iter()
             .filter(|ip| symbols.frames.get(ip).is_none_or(|frame| frame.retry))
             .collect();
-        if wanted.is_empty() {
+        if wanted.is_empty() && returns.is_empty() {
             return;
         }
         wanted.sort_unstable();
+        returns.sort_unstable();
         // Regions are re-read for every batch: a new library may have been
         // loaded since the last one.
         let map = ProcessMap::read(pid).unwrap_or_default();
         symbols.learn_regions(regions_of(&map));
         symbols.learn_code(&map);
+        // With no map (the process is gone) nothing can be judged: the
+        // addresses stay unjudged rather than refuted.
+        if !map.mappings().is_empty() {
+            let mut sites = ReturnSites::new(pid, &map);
+            for ip in returns {
+                symbols.returns.insert(ip, sites.confirm(ip));
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
         let build_ids = build_ids(&self.normalizer, pid, &wanted);
         for region in &mut symbols.regions {
             if let Some(build_id) = build_ids.get(&region.path) {
@@ -767,17 +833,17 @@ const LOWEST_MAPPING: u64 = 0x10000;
 
 /// The part of a frame-pointer walk that can be return addresses. In code
 /// built without frame pointers `rbp` is an ordinary register, and the walk
-/// the kernel made from it may go on through whatever it pointed at. A
-/// value no mapping can hold (0, a small integer), or one outside the code
-/// the process was seen to have (a heap or stack address), is not a return
-/// address, and the stack is cut before it. A value that does point into
-/// code is kept: only an unwinder that reads the call before it could
-/// refuse it.
+/// the kernel made from it may go on through whatever it pointed at. The
+/// stack is cut before the first value that is not a return address: one
+/// no mapping can hold (0, a small integer), one outside the code the
+/// process was seen to have (a heap or stack address), or one in code that
+/// no call precedes (see [`ProcessSymbols::may_walk_to`]).
 fn walked_part<'a>(user_ips: &'a [u64], process: Option<&ProcessSymbols>) -> &'a [u64] {
     let end = user_ips
         .iter()
-        .position(|&ip| {
-            ip < LOWEST_MAPPING || process.and_then(|process| process.is_code(ip)) == Some(false)
+        .enumerate()
+        .position(|(depth, &ip)| {
+            ip < LOWEST_MAPPING || process.is_some_and(|process| !process.may_walk_to(ip, depth))
         })
         .unwrap_or(user_ips.len());
     &user_ips[..end]
@@ -838,7 +904,13 @@ mod tests {
         let name_of =
             |symbolizer: &Symbolizer| symbolizer.user[&pid].frames[&ip].lines[0].function.clone();
         let mut symbolizer = Symbolizer::new();
-        symbolizer.symbolize_process(pid, HashSet::from([ip]));
+        symbolizer.symbolize_process(
+            pid,
+            Wanted {
+                ips: HashSet::from([ip]),
+                returns: HashSet::new(),
+            },
+        );
         assert!(name_of(&symbolizer).starts_with("[unknown]"));
 
         std::fs::write(
@@ -846,7 +918,13 @@ mod tests {
             format!("{start:x} {:x} ff_compiled_late\n", code.len()),
         )
         .unwrap();
-        symbolizer.symbolize_process(pid, HashSet::from([ip]));
+        symbolizer.symbolize_process(
+            pid,
+            Wanted {
+                ips: HashSet::from([ip]),
+                returns: HashSet::new(),
+            },
+        );
         let _ = std::fs::remove_file(&perf_map);
         assert_eq!(name_of(&symbolizer), "ff_compiled_late");
     }
@@ -928,6 +1006,105 @@ mod tests {
             walked_part(&ips, Some(&ProcessSymbols::default())),
             &ips[..]
         );
+    }
+
+    // Code of our own file whose bytes are known: a call and where it
+    // returns to, a run of `nop`s that no call precedes, and the signal
+    // trampoline's `mov $0xf, %rax; syscall`. Never run.
+    #[cfg(target_arch = "x86_64")]
+    std::arch::global_asm!(
+        ".pushsection .text.ff_return_sites, \"ax\", @progbits",
+        ".globl ff_test_after_call, ff_test_after_nops, ff_test_trampoline",
+        ".hidden ff_test_after_call, ff_test_after_nops, ff_test_trampoline",
+        "    call 2f",
+        "ff_test_after_call:",
+        "    .fill 16, 1, 0x90",
+        "ff_test_after_nops:",
+        "    nop",
+        "ff_test_trampoline:",
+        "    .byte 0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05",
+        "2:  ret",
+        ".popsection",
+    );
+
+    #[cfg(target_arch = "x86_64")]
+    extern "C" {
+        static ff_test_after_call: u8;
+        static ff_test_after_nops: u8;
+        static ff_test_trampoline: u8;
+    }
+
+    /// The user frames' addresses of each sample, and whether it ends in
+    /// the truncation marker.
+    fn user_stacks(profile: &Profile) -> Vec<(Vec<u64>, bool)> {
+        profile
+            .samples
+            .iter()
+            .map(|sample| {
+                let user = sample
+                    .stack
+                    .iter()
+                    .filter(|frame| frame.kind == FrameKind::User);
+                let marked = sample
+                    .stack
+                    .last()
+                    .is_some_and(|frame| frame.function() == crate::profile::TRUNCATED_FRAME);
+                (user.map(|frame| frame.address).collect(), marked)
+            })
+            .collect()
+    }
+
+    /// `rbp` in `-O2` code may hold an address in code, say a function's
+    /// that was passed around: the kernel walks through it as if it were a
+    /// frame. Only a call right before it (or the signal trampoline at it)
+    /// makes it a return address, read from the file for file-backed code
+    /// and from memory for JIT code.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_frame_pointer_walk_is_cut_before_code_that_no_call_precedes() {
+        let after_call = &raw const ff_test_after_call as u64;
+        let after_nops = &raw const ff_test_after_nops as u64;
+        let trampoline = &raw const ff_test_trampoline as u64;
+        let jit = crate::unwind::tests::JitPage::new();
+        let jit_after_call = jit.address() + crate::unwind::tests::AFTER_CALL;
+        let jit_after_ret = jit.address() + crate::unwind::tests::AFTER_RET;
+        let walked = |tid, user_ips: &[u64]| BlockedStack {
+            tgid: std::process::id(),
+            tid,
+            thread_name: "t".into(),
+            state: crate::profile::ThreadState::Sleeping,
+            kernel_ips: Stack::from([]),
+            user_ips: Stack::from(user_ips),
+            user_end: UserStackEnd::Walked,
+            lock: None,
+            blocked_ns: 1,
+            count: 1,
+            timeline: Vec::new(),
+        };
+        // The first address is where the thread entered the kernel, not a
+        // return address: no call need precede it.
+        let file = [
+            after_nops, after_call, trampoline, after_call, after_nops, after_call,
+        ];
+        let jit_stack = [after_call, jit_after_call, jit_after_ret, after_call];
+        let window = window_of(vec![walked(1, &file), walked(2, &jit_stack)]);
+        let stacks = user_stacks(&Symbolizer::new().profile(&window));
+        assert_eq!(
+            stacks,
+            vec![(file[..4].to_vec(), true), (jit_stack[..2].to_vec(), true)]
+        );
+    }
+
+    /// A walk whose code could not be judged, its process gone before its
+    /// maps were read, keeps the rules that need no maps.
+    #[test]
+    fn a_frame_pointer_walk_of_a_process_never_read_is_not_refuted() {
+        let mut process = ProcessSymbols::default();
+        process.returns.insert(0x5500_2000, false);
+        let ips = [0x5500_2000, 0x5500_1000, 0x5500_2000];
+        assert_eq!(walked_part(&ips, None), &ips[..]);
+        // The first address is never a return address: only below it.
+        assert_eq!(walked_part(&ips, Some(&process)), &ips[..2]);
     }
 
     /// One sample per way a user stack can end, of a frame of ours that

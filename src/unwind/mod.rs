@@ -317,8 +317,7 @@ impl Unwinder {
         memory: &dyn Memory,
     ) -> Option<Confirmed> {
         let code = self.code_at(pid, address.checked_sub(1)?)?;
-        let before = (address - code.start).min(MAX_CALL_LENGTH as u64) as u8;
-        let after = (code.end - address).min(SIGRETURN.len() as u64) as u8;
+        let (before, after) = return_site_reach(address, code.start, code.end);
         match code.module {
             Module::Table(id, bias) => {
                 let site = ReturnSite {
@@ -383,6 +382,22 @@ impl Unwinder {
             module,
         })
     }
+}
+
+/// How many code bytes before and after `address` tell whether it is a
+/// return address, in an executable mapping `start..end` that holds the
+/// byte before it: at most a call's length before, at most the signal
+/// trampoline's after.
+pub(crate) fn return_site_reach(address: u64, start: u64, end: u64) -> (u8, u8) {
+    let before = address.saturating_sub(start).min(MAX_CALL_LENGTH as u64) as u8;
+    let after = end.saturating_sub(address).min(SIGRETURN.len() as u64) as u8;
+    (before, after)
+}
+
+/// Whether the code around an address makes it one a frame can return
+/// to: `before` and `after` are the bytes [`return_site_reach`] says.
+pub(crate) fn is_return_site(before: &[u8], after: &[u8]) -> bool {
+    judge_return(before, after).is_some()
 }
 
 /// How the code around a return address confirms it: the signal
@@ -508,4 +523,4 @@ macro_rules! registers_here {
 pub(crate) use registers_here;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -104,7 +104,7 @@ fn a_signal_handler_unwinds_through_the_signal_frame_into_what_it_interrupted() 
 /// file, no tables. `call_through(callback)` keeps a frame pointer and
 /// calls `callback`.
 #[cfg(target_arch = "x86_64")]
-struct JitPage {
+pub(crate) struct JitPage {
     start: *mut libc::c_void,
 }
 
@@ -112,11 +112,13 @@ struct JitPage {
 #[cfg(target_arch = "x86_64")]
 const CALL_THROUGH: [u8; 9] = [0x55, 0x48, 0x89, 0xe5, 0xff, 0xd7, 0x5d, 0xc3, 0x90];
 /// Offset of the return address after `call rdi`.
-const AFTER_CALL: u64 = 6;
+pub(crate) const AFTER_CALL: u64 = 6;
+/// Offset of the `nop` after `ret`: in code, with no call before it.
+pub(crate) const AFTER_RET: u64 = 8;
 
 #[cfg(target_arch = "x86_64")]
 impl JitPage {
-    fn new() -> JitPage {
+    pub(crate) fn new() -> JitPage {
         // SAFETY: a fresh private anonymous mapping, written before it is
         // made executable, unmapped on drop.
         unsafe {
@@ -138,7 +140,7 @@ impl JitPage {
         }
     }
 
-    fn address(&self) -> u64 {
+    pub(crate) fn address(&self) -> u64 {
         self.start as u64
     }
 
