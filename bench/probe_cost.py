@@ -43,6 +43,7 @@ binary): every freezeframe figure is then given for both.
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -375,9 +376,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process, threads that have exited included, to the ns:
+    its CPU-time clock (clock_getcpuclockid). /proc/PID/stat counts in
+    clock ticks, which over 20 s is steps of 0.05 % of a core, as large as
+    the differences measured here."""
+    clock = ctypes.c_int()
+    error = LIBC.clock_getcpuclockid(pid, ctypes.byref(clock))
+    if error:
+        raise OSError(error, f"no CPU clock for process {pid}: {os.strerror(error)}")
+    return time.clock_gettime(clock.value)
 
 
 def rss_mib(pid: int) -> float:
