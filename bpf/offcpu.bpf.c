@@ -189,6 +189,29 @@ struct {
 	__type(value, struct stack_copy);
 } stack_copies SEC(".maps");
 
+/* Copies that fit in STACK_COPY_SMALL_BYTES, under the same rules. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct stack_copy_small);
+} small_copies SEC(".maps");
+
+/*
+ * Where each thread's user stack ends, by host tid: the highest byte user
+ * space had to read to unwind one of its stacks whole, down to the
+ * thread's root frame. Every later stack of the thread lies below it, so a
+ * copy stops there. A copy cut short by it that then fails to unwind (a
+ * coroutine's stack, a tid reused) has its top taken away by user space.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} stack_tops SEC(".maps");
+
 /* Copies are read a page at a time, so that an unmapped page ends one. */
 #define STACK_COPY_CHUNK 4096
 
@@ -535,8 +558,8 @@ static __always_inline __u64 copy_user_stack(struct thread *thread)
 	struct task_struct *me = bpf_get_current_task_btf();
 	struct stack_copy_scratch *copy;
 	struct pt_regs *regs;
-	__u32 zero = 0, size = 0;
-	__u64 sp, chunk;
+	__u32 zero = 0, size = 0, tid = (__u32)bpf_get_current_pid_tgid(), flags = 0;
+	__u64 sp, chunk, limit = STACK_COPY_BYTES, *top;
 
 	if (!me->mm)
 		return STACK_NONE;	/* a kernel thread, or one exiting */
@@ -545,6 +568,11 @@ static __always_inline __u64 copy_user_stack(struct thread *thread)
 	if (!regs || !copy)
 		return STACK_NONE;
 	sp = PT_REGS_SP_CORE(regs);
+	top = bpf_map_lookup_elem(&stack_tops, &tid);
+	if (top && *top > sp && *top - sp <= STACK_COPY_BYTES) {
+		limit = *top - sp;
+		flags |= STACK_COPY_TO_TOP;
+	}
 	/*
 	 * Up to the end of sp's page, then page by page: bpf_probe_read_user
 	 * fails on a range with any unmapped (or not present) byte in it, and
@@ -552,6 +580,10 @@ static __always_inline __u64 copy_user_stack(struct thread *thread)
 	 */
 	chunk = STACK_COPY_CHUNK - (sp & (STACK_COPY_CHUNK - 1));
 	for (int page = 0; page <= STACK_COPY_BYTES / STACK_COPY_CHUNK; page++) {
+		if (size >= limit)
+			break;
+		if (chunk > limit - size)
+			chunk = limit - size;
 		if (chunk > STACK_COPY_CHUNK || size + chunk > STACK_COPY_BYTES)
 			break;
 		if (bpf_probe_read_user(&copy->copy.bytes[size & (STACK_COPY_BYTES - 1)], chunk,
@@ -570,15 +602,24 @@ static __always_inline __u64 copy_user_stack(struct thread *thread)
 	copy->copy.fp = PT_REGS_FP_CORE(regs);
 	copy->copy.tgid = thread->key.tgid;
 	copy->copy.host_tgid = thread->key.host_tgid;
-	copy->copy.host_tid = (__u32)bpf_get_current_pid_tgid();
+	copy->copy.host_tid = tid;
 	copy->copy.start_ns = thread->start_ns;
 	copy->copy.size = size;
-	copy->copy.flags = (long)SYSCALL_NR(regs) < 0 ? STACK_COPY_FAULT : 0;
-	if (bpf_map_update_elem(&stack_copies, &copy->copy.id, &copy->copy, BPF_NOEXIST)) {
-		count_drop(DROP_STACK_COPY_FULL);
-		return STACK_NONE;
+	if ((long)SYSCALL_NR(regs) < 0)
+		flags |= STACK_COPY_FAULT;
+	copy->copy.flags = flags;
+	/* The small map's values are the first bytes of the same layout. */
+	if (size <= STACK_COPY_SMALL_BYTES) {
+		if (bpf_map_update_elem(&small_copies, &copy->copy.id, &copy->copy,
+					BPF_NOEXIST))
+			goto full;
+	} else if (bpf_map_update_elem(&stack_copies, &copy->copy.id, &copy->copy, BPF_NOEXIST)) {
+		goto full;
 	}
 	return copy->copy.id;
+full:
+	count_drop(DROP_STACK_COPY_FULL);
+	return STACK_NONE;
 }
 
 /*

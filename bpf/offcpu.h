@@ -253,6 +253,13 @@ enum stack_special {
  */
 #define STACK_COPY_BYTES (16 << 10)
 
+/*
+ * A copy that fits in this many bytes goes into `small_copies`: a
+ * map's values are copied whole, in the kernel and out to user space, so a
+ * thread whose stack top is known (`stack_tops`) costs an eighth as much.
+ */
+#define STACK_COPY_SMALL_BYTES 2048
+
 enum stack_copy_flags {
 	/*
 	 * The thread entered the kernel by an exception or interrupt (a page
@@ -260,6 +267,11 @@ enum stack_copy_flags {
 	 * stopped at, not a return address.
 	 */
 	STACK_COPY_FAULT = 1 << 0,
+	/*
+	 * The copy stops at the top of the thread's stack that `stack_tops`
+	 * gave, not at the end of what could be read.
+	 */
+	STACK_COPY_TO_TOP = 1 << 1,
 };
 
 /*
@@ -267,20 +279,30 @@ enum stack_copy_flags {
  * of its user stack, taken on the thread's way back to user space, before
  * it runs a user instruction. `size` bytes of the stack from `sp` up; they
  * stop at the first page that could not be read, so a copy holds only what
- * the stack really held.
+ * the stack really held, or at the thread's stack top where it is known.
+ * Both sizes of copy have these fields, laid out the same.
  */
-struct stack_copy {
-	__u64 id;		/* the block's user_stack reference (STACK_COPY) */
-	__u64 ip;
-	__u64 sp;
-	__u64 fp;
-	__u32 tgid;		/* in its owner's pid namespace */
-	__u32 size;
-	__u32 flags;		/* enum stack_copy_flags */
-	__u32 host_tgid;	/* whose copy this is (see struct block_key) */
-	__u32 host_tid;		/* the block it was taken for: its thread ... */
+#define STACK_COPY_HEADER						\
+	__u64 id;		/* the block's user_stack reference (STACK_COPY) */ \
+	__u64 ip;							\
+	__u64 sp;							\
+	__u64 fp;							\
+	__u32 tgid;		/* in its owner's pid namespace */		\
+	__u32 size;							\
+	__u32 flags;		/* enum stack_copy_flags */			\
+	__u32 host_tgid;	/* whose copy this is (see struct block_key) */ \
+	__u32 host_tid;		/* the block it was taken for: its thread ... */ \
 	__u64 start_ns;		/* ... and its start, as struct thread had it */
+
+struct stack_copy {
+	STACK_COPY_HEADER
 	__u8 bytes[STACK_COPY_BYTES];
+};
+
+/* A value of `small_copies`: the same, up to STACK_COPY_SMALL_BYTES. */
+struct stack_copy_small {
+	STACK_COPY_HEADER
+	__u8 bytes[STACK_COPY_SMALL_BYTES];
 };
 
 /* What finished blocks are summed under. */

@@ -270,6 +270,69 @@ fn go_pprof_raw(path: &Path) -> String {
     String::from_utf8_lossy(&raw.stdout).into_owned()
 }
 
+/// The tid of `pid`'s thread named `name`.
+fn thread_named(pid: u32, name: &str) -> u32 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| task.unwrap().file_name().to_str()?.parse().ok())
+        .find(|tid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .unwrap_or_else(|| panic!("{pid} has a thread named {name}"))
+}
+
+/// The entries, BTF-formatted, of every loaded map whose kernel name is
+/// `name` (as bpftool shows them: one map's elements, or several maps').
+fn map_entries(name: &str) -> Vec<serde_json::Value> {
+    let shown = Command::new("bpftool")
+        .args(["map", "dump", "name", name, "-j"])
+        .output()
+        .expect("bpftool (Debian's bpftool package)");
+    assert!(shown.status.success(), "no map named {name} is loaded");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let mut entries = Vec::new();
+    for item in shown.as_array().unwrap() {
+        match item.get("elements") {
+            Some(elements) => entries.extend(elements.as_array().unwrap().iter().cloned()),
+            None => entries.push(item.clone()),
+        }
+    }
+    entries
+        .into_iter()
+        .filter_map(|entry| entry.get("formatted").cloned())
+        .collect()
+}
+
+/// While a capture of `pid` runs: the stack top the probe learned for
+/// `tid`, once it has, and the size of the first copy of `tid`'s stack
+/// seen in `small_copies` (copies wait there until the next cut), within
+/// 2 s.
+fn watch_copies_to_top(pid: u32, tid: u32) -> (Option<u64>, Option<u64>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let (mut top, mut small_copy) = (None, None);
+    while std::time::Instant::now() < deadline && (top.is_none() || small_copy.is_none()) {
+        top = top.or_else(|| {
+            map_entries("stack_tops")
+                .iter()
+                .find(|entry| entry["key"].as_u64() == Some(u64::from(tid)))
+                .and_then(|entry| entry["value"].as_u64())
+        });
+        small_copy = small_copy.or_else(|| {
+            map_entries("small_copies")
+                .iter()
+                .map(|entry| &entry["value"])
+                .find(|copy| {
+                    copy["host_tid"].as_u64() == Some(u64::from(tid))
+                        && copy["host_tgid"].as_u64() == Some(u64::from(pid))
+                })
+                .and_then(|copy| copy["size"].as_u64())
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (top, small_copy)
+}
+
 /// The user functions of a sample, innermost first.
 fn user_chain(sample: &Sample) -> Vec<&str> {
     sample
@@ -316,13 +379,27 @@ fn long_blocks_in_code_without_frame_pointers_get_whole_user_stacks() {
     };
 
     // 50 ms sleeps, most of them begun and ended between two cuts: each is
-    // unwound from the copy the probe took as it ended.
+    // unwound from the copy the probe took as it ended. Once one has been
+    // unwound whole, the probe knows where the thread's stack ends, and the
+    // copies after it stop there, small enough for the small copies' map.
+    let sleeper = thread_named(workload.pid, THREAD);
     let unwound = dir.join("unwound.pb.gz");
+    let mut copied_to_top = None;
     capture(
         workload.pid,
         &["--unwind-threshold", "10ms"],
         &unwound,
-        || {},
+        || copied_to_top = Some(watch_copies_to_top(workload.pid, sleeper)),
+    );
+    let (top, small_copy) = copied_to_top.unwrap();
+    assert!(
+        top.is_some(),
+        "the probe learned where {THREAD}'s stack ends"
+    );
+    let small_copy = small_copy.expect("a copy of the thread's stack went into small_copies");
+    assert!(
+        small_copy < 2048,
+        "a copy to the top holds the frames only: {small_copy} bytes"
     );
     let profile = load(&unwound);
     let samples = samples_of(&profile, THREAD);

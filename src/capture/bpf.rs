@@ -45,6 +45,10 @@ const _: () = assert!(types::drop_reason::DROP_REASON_COUNT.0 as usize == super:
 const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
 /// `TARGET_WORDS` in offcpu.h: the length of `target_bits`.
 const TARGET_WORDS: usize = 1 << 16;
+
+/// Stack tops remembered as written, as many as `stack_tops` holds: past
+/// that the kernel's LRU lets some go, and the memory starts over.
+const MAX_STACK_TOPS: usize = 16384;
 const _: () = assert!(size_of::<types::bss>() >= TARGET_WORDS * size_of::<u64>());
 
 /// The BPF object's version: instances share a pinned probe only if theirs
@@ -265,6 +269,8 @@ pub(super) struct Probe<'obj> {
     retired: Vec<u32>,
     /// Whether the kernel lets the survey visit one process at a time.
     survey_by_process: bool,
+    /// The stack tops we last wrote to `stack_tops`, by host tid.
+    stack_tops: HashMap<u32, u64>,
 }
 
 impl Drop for Probe<'_> {
@@ -373,6 +379,7 @@ unsafe impl Pod for types::lock_wait_stack {}
 unsafe impl Pod for types::lock_hold {}
 unsafe impl Pod for types::address_change {}
 unsafe impl Pod for types::stack_copy {}
+unsafe impl Pod for types::stack_copy_small {}
 unsafe impl Pod for u32 {}
 unsafe impl Pod for u64 {}
 
@@ -426,20 +433,39 @@ fn stack_ref(key: u64) -> StackRef {
     }
 }
 
-/// A value of `stack_copies`: the registers, then the copied stack.
+// Both sizes of copy share their fields' layout (STACK_COPY_HEADER): a
+// value of either is read by `stack_copy`'s offsets.
+const _: () = {
+    use std::mem::offset_of;
+    type Small = types::stack_copy_small;
+    type Copy = types::stack_copy;
+    assert!(offset_of!(Small, bytes) == offset_of!(Copy, bytes));
+    assert!(offset_of!(Small, host_tgid) == offset_of!(Copy, host_tgid));
+    assert!(offset_of!(Small, start_ns) == offset_of!(Copy, start_ns));
+    assert!(offset_of!(Small, flags) == offset_of!(Copy, flags));
+};
+
+/// Whose copy a value of `stack_copies` or `small_copies` is.
+fn copy_owner(value: &[u8]) -> Result<u32, CaptureError> {
+    field_at(value, std::mem::offset_of!(types::stack_copy, host_tgid))
+}
+
+/// A value of `stack_copies` or `small_copies`: the registers, then
+/// the copied stack.
 fn stack_copy_from_bytes(value: &[u8]) -> Result<StackCopy, CaptureError> {
     use std::mem::offset_of;
     type Copy = types::stack_copy;
-    // Its fields one by one: the copy is 16 KiB, of which `size` are used.
-    if value.len() < size_of::<Copy>() {
+    // Its fields one by one: of the copy's bytes, `size` are used.
+    let bytes = offset_of!(Copy, bytes);
+    let smallest = size_of::<types::stack_copy_small>();
+    if value.len() < smallest {
         return Err(CaptureError::MapLayout {
-            expected: size_of::<Copy>(),
+            expected: smallest,
             got: value.len(),
         });
     }
     let u64_at = |offset| field_at::<u64>(value, offset);
     let u32_at = |offset| field_at::<u32>(value, offset);
-    let bytes = offset_of!(Copy, bytes);
     let size = (u32_at(offset_of!(Copy, size))? as usize).min(value.len() - bytes);
     let flags = u32_at(offset_of!(Copy, flags))?;
     Ok(StackCopy {
@@ -459,6 +485,7 @@ fn stack_copy_from_bytes(value: &[u8]) -> Result<StackCopy, CaptureError> {
         } else {
             unwind::Entry::SystemCall
         },
+        to_top: flags & types::stack_copy_flags::STACK_COPY_TO_TOP.0 != 0,
         bytes: value[bytes..bytes + size].to_vec(),
     })
 }
@@ -706,6 +733,7 @@ impl<'obj> Probe<'obj> {
             attached: false,
             targets: HashMap::new(),
             retired: Vec::new(),
+            stack_tops: HashMap::new(),
             survey_by_process: true,
         };
         if let Some(node) = &node {
@@ -1064,12 +1092,12 @@ impl<'obj> Probe<'obj> {
     fn forget_processes(&mut self, host_tgids: &HashSet<u32>) -> Result<(), CaptureError> {
         self.unwatch(host_tgids)?;
         let maps = &self.skel.maps;
-        delete_owned(
-            &maps.stack_copies,
-            "stack_copies",
-            host_tgids,
-            |_, value| Ok(from_bytes::<types::stack_copy>(value)?.host_tgid),
-        )?;
+        for (copies, name) in [
+            (&maps.stack_copies, "stack_copies"),
+            (&maps.small_copies, "small_copies"),
+        ] {
+            delete_owned(copies, name, host_tgids, |_, value| copy_owner(value))?;
+        }
         delete_owned(&maps.blocked, "blocked", host_tgids, |key, _| {
             Ok(from_bytes::<types::block_key>(key)?.host_tgid)
         })?;
@@ -1363,13 +1391,57 @@ impl<'obj> Probe<'obj> {
     /// Takes our user stack copies out of the kernel: their memory there
     /// is free again for the next ones.
     pub fn take_stack_copies(&self) -> Result<Vec<StackCopy>, CaptureError> {
-        self.take_owned(
-            &self.skel.maps.stack_copies,
-            "stack_copies",
-            Entries::WrittenOnce,
-            |_, value| field_at(value, std::mem::offset_of!(types::stack_copy, host_tgid)),
-            |_, value| stack_copy_from_bytes(value),
-        )
+        let mut copies = Vec::new();
+        for (map, name) in [
+            (&self.skel.maps.small_copies, "small_copies"),
+            (&self.skel.maps.stack_copies, "stack_copies"),
+        ] {
+            copies.extend(self.take_owned(
+                map,
+                name,
+                Entries::WrittenOnce,
+                |_, value| copy_owner(value),
+                |_, value| stack_copy_from_bytes(value),
+            )?);
+        }
+        Ok(copies)
+    }
+
+    /// Tells the probe where a thread's user stack ends (see `stack_tops`
+    /// in offcpu.bpf.c), or that it does not know, with `None`. A top is
+    /// written only if it changed.
+    /// A top left behind by a thread that is gone is harmless: the next
+    /// thread with its tid has a stack elsewhere, whose sp the top does not
+    /// lie within a copy's reach of, or a copy cut short by it fails to
+    /// unwind, and its owner takes the top away.
+    pub fn set_stack_top(&mut self, host_tid: u32, top: Option<u64>) -> Result<(), CaptureError> {
+        let tops = &mut self.stack_tops;
+        // A top is taken away even if not remembered: it may be older than
+        // the memory.
+        if top.is_some() && tops.get(&host_tid) == top.as_ref() {
+            return Ok(());
+        }
+        let key = host_tid.to_ne_bytes();
+        let map = &self.skel.maps.stack_tops;
+        match top {
+            Some(top) => {
+                map.update(&key, &top.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(map_error("stack_tops"))?;
+                if tops.len() >= MAX_STACK_TOPS {
+                    tops.clear();
+                }
+                tops.insert(host_tid, top);
+            }
+            None => {
+                match map.delete(&key) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(err) => return Err(map_error("stack_tops")(err)),
+                }
+                tops.remove(&host_tid);
+            }
+        }
+        Ok(())
     }
 
     /// Takes our finished-block totals out of the kernel. Retired targets'
@@ -1592,6 +1664,26 @@ mod tests {
             stack_copy_from_bytes(short),
             Err(CaptureError::MapLayout { got: 100, .. })
         ));
+
+        // A value of the small map reads the same, its bytes its own.
+        let small = types::stack_copy_small {
+            id: copy.id,
+            sp: copy.sp,
+            host_tid: copy.host_tid,
+            start_ns: copy.start_ns,
+            flags: types::stack_copy_flags::STACK_COPY_TO_TOP.0,
+            size: 40,
+            bytes: [7; 2048],
+            ..Default::default()
+        };
+        let parsed = stack_copy_from_bytes(pod_bytes(&small)).unwrap();
+        assert_eq!(
+            (parsed.id, parsed.block, parsed.regs.sp),
+            (copy.id, (4011, 123_456_789), copy.sp)
+        );
+        assert_eq!(parsed.entry, unwind::Entry::SystemCall);
+        assert!(parsed.to_top);
+        assert_eq!(parsed.bytes, [7; 40]);
     }
 
     #[test]

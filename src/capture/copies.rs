@@ -30,6 +30,9 @@ pub(super) struct StackCopy {
     pub entry: Entry,
     /// The user stack from `regs.sp` up.
     pub bytes: Vec<u8>,
+    /// The copy stopped at the thread's stack top the probe was given
+    /// (see `stack_tops` in offcpu.bpf.c).
+    pub to_top: bool,
 }
 
 impl Memory for StackCopy {
@@ -157,6 +160,7 @@ mod tests {
             },
             entry: Entry::SystemCall,
             bytes: words.iter().flat_map(|word| word.to_ne_bytes()).collect(),
+            to_top: false,
         }
     }
 
@@ -221,6 +225,7 @@ mod tests {
             regs: UserRegs { ip, sp, fp },
             entry: Entry::Fault,
             bytes: stack,
+            to_top: false,
         };
         // The same stack read live, while the frames are still there.
         let memory = ProcessMemory::open(std::process::id()).unwrap();
@@ -251,6 +256,20 @@ mod tests {
         assert_eq!(from_short.end, StackEnd::Truncated);
         assert!(from_short.ips.len() < live.ips.len(), "{from_short:x?}");
         assert_eq!(from_short.ips[..], live.ips[..from_short.ips.len()]);
+
+        // A copy up to the stack top the whole unwind found is enough for
+        // the whole stack; a byte less is not.
+        let top = live.stack_top.expect("a whole stack has a top");
+        assert!(top > whole.regs.sp && top - whole.regs.sp < whole.bytes.len() as u64);
+        let to_top = |bytes: u64| StackCopy {
+            bytes: whole.bytes[..bytes as usize].to_vec(),
+            to_top: true,
+            ..whole.clone()
+        };
+        let used = top - whole.regs.sp;
+        assert_eq!(to_top(used).unwind(&mut Unwinder::default(), 127), live);
+        let short = to_top(used - 1).unwind(&mut Unwinder::default(), 127);
+        assert_eq!((short.end, short.stack_top), (StackEnd::Truncated, None));
     }
 
     #[test]
@@ -259,6 +278,7 @@ mod tests {
         let stack = |ip: u64| Unwound {
             ips: vec![ip],
             end: StackEnd::Complete,
+            stack_top: None,
         };
         let kept = (Stack::from([0x40_0100]), UserStackEnd::Complete);
         copies.receive([(8, stack(0x40_0100))]);

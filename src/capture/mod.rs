@@ -730,7 +730,13 @@ impl<'obj> Tracer<'obj> {
                 None => to_unwind.push(copy),
             }
         }
-        self.copies.receive(self.walker.unwind_copies(to_unwind));
+        let copied: HashMap<u64, (u32, bool)> = to_unwind
+            .iter()
+            .map(|copy| (copy.id, (copy.block.0, copy.to_top)))
+            .collect();
+        let unwound = self.walker.unwind_copies(to_unwind);
+        self.learn_stack_tops(&unwound, &copied)?;
+        self.copies.receive(unwound);
         let end_ns = monotonic_ns()?;
         let totals: Vec<(BlockKey, u64, u64)> = finished
             .iter()
@@ -894,6 +900,31 @@ impl<'obj> Tracer<'obj> {
         revisions
     }
 
+    /// Tells the probe where the stacks of threads end, from copies that
+    /// were unwound whole, so that their next copies stop there. A copy
+    /// that stopped at its thread's top and still could not be unwound
+    /// whole may have been cut short by it (a coroutine's stack, a tid
+    /// that another thread has now): that top is taken away.
+    fn learn_stack_tops(
+        &mut self,
+        unwound: &[(u64, crate::unwind::Unwound)],
+        copied: &HashMap<u64, (u32, bool)>,
+    ) -> Result<(), CaptureError> {
+        for (id, stack) in unwound {
+            let Some(&(host_tid, to_top)) = copied.get(id) else {
+                // Late, from an earlier cut: it says as much, but its
+                // thread is not known here.
+                continue;
+            };
+            match (stack.stack_top, to_top) {
+                (Some(top), _) => self.probe.set_stack_top(host_tid, Some(top))?,
+                (None, true) => self.probe.set_stack_top(host_tid, None)?,
+                (None, false) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the walker's cut, then has it start on the user stacks of
     /// blocks in progress that have none yet, while the rest of the cut
     /// goes on.
@@ -929,6 +960,10 @@ impl<'obj> Tracer<'obj> {
         let Some(unwound) = threads::if_still_in(id, start_now, unwound) else {
             return Ok(not_read);
         };
+        if unwound.stack_top.is_some() {
+            self.probe
+                .set_stack_top(block.host_tid, unwound.stack_top)?;
+        }
         let walked = (Stack::from(unwound.ips), unwound.end.into());
         self.walked.insert(id, walked.clone());
         Ok(walked)

@@ -73,6 +73,10 @@ pub enum StackEnd {
 pub struct Unwound {
     pub ips: Vec<u64>,
     pub end: StackEnd,
+    /// Of a stack unwound to its root ([`StackEnd::Complete`]): one past
+    /// the highest byte of the stack the unwind read. The thread's root
+    /// frame is there in every stack it has, so all of them lie below.
+    pub stack_top: Option<u64>,
 }
 
 /// Default bound of [`Unwinder::table_bytes`]: glibc's tables take about
@@ -218,6 +222,7 @@ impl Unwinder {
             Entry::SystemCall => regs.ip,
             Entry::Fault => regs.ip.wrapping_add(1),
         };
+        let memory = &Reach::new(memory);
         let mut ips = vec![first];
         let mut frame = Frame {
             address: FrameAddress::from_instruction_pointer(regs.ip),
@@ -238,7 +243,11 @@ impl Unwinder {
                 Step::Unconfirmed => break StackEnd::Truncated,
             }
         };
-        Unwound { ips, end }
+        Unwound {
+            stack_top: (end == StackEnd::Complete).then(|| memory.top.get()),
+            ips,
+            end,
+        }
     }
 
     /// The caller of `frame`, confirmed.
@@ -421,6 +430,37 @@ fn rebase(address: FrameAddress, bias: u64) -> Option<FrameAddress> {
         FrameAddress::ReturnAddress(ret) => {
             FrameAddress::from_return_address(ret.get().wrapping_sub(bias))
         }
+    }
+}
+
+/// A memory that remembers how high up the stack it was read.
+struct Reach<'a> {
+    memory: &'a dyn Memory,
+    top: std::cell::Cell<u64>,
+}
+
+impl<'a> Reach<'a> {
+    fn new(memory: &'a dyn Memory) -> Self {
+        Reach {
+            memory,
+            top: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl Memory for Reach<'_> {
+    fn read(&self, address: u64, buffer: &mut [u8]) -> bool {
+        let read = self.memory.read(address, buffer);
+        if read {
+            let end = address.saturating_add(buffer.len() as u64);
+            self.top.set(self.top.get().max(end));
+        }
+        read
+    }
+
+    /// Code is not stack: not counted.
+    fn read_code(&self, address: u64, buffer: &mut [u8]) -> bool {
+        self.memory.read_code(address, buffer)
     }
 }
 
