@@ -485,8 +485,6 @@ impl Symbolizer {
         }
     }
 
-    /// The user frames of a stack, with the mappings they point into added
-    /// to `mappings` once per process and region.
     /// The frames of a frame-pointer walk, as far as it holds up (see
     /// [`walked_part`]), and whether it stops short of the thread's root.
     fn walked_user_frames(
@@ -502,6 +500,8 @@ impl Symbolizer {
         (frames, truncated)
     }
 
+    /// The user frames of a stack, with the mappings they point into added
+    /// to `mappings` once per process and region.
     fn user_frames(
         &self,
         tgid: u32,
