@@ -442,30 +442,19 @@ impl Symbolizer {
             })
             .skip_while(is_tracing_machinery)
             .collect();
-        let truncated = match stack.user_end {
+        let (user, truncated) = match stack.user_end {
             UserStackEnd::Walked => {
-                let (user, truncated) =
-                    self.walked_user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index);
-                frames.extend(user);
-                truncated
+                self.walked_user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index)
             }
-            end => {
-                frames.extend(self.user_frames(
-                    stack.tgid,
-                    &stack.user_ips,
-                    mappings,
-                    mapping_index,
-                ));
-                match end {
-                    UserStackEnd::Truncated => true,
-                    UserStackEnd::NotRead => {
-                        frames.push(Frame::marker_not_read());
-                        false
-                    }
-                    UserStackEnd::Complete | UserStackEnd::Walked => false,
-                }
-            }
+            end => (
+                self.user_frames(stack.tgid, &stack.user_ips, mappings, mapping_index),
+                end == UserStackEnd::Truncated,
+            ),
         };
+        frames.extend(user);
+        if stack.user_end == UserStackEnd::NotRead {
+            frames.push(Frame::marker_not_read());
+        }
         if truncated {
             frames.push(Frame::marker_truncated());
         }
@@ -612,7 +601,7 @@ impl Symbolizer {
 
     fn symbolize_process(&mut self, pid: u32, wanted: Wanted) {
         let symbols = self.user.entry(pid).or_default();
-        let mut returns: Vec<u64> = wanted
+        let returns: Vec<u64> = wanted
             .returns
             .into_iter()
             .filter(|ip| !symbols.returns.contains_key(ip))
@@ -626,7 +615,6 @@ impl Symbolizer {
             return;
         }
         wanted.sort_unstable();
-        returns.sort_unstable();
         // Regions are re-read for every batch: a new library may have been
         // loaded since the last one.
         let map = ProcessMap::read(pid).unwrap_or_default();

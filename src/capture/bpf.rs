@@ -45,11 +45,11 @@ const _: () = assert!(types::drop_reason::DROP_REASON_COUNT.0 as usize == super:
 const INITIAL_PIDNS_INO: u64 = 0xEFFF_FFFC;
 /// `TARGET_WORDS` in offcpu.h: the length of `target_bits`.
 const TARGET_WORDS: usize = 1 << 16;
+const _: () = assert!(size_of::<types::bss>() >= TARGET_WORDS * size_of::<u64>());
 
 /// Stack tops remembered as written, as many as `stack_tops` holds: past
 /// that the kernel's LRU lets some go, and the memory starts over.
 const MAX_STACK_TOPS: usize = 16384;
-const _: () = assert!(size_of::<types::bss>() >= TARGET_WORDS * size_of::<u64>());
 
 /// The BPF object's version: instances share a pinned probe only if theirs
 /// are the same bytes.
@@ -1410,6 +1410,7 @@ impl<'obj> Probe<'obj> {
     /// Tells the probe where a thread's user stack ends (see `stack_tops`
     /// in offcpu.bpf.c), or that it does not know, with `None`. A top is
     /// written only if it changed.
+    ///
     /// A top left behind by a thread that is gone is harmless: the next
     /// thread with its tid has a stack elsewhere, whose sp the top does not
     /// lie within a copy's reach of, or a copy cut short by it fails to

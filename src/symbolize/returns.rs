@@ -44,8 +44,8 @@ impl<'a> ReturnSites<'a> {
         let (before, after) = unwind::return_site_reach(address, mapping.start, mapping.end);
         let first = address - u64::from(before);
         let mut code = vec![0; usize::from(before) + usize::from(after)];
+        let pid = self.pid;
         let read = if mapping.is_file() {
-            let pid = self.pid;
             self.files
                 .entry(mapping.start)
                 .or_insert_with(|| mapping.open(pid).ok())
@@ -55,7 +55,6 @@ impl<'a> ReturnSites<'a> {
                     file.read_exact_at(&mut code, offset).is_ok()
                 })
         } else {
-            let pid = self.pid;
             self.memory
                 .get_or_insert_with(|| ProcessMemory::open(pid).ok())
                 .as_ref()
